@@ -1,0 +1,431 @@
+"""The job spec: what a user writes to describe one training job.
+
+Imports only pydantic, PyYAML and the standard library, so the CLI, the
+service and the workers can all load it cheaply. Every model forbids unknown
+keys; a bad spec is refused with every error and its field path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from service.spec_telemetry import TelemetrySpec
+
+MAX_SPEC_BYTES = 256 * 1024
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*"
+                       r"(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------- models
+class MLPModel(Strict):
+    """A multi-layer perceptron over flattened inputs."""
+
+    name: Literal["mlp"]
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default=[128, 64], min_length=1, max_length=64, description="Width of each hidden layer.")
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_gain: float = Field(1.0, gt=0.0, le=100.0, description="Scale of the initial weights.")
+
+
+class CNNModel(Strict):
+    """A small convolutional classifier for image-shaped inputs."""
+
+    name: Literal["cnn"]
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[16, 32], min_length=1, max_length=8)
+    kernel_size: int = Field(3, ge=1, le=7)
+    hidden: int = Field(64, ge=1, le=65536)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class CharTransformerModel(Strict):
+    """A small GPT-style character language model."""
+
+    name: Literal["char-transformer"]
+    n_layer: int = Field(2, ge=1, le=48)
+    n_head: int = Field(2, ge=1, le=64)
+    n_embd: int = Field(64, ge=8, le=4096)
+    block_size: int = Field(64, ge=2, le=4096)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> CharTransformerModel:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class CustomModel(Strict):
+    """User code: `package.module:factory`, called as factory(**options, data_info=...)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _importable(cls, value: str, info: ValidationInfo) -> str:
+        return check_import_path(value, info)
+
+
+BUILTIN_MODELS = ("mlp", "cnn", "char-transformer")
+BUILTIN_DATA = ("digits", "synthetic-classification", "synthetic-regression", "text")
+
+
+def _tag(builtins: tuple[str, ...]):
+    def pick(value: Any) -> str | None:
+        name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+        if not isinstance(name, str):
+            return None
+        if name in builtins:
+            return name
+        return "custom" if ":" in name else None
+
+    return pick
+
+
+def _unknown(kind: str, builtins: tuple[str, ...]) -> str:
+    return (f"unknown {kind} name: use one of {', '.join(builtins)}, "
+            f"or a 'package.module:factory' import path of your own code")
+
+
+ModelSpec = Annotated[
+    Annotated[MLPModel, Tag("mlp")]
+    | Annotated[CNNModel, Tag("cnn")]
+    | Annotated[CharTransformerModel, Tag("char-transformer")]
+    | Annotated[CustomModel, Tag("custom")],
+    Discriminator(_tag(BUILTIN_MODELS), custom_error_type="unknown_name",
+                  custom_error_message=_unknown("model", BUILTIN_MODELS)),
+]
+
+
+# ----------------------------------------------------------------------- data
+class _Split(Strict):
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the examples held out for validation.")
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0,
+                                  description="Share of the remaining examples used for training.")
+
+
+class DigitsData(_Split):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
+
+    name: Literal["digits"]
+    as_images: bool = Field(False, description="Keep the 1x8x8 shape (for cnn) instead of 64 features.")
+
+
+class SyntheticClassificationData(_Split):
+    name: Literal["synthetic-classification"]
+    n_samples: int = Field(4096, ge=16, le=10_000_000)
+    n_features: int = Field(20, ge=1, le=100_000)
+    n_classes: int = Field(4, ge=2, le=10_000)
+    noise: float = Field(0.1, ge=0.0, le=10.0)
+
+
+class SyntheticRegressionData(_Split):
+    name: Literal["synthetic-regression"]
+    n_samples: int = Field(4096, ge=16, le=10_000_000)
+    n_features: int = Field(20, ge=1, le=100_000)
+    noise: float = Field(0.1, ge=0.0, le=100.0)
+
+
+class TextData(_Split):
+    """A character corpus from a local file (default: a text that ships with gradwatch)."""
+
+    name: Literal["text"]
+    path: str | None = Field(None, description="UTF-8 text file; default is the bundled corpus.")
+    block_size: int = Field(64, ge=2, le=4096, description="Characters per training example.")
+    max_chars: int | None = Field(None, ge=100)
+
+
+class CustomData(Strict):
+    """User code: `package.module:factory`, called as factory(**options, seed=...)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _importable(cls, value: str, info: ValidationInfo) -> str:
+        return check_import_path(value, info)
+
+
+DataSpec = Annotated[
+    Annotated[DigitsData, Tag("digits")]
+    | Annotated[SyntheticClassificationData, Tag("synthetic-classification")]
+    | Annotated[SyntheticRegressionData, Tag("synthetic-regression")]
+    | Annotated[TextData, Tag("text")]
+    | Annotated[CustomData, Tag("custom")],
+    Discriminator(_tag(BUILTIN_DATA), custom_error_type="unknown_name",
+                  custom_error_message=_unknown("data", BUILTIN_DATA)),
+]
+
+
+# ------------------------------------------------------------------ training
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=100.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd only.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw only.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1)")
+        return value
+
+
+class ScheduleSpec(Strict):
+    name: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the peak learning rate.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a share of the peak.")
+    step_size: int = Field(100, ge=1, description="step: decay every this many steps.")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step: decay factor.")
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(2, ge=1, le=4096, description="DDP world size: one Ray Train worker per rank.")
+    use_gpu: bool = Field(False, description="One GPU per worker and the NCCL backend.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
+    gpus_per_worker: float = Field(1.0, gt=0.0, le=16, description="Used only when use_gpu is true.")
+
+
+class ValidationSpec(Strict):
+    every_steps: int = Field(50, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per rank.")
+
+
+class CheckpointSpec(Strict):
+    every_steps: int = Field(200, ge=1)
+    keep: int = Field(2, ge=1, le=1000)
+
+
+class RollbackSpec(Strict):
+    max_rollbacks: int = Field(3, ge=1, le=100)
+    lr_factor: float = Field(0.5, gt=0.0, lt=1.0, description="Learning rate is multiplied by this per rollback.")
+    skip_batches: int = Field(0, ge=0, description="Batches skipped after the restored step.")
+
+
+class JobSpec(Strict):
+    """One training job: what to train, on what, how, and on how many workers."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+                      description="Lowercase letters, digits, '.', '_' and '-'; at most 63 characters.")
+    labels: dict[Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")],
+                 Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=16)
+    owner: str | None = Field(None, max_length=128)
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first when the cluster is full.")
+    model: ModelSpec
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="Examples per worker per step.")
+    max_steps: int | None = Field(None, ge=1, le=100_000_000)
+    epochs: int | None = Field(None, ge=1, le=1_000_000)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts allowed; -1 is unlimited.")
+    on_divergence: Literal["alert", "stop", "rollback"] = "alert"
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    timeout: float | None = Field(None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.")
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobSpec:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs (how long to train)")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.max_steps is not None and self.schedule.warmup_steps >= self.max_steps:
+            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be less than "
+                             f"max_steps ({self.max_steps})")
+        if self.precision == "bf16" and not self.scaling.use_gpu:
+            raise ValueError("precision bf16 needs scaling.use_gpu: true (CPU training runs in fp32)")
+        model_name, data_name = self.model.name, self.data.name
+        if model_name == "char-transformer" and data_name not in ("text",) and ":" not in data_name:
+            raise ValueError(f"model char-transformer needs data text, not {data_name}")
+        if data_name == "text" and model_name != "char-transformer" and ":" not in model_name:
+            raise ValueError(f"data text needs model char-transformer, not {model_name}")
+        if model_name == "cnn" and data_name == "digits" and not getattr(self.data, "as_images", False):
+            raise ValueError("model cnn on digits needs data.as_images: true")
+        return self
+
+    def summary(self) -> str:
+        steps = f"{self.max_steps} steps" if self.max_steps else f"{self.epochs} epochs"
+        device = "GPU" if self.scaling.use_gpu else "CPU"
+        return (f"{self.name}: {self.model.name} on {self.data.name}, {self.scaling.num_workers} {device} "
+                f"workers x batch {self.batch_size}, {self.optimizer.name} lr {self.optimizer.lr:g}, {steps}")
+
+
+# ------------------------------------------------------------------- helpers
+def parse_duration(text: str) -> float:
+    """'2h', '1h30m', '45s', '90' -> seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _DURATION.match(text)
+    if not text or not match or not any(match.groups()):
+        raise ValueError(f"not a duration: use e.g. '90s', '30m', '2h' or '1h30m', got {text!r}")
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def check_import_path(value: str, info: ValidationInfo) -> str:
+    """Validate a `module:factory` path; import it unless the caller said not to.
+
+    Context keys: `user_code` = "import" (default: import and check the factory),
+    "skip" (syntax only: the code runs elsewhere), "deny" (refuse user code).
+    """
+    if not _IMPORT_PATH.match(value):
+        raise ValueError(f"{value!r} is not an import path: write 'package.module:factory'")
+    mode = (info.context or {}).get("user_code", "import")
+    if mode == "deny":
+        raise ValueError(f"user code ({value}) is disabled on this server: use a built-in name, "
+                         "or ask the operator to start it with user code allowed")
+    if mode == "skip":
+        return value
+    module_name, attr = value.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's to fix
+        raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(module, attr, None)):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+    return value
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases: a spec never needs them, and they enable YAML bombs."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])
+        return super().compose_node(parent, index)
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `errors` holds one `field.path: reason (got VALUE)` line each."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+def parse_text(text: str | bytes) -> dict[str, Any]:
+    """YAML or JSON text -> a mapping; raises SpecError with a readable reason."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([f"<spec>: {len(text)} bytes is over the {MAX_SPEC_BYTES} byte limit for a spec"])
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(["<spec>: not UTF-8 text"]) from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # JSON is YAML too
+    except SpecError:
+        raise
+    except yaml.YAMLError as exc:
+        raise SpecError([f"<spec>: not valid YAML or JSON: {exc}".replace("\n", " ")]) from None
+    except RecursionError:
+        raise SpecError(["<spec>: nested too deeply"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(data).__name__}"])
+    return data
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    """One line per error: `field.path: reason (got VALUE)`."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = _clean_loc(item["loc"])
+        path = ".".join(str(p) for p in loc) or "<spec>"
+        msg = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        if item["type"] == "missing":
+            lines.append(f"{path}: field required")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown field (not allowed here; check its spelling)")
+        else:
+            lines.append(f"{path}: {msg} (got {_show(got)})")
+    return lines
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
+    # Tagged unions put the tag in the path (model.mlp.hidden): drop it, users never wrote it.
+    tags = set(BUILTIN_MODELS) | set(BUILTIN_DATA) | {"custom"}
+    out: list[Any] = []
+    for part in loc:
+        if out and out[-1] in ("model", "data") and part in tags and len(out) == 1:
+            continue
+        out.append(part)
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict) and "name" in value and len(value) > 3:
+        value = {"name": value["name"], "...": "..."}
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "import") -> JobSpec:
+    """A path, YAML/JSON text or a mapping -> a valid JobSpec, or SpecError listing every problem."""
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and
+                                    source.endswith((".yaml", ".yml", ".json"))):
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > MAX_SPEC_BYTES:
+                raise SpecError([f"<spec>: {path} is {size} bytes, over the {MAX_SPEC_BYTES} byte limit"])
+            source = path.read_bytes()
+        except OSError as exc:
+            raise SpecError([f"<spec>: cannot read {path}: {exc.strerror}"]) from None
+    data = source if isinstance(source, dict) else parse_text(source)
+    try:
+        return JobSpec.model_validate(data, context={"user_code": user_code})
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc)) from None
+    except RecursionError:
+        raise SpecError(["<spec>: nested too deeply"]) from None
+
+
+def json_schema() -> dict[str, Any]:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "gradwatch JobSpec"
+    return schema
