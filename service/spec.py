@@ -80,7 +80,7 @@ class CharTransformerModel(Strict):
 class CustomModel(Strict):
     """User code: `package.module:factory`, called as factory(**options, data_info=...)."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _IMPORT_PATH.pattern})
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -161,7 +161,7 @@ class TextData(_Split):
 class CustomData(Strict):
     """User code: `package.module:factory`, called as factory(**options, seed=...)."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _IMPORT_PATH.pattern})
     options: dict[str, Any] = Field(default_factory=dict)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
@@ -255,7 +255,11 @@ class JobSpec(Strict):
     max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts allowed; -1 is unlimited.")
     on_divergence: Literal["alert", "stop", "rollback"] = "alert"
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
-    timeout: float | None = Field(None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.")
+    timeout: float | None = Field(
+        None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.",
+        json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                                     {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*[dhms]?\s*)+$"},
+                                     {"type": "null"}]})
 
     @field_validator("timeout", mode="before")
     @classmethod

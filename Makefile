@@ -1,0 +1,49 @@
+# gradwatch: `make demo` runs the main example job, `make test` runs the tests.
+# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager for tests.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup tools lint generate check-generated clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	    && command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null; then :; else \
+	  echo "installing Debian's prometheus and prometheus-alertmanager"; \
+	  $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update >/dev/null && \
+	       $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }; \
+	fi
+
+demo: setup
+	$(VENV)/bin/gradwatch run examples/digits-mlp.yaml
+
+test: setup tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check service workers dashboards deploy tests bench
+
+generate: setup
+	$(PY) -m deploy.rules.generate
+	$(PY) -m dashboards.build
+
+bench: setup
+	$(PY) bench/telemetry_overhead.py
+	$(PY) bench/alert_latency.py
+	$(PY) bench/service_load.py
+
+clean:
+	rm -rf runs .pytest_cache

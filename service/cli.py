@@ -1,0 +1,203 @@
+"""The `gradwatch` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from service.spec import SpecError, json_schema, load_spec
+
+app = typer.Typer(
+    name="gradwatch",
+    help="Distributed PyTorch training on Ray, with training-dynamics telemetry, alerts and dashboards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _load_or_exit(spec_file: Path, user_code: str = "import"):
+    try:
+        return load_spec(spec_file, user_code=user_code)
+    except SpecError as exc:
+        for line in exc.errors:
+            typer.echo(f"{spec_file}: {line}" if line.startswith("<spec>") else line, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON.")) -> None:
+    """Check a job spec: prints OK, or every error as `field.path: reason (got VALUE)` and exits 2."""
+    spec = _load_or_exit(spec_file)
+    typer.echo(f"OK {spec.summary()}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of a job spec."""
+    typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
+
+
+@app.command()
+def run(
+    spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary at the end instead of a display."),
+    storage_path: Path = typer.Option(Path("runs"), "--storage-path", envvar="GRADWATCH_STORAGE_PATH",
+                                      help="Where checkpoints, history and status of the run are written."),
+    prometheus_sd_file: Path | None = typer.Option(
+        None, "--prometheus-sd-file", help="Keep a Prometheus file_sd JSON of the live worker endpoints here."),
+    job_id: str | None = typer.Option(None, "--job-id", help="Run id (default: a new gw-<hex> id)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs."),
+) -> None:
+    """Run a job in the foreground on a local Ray (or the cluster at RAY_ADDRESS).
+
+    Exits 0 when the job succeeds, 1 when it fails (the cause is printed), 2 on a bad spec.
+    """
+    spec = _load_or_exit(spec_file)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        _quiet_ray()
+    from workers.driver import ClusterTooSmall, new_job_id, run_job, stop_ray
+
+    job_id = job_id or new_job_id()
+    display = RunDisplay(spec, job_id) if not as_json else None
+    try:
+        if display:
+            err.print(f"[bold]gradwatch[/] {spec.summary()}\n  job {job_id}, starting Ray...")
+            with Live(display.render(), console=err, refresh_per_second=4, transient=False) as live:
+                display.live = live
+                result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file,
+                                 listeners=[display.update])
+                live.update(display.render())
+        else:
+            result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file)
+    except ClusterTooSmall as exc:
+        err.print(f"[red]cannot run {spec.name}:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        stop_ray()
+    public = {k: v for k, v in result.items() if k != "ranks"}
+    if as_json:
+        typer.echo(json.dumps(public, default=str))
+    else:
+        _print_summary(result)
+    if result["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _quiet_ray() -> None:
+    import logging
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class RunDisplay:
+    """The live table of `gradwatch run`."""
+
+    def __init__(self, spec, job_id: str):
+        self.spec, self.job_id = spec, job_id
+        self.status: dict[str, Any] = {}
+        self.events: list[str] = []
+        self.live: Live | None = None
+        self.started = time.time()
+
+    def update(self, update: dict[str, Any]) -> None:
+        self.status = update["status"]
+        for e in update["events"]:
+            verb = "raised" if e.get("raised", True) else "cleared"
+            self.events.append(f"step {e.get('step')}: {e.get('kind')} {e.get('name')} {verb}"
+                               + (f" - {e['detail']}" if e.get("detail") else ""))
+        if self.live:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        s = self.status
+        table = Table(title=f"{self.spec.name}  [dim]{self.job_id}[/]", show_header=False, box=None,
+                      title_justify="left")
+        step, max_steps = s.get("step") or 0, s.get("max_steps") or self.spec.max_steps or 0
+        elapsed = time.time() - self.started
+        rate = s.get("samples_per_second")
+        eta = "-"
+        if step and max_steps and step < max_steps and elapsed > 0:
+            eta = f"{(max_steps - step) * elapsed / step:.0f}s"
+        bar = _bar(step, max_steps)
+        table.add_row("step", f"{step}/{max_steps} {bar}  ETA {eta}")
+        table.add_row("train loss", _fmt(s.get("train_loss")) + f"  (ema {_fmt(s.get('loss_ema'))})")
+        table.add_row("val loss", _fmt(s.get("val_loss")))
+        table.add_row("val accuracy", _fmt(s.get("val_accuracy"), pct=True))
+        table.add_row("grad norm", _fmt(s.get("grad_norm")))
+        table.add_row("samples/s", _fmt(rate, digits=0))
+        table.add_row("phase", str(s.get("phase") or "-"))
+        anomalies = ", ".join(sorted(s.get("anomalies") or {})) or "none"
+        table.add_row("anomalies", anomalies)
+        if s.get("restarts") or s.get("rollbacks"):
+            table.add_row("restarts/rollbacks", f"{s.get('restarts', 0)}/{s.get('rollbacks', 0)}")
+        table.add_row("workers", f"{self.spec.scaling.num_workers} x {'GPU' if self.spec.scaling.use_gpu else 'CPU'}"
+                      f"; metrics on {len(s.get('endpoints') or [])} endpoints")
+        for line in self.events[-5:]:
+            table.add_row("event", line)
+        return table
+
+
+def _bar(step: int, total: int, width: int = 24) -> str:
+    if not total:
+        return ""
+    filled = int(width * min(step, total) / total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _fmt(value: Any, pct: bool = False, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}%"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    ok = result["state"] == "succeeded"
+    color = "green" if ok else "red"
+    err.print(f"[{color} bold]{result['state']}[/] {result['job_id']}: {result['steps']} steps on "
+              f"{result['world_size']} workers in {result['wall_seconds']:.1f}s")
+    err.print(f"  train loss {_fmt(result.get('train_loss'))}, val loss {_fmt(result.get('val_loss'))}, "
+              f"val accuracy {_fmt(result.get('val_accuracy'), pct=True)}")
+    if result.get("phases"):
+        err.print("  phases: " + ", ".join(f"{p['phase']}@{p['step']}" for p in result["phases"]))
+    if result.get("anomalies"):
+        err.print("  anomalies: " + ", ".join(f"{a['kind']}@{a['first_step']}" for a in result["anomalies"]))
+    if result.get("restarts") or result.get("rollbacks"):
+        err.print(f"  restarts {result.get('restarts', 0)}, rollbacks {result.get('rollbacks', 0)}")
+    err.print(f"  run directory: {result['storage_path']}")
+    if not ok:
+        err.print(f"[red]cause:[/] {result.get('error')}")
+
+
+def _register_extensions() -> None:
+    from service import cli_jobs, grafana
+
+    cli_jobs.register(app)
+    grafana.register(app)
+
+
+_register_extensions()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,60 @@
+"""Shared fixtures: a real local Ray for the tests that need one, and small specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def require_tool(name: str) -> str:
+    """Path of a Debian tool; in CI a missing tool fails the test instead of skipping it."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path:
+        return path
+    message = f"{name} is not installed: run `make tools` (apt-get install prometheus prometheus-alertmanager)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for one test module (started in-process, shut down after)."""
+    import ray
+
+    from workers.driver import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    init_ray(quiet=True)
+    yield ray
+    ray.shutdown()
+
+
+def small_spec(**overrides) -> dict:
+    """A quick job on the real digits data; override any field."""
+    spec = {
+        "name": "test-job",
+        "model": {"name": "mlp", "hidden": [32]},
+        "data": {"name": "digits"},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "batch_size": 32,
+        "max_steps": 60,
+        "scaling": {"num_workers": 2},
+        "validation": {"every_steps": 20},
+        "telemetry": {"interval": 5, "grace_seconds": 0},
+        "checkpoint": {"every_steps": 30, "keep": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key not in ("model", "data"):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
