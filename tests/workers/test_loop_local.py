@@ -1,0 +1,113 @@
+"""The training loop on one worker, without Ray: learns, checkpoints, resumes, guards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from service.spec import load_spec
+from workers.loop import DivergenceStop, Trainer
+from workers.session import LocalSession
+from tests.conftest import EXAMPLES, small_spec
+
+
+def local(spec_overrides: dict, tmp_path, **kw) -> Trainer:
+    spec = load_spec(small_spec(scaling={"num_workers": 1}, **spec_overrides))
+    return Trainer(spec, LocalSession(tmp_path / "ckpt"), run_dir=tmp_path, **kw)
+
+
+def test_learns_digits_and_writes_history(tmp_path):
+    trainer = local({"max_steps": 150}, tmp_path)
+    out = trainer.train()
+    assert out.steps == 150
+    assert out.val_loss < 0.5 * out.first_val_loss
+    assert out.val_accuracy > 0.85
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    measured = [r for r in lines if "layer_grad_norm" in r]
+    assert measured and measured[-1]["step"] == 150
+    assert all(0 < v < 1 for v in measured[-1]["layer_update_ratio"].values())
+    assert any("val_loss" in r for r in lines)
+
+
+@pytest.mark.parametrize("model,data", [
+    ({"name": "cnn", "channels": [8]}, {"name": "digits", "as_images": True}),
+    ({"name": "char-transformer", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+     {"name": "text", "block_size": 32, "max_chars": 20000}),
+    ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-regression", "n_samples": 512}),
+    ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-classification", "n_samples": 512}),
+])
+def test_every_builtin_model_and_data_trains(tmp_path, model, data):
+    trainer = local({"model": model, "data": data, "max_steps": 40, "validation": {"every_steps": 10}}, tmp_path)
+    out = trainer.train()
+    assert out.steps == 40
+    assert math.isfinite(out.train_loss)
+    assert out.val_loss < out.first_val_loss
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "step"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optimizers_and_schedules(tmp_path, name, optimizer):
+    trainer = local({"optimizer": {"name": optimizer, "lr": 0.05 if optimizer == "sgd" else 0.005},
+                     "schedule": {"name": name, "warmup_steps": 5, "step_size": 10},
+                     "max_steps": 30}, tmp_path)
+    out = trainer.train()
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "history.jsonl").read_text().splitlines()) if "lr" in r]
+    assert out.val_loss < out.first_val_loss
+    assert lrs[0] < lrs[1]  # warmup ramps up
+    if name == "constant":
+        assert lrs[-1] == pytest.approx(lrs[5])
+    else:
+        assert lrs[-1] < max(lrs)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    session = LocalSession(tmp_path / "ckpt")
+    spec = load_spec(small_spec(scaling={"num_workers": 1}, max_steps=60, checkpoint={"every_steps": 25}))
+    first = Trainer(spec, session, run_dir=tmp_path)
+    first.train()
+    # a new worker on the same session resumes at the last checkpoint (step 60 = the end)
+    second = Trainer(spec, session, run_dir=tmp_path)
+    assert second.restore() == 60
+    assert torch.equal(next(second.model.parameters()), next(first.model.parameters()))
+
+
+def test_nonfinite_gradients_never_reach_the_weights(tmp_path):
+    trainer = local({"max_steps": 10, "optimizer": {"name": "sgd", "lr": 0.1}}, tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    x, y, idx = next(iter(trainer.train_loader))
+    x = x.clone()
+    x[0, 0] = float("nan")
+    trainer.train_step(x, y, idx)
+    after = list(trainer.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    m = trainer.telemetry.metrics
+    assert m.registry.get_sample_value("gradwatch_skipped_steps_total", {"job_id": "local", "rank": "0"}) == 1
+    assert m.registry.get_sample_value("gradwatch_nonfinite_total",
+                                       {"job_id": "local", "rank": "0", "kind": "loss"}) == 1
+
+
+def test_on_divergence_stop_fails_with_the_reason(tmp_path):
+    spec = diverging(on_divergence="stop")
+    trainer = Trainer(spec, LocalSession(tmp_path / "ckpt"), run_dir=tmp_path)
+    with pytest.raises(DivergenceStop, match="diverged"):
+        trainer.train()
+
+
+def diverging(**overrides):
+    data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
+    data.update(scaling={"num_workers": 1}, **overrides)
+    return load_spec(data)
+
+
+def test_on_divergence_rollback_recovers(tmp_path):
+    trainer = Trainer(diverging(on_divergence="rollback"), LocalSession(tmp_path / "ckpt"), run_dir=tmp_path)
+    out = trainer.train()
+    assert out.rollbacks >= 1
+    assert out.steps == 300
+    assert math.isfinite(out.train_loss) and out.val_loss < out.first_val_loss
+    assert trainer.telemetry.metrics.registry.get_sample_value(
+        "gradwatch_rollbacks_total", {"job_id": "local", "rank": "0"}) == out.rollbacks

@@ -1,0 +1,119 @@
+"""The job board: where a job's workers post progress, endpoints and events for the driver.
+
+Under Ray it is a named actor (`gradwatch` namespace, one per job) owned by the
+driver, so it outlives worker-group restarts and dies with the driver. Without
+Ray, the same class is used directly. Workers post fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+NAMESPACE = "gradwatch"
+
+
+def board_name(job_id: str) -> str:
+    return f"board-{job_id}"
+
+
+class JobBoard:
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.progress: dict[str, Any] = {}
+        self.endpoints: dict[int, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.ranks: dict[int, dict[str, Any]] = {}
+        self.final: dict[str, Any] = {}
+        self.starts = 0
+        self.rollbacks = 0
+        self.stop_reason: str | None = None
+        self.updated_at = time.time()
+
+    # ---- written by workers
+    def started(self, rank: int, resumed_step: int | None) -> None:
+        if rank == 0:
+            self.starts += 1
+            self.progress["resumed_step"] = resumed_step
+
+    def post_progress(self, progress: dict[str, Any]) -> None:
+        self.progress.update(progress)
+        self.updated_at = time.time()
+
+    def post_endpoint(self, rank: int, host: str, port: int) -> None:
+        self.endpoints[rank] = {"rank": rank, "host": host, "port": port}
+
+    def drop_endpoint(self, rank: int) -> None:
+        self.endpoints.pop(rank, None)
+
+    def post_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if event.get("kind") == "rollback":
+            self.rollbacks += 1
+
+    def post_rank_report(self, rank: int, report: dict[str, Any]) -> None:
+        self.ranks[rank] = report
+
+    def post_final(self, final: dict[str, Any]) -> None:
+        self.final = final
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    # ---- read by the driver
+    def snapshot(self, since_event: int = 0) -> dict[str, Any]:
+        return {
+            "progress": dict(self.progress),
+            "endpoints": [self.endpoints[r] for r in sorted(self.endpoints)],
+            "events": self.events[since_event:],
+            "n_events": len(self.events),
+            "restarts": max(0, self.starts - 1),
+            "rollbacks": self.rollbacks,
+            "final": dict(self.final),
+            "ranks": dict(self.ranks),
+            "updated_at": self.updated_at,
+        }
+
+    def stop_requested(self) -> str | None:
+        return self.stop_reason
+
+
+class BoardClient:
+    """What a worker holds: posts to the actor (async) or to a local JobBoard (direct)."""
+
+    def __init__(self, target: Any, remote: bool):
+        self._target, self._remote = target, remote
+
+    @classmethod
+    def local(cls, board: JobBoard) -> BoardClient:
+        return cls(board, remote=False)
+
+    @classmethod
+    def connect(cls, job_id: str) -> BoardClient | None:
+        import ray
+
+        try:
+            return cls(ray.get_actor(board_name(job_id), namespace=NAMESPACE), remote=True)
+        except ValueError:
+            return None
+
+    def post(self, method: str, *args: Any) -> None:
+        if self._remote:
+            getattr(self._target, method).remote(*args)
+        else:
+            getattr(self._target, method)(*args)
+
+    def ask(self, method: str, *args: Any) -> Any:
+        if self._remote:
+            import ray
+
+            return ray.get(getattr(self._target, method).remote(*args), timeout=30)
+        return getattr(self._target, method)(*args)
+
+
+def create_board_actor(job_id: str):
+    """Start the board for a job (driver side). Needs a connected Ray."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(JobBoard)
+    return actor_cls.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote(job_id)

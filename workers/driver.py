@@ -1,0 +1,278 @@
+"""The driver of one job: starts Ray Train's TorchTrainer and watches it.
+
+Used by `gradwatch run` (foreground, live display) and by the service, which
+submits `python -m workers.driver --spec-file F --job-id ID --storage-path DIR`
+as a Ray job. While the job runs the driver rewrites `DIR/ID/status.json`
+about every second; at the end it writes `DIR/ID/result.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from service.spec import JobSpec, SpecError, load_spec
+from workers.board import BoardClient, create_board_actor
+
+log = logging.getLogger("gradwatch.driver")
+Listener = Callable[[dict[str, Any]], None]
+
+
+class ClusterTooSmall(RuntimeError):
+    pass
+
+
+def new_job_id() -> str:
+    return f"gw-{uuid.uuid4().hex[:12]}"
+
+
+def needed_resources(spec: JobSpec) -> dict[str, float]:
+    n = spec.scaling.num_workers
+    need = {"CPU": n * spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        need["GPU"] = n * spec.scaling.gpus_per_worker
+    return need
+
+
+def check_cluster(spec: JobSpec) -> None:
+    """Fail at once when the cluster can never run the job (Ray would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    for resource, amount in needed_resources(spec).items():
+        have = total.get(resource, 0.0)
+        if have < amount:
+            what = "GPUs" if resource == "GPU" else "CPUs"
+            hint = (" (scaling.use_gpu: true needs one GPU per worker; set use_gpu: false to train on CPUs)"
+                    if resource == "GPU" else " (lower scaling.num_workers or scaling.cpus_per_worker)")
+            raise ClusterTooSmall(f"the job needs {amount:g} {what} ({spec.scaling.num_workers} workers) but the "
+                                  f"Ray cluster has {have:g}{hint}")
+
+
+def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING if quiet else logging.INFO,
+                              "log_to_driver": not quiet}
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    ray.init(address=address or None, **kwargs)
+
+
+class JobWatch:
+    """Polls the job board, keeps status.json and the Prometheus file_sd up to date, and tells listeners."""
+
+    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener]):
+        self.job_id, self.run_dir, self.board = job_id, run_dir, board
+        self.sd_file, self.listeners = sd_file, listeners
+        self.n_events = 0
+        self.snapshot: dict[str, Any] = {}
+
+    def poll(self, state: str = "running") -> dict[str, Any]:
+        import ray
+
+        try:
+            snap = ray.get(self.board.snapshot.remote(self.n_events), timeout=10)
+        except Exception:  # a slow board must not stop the driver; try again next tick
+            return self.snapshot
+        self.n_events = snap["n_events"]
+        self.snapshot = snap
+        status = {"job_id": self.job_id, "state": state, **_progress_fields(snap),
+                  "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()}
+        write_json(self.run_dir / "status.json", status)
+        if self.sd_file:
+            write_sd_file(self.sd_file, self.job_id, status["endpoints"])
+        for listener in self.listeners:
+            listener({"status": status, "events": snap["events"]})
+        return snap
+
+
+def _progress_fields(snap: dict[str, Any]) -> dict[str, Any]:
+    p = snap.get("progress", {})
+    keys = ("step", "max_steps", "epoch", "world_size", "train_loss", "loss_ema", "val_loss", "val_accuracy",
+            "grad_norm", "lr", "samples_per_second", "phase", "anomalies")
+    return {**{k: p.get(k) for k in keys}, "restarts": snap.get("restarts", 0),
+            "rollbacks": snap.get("rollbacks", 0)}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def write_sd_file(path: Path, job_id: str, endpoints: list[dict[str, Any]]) -> None:
+    """Prometheus file_sd: this job's live endpoints, keeping other jobs' entries in the same file."""
+    try:
+        groups = [g for g in json.loads(path.read_text()) if g.get("labels", {}).get("job_id") != job_id]
+    except (OSError, ValueError):
+        groups = []
+    groups += [{"targets": [f"{e['host']}:{e['port']}"], "labels": {"job_id": job_id, "rank": str(e["rank"])}}
+               for e in endpoints]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(groups, indent=1))
+    os.replace(tmp, path)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The user's cause, not Ray's wrapping: the last lines of the innermost traceback."""
+    text = str(exc)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Traceback"):
+            tail = lines[i:]
+            return "\n".join(tail[-4:])
+    return "\n".join(lines[-4:]) if lines else type(exc).__name__
+
+
+def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_file: Path | None = None,
+            listeners: list[Listener] | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
+    """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.loop import train_loop_per_worker
+
+    job_id = job_id or new_job_id()
+    storage_path = Path(storage_path).resolve()
+    run_dir = storage_path / job_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
+    started = time.time()
+    result: dict[str, Any] = {"job_id": job_id, "state": "failed", "steps": 0,
+                              "world_size": spec.scaling.num_workers, "train_loss": None, "val_loss": None,
+                              "val_accuracy": None, "wall_seconds": 0.0, "storage_path": str(run_dir),
+                              "error": None}
+    init_ray()
+    board = create_board_actor(job_id)
+    watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [])
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            check_cluster(spec)
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": job_id,
+                                   "run_dir": str(run_dir), "serve_metrics": spec.telemetry.enabled},
+                torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                    resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
+                                          **({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu
+                                             else {})}),
+                run_config=RunConfig(
+                    name=job_id, storage_path=str(storage_path),
+                    failure_config=FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+            )
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # reported to the caller below, with its cause
+            outcome["error"] = exc
+            outcome["traceback"] = traceback.format_exc()
+
+    thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
+    thread.start()
+    deadline = started + spec.timeout if spec.timeout else None
+    try:
+        while thread.is_alive():
+            thread.join(poll_seconds)
+            watch.poll()
+            if deadline and time.time() > deadline:
+                result.update(state="timed_out", error=f"timeout: still running after {spec.timeout:g} s")
+                break
+    except KeyboardInterrupt:
+        result.update(state="cancelled", error="interrupted (Ctrl-C): workers stopped")
+    snap = watch.poll(state="running" if thread.is_alive() else "finished")
+    final = snap.get("final", {})
+    result.update(steps=final.get("steps", snap.get("progress", {}).get("step", 0)) or 0,
+                  train_loss=final.get("train_loss", snap.get("progress", {}).get("train_loss")),
+                  val_loss=final.get("val_loss"), val_accuracy=final.get("val_accuracy"),
+                  first_val_loss=final.get("first_val_loss"), restarts=snap.get("restarts", 0),
+                  rollbacks=snap.get("rollbacks", 0), phases=final.get("extra", {}).get("phases", []),
+                  anomalies=final.get("extra", {}).get("anomalies", []), ranks=snap.get("ranks", {}))
+    if not thread.is_alive():
+        if "error" in outcome:
+            result.update(state="failed", error=failure_reason(outcome["error"]))
+        else:
+            result.update(state="succeeded")
+    result["wall_seconds"] = round(time.time() - started, 3)
+    status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), "endpoints": [],
+              "updated_at": time.time()}
+    write_json(run_dir / "status.json", status)
+    if sd_file:
+        write_sd_file(sd_file, job_id, [])
+    write_json(run_dir / "result.json", {k: v for k, v in result.items() if k != "ranks"})
+    return result
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _print_listener(update: dict[str, Any]) -> None:
+    status = update["status"]
+    for event in update["events"]:
+        print(f"[{status['job_id']}] step {event.get('step')}: {event.get('kind')} {event.get('name')} "
+              f"{'raised' if event.get('raised', True) else 'cleared'} {event.get('detail', '')}".rstrip(),
+              flush=True)
+    step = status.get("step")
+    if step and step != getattr(_print_listener, "last", None):
+        _print_listener.last = step  # type: ignore[attr-defined]
+        loss = status.get("train_loss")
+        print(f"[{status['job_id']}] step {step}/{status.get('max_steps')} loss "
+              f"{loss if loss is None else f'{loss:.4f}'} phase {status.get('phase')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.driver", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec-file", required=True, type=Path)
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--storage-path", required=True, type=Path)
+    parser.add_argument("--prometheus-sd-file", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # A Ray job stop sends SIGTERM: leave through the normal path so the workers are stopped with us.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        spec = load_spec(args.spec_file, user_code="skip")
+    except SpecError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return 2
+    result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
+                     listeners=[_print_listener])
+    print(json.dumps({k: v for k, v in result.items() if k != "ranks"}), flush=True)
+    if result["state"] != "succeeded":
+        print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
+        stop_ray()
+        return 1
+    stop_ray()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["run_job", "check_cluster", "ClusterTooSmall", "new_job_id", "BoardClient"]

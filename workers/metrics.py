@@ -1,0 +1,111 @@
+"""Every `gradwatch_*` metric a worker exports: the DESIGN.md metrics contract in one place.
+
+Each worker process owns one `WorkerMetrics` (its own CollectorRegistry), so
+tests can build several side by side and read them with `get_sample_value`.
+Per-rank series carry `job_id` and `rank`; rank-0-only series are registered
+on rank 0 alone, so no other rank can ever export them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PHASES = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
+ANOMALIES = ("loss_spike", "divergence", "plateau", "overfitting", "vanishing_gradients", "exploding_gradients")
+NONFINITE_KINDS = ("loss", "grad")
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerMetrics:
+    def __init__(self, job_id: str, rank: int, *, rank0: bool | None = None,
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.job_id, self.rank = job_id, str(rank)
+        self.rank0 = rank == 0 if rank0 is None else rank0
+        r = self.registry
+        base = ["job_id", "rank"]
+
+        # ---- per rank
+        self.step = Gauge("gradwatch_step", "Current optimizer step.", base, registry=r)
+        self.epoch = Gauge("gradwatch_epoch", "Current epoch (0-based).", base, registry=r)
+        self.loss = Gauge("gradwatch_loss", "Last loss: train is this rank's batch, val the full evaluation.",
+                          [*base, "split"], registry=r)
+        self.loss_ema = Gauge("gradwatch_loss_ema", "Exponential moving average of the train loss.", base,
+                              registry=r)
+        self.accuracy = Gauge("gradwatch_accuracy_ratio", "Share of correct predictions (0-1).",
+                              [*base, "split"], registry=r)
+        self.local_grad_norm = Gauge("gradwatch_local_grad_norm",
+                                     "This rank's gradient L2 norm before the all-reduce.", base, registry=r)
+        self.step_duration = Histogram("gradwatch_step_duration_seconds", "Wall time of one optimizer step.",
+                                       base, buckets=STEP_BUCKETS, registry=r)
+        self.samples = Counter("gradwatch_samples", "Training examples processed by this rank.", base,
+                               registry=r)
+        self.nonfinite = Counter("gradwatch_nonfinite", "Steps with a non-finite loss or gradient.",
+                                 [*base, "kind"], registry=r)
+        self.heartbeat = Gauge("gradwatch_last_step_timestamp_seconds", "Unix time of the last finished step.",
+                               base, registry=r)
+        self.restarts = Counter("gradwatch_restarts", "Times the worker group restarted from a checkpoint.",
+                                base, registry=r)
+        self.rollbacks = Counter("gradwatch_rollbacks", "Rollbacks to the last good checkpoint after divergence.",
+                                 base, registry=r)
+        self.skipped_steps = Counter("gradwatch_skipped_steps",
+                                     "Optimizer steps skipped because the gradient was not finite.", base,
+                                     registry=r)
+
+        self._base = (job_id, self.rank)
+        for child in (self.step, self.epoch, self.loss_ema, self.local_grad_norm, self.heartbeat):
+            child.labels(*self._base)
+        for counter in (self.samples, self.restarts, self.rollbacks, self.skipped_steps):
+            counter.labels(*self._base)
+        self.loss.labels(*self._base, "train")
+        for kind in NONFINITE_KINDS:
+            self.nonfinite.labels(*self._base, kind)
+        self.step_duration.labels(*self._base)
+
+        if not self.rank0:
+            return
+        # ---- rank 0 only: identical on every rank after the all-reduce
+        self.grad_norm = Gauge("gradwatch_grad_norm", "Global gradient L2 norm after the all-reduce, "
+                               "before clipping.", ["job_id"], registry=r)
+        self.weight_norm = Gauge("gradwatch_weight_norm", "Global L2 norm of the weights.", ["job_id"],
+                                 registry=r)
+        self.learning_rate = Gauge("gradwatch_learning_rate", "Learning rate of the last step.", ["job_id"],
+                                   registry=r)
+        self.layer_grad_norm = Gauge("gradwatch_layer_grad_norm", "Gradient L2 norm per layer.",
+                                     ["job_id", "layer"], registry=r)
+        self.layer_weight_norm = Gauge("gradwatch_layer_weight_norm", "Weight L2 norm per layer.",
+                                       ["job_id", "layer"], registry=r)
+        self.layer_update_ratio = Gauge("gradwatch_layer_update_ratio",
+                                        "||delta w|| / ||w|| of the last step, per layer.", ["job_id", "layer"],
+                                        registry=r)
+        self.noise_scale = Gauge("gradwatch_gradient_noise_scale",
+                                 "Simple gradient noise scale B_simple (McCandlish et al. 2018), in examples.",
+                                 ["job_id"], registry=r)
+        self.global_batch = Gauge("gradwatch_global_batch_size", "Examples per optimizer step, all ranks.",
+                                  ["job_id"], registry=r)
+        self.phase = Gauge("gradwatch_phase", "1 for the current training phase, 0 for the others.",
+                           ["job_id", "phase"], registry=r)
+        self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", ["job_id", "kind"],
+                             registry=r)
+        self.job_info = Gauge("gradwatch_job_info", "Constant 1, labelled with what the job is.",
+                              ["job_id", "name", "owner", "model", "world_size", "team", "project"], registry=r)
+        for gauge in (self.grad_norm, self.weight_norm, self.learning_rate, self.global_batch):
+            gauge.labels(job_id)
+        for name in PHASES:
+            self.phase.labels(job_id, name).set(1 if name == "warmup" else 0)
+        for kind in ANOMALIES:
+            self.anomaly.labels(job_id, kind).set(0)
+
+    # ---- helpers the loop calls
+    def set_info(self, name: str, owner: str, model: str, world_size: int, labels: dict[str, str]) -> None:
+        if self.rank0:
+            self.job_info.labels(self.job_id, name, owner, model, str(world_size), labels.get("team", ""),
+                                 labels.get("project", "")).set(1)
+
+    def set_phase(self, current: str) -> None:
+        for name in PHASES:
+            self.phase.labels(self.job_id, name).set(1 if name == current else 0)
+
+    def set_anomalies(self, held: dict[str, bool]) -> None:
+        for kind in ANOMALIES:
+            self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)

@@ -1,0 +1,270 @@
+"""Training-dynamics telemetry of one worker: measure, detect, export.
+
+Per step: loss, loss EMA, step time, samples, non-finite counts, heartbeat.
+Every `telemetry.interval` steps: global and per-layer gradient norms, weight
+norms and update ratios (fused `torch._foreach_norm`, one host sync for all of
+them), the learning rate, and the gradient noise scale from the DDP comm hook.
+Rank 0 exports the series that are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from workers.board import BoardClient
+from workers.detectors import DynamicsMonitor
+from workers.gns import GradientNoiseScale, group_layers
+from workers.metrics import WorkerMetrics
+
+log = logging.getLogger("gradwatch.telemetry")
+
+
+class LocalNormHook:
+    """DDP comm hook: on armed steps, sum each bucket's local squared norm before the all-reduce.
+
+    The bucket holds this rank's own gradient until `allreduce_hook` averages it,
+    so |G_small|^2 comes for free; on other steps it is a plain all-reduce.
+    """
+
+    def __init__(self, device: torch.device):
+        self.armed = False
+        self.local_sq = torch.zeros((), device=device, dtype=torch.float32)
+
+    @staticmethod
+    def hook(state: LocalNormHook, bucket):
+        if state.armed:
+            state.local_sq += bucket.buffer().detach().float().pow(2).sum()
+        return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
+
+    def arm(self, on: bool) -> None:
+        self.armed = on
+        if on:
+            self.local_sq.zero_()
+
+
+class Telemetry:
+    def __init__(self, spec: Any, job_id: str, rank: int, world_size: int, model: torch.nn.Module,
+                 device: torch.device, *, board: BoardClient | None = None, history_path: Path | None = None,
+                 metrics: WorkerMetrics | None = None):
+        self.cfg = spec.telemetry
+        self.enabled = self.cfg.enabled
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = spec.batch_size
+        self.board = board
+        self.metrics = metrics or WorkerMetrics(job_id, rank)
+        self.metrics.set_info(spec.name, spec.owner or "", spec.model.name, world_size, spec.labels)
+        self.monitor = DynamicsMonitor(self.cfg.detectors)
+        self._past_phases: list[tuple[str, int]] = []
+        self._past_anomalies: dict[str, int] = {}
+        self.gns = GradientNoiseScale(self.cfg.gns_ema)
+        self.history = history_path.open("a") if history_path and rank == 0 else None
+        self._labels = (job_id, str(rank))
+        self._server = None
+        self.endpoint: tuple[str, int] | None = None
+        self.last: dict[str, Any] = {}
+
+        inner = model.module if hasattr(model, "module") else model
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups = group_layers([n for n, _ in named], self.cfg.max_layers)
+        self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
+        self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
+        self._before: list[torch.Tensor] | None = None
+        self.hook: LocalNormHook | None = None
+        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.enabled:
+            self.hook = LocalNormHook(device)
+            model.register_comm_hook(self.hook, LocalNormHook.hook)
+        self.measuring = False
+        if self.metrics.rank0:
+            self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
+
+    # ------------------------------------------------------------ detectors
+    def reset_detectors(self) -> None:
+        """After a rollback: judge the restored run afresh, but remember what the old one went through."""
+        self._past_phases += self.monitor.phases_entered
+        for kind, step in self.monitor.anomalies_raised.items():
+            self._past_anomalies.setdefault(kind, step)
+        self.monitor.events()
+        self.monitor = DynamicsMonitor(self.cfg.detectors)
+
+    @property
+    def phases_entered(self) -> list[tuple[str, int]]:
+        return self._past_phases + self.monitor.phases_entered
+
+    @property
+    def anomalies_raised(self) -> dict[str, int]:
+        merged = dict(self._past_anomalies)
+        for kind, step in self.monitor.anomalies_raised.items():
+            merged.setdefault(kind, step)
+        return merged
+
+    # ------------------------------------------------------------- exporter
+    def serve(self, host: str) -> tuple[str, int]:
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
+        self.endpoint = (host, self._server.server_port)
+        if self.board:
+            self.board.post("post_endpoint", self.rank, host, self.endpoint[1])
+        return self.endpoint
+
+    def close(self, grace_seconds: float) -> None:
+        if self.history:
+            self.history.close()
+            self.history = None
+        if self._server is None:
+            return
+        time.sleep(grace_seconds)  # let Prometheus scrape the final values
+        if self.board:
+            self.board.post("drop_endpoint", self.rank)
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+    # ---------------------------------------------------------------- steps
+    def should_measure(self, step: int) -> bool:
+        return self.enabled and (step % self.cfg.interval == 0 or step == 1)
+
+    def begin_step(self, step: int) -> None:
+        self.measuring = self.should_measure(step)
+        if self.hook:
+            self.hook.arm(self.measuring)
+        if self.measuring:
+            self._before = [p.detach().clone() for p in self.params]
+
+    def grad_norms(self) -> list[torch.Tensor] | None:
+        """Per-parameter gradient norms on measured steps (before clipping), else None."""
+        if not self.measuring:
+            return None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return list(torch._foreach_norm(grads))
+
+    def end_step(self, step: int, epoch: int, *, loss: float, global_loss: float, grad_norm: float,
+                 param_grad_norms: list[torch.Tensor] | None, lr: float, samples: int, seconds: float,
+                 applied: bool) -> list[dict[str, Any]]:
+        """Record one finished step; returns detector events that changed state."""
+        m, labels = self.metrics, self._labels
+        now = time.time()
+        m.step.labels(*labels).set(step)
+        m.epoch.labels(*labels).set(epoch)
+        m.loss.labels(*labels, "train").set(loss)
+        m.samples.labels(*labels).inc(samples)
+        m.step_duration.labels(*labels).observe(seconds)
+        m.heartbeat.labels(*labels).set(now)
+        if not math.isfinite(loss):
+            m.nonfinite.labels(*labels, "loss").inc()
+        if not math.isfinite(grad_norm):
+            m.nonfinite.labels(*labels, "grad").inc()
+        if not applied:
+            m.skipped_steps.labels(*labels).inc()
+
+        self.monitor.observe_step(step, global_loss)
+        if self.monitor.loss_ema is not None:
+            m.loss_ema.labels(*labels).set(self.monitor.loss_ema)
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "global_loss": global_loss,
+                                  "loss_ema": self.monitor.loss_ema, "grad_norm": grad_norm, "lr": lr,
+                                  "step_seconds": seconds, "time": now}
+        if param_grad_norms is not None:
+            record.update(self._measure(step, grad_norm, param_grad_norms, lr))
+        self.last = record
+        return self._publish(step, record if param_grad_norms is not None else None)
+
+    def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor],
+                 lr: float) -> dict[str, Any]:
+        weight_norms = torch._foreach_norm(self.params)
+        deltas = torch._foreach_sub(self.params, self._before) if self._before is not None else self.params
+        update_norms = torch._foreach_norm(deltas)
+        self._before = None
+        n_layers = len(self.layer_names)
+
+        def by_layer(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+            sq = torch.stack([t.float() for t in norms]).pow(2)
+            return torch.zeros(n_layers, device=sq.device).index_add_(0, self._group_index, sq)
+
+        parts = [by_layer(param_grad_norms), by_layer(weight_norms), by_layer(update_norms)]
+        local_sq = grad_norm**2
+        if self.hook is not None:
+            # Mean over ranks of |G_small|^2: one tiny collective, on measured steps only.
+            gathered = self.hook.local_sq.clone()
+            local_sq_tensor = self.hook.local_sq.clone()
+            dist.all_reduce(gathered, op=dist.ReduceOp.SUM)
+            parts.append(torch.stack([local_sq_tensor, gathered / self.world_size]))
+        values = torch.cat([p.reshape(-1) for p in parts]).cpu().tolist()  # the one host sync of this step
+        g_sq, w_sq, u_sq = (values[i * n_layers:(i + 1) * n_layers] for i in range(3))
+        if self.hook is not None:
+            local_sq, mean_local_sq = values[3 * n_layers:3 * n_layers + 2]
+        else:
+            mean_local_sq = local_sq
+        layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq)}
+        layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq)}
+        layer_update = {name: math.sqrt(u) / math.sqrt(w) if w > 0 else 0.0
+                        for name, u, w in zip(self.layer_names, u_sq, w_sq)}
+        weight_norm = math.sqrt(sum(w_sq))
+        noise_scale = None
+        if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
+            noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
+        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update)
+
+        m, labels = self.metrics, self._labels
+        m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
+        if m.rank0:
+            job = labels[0]
+            m.grad_norm.labels(job).set(grad_norm)
+            m.weight_norm.labels(job).set(weight_norm)
+            m.learning_rate.labels(job).set(lr)
+            for name in self.layer_names:
+                m.layer_grad_norm.labels(job, name).set(layer_grad[name])
+                m.layer_weight_norm.labels(job, name).set(layer_weight[name])
+                m.layer_update_ratio.labels(job, name).set(layer_update[name])
+            if noise_scale is not None:
+                m.noise_scale.labels(job).set(noise_scale)
+        return {"weight_norm": weight_norm, "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
+                "gradient_noise_scale": noise_scale, "critical_batch_hint": self.gns.critical_batch_hint,
+                "layer_grad_norm": layer_grad, "layer_weight_norm": layer_weight,
+                "layer_update_ratio": layer_update}
+
+    def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None,
+                           train_accuracy: float | None = None) -> list[dict[str, Any]]:
+        m, labels = self.metrics, self._labels
+        m.loss.labels(*labels, "val").set(val_loss)
+        if val_accuracy is not None:
+            m.accuracy.labels(*labels, "val").set(val_accuracy)
+        if train_accuracy is not None:
+            m.accuracy.labels(*labels, "train").set(train_accuracy)
+        self.monitor.observe_validation(step, val_loss)
+        return self._publish(step, {"step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
+                                    "time": time.time()})
+
+    def _publish(self, step: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+        m = self.metrics
+        events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
+        if m.rank0:
+            m.set_phase(self.monitor.phase)
+            m.set_anomalies(self.monitor.anomalies)
+            for event in events:
+                log.warning("step %s: %s %s %s%s", event["step"], event["kind"], event["name"],
+                            "raised" if event.get("raised", True) else "cleared",
+                            f" ({event['detail']})" if event.get("detail") else "")
+                if self.board:
+                    self.board.post("post_event", {**event, "job_rank": self.rank})
+            if self.history and record is not None:
+                record = {**record, "phase": self.monitor.phase,
+                          "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v)}
+                self.history.write(json.dumps(record, default=_jsonable) + "\n")
+                self.history.flush()
+        return events
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
