@@ -79,6 +79,7 @@ def run(
                 result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file,
                                  listeners=[display.update])
                 live.update(display.render())
+            err.print()
         else:
             result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file)
     except ClusterTooSmall as exc:

@@ -66,7 +66,7 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING if quiet else logging.INFO,
+    kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO,
                               "log_to_driver": not quiet}
     address = os.environ.get("RAY_ADDRESS")
     if not address:

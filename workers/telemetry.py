@@ -59,6 +59,7 @@ class Telemetry:
         self.enabled = self.cfg.enabled
         self.rank, self.world_size = rank, world_size
         self.batch_size = spec.batch_size
+        self.peak_lr = spec.optimizer.lr
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
         self.metrics.set_info(spec.name, spec.owner or "", spec.model.name, world_size, spec.labels)
@@ -212,7 +213,9 @@ class Telemetry:
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
-        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update)
+        # Update ratios scale with the learning rate: in a schedule's tail they say nothing about gradients.
+        lr_live = lr >= 0.05 * self.peak_lr
+        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update if lr_live else None)
 
         m, labels = self.metrics, self._labels
         m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
