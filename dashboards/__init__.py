@@ -1,0 +1,1 @@
+"""Grafana dashboards as code: fleet, run and ranks boards (see dashboards/build.py)."""

@@ -1,0 +1,170 @@
+"""Ranks board: the DDP workers of one run side by side, to find a slow or stuck rank."""
+
+from grafana_foundation_sdk.builders import common as common_builder
+from grafana_foundation_sdk.builders import dashboard, heatmap, timeseries
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
+
+from dashboards.style import (
+    BY_RANK,
+    RANKS_UID,
+    label_variable,
+    new_dashboard,
+    promql,
+    styled,
+    thresholds,
+    timeseries_panel,
+)
+
+JOB = 'job_id="$job_id"'
+
+
+def mean_step_seconds(window: str) -> str:
+    """Each rank's mean step time over `window`: rate of the histogram's sum over rate of its count."""
+    return (
+        f"sum by (rank) (rate(gradwatch_step_duration_seconds_sum{{{JOB}}}[{window}]))"
+        f" / sum by (rank) (rate(gradwatch_step_duration_seconds_count{{{JOB}}}[{window}]))"
+    )
+
+
+def step_time_quantiles() -> timeseries.Panel:
+    def quantile(q: float) -> str:
+        return (
+            f"histogram_quantile({q}, sum by (rank, le) "
+            f"(rate(gradwatch_step_duration_seconds_bucket{{{JOB}}}[$__rate_interval])))"
+        )
+
+    return timeseries_panel(
+        "Step time p50 and p90 per rank",
+        "Median and 90th percentile of each rank's optimizer step time, from the "
+        "gradwatch_step_duration_seconds "
+        "histogram.",
+        "s",
+    ).targets(
+        [
+            promql(quantile(0.5), "rank {{rank}} p50", ref_id="A"),
+            promql(quantile(0.9), "rank {{rank}} p90", ref_id="B"),
+        ]
+    )
+
+
+def mean_step_time() -> timeseries.Panel:
+    return timeseries_panel(
+        "Mean step time per rank",
+        "Each rank's mean step time: rate(sum) / rate(count) of gradwatch_step_duration_seconds.",
+        "s",
+    ).with_target(promql(mean_step_seconds("$__rate_interval"), BY_RANK))
+
+
+def step_time_heatmap() -> heatmap.Panel:
+    panel = (
+        heatmap.Panel()
+        .calculate(False)
+        .color(
+            heatmap.HeatmapColorOptions()
+            .mode(HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .scale(HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)
+        )
+        .y_axis(heatmap.YAxisConfig().unit("s"))
+        .cell_gap(1)
+    )
+    return styled(
+        panel,
+        "Step time distribution, all ranks",
+        "How many steps per second fell into each step-time bucket, all ranks together "
+        "(gradwatch_step_duration_seconds_bucket). Two bands mean two speeds of rank.",
+        "s",
+        width=24,
+        height=8,
+    ).with_target(
+        promql(
+            f"sum by (le) (rate(gradwatch_step_duration_seconds_bucket{{{JOB}}}[$__rate_interval]))",
+            "{{le}}",
+            as_heatmap=True,
+        )
+    )
+
+
+def throughput_per_rank() -> timeseries.Panel:
+    return timeseries_panel(
+        "Throughput per rank",
+        "Samples per second each rank trains (rate of gradwatch_samples_total over 1m).",
+        "suffix: samples/s",
+    ).with_target(promql(f"sum by (rank) (rate(gradwatch_samples_total{{{JOB}}}[1m]))", BY_RANK))
+
+
+def local_grad_norms() -> timeseries.Panel:
+    return timeseries_panel(
+        "Local grad norm per rank",
+        "Each rank's gradient L2 norm before the all-reduce (gradwatch_local_grad_norm), with the global "
+        "all-reduced norm for reference. Their spread feeds the gradient noise scale; one rank far off "
+        "points at its data shard.",
+        "none",
+        log_scale=True,
+    ).targets(
+        [
+            promql(f"max by (rank) (gradwatch_local_grad_norm{{{JOB}}})", BY_RANK, ref_id="A"),
+            promql(f"max(gradwatch_grad_norm{{{JOB}}})", "global (all-reduced)", ref_id="B"),
+        ]
+    )
+
+
+def straggler_ratio() -> timeseries.Panel:
+    mean = mean_step_seconds("1m")
+    return (
+        timeseries_panel(
+            "Straggler ratio",
+            "Each rank's mean step time over the job's median rank (1m windows). DDP waits for the slowest "
+            "rank, so one rank well above 1 slows every rank.",
+            "none",
+        )
+        .thresholds(thresholds((None, "green"), (1.5, "orange"), (2, "red")))
+        .thresholds_style(
+            common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
+        )
+        .with_target(promql(f"({mean}) / on () group_left () quantile(0.5, {mean})", BY_RANK))
+    )
+
+
+def heartbeat_age() -> timeseries.Panel:
+    return (
+        timeseries_panel(
+            "Heartbeat age per rank",
+            "Seconds since each rank finished its last step (time() - "
+            "gradwatch_last_step_timestamp_seconds). "
+            "A rank whose line climbs is stuck or hung.",
+            "s",
+        )
+        .thresholds(thresholds((None, "green"), (60, "orange"), (300, "red")))
+        .thresholds_style(
+            common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
+        )
+        .with_target(
+            promql(f"time() - max by (rank) (gradwatch_last_step_timestamp_seconds{{{JOB}}})", BY_RANK)
+        )
+    )
+
+
+def ranks() -> dashboard.Dashboard:
+    """The ranks board."""
+    return (
+        new_dashboard(
+            RANKS_UID, "gradwatch / Ranks", "The DDP ranks of one gradwatch run: speed, stragglers, hangs."
+        )
+        .with_variable(
+            label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False)
+        )
+        .with_row(dashboard.Row("Step time"))
+        .with_panel(step_time_quantiles())
+        .with_panel(mean_step_time())
+        .with_panel(step_time_heatmap())
+        .with_row(dashboard.Row("Stragglers and hangs"))
+        .with_panel(straggler_ratio())
+        .with_panel(heartbeat_age())
+        .with_row(dashboard.Row("Throughput and gradients"))
+        .with_panel(throughput_per_rank())
+        .with_panel(local_grad_norms())
+    )
