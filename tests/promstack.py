@@ -1,0 +1,150 @@
+"""A real Prometheus and Alertmanager for tests, as plain context managers.
+
+    with start_prometheus(render_prometheus_config(...), tmp_path) as prom:
+        wait_for(lambda: query(prom.url, "up"), timeout=20)
+
+Binaries come from Debian's packages. A missing one skips the test, except under CI=true where
+it fails: CI must install them (apt-get install -y prometheus prometheus-alertmanager).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+PROMETHEUS = "/usr/bin/prometheus"
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+PROMTOOL = "/usr/bin/promtool"
+AMTOOL = "/usr/bin/amtool"
+PACKAGES = {PROMETHEUS: "prometheus", PROMTOOL: "prometheus", ALERTMANAGER: "prometheus-alertmanager",
+            AMTOOL: "prometheus-alertmanager"}
+
+T = TypeVar("T")
+
+
+def require(binary: str) -> str:
+    """The binary's path; otherwise skip the test, or fail it under CI=true."""
+    found = shutil.which(binary) or shutil.which(Path(binary).name)
+    if found:
+        return found
+    package = PACKAGES.get(binary, Path(binary).name)
+    message = f"{binary} is not installed: apt-get install -y {package}"
+    import pytest  # only reached from tests; the helpers themselves need no pytest
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + " (CI=true: a missing binary fails instead of skipping)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
+    """Call `fn` until it returns something truthy (returned) or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = fn()
+        except (httpx.HTTPError, OSError) as exc:  # not up yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what or getattr(fn, '__name__', 'condition')}; "
+                               f"last result: {last!r}")
+        time.sleep(interval)
+
+
+def query(url: str, promql: str) -> list[dict[str, Any]]:
+    """Instant query against Prometheus at `url`: the `data.result` list."""
+    response = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10)
+    response.raise_for_status()
+    body = response.json()
+    if body.get("status") != "success":
+        raise RuntimeError(f"query {promql!r} failed: {body}")
+    return body["data"]["result"]
+
+
+@dataclass
+class Running:
+    """A started server: its base URL, process, working folder and log."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    log: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def reload(self) -> None:
+        """Re-read the config file (both servers run with the lifecycle API on)."""
+        httpx.post(f"{self.url}/-/reload", timeout=10).raise_for_status()
+
+
+@contextmanager
+def _serve(name: str, binary: str, config_text: str, tmpdir: Path | str,
+           args: Callable[[Path, int], list[str]], timeout: float) -> Iterator[Running]:
+    path = require(binary)
+    workdir = Path(tmpdir) / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"{name}.yml"
+    config.write_text(config_text)
+    port = free_port()
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([path, f"--config.file={config}", *args(workdir, port)],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    server = Running(name, f"http://127.0.0.1:{port}", process, workdir, log)
+    try:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
+            return httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200
+
+        try:
+            wait_for(ready, timeout=timeout, what=f"{name} on {server.url} to be ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{server.log_tail()}") from None
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_prometheus(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
+    """Prometheus on a free 127.0.0.1 port with its own TSDB under `tmpdir`; `.url` is its base URL."""
+    return _serve("prometheus", PROMETHEUS, config_text, tmpdir, lambda d, port: [
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.tsdb.path={d / 'data'}",
+        "--web.enable-lifecycle",
+    ], timeout)
+
+
+def start_alertmanager(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
+    """Alertmanager on a free 127.0.0.1 port, no cluster networking; `.url` is its base URL."""
+    return _serve("alertmanager", ALERTMANAGER, config_text, tmpdir, lambda d, port: [
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.path={d / 'data'}",
+        "--cluster.listen-address=",
+    ], timeout)
