@@ -1,0 +1,504 @@
+"""The job store: jobs, every state transition, and the alerts about them.
+
+SQLAlchemy 2 with typed models; SQLite by default (WAL, a busy timeout and
+`BEGIN IMMEDIATE` writes, so concurrent threads queue for the write lock
+instead of failing), any SQLAlchemy URL by setting. Terminal states are final:
+a transition out of one is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    tuple_,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
+
+from service.spec import JobSpec
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+ALLOWED: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled", "failed"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "timed_out"}),
+}
+
+
+class StoreError(Exception):
+    """Base of the store's errors; the message is for people."""
+
+
+class JobNotFound(StoreError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}")
+
+
+class TransitionRefused(StoreError):
+    """The job is not in a state the requested change can leave from (e.g. it already ended)."""
+
+
+class BadCursor(StoreError):
+    pass
+
+
+# ---------------------------------------------------------------------- tables
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, float: Float}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    owner: Mapped[str | None] = mapped_column(String(128))
+    labels: Mapped[dict[str, Any]]
+    priority: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float]
+    started_at: Mapped[float | None]
+    ended_at: Mapped[float | None]
+    ray_submission_id: Mapped[str | None] = mapped_column(String(64))
+    world_size: Mapped[int | None] = mapped_column(Integer)
+    max_steps: Mapped[int | None] = mapped_column(Integer)
+    cpus: Mapped[float]
+    gpus: Mapped[float]
+    # Last status.json snapshot the driver wrote (step, losses, phase, endpoints, ...).
+    progress: Mapped[dict[str, Any] | None]
+    # "cancel" or "timeout" once the service asked Ray to stop the job; the state follows when Ray confirms.
+    stop_requested: Mapped[str | None] = mapped_column(String(16))
+    stop_requested_at: Mapped[float | None]
+
+    __table_args__ = (
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_state_created", "state", "created_at", "id"),
+        Index("ix_jobs_name_created", "name", "created_at", "id"),
+        Index("ix_jobs_ended", "ended_at"),
+    )
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+class JobLabel(Base):
+    """One label of a job, so label filters use an index (newest first) instead of scanning JSON."""
+
+    __tablename__ = "job_labels"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float]  # the job's, repeated so one index both filters and orders
+
+    __table_args__ = (Index("ix_job_labels_lookup", "key", "value", "created_at", "job_id"),)
+
+
+class Transition(Base):
+    __tablename__ = "transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[float]
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(String(64))  # no foreign key: alerts may name unknown jobs
+    alertname: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    starts_at: Mapped[float]
+    ends_at: Mapped[float | None]
+    summary: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[dict[str, Any]]
+    annotations: Mapped[dict[str, Any]]
+    generator_url: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[float]
+    updated_at: Mapped[float]
+
+    __table_args__ = (
+        UniqueConstraint("fingerprint", "starts_at", name="uq_alerts_fingerprint_starts"),
+        Index("ix_alerts_job_received", "job_id", "received_at"),
+        Index("ix_alerts_received", "received_at"),
+    )
+
+
+# ----------------------------------------------------------------- the store
+@dataclass(frozen=True)
+class AlertUpdate:
+    """One alert of an Alertmanager notification, already parsed."""
+
+    fingerprint: str
+    status: str
+    starts_at: float
+    ends_at: float | None
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    generator_url: str | None = None
+
+
+def new_job_id() -> str:
+    return f"gw-{secrets.token_hex(6)}"
+
+
+def demand_of(spec: JobSpec) -> tuple[float, float]:
+    """(CPUs, GPUs) the job's workers ask Ray for."""
+    scaling = spec.scaling
+    gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0
+    return scaling.num_workers * scaling.cpus_per_worker, gpus
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at, job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        if not isinstance(job_id, str) or not isinstance(created_at, int | float):
+            raise ValueError
+        return float(created_at), job_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it") from None
+
+
+class Store:
+    """Thread-safe access to the job store. Objects it returns are detached snapshots."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_session = sessionmaker(
+            self.engine.execution_options(gw_write=True), expire_on_commit=False
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._write_session() as session, session.begin():
+            yield session
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, spec: JobSpec, *, now: float | None = None) -> Job:
+        cpus, gpus = demand_of(spec)
+        at = time.time() if now is None else now
+        for _ in range(5):
+            job = Job(
+                id=new_job_id(),
+                name=spec.name,
+                owner=spec.owner,
+                labels=dict(spec.labels),
+                priority=spec.priority,
+                spec=spec.model_dump(mode="json"),
+                state="queued",
+                reason="waiting for the scheduler",
+                created_at=at,
+                cpus=cpus,
+                gpus=gpus,
+                world_size=spec.scaling.num_workers,
+                max_steps=spec.max_steps,
+            )
+            try:
+                with self._write() as session:
+                    session.add(job)
+                    session.flush()
+                    session.add_all(
+                        JobLabel(job_id=job.id, key=k, value=v, created_at=at) for k, v in spec.labels.items()
+                    )
+                    session.add(
+                        Transition(
+                            job_id=job.id, from_state=None, to_state="queued", at=at, reason="submitted"
+                        )
+                    )
+                return job
+            except IntegrityError:  # an id collision (1 in 2**48 per pair): draw again
+                continue
+        raise StoreError("could not allocate a job id")
+
+    def get_job(self, job_id: str) -> Job:
+        with self._read() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return job
+
+    def list_jobs(
+        self,
+        *,
+        state: str | Collection[str] | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Newest first. Returns the page and a cursor for the next one (None at the end)."""
+        query = select(Job).options(defer(Job.spec, raiseload=True))  # a listing shows no spec
+        order: tuple[Any, Any] = (Job.created_at, Job.id)
+        for n, (key, value) in enumerate((labels or {}).items()):
+            label = aliased(JobLabel)
+            query = query.join(label, and_(label.job_id == Job.id, label.key == key)).where(
+                label.value == value
+            )
+            if n == 0:  # walk the first label's index newest first
+                order = (label.created_at, label.job_id)
+        if state:
+            states = [state] if isinstance(state, str) else list(state)
+            query = (
+                query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
+            )
+        if name:
+            query = query.where(Job.name == name)
+        if cursor:
+            created_at, job_id = decode_cursor(cursor)
+            query = query.where(tuple_(*order) < tuple_(created_at, job_id))
+        query = query.order_by(order[0].desc(), order[1].desc()).offset(offset).limit(limit + 1)
+        with self._read() as session:
+            jobs = list(session.scalars(query))
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return jobs, (encode_cursor(jobs[-1]) if more and jobs else None)
+
+    def jobs_in(self, *states: str) -> list[Job]:
+        """Jobs in these states, in scheduling order: priority (high first), then first come."""
+        query = select(Job).where(Job.state.in_(states)).order_by(Job.priority.desc(), Job.created_at, Job.id)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def transition(
+        self,
+        job_id: str,
+        to: str,
+        reason: str,
+        *,
+        expect: Collection[str] | None = None,
+        now: float | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Move a job to `to`, record why, and set `fields`; refused out of a terminal state."""
+        if to not in STATES:
+            raise ValueError(f"unknown state {to!r}")
+        at = time.time() if now is None else now
+        with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.state in TERMINAL:
+                raise TransitionRefused(f"job {job_id} already ended {job.state}; it cannot become {to}")
+            if expect is not None and job.state not in expect:
+                raise TransitionRefused(f"job {job_id} is {job.state}, not {' or '.join(sorted(expect))}")
+            if to not in ALLOWED[job.state]:
+                raise TransitionRefused(f"job {job_id} cannot go from {job.state} to {to}")
+            session.add(Transition(job_id=job_id, from_state=job.state, to_state=to, at=at, reason=reason))
+            job.state, job.reason = to, reason
+            if to == "running":
+                job.started_at = at
+            if to in TERMINAL:
+                job.ended_at = at
+            for key, value in fields.items():
+                setattr(job, key, value)
+        return job
+
+    def update_job(self, job_id: str, **fields: Any) -> Job:
+        """Change bookkeeping fields (progress, reason, world size); never the state."""
+        if "state" in fields:
+            raise ValueError("use transition() to change a job's state")
+        with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            for key, value in fields.items():
+                setattr(job, key, value)
+        return job
+
+    def request_stop(
+        self, job_id: str, kind: str, reason: str, *, now: float | None = None
+    ) -> tuple[Job, bool]:
+        """Cancel (kind "cancel") or time out ("timeout") a job.
+
+        A queued job ends at once. A running one is marked; the launcher stops its
+        Ray job and the state follows when Ray confirms. Returns the job and whether
+        its Ray job needs a stop.
+        """
+        at = time.time() if now is None else now
+        final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
+        with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.state in TERMINAL:
+                raise TransitionRefused(f"job {job_id} already ended {job.state}")
+            if job.state == "queued":
+                session.add(
+                    Transition(job_id=job_id, from_state="queued", to_state=final, at=at, reason=reason)
+                )
+                job.state, job.reason, job.ended_at = final, reason, at
+                return job, False
+            if job.stop_requested is None:
+                job.stop_requested, job.stop_requested_at = kind, at
+                job.reason = f"stopping: {reason}"
+            return job, True
+
+    def transitions(self, job_id: str) -> list[Transition]:
+        with self._read() as session:
+            return list(
+                session.scalars(select(Transition).where(Transition.job_id == job_id).order_by(Transition.id))
+            )
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._read() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    def current_states(self, ended_since: float) -> list[tuple[str, str]]:
+        """(job id, state) of every job not ended, or ended after `ended_since`."""
+        query = select(Job.id, Job.state).where(
+            or_(Job.state.in_(("queued", "running")), Job.ended_at >= ended_since)
+        )
+        with self._read() as session:
+            return [(job_id, state) for job_id, state in session.execute(query).all()]
+
+    # ---------------------------------------------------------------- alerts
+    def ingest_alerts(self, updates: Iterable[AlertUpdate], *, now: float | None = None) -> tuple[int, int]:
+        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated)."""
+        at = time.time() if now is None else now
+        new = updated = 0
+        with self._write() as session:
+            for item in updates:
+                row = session.scalars(
+                    select(Alert).where(
+                        Alert.fingerprint == item.fingerprint, Alert.starts_at == item.starts_at
+                    )
+                ).first()
+                if row is None:
+                    session.add(
+                        Alert(
+                            job_id=item.labels.get("job_id"),
+                            alertname=item.labels.get("alertname", "unnamed"),
+                            severity=item.labels.get("severity"),
+                            status=item.status,
+                            starts_at=item.starts_at,
+                            ends_at=item.ends_at,
+                            summary=item.annotations.get("summary"),
+                            description=item.annotations.get("description"),
+                            fingerprint=item.fingerprint,
+                            labels=item.labels,
+                            annotations=item.annotations,
+                            generator_url=item.generator_url,
+                            received_at=at,
+                            updated_at=at,
+                        )
+                    )
+                    session.flush()  # a repeat inside the same notification must find this row
+                    new += 1
+                elif (row.status, row.ends_at, row.annotations) != (
+                    item.status,
+                    item.ends_at,
+                    item.annotations,
+                ):
+                    row.status, row.ends_at, row.annotations = item.status, item.ends_at, item.annotations
+                    row.summary = item.annotations.get("summary")
+                    row.description = item.annotations.get("description")
+                    row.updated_at = at
+                    updated += 1
+        return new, updated
+
+    def list_alerts(
+        self,
+        *,
+        job_id: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        since_id: int | None = None,
+    ) -> list[Alert]:
+        """Newest first; `since_id` keeps only alerts stored after that row."""
+        query = select(Alert)
+        if job_id:
+            query = query.where(Alert.job_id == job_id)
+        if status:
+            query = query.where(Alert.status == status)
+        if since_id is not None:
+            query = query.where(Alert.id > since_id)
+        query = query.order_by(Alert.received_at.desc(), Alert.id.desc()).limit(limit)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+
+def fingerprint_of(labels: dict[str, str]) -> str:
+    """Alertmanager sends a fingerprint; this stands in when a sender does not."""
+    return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN, so writes can take the lock up front.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without
+        # waiting; IMMEDIATE takes the write lock first and waits its turn (busy_timeout).
+        write = connection.get_execution_options().get("gw_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine

@@ -1,0 +1,211 @@
+"""An in-memory stand-in for Ray, for launcher and API tests that need no cluster.
+
+It honours the driver contract the way `workers.driver` does: a submitted job
+waits until its workers fit, then each `advance()` is one training step that
+rewrites `<storage>/<job id>/status.json`; at max_steps it writes result.json and
+succeeds. A spec label `fake: fail` makes it fail at step 2 (with result.json),
+`fake: crash` kills the driver at step 2 (no result.json).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.launcher import ClusterUnavailable, RayJob, Resources
+
+
+@dataclass
+class FakeJob:
+    sid: str
+    job_id: str
+    spec: dict[str, Any]
+    storage: Path
+    cpus: float
+    gpus: float
+    status: str = "PENDING"
+    step: int = 0
+    workers: int = 0
+    log: list[str] = field(default_factory=list)
+    message: str | None = None
+
+
+class FakeCluster:
+    def __init__(self, cpus: float = 4, gpus: float = 0):
+        self.total = Resources(cpus, gpus)
+        self.jobs: dict[str, FakeJob] = {}
+        self.down = False
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ Cluster API
+    def _check(self) -> None:
+        if self.down:
+            raise ClusterUnavailable("cannot reach Ray at fake://cluster: connection refused")
+
+    def _used(self) -> Resources:
+        used = Resources()
+        for job in self.jobs.values():
+            if job.workers:
+                used = used + Resources(job.cpus, job.gpus)
+        return used
+
+    def resources(self) -> tuple[Resources, Resources]:
+        with self._lock:
+            self._check()
+            return self.total - self._used(), self.total
+
+    def submit(
+        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
+    ) -> None:
+        with self._lock:
+            self._check()
+            if submission_id in self.jobs:
+                raise ClusterUnavailable(f"job {submission_id} already exists")
+            args = shlex.split(entrypoint)
+            spec = json.loads(Path(args[args.index("--spec-file") + 1]).read_text())
+            scaling = spec["scaling"]
+            n = scaling["num_workers"]
+            self.jobs[submission_id] = FakeJob(
+                sid=submission_id,
+                job_id=args[args.index("--job-id") + 1],
+                spec=spec,
+                storage=Path(args[args.index("--storage-path") + 1]),
+                cpus=n * scaling["cpus_per_worker"],
+                gpus=n * scaling["gpus_per_worker"] if scaling["use_gpu"] else 0.0,
+                log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
+            )
+            self.submitted.append(submission_id)
+
+    def status(self, submission_id: str) -> RayJob | None:
+        with self._lock:
+            self._check()
+            job = self.jobs.get(submission_id)
+            return None if job is None else RayJob(job.status, job.message or f"fake {job.status.lower()}")
+
+    def stop(self, submission_id: str) -> None:
+        with self._lock:
+            self._check()
+            job = self.jobs.get(submission_id)
+            self.stopped.append(submission_id)
+            if job is not None and job.status in ("PENDING", "RUNNING"):
+                job.status, job.workers = "STOPPED", 0
+                job.log.append("stopped")
+                self._write_status(job, "cancelled")
+
+    def logs(self, submission_id: str) -> str:
+        with self._lock:
+            self._check()
+            job = self.jobs.get(submission_id)
+            return "" if job is None else "".join(line + "\n" for line in job.log)
+
+    def live_workers(self, submission_id: str) -> int:
+        with self._lock:
+            self._check()
+            job = self.jobs.get(submission_id)
+            return 0 if job is None else job.workers
+
+    # ---------------------------------------------------------- simulation
+    def advance(self, steps: int = 1) -> None:
+        """Place waiting jobs that fit (first come), then take one step in every running job."""
+        with self._lock:
+            for _ in range(steps):
+                for job in self.jobs.values():
+                    if job.status == "PENDING" and Resources(job.cpus, job.gpus).fits_in(
+                        self.total - self._used()
+                    ):
+                        job.status, job.workers = "RUNNING", job.spec["scaling"]["num_workers"]
+                    elif job.status == "RUNNING" and job.workers:
+                        self._step(job)
+
+    def _step(self, job: FakeJob) -> None:
+        job.step += 1
+        job.log.append(f"[{job.job_id}] step {job.step}/{job.spec['max_steps']} loss {1.0 / job.step:.4f}")
+        if job.spec.get("labels", {}).get("fake") == "crash" and job.step >= 2:  # killed: no result.json
+            job.status, job.workers = "FAILED", 0
+            job.log.append("Killed")
+            job.message = "Job entrypoint command failed with exit code -9, last available logs:\n..."
+        elif job.spec.get("labels", {}).get("fake") == "fail" and job.step >= 2:
+            job.status, job.workers = "FAILED", 0
+            job.log.append("RuntimeError: boom at step 2")
+            self._write_status(job, "failed")
+            self._write_result(job, "failed", "RuntimeError: boom at step 2")
+        elif job.step >= job.spec["max_steps"]:
+            job.status, job.workers = "SUCCEEDED", 0
+            self._write_status(job, "succeeded")
+            self._write_result(job, "succeeded", None)
+        else:
+            self._write_status(job, "running")
+
+    def _write_status(self, job: FakeJob, state: str) -> None:
+        n = job.spec["scaling"]["num_workers"]
+        endpoints = (
+            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r} for r in range(n)]
+            if state == "running"
+            else []
+        )
+        _write(
+            job.storage / job.job_id / "status.json",
+            {
+                "job_id": job.job_id,
+                "state": state,
+                "step": job.step,
+                "max_steps": job.spec["max_steps"],
+                "world_size": n,
+                "train_loss": 1.0 / max(job.step, 1),
+                "val_loss": None,
+                "val_accuracy": None,
+                "grad_norm": 0.5,
+                "samples_per_second": 100.0,
+                "phase": "rapid_learning",
+                "anomalies": {},
+                "restarts": 0,
+                "endpoints": endpoints,
+                "updated_at": time.time(),
+            },
+        )
+
+    def _write_result(self, job: FakeJob, state: str, error: str | None) -> None:
+        _write(
+            job.storage / job.job_id / "result.json",
+            {
+                "job_id": job.job_id,
+                "state": state,
+                "steps": job.step,
+                "world_size": job.spec["scaling"]["num_workers"],
+                "train_loss": 1.0 / job.step,
+                "val_loss": None,
+                "val_accuracy": None,
+                "wall_seconds": 1.5,
+                "storage_path": str(job.storage / job.job_id),
+                "error": error,
+            },
+        )
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def spec(
+    name: str = "job", *, workers: int = 1, steps: int = 3, priority: int = 0, **extra: Any
+) -> dict[str, Any]:
+    """A small valid spec."""
+    return {
+        "name": name,
+        "model": {"name": "mlp", "hidden": [16]},
+        "data": {"name": "synthetic-classification", "n_samples": 512},
+        "max_steps": steps,
+        "priority": priority,
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+        **extra,
+    }
