@@ -1,0 +1,622 @@
+"""Start, watch and stop jobs on Ray.
+
+One Ray job per gradwatch job: its entrypoint is `python -m workers.driver`,
+which runs Ray Train on the cluster and rewrites `<storage>/<job id>/status.json`
+about every second. A scheduler thread starts queued jobs when the cluster has
+room (priority, then first come), follows running ones through Ray's job status
+and status.json, enforces timeouts, carries out cancels, and on service start
+picks up the jobs the store says are running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from service.settings import Settings
+from service.store import TERMINAL, Job, JobNotFound, Store, TransitionRefused
+
+log = logging.getLogger("gradwatch.launcher")
+
+# Resource numbers from Ray's autoscaler report trail the cluster by a few seconds; a job
+# whose workers just came up stays reserved this long so it is not counted free twice.
+PLACED_GRACE_S = 10.0
+RESTOP_INTERVAL_S = 5.0
+ACTIVE_RAY_STATES = ("PENDING", "RUNNING")
+RAY_TIMEOUT_S = 10.0
+
+
+# -------------------------------------------------------------- the cluster
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 0.0
+    gpus: float = 0.0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.cpus + other.cpus, self.gpus + other.gpus)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.cpus - other.cpus, self.gpus - other.gpus)
+
+    def fits_in(self, other: Resources) -> bool:
+        return self.cpus <= other.cpus + 1e-9 and self.gpus <= other.gpus + 1e-9
+
+    def __str__(self) -> str:
+        parts = [_count(self.cpus, "CPU")]
+        if self.gpus:
+            parts.append(_count(self.gpus, "GPU"))
+        return " and ".join(parts)
+
+
+def _count(n: float, unit: str) -> str:
+    n = max(n, 0.0)
+    return f"{n:g} {unit}" + ("" if n == 1 else "s")
+
+
+@dataclass(frozen=True)
+class RayJob:
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str | None = None
+
+
+class ClusterUnavailable(Exception):
+    """Ray could not be asked (down, unreachable, refused our token)."""
+
+
+class Cluster(Protocol):
+    """What the launcher needs from a Ray cluster."""
+
+    def resources(self) -> tuple[Resources, Resources]:
+        """(free, total)."""
+
+    def submit(
+        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
+    ) -> None: ...
+
+    def status(self, submission_id: str) -> RayJob | None:
+        """None when Ray has no such job."""
+
+    def stop(self, submission_id: str) -> None: ...
+
+    def logs(self, submission_id: str) -> str: ...
+
+    def live_workers(self, submission_id: str) -> int:
+        """Ray Train worker actors of this job that are not dead yet."""
+
+
+def ray_token(settings: Settings | None = None) -> str | None:
+    """The Ray cluster token: setting/RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if settings is not None and settings.ray_auth_token:
+        return settings.ray_auth_token
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class RayCluster:
+    """A Ray cluster reached through its dashboard: the Jobs SDK plus the state and status endpoints."""
+
+    def __init__(self, address: str, token: str | None = None):
+        self.address = address.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.address, headers=self.headers, timeout=RAY_TIMEOUT_S)
+        self._client: Any = None
+        self._ray_job_ids: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _jobs(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient  # imports ray: only when used
+
+                class _Client(JobSubmissionClient):  # type: ignore[misc]
+                    # The SDK sets no timeout: a draining dashboard would hang the scheduler.
+                    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+                        kwargs.setdefault("timeout", RAY_TIMEOUT_S)
+                        return super()._do_request(method, endpoint, **kwargs)
+
+                try:
+                    self._client = _Client(self.address, headers=self.headers)
+                except Exception as exc:
+                    raise ClusterUnavailable(f"cannot reach Ray at {self.address}: {exc}") from None
+            return self._client
+
+    def _get(self, path: str, **params: Any) -> Any:
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise ClusterUnavailable(f"cannot reach Ray at {self.address}: {exc}") from None
+        if response.status_code in (401, 403):
+            raise ClusterUnavailable(
+                f"Ray at {self.address} refused our token ({response.text.strip()}): "
+                "set RAY_AUTH_TOKEN or put the cluster's token in ~/.ray/auth_token"
+            )
+        if response.status_code != 200:
+            raise ClusterUnavailable(
+                f"Ray answered {path} with {response.status_code}: {response.text[:200]}"
+            )
+        return response.json()
+
+    def resources(self) -> tuple[Resources, Resources]:
+        body = self._get("/api/cluster_status")
+        report = ((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport") or {}
+        usage = report.get("usage")
+        if not usage:
+            raise ClusterUnavailable("Ray has not reported its resources yet")
+        used_cpu, total_cpu = usage.get("CPU", [0.0, 0.0])
+        used_gpu, total_gpu = usage.get("GPU", [0.0, 0.0])
+        total = Resources(total_cpu, total_gpu)
+        return total - Resources(used_cpu, used_gpu), total
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        client = self._jobs()
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc) or "does not exist" in str(exc):
+                raise LookupError(str(exc)) from None
+            raise ClusterUnavailable(f"Ray {method} failed: {exc}") from None
+        except Exception as exc:  # requests' connection errors and the like
+            raise ClusterUnavailable(f"Ray {method} failed: {type(exc).__name__}: {exc}") from None
+
+    def submit(
+        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
+    ) -> None:
+        runtime_env = {"env_vars": env} if env else None
+        self._call(
+            "submit_job",
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            metadata=metadata,
+            runtime_env=runtime_env,
+        )
+
+    def status(self, submission_id: str) -> RayJob | None:
+        try:
+            info = self._call("get_job_info", submission_id)
+        except LookupError:
+            return None
+        if info.job_id:
+            self._ray_job_ids[submission_id] = info.job_id
+        return RayJob(status=str(getattr(info.status, "value", info.status)), message=info.message)
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self._call("stop_job", submission_id)
+        except LookupError:
+            pass
+
+    def logs(self, submission_id: str) -> str:
+        try:
+            return self._call("get_job_logs", submission_id)
+        except LookupError:
+            return ""
+
+    def live_workers(self, submission_id: str) -> int:
+        ray_job_id = self._ray_job_ids.get(submission_id)
+        if ray_job_id is None:
+            self.status(submission_id)
+            ray_job_id = self._ray_job_ids.get(submission_id)
+        if ray_job_id is None:
+            return 0  # the driver never started, so no worker did
+        body = self._get(
+            "/api/v0/actors",
+            filter_keys=["job_id", "class_name", "state"],
+            filter_predicates=["=", "=", "!="],
+            filter_values=[ray_job_id, "RayTrainWorker", "DEAD"],
+            limit=1000,
+        )
+        return len(((body.get("data") or {}).get("result") or {}).get("result") or [])
+
+
+# ---------------------------------------------------------------- launcher
+class Launcher:
+    """Schedules queued jobs onto Ray and follows them to the end."""
+
+    def __init__(self, store: Store, settings: Settings, cluster: Cluster):
+        self.store = store
+        self.settings = settings
+        self.cluster = cluster
+        self.last_error: str | None = None
+        self._placed_at: dict[str, float] = {}
+        self._stop_sent_at: dict[str, float] = {}
+        self._stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick_lock = threading.Lock()
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="gradwatch-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop_event.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Run a scheduler pass now (after a submit or a cancel) rather than at the next tick."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        # The first pass is the reconciliation: jobs the store says are running are looked up in Ray.
+        while not self._stop_event.is_set():
+            try:
+                self.tick()
+                self.last_error = None
+            except Exception as exc:  # keep scheduling whatever one pass hit
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("scheduler pass failed")
+            self._wake.wait(self.settings.poll_interval)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """One pass: follow running jobs, then start queued ones that fit."""
+        with self._tick_lock:
+            for job in self.store.jobs_in("running"):
+                try:
+                    self._follow(job)
+                except (JobNotFound, TransitionRefused):
+                    continue
+            self._start_queued()
+
+    # -------------------------------------------------------------- cancel
+    def cancel(self, job_id: str, reason: str = "cancelled on request") -> Job:
+        """End a queued job now; ask Ray to stop a running one (the state follows when it stopped)."""
+        job, needs_stop = self.store.request_stop(job_id, "cancel", reason)
+        if needs_stop:
+            self._send_stop(job)
+        self.wake()
+        return job
+
+    def _send_stop(self, job: Job) -> None:
+        if not job.ray_submission_id:
+            return
+        self._stop_sent_at[job.id] = time.time()
+        try:
+            self.cluster.stop(job.ray_submission_id)
+        except ClusterUnavailable as exc:  # the next pass sends it again
+            log.warning("could not stop %s yet: %s", job.id, exc)
+
+    # ---------------------------------------------------------------- logs
+    def logs(self, job: Job) -> str:
+        """The driver's output so far: the saved copy once the job ended, else Ray's."""
+        saved = self.settings.jobs_dir / job.id / "driver.log"
+        if saved.exists():
+            return saved.read_text(errors="replace")
+        if not job.ray_submission_id:
+            return ""
+        try:
+            return self.cluster.logs(job.ray_submission_id)
+        except ClusterUnavailable:
+            return ""
+
+    # ------------------------------------------------------------ following
+    def _follow(self, job: Job) -> None:
+        now = time.time()
+        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
+        if snapshot and snapshot != job.progress:
+            job = self.store.update_job(
+                job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
+            )
+        if snapshot and (snapshot.get("endpoints") or (snapshot.get("step") or 0) > 0):
+            self._placed_at.setdefault(job.id, now)
+        sid = job.ray_submission_id or job.id
+        try:
+            ray_job = self.cluster.status(sid)
+        except ClusterUnavailable as exc:
+            log.warning("cannot check %s: %s", job.id, exc)
+            return
+        if ray_job is None:
+            self._finish(
+                job,
+                "failed",
+                f"Ray has no job {sid}: the Ray cluster was restarted, or the "
+                "service stopped before it submitted the job",
+            )
+            return
+        if ray_job.status in ACTIVE_RAY_STATES:
+            self._enforce(job, now)
+            return
+        self._conclude(job, ray_job, now)
+
+    def _enforce(self, job: Job, now: float) -> None:
+        if job.stop_requested:
+            if now - self._stop_sent_at.get(job.id, 0.0) > RESTOP_INTERVAL_S:
+                self._send_stop(job)
+            return
+        timeout = job.spec.get("timeout")
+        if timeout and job.started_at and now - job.started_at > timeout:
+            job, needs_stop = self.store.request_stop(
+                job.id, "timeout", f"ran longer than its timeout of {_duration(timeout)}"
+            )
+            if needs_stop:
+                self._send_stop(job)
+
+    def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
+        result = read_json(self.settings.runs_dir / job.id / "result.json")
+        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
+        if job.stop_requested and not finished_ok:
+            left = self._live_workers(job)
+            waited = now - (job.stop_requested_at or now)
+            if left and waited < self.settings.stop_grace_seconds:
+                return  # the next pass looks again
+            state = "cancelled" if job.stop_requested == "cancel" else "timed_out"
+            reason = (job.reason or "").removeprefix("stopping: ") or state
+            if left:
+                reason += f" ({left} Ray Train workers still alive {waited:.0f} s after the stop)"
+        elif finished_ok:
+            state, reason = "succeeded", _success_reason(result)
+        elif ray_job.status == "STOPPED" or (result or {}).get("state") == "cancelled":
+            state, reason = "cancelled", "stopped outside gradwatch (e.g. `ray job stop`)"
+        elif (result or {}).get("state") == "timed_out":
+            state, reason = "timed_out", (result or {}).get("error") or "the driver's timeout ended it"
+        else:
+            state, reason = "failed", (result or {}).get("error") or self._crash_reason(job, ray_job)
+        self._finish(job, state, reason, result)
+
+    def _crash_reason(self, job: Job, ray_job: RayJob) -> str:
+        """No result.json: the driver died. Ray's first line (exit code) and the driver's last words."""
+        head = (ray_job.message or "the driver failed without a message").strip().splitlines()[0].rstrip(":")
+        tail = _last_lines(self._ray_logs(job))
+        return f"{head}; last output: {tail}" if tail else head
+
+    def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
+        self._save_logs(job)
+        fields: dict[str, Any] = {}
+        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
+        if snapshot:
+            fields["progress"] = {**snapshot, "endpoints": []}
+        if result and result.get("world_size"):
+            fields["world_size"] = result["world_size"]
+        self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
+        self._placed_at.pop(job.id, None)
+        self._stop_sent_at.pop(job.id, None)
+        log.info("job %s %s: %s", job.id, state, reason)
+
+    def _live_workers(self, job: Job) -> int:
+        try:
+            return self.cluster.live_workers(job.ray_submission_id or job.id)
+        except ClusterUnavailable:
+            return 0
+
+    def _ray_logs(self, job: Job) -> str:
+        try:
+            return self.cluster.logs(job.ray_submission_id or job.id)
+        except ClusterUnavailable:
+            return ""
+
+    def _save_logs(self, job: Job) -> None:
+        text = self._ray_logs(job)
+        if text:
+            path = self.settings.jobs_dir / job.id / "driver.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, text)
+
+    # -------------------------------------------------------------- starting
+    def demand(self, job: Job) -> Resources:
+        return Resources(job.cpus + self.settings.job_overhead_cpus, job.gpus)
+
+    def _start_queued(self) -> None:
+        queued = self.store.jobs_in("queued")
+        if not queued:
+            return
+        try:
+            free, total = self.cluster.resources()
+        except ClusterUnavailable as exc:
+            for job in queued:
+                self._note(job, f"waiting for the Ray cluster: {exc}")
+            return
+        now = time.time()
+        for job in self.store.jobs_in("running"):
+            placed = self._placed_at.get(job.id)
+            if placed is None or now - placed < PLACED_GRACE_S:
+                free = free - self.demand(job)  # submitted, its workers not (visibly) placed yet
+        blocked_by: Job | None = None
+        for job in queued:
+            need = self.demand(job)
+            if not need.fits_in(total):
+                self._note(
+                    job,
+                    f"waiting for {need}; the cluster has {total} "
+                    "(lower scaling.num_workers or resources per worker, or add nodes)",
+                )
+            elif blocked_by is not None:
+                self._note(
+                    job,
+                    f"queued behind {blocked_by.id} (priority {blocked_by.priority}, submitted "
+                    "earlier or more important)",
+                )
+            elif not need.fits_in(free):
+                self._note(
+                    job,
+                    f"waiting for {need}; {Resources(max(free.cpus, 0), max(free.gpus, 0))} free of {total}",
+                )
+                blocked_by = job
+            else:
+                if self._launch(job):
+                    free = free - need
+
+    def _note(self, job: Job, reason: str) -> None:
+        if job.reason != reason:
+            try:
+                self.store.update_job(job.id, reason=reason)
+            except JobNotFound:
+                pass
+
+    def entrypoint(self, job: Job, spec_file: Path) -> str:
+        parts = [
+            self.settings.python,
+            "-m",
+            self.settings.driver_module,
+            "--spec-file",
+            str(spec_file),
+            "--job-id",
+            job.id,
+            "--storage-path",
+            str(self.settings.runs_dir),
+        ]
+        return shlex.join(parts)
+
+    def _launch(self, job: Job) -> bool:
+        spec_file = self.settings.jobs_dir / job.id / "spec.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        self.settings.runs_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(spec_file, json.dumps(job.spec, indent=2))
+        # Running first, then submit: a crash in between leaves a running job Ray does not know,
+        # which the next start marks failed; the other order could run a job twice.
+        try:
+            job = self.store.transition(
+                job.id, "running", "submitted to Ray", expect={"queued"}, ray_submission_id=job.id
+            )
+        except TransitionRefused:
+            return False  # cancelled meanwhile
+        metadata = {"gradwatch_job_id": job.id, "gradwatch_name": job.name}
+        try:
+            self.cluster.submit(job.id, self.entrypoint(job, spec_file), metadata, {})
+        except ClusterUnavailable as exc:
+            if self.cluster_knows(job.id):
+                return True  # the submit landed; only its answer was lost
+            self.store.transition(job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"})
+            return False
+        self._placed_at.pop(job.id, None)
+        log.info("job %s submitted to Ray", job.id)
+        return True
+
+    def cluster_knows(self, submission_id: str) -> bool:
+        try:
+            return self.cluster.status(submission_id) is not None
+        except ClusterUnavailable:
+            return False
+
+
+# ----------------------------------------------------------------- helpers
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def _success_reason(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "finished"
+    parts = [f"finished {result.get('steps')} steps"]
+    if isinstance(result.get("train_loss"), int | float) and math.isfinite(result["train_loss"]):
+        parts.append(f"train loss {result['train_loss']:.4g}")
+    if isinstance(result.get("wall_seconds"), int | float):
+        parts.append(f"in {result['wall_seconds']:.0f} s")
+    return ", ".join(parts)
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])[-2000:]
+
+
+# ------------------------------------------------------------- local Ray
+def dashboard_alive(address: str, token: str | None) -> bool:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return httpx.get(f"{address.rstrip('/')}/api/version", headers=headers, timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_local_ray(
+    log_file: Path, *, dashboard_port: int = 8265, num_cpus: int | None = None, wait_s: float = 90.0
+) -> str:
+    """`ray start --head` on this machine with token auth; returns the dashboard address.
+
+    The cluster outlives the service on purpose: a restarted service finds its jobs still running.
+    """
+    import sys
+
+    address = f"http://127.0.0.1:{dashboard_port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    if ray_token() is None:
+        subprocess.run(
+            [ray_bin, "get-auth-token", "--generate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    command = [
+        ray_bin,
+        "start",
+        "--head",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--disable-usage-stats",
+        "--dashboard-port",
+        str(dashboard_port),
+    ]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"`ray start` failed (exit {done.returncode}); see {log_file}")
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if dashboard_alive(address, ray_token()):
+            return address
+        time.sleep(1.0)
+    raise RuntimeError(f"Ray's dashboard did not answer at {address} within {wait_s:.0f} s; see {log_file}")
+
+
+__all__ = [
+    "Cluster",
+    "ClusterUnavailable",
+    "Launcher",
+    "RayCluster",
+    "RayJob",
+    "Resources",
+    "TERMINAL",
+    "dashboard_alive",
+    "ray_token",
+    "read_json",
+    "start_local_ray",
+]

@@ -1,0 +1,219 @@
+"""The scheduler against an in-memory Ray: ordering, fitting, following, stopping, reconciling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.launcher import Launcher
+from service.settings import Settings
+from service.spec import load_spec
+from service.store import Store
+from tests.service.fakes import FakeCluster, spec
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(data_dir=tmp_path, token="t", poll_interval=0.05, stop_grace_seconds=30)
+
+
+@pytest.fixture
+def store(settings):
+    s = Store(settings.database_url)
+    yield s
+    s.close()
+
+
+def submit(store, name, **kw):
+    return store.create_job(load_spec(spec(name, **kw)))
+
+
+def state(store, job):
+    return store.get_job(job.id).state
+
+
+def test_a_job_runs_to_success_with_its_progress_logs_and_spec_file(settings, store):
+    cluster = FakeCluster(cpus=4)
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "ok", workers=2, steps=3)
+    launcher.tick()
+    assert state(store, job) == "running"
+    args = cluster.jobs[job.id].log[0]
+    assert (
+        f"-m workers.driver --spec-file {settings.jobs_dir / job.id / 'spec.json'} --job-id {job.id} "
+        f"--storage-path {settings.runs_dir}" in args
+    )
+    assert json.loads((settings.jobs_dir / job.id / "spec.json").read_text())["name"] == "ok"
+    cluster.advance(2)  # placed, step 1
+    launcher.tick()
+    running = store.get_job(job.id)
+    assert running.progress["step"] == 1 and len(running.progress["endpoints"]) == 2
+    cluster.advance(3)
+    launcher.tick()
+    done = store.get_job(job.id)
+    assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
+    assert done.progress["endpoints"] == []
+    assert "step 3/3" in launcher.logs(done)
+    assert (settings.jobs_dir / job.id / "driver.log").exists()
+
+
+def test_a_failing_job_ends_failed_with_the_drivers_error(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "bad", steps=10, labels={"fake": "fail"})
+    launcher.tick()
+    cluster.advance(3)
+    launcher.tick()
+    failed = store.get_job(job.id)
+    assert (failed.state, failed.reason) == ("failed", "RuntimeError: boom at step 2")
+
+
+def test_a_driver_that_dies_without_a_result_fails_with_rays_exit_line_and_its_last_output(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "killed", steps=10, labels={"fake": "crash"})
+    launcher.tick()
+    cluster.advance(3)
+    launcher.tick()
+    failed = store.get_job(job.id)
+    assert failed.state == "failed"
+    assert failed.reason == ("Job entrypoint command failed with exit code -9, last available logs; "
+                             f"last output: [{job.id}] step 1/10 loss 1.0000 | [{job.id}] step 2/10 loss 0.5000 | Killed")
+
+
+def test_priority_then_first_come_and_no_overtaking(settings, store):
+    cluster = FakeCluster(cpus=2)
+    launcher = Launcher(store, settings, cluster)
+    first = submit(store, "first", workers=1)
+    big = submit(store, "big", workers=2, priority=5)
+    later = submit(store, "later", workers=1)
+    launcher.tick()
+    assert state(store, big) == "running"
+    assert [state(store, first), state(store, later)] == ["queued", "queued"]
+    assert store.get_job(first.id).reason == "waiting for 1 CPU; 0 CPUs free of 2 CPUs"
+    assert store.get_job(later.id).reason.startswith(f"queued behind {first.id}")
+    cluster.advance(10)
+    launcher.tick()
+    assert state(store, big) == "succeeded"
+    assert [state(store, first), state(store, later)] == ["running", "running"]
+
+
+def test_submitted_but_unplaced_jobs_hold_their_resources(settings, store):
+    cluster = FakeCluster(cpus=2)
+    launcher = Launcher(store, settings, cluster)
+    a, b = submit(store, "a", workers=2), submit(store, "b", workers=2)
+    launcher.tick()
+    # Ray still reports 2 free CPUs (a's workers are not placed yet), but they are a's
+    assert cluster.resources()[0].cpus == 2
+    launcher.tick()
+    assert [state(store, a), state(store, b)] == ["running", "queued"]
+    assert cluster.submitted == [a.id]
+
+
+def test_a_job_bigger_than_the_cluster_waits_with_a_reason_and_blocks_nobody(settings, store):
+    cluster = FakeCluster(cpus=2)
+    launcher = Launcher(store, settings, cluster)
+    huge = submit(store, "huge", workers=8, priority=100)
+    small = submit(store, "small", workers=1)
+    launcher.tick()
+    assert state(store, huge) == "queued"
+    assert store.get_job(huge.id).reason.startswith("waiting for 8 CPUs; the cluster has 2 CPUs")
+    assert state(store, small) == "running"
+
+
+def test_cancel_queued_ends_at_once_and_running_after_ray_stopped_it(settings, store):
+    cluster = FakeCluster(cpus=1)
+    launcher = Launcher(store, settings, cluster)
+    running, queued = submit(store, "r", steps=100), submit(store, "q")
+    launcher.tick()
+    cluster.advance(2)
+    assert launcher.cancel(queued.id).state == "cancelled"
+    job = launcher.cancel(running.id)
+    assert (job.state, job.stop_requested) == ("running", "cancel")
+    assert cluster.stopped == [running.id] and cluster.live_workers(running.id) == 0
+    launcher.tick()
+    ended = store.get_job(running.id)
+    assert (ended.state, ended.reason) == ("cancelled", "cancelled on request")
+    assert [t.to_state for t in store.transitions(running.id)] == ["queued", "running", "cancelled"]
+
+
+def test_cancel_waits_for_workers_to_go(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "slow-to-die", steps=100)
+    launcher.tick()
+    cluster.advance(2)
+    launcher.cancel(job.id)
+    cluster.jobs[job.id].workers = 1  # Ray says STOPPED but a worker lingers
+    launcher.tick()
+    assert state(store, job) == "running"
+    cluster.jobs[job.id].workers = 0
+    launcher.tick()
+    assert state(store, job) == "cancelled"
+
+
+def test_timeout_stops_the_job_and_ends_it_timed_out(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "slow", steps=1000, timeout="30s")
+    launcher.tick()
+    cluster.advance(2)
+    store.update_job(job.id, started_at=store.get_job(job.id).started_at - 31)
+    launcher.tick()
+    assert cluster.stopped == [job.id]
+    launcher.tick()
+    ended = store.get_job(job.id)
+    assert (ended.state, ended.reason) == ("timed_out", "ran longer than its timeout of 30s")
+
+
+def test_a_restarted_service_tracks_running_jobs_and_fails_vanished_ones(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    alive, vanished = submit(store, "alive", steps=5), submit(store, "vanished", steps=5)
+    launcher.tick()
+    cluster.advance(2)
+    del cluster.jobs[vanished.id]  # e.g. the Ray cluster was restarted under it
+    # a new service process: a new launcher over the same store
+    restarted = Launcher(Store(settings.database_url), settings, cluster)
+    restarted.tick()
+    gone = store.get_job(vanished.id)
+    assert gone.state == "failed" and gone.reason.startswith(f"Ray has no job {vanished.id}")
+    assert state(store, alive) == "running"
+    cluster.advance(10)
+    restarted.tick()
+    assert state(store, alive) == "succeeded"
+
+
+def test_an_unreachable_cluster_keeps_jobs_as_they_are(settings, store):
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    running = submit(store, "running", steps=5)
+    launcher.tick()
+    queued = submit(store, "queued")
+    cluster.down = True
+    launcher.tick()
+    assert state(store, running) == "running"
+    assert store.get_job(queued.id).reason.startswith("waiting for the Ray cluster: cannot reach Ray")
+    cluster.down = False
+    launcher.tick()
+    assert state(store, queued) == "running"
+
+
+def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
+    import time
+
+    cluster = FakeCluster()
+    launcher = Launcher(store, settings, cluster)
+    launcher.start()
+    try:
+        job = submit(store, "threaded", steps=2)
+        launcher.wake()
+        deadline = time.time() + 10
+        while state(store, job) != "succeeded" and time.time() < deadline:
+            cluster.advance()
+            time.sleep(0.05)
+        assert state(store, job) == "succeeded"
+    finally:
+        launcher.shutdown()
+    assert not launcher.running
