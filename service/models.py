@@ -1,0 +1,245 @@
+"""What the HTTP API accepts and returns (the job spec itself lives in service/spec.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.store import Alert, Job, Transition
+
+State = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> float | None:
+    """RFC 3339 -> unix seconds; Alertmanager's zero time (year 1) means unset."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class SpecErrorsOut(BaseModel):
+    detail: str = "the job spec is not valid"
+    errors: list[str] = Field(description="One line per problem: `field.path: reason (got VALUE)`.")
+
+
+class Endpoint(BaseModel):
+    rank: int
+    host: str
+    port: int
+
+
+class JobOut(BaseModel):
+    """A job as listed: who, what state and why, and how far it got."""
+
+    id: str
+    name: str
+    owner: str | None
+    labels: dict[str, str]
+    priority: int
+    state: State
+    reason: str | None
+    created_at: str
+    started_at: str | None
+    ended_at: str | None
+    world_size: int | None
+    step: int | None = None
+    max_steps: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    phase: str | None = None
+    stopping: bool = Field(False, description="A cancel or timeout was sent to Ray; the state follows.")
+
+    @classmethod
+    def of(cls, job: Job, **extra: Any) -> JobOut:
+        progress = job.progress or {}
+        return cls(
+            id=job.id,
+            name=job.name,
+            owner=job.owner,
+            labels=job.labels,
+            priority=job.priority,
+            state=job.state,
+            reason=job.reason,
+            created_at=iso(job.created_at),
+            started_at=iso(job.started_at),
+            ended_at=iso(job.ended_at),
+            world_size=job.world_size,
+            step=_number(progress.get("step"), int),
+            max_steps=_number(progress.get("max_steps"), int) or job.max_steps,
+            train_loss=_number(progress.get("train_loss")),
+            val_loss=_number(progress.get("val_loss")),
+            val_accuracy=_number(progress.get("val_accuracy")),
+            phase=progress.get("phase"),
+            stopping=bool(job.stop_requested) and job.state == "running",
+            **extra,
+        )
+
+
+def _number(value: Any, kind: type = float) -> Any:
+    # NaN/inf losses are real training outcomes, but JSON cannot carry them: report null.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    return kind(value)
+
+
+class TransitionOut(BaseModel):
+    from_state: State | None
+    to_state: State
+    at: str
+    reason: str | None
+
+    @classmethod
+    def of(cls, t: Transition) -> TransitionOut:
+        return cls(from_state=t.from_state, to_state=t.to_state, at=iso(t.at), reason=t.reason)
+
+
+class AlertOut(BaseModel):
+    id: int
+    job_id: str | None
+    alertname: str
+    severity: str | None
+    status: Literal["firing", "resolved"]
+    starts_at: str
+    ends_at: str | None
+    summary: str | None
+    description: str | None
+    fingerprint: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    received_at: str
+
+    @classmethod
+    def of(cls, a: Alert) -> AlertOut:
+        return cls(
+            id=a.id,
+            job_id=a.job_id,
+            alertname=a.alertname,
+            severity=a.severity,
+            status=a.status,
+            starts_at=iso(a.starts_at),
+            ends_at=iso(a.ends_at),
+            summary=a.summary,
+            description=a.description,
+            fingerprint=a.fingerprint,
+            labels=a.labels,
+            annotations=a.annotations,
+            received_at=iso(a.received_at),
+        )
+
+
+class JobDetail(JobOut):
+    """One job in full: the spec, telemetry highlights, worker endpoints, history and alerts."""
+
+    spec: dict[str, Any]
+    grad_norm: float | None = None
+    samples_per_second: float | None = None
+    anomalies: dict[str, Any] = Field(default_factory=dict)
+    restarts: int = 0
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    ray_submission_id: str | None = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    progress_updated_at: str | None = None
+    transitions: list[TransitionOut] = Field(default_factory=list)
+    alerts: list[AlertOut] = Field(default_factory=list)
+
+    @classmethod
+    def full(cls, job: Job, transitions: list[Transition], alerts: list[Alert]) -> JobDetail:
+        progress = job.progress or {}
+        endpoints = []
+        if job.state == "running":
+            for e in progress.get("endpoints") or []:
+                try:
+                    endpoints.append(Endpoint.model_validate(e))
+                except ValueError:
+                    continue
+        base = JobOut.of(job).model_dump()
+        return cls(
+            **base,
+            spec=job.spec,
+            grad_norm=_number(progress.get("grad_norm")),
+            samples_per_second=_number(progress.get("samples_per_second")),
+            anomalies=progress.get("anomalies") if isinstance(progress.get("anomalies"), dict) else {},
+            restarts=_number(progress.get("restarts"), int) or 0,
+            endpoints=endpoints,
+            ray_submission_id=job.ray_submission_id,
+            resources={"cpus": job.cpus, "gpus": job.gpus},
+            progress_updated_at=iso(_number(progress.get("updated_at"))),
+            transitions=[TransitionOut.of(t) for t in transitions],
+            alerts=[AlertOut.of(a) for a in alerts],
+        )
+
+
+class JobsPage(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page.")
+
+
+class AlertsPage(BaseModel):
+    data: list[AlertOut]
+
+
+class TargetGroup(BaseModel):
+    """Prometheus HTTP service discovery: one group per worker endpoint."""
+
+    targets: list[str]
+    labels: dict[str, str]
+
+
+# ----------------------------------------------------- Alertmanager webhook
+class AmAlert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: str
+    endsAt: str | None = None
+    generatorURL: str | None = None
+    fingerprint: str | None = Field(None, max_length=64)
+
+    @field_validator("startsAt")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        if parse_time(value) is None:
+            raise ValueError("startsAt must be an RFC 3339 time, e.g. 2026-01-02T03:04:05Z")
+        return value
+
+
+class AlertmanagerWebhook(BaseModel):
+    """Alertmanager's webhook payload, version 4."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: str = "4"
+    status: Literal["firing", "resolved"] | None = None
+    receiver: str | None = None
+    groupKey: str | None = None
+    alerts: list[AmAlert] = Field(max_length=10_000)
+
+
+class IngestOut(BaseModel):
+    received: int
+    new: int
+    updated: int
+
+
+class CancelOut(JobOut):
+    pass
