@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
+    AlertOut,
     AlertsPage,
     ErrorOut,
     IngestOut,
@@ -257,8 +258,6 @@ def list_alerts(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AlertsPage:
     """Alerts, newest first."""
-    from service.models import AlertOut
-
     rows = store.list_alerts(job_id=job_id, status=status, since_id=since_id, limit=limit)
     return AlertsPage(data=[AlertOut.of(a) for a in rows])
 

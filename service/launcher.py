@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import httpx
 
 from service.settings import Settings
-from service.store import TERMINAL, Job, JobNotFound, Store, TransitionRefused
+from service.store import Job, JobNotFound, Store, TransitionRefused
 
 log = logging.getLogger("gradwatch.launcher")
 
@@ -614,7 +614,6 @@ __all__ = [
     "RayCluster",
     "RayJob",
     "Resources",
-    "TERMINAL",
     "dashboard_alive",
     "ray_token",
     "read_json",
