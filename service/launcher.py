@@ -35,6 +35,8 @@ PLACED_GRACE_S = 10.0
 RESTOP_INTERVAL_S = 5.0
 ACTIVE_RAY_STATES = ("PENDING", "RUNNING")
 RAY_TIMEOUT_S = 10.0
+# A cluster's first job submission starts Ray's job machinery: measured over 10 s on a busy 2-core host.
+RAY_SUBMIT_TIMEOUT_S = 120.0
 
 
 # -------------------------------------------------------------- the cluster
@@ -127,7 +129,8 @@ class RayCluster:
                 class _Client(JobSubmissionClient):  # type: ignore[misc]
                     # The SDK sets no timeout: a draining dashboard would hang the scheduler.
                     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-                        kwargs.setdefault("timeout", RAY_TIMEOUT_S)
+                        slow = method == "POST" and endpoint == "/api/jobs/"
+                        kwargs.setdefault("timeout", RAY_SUBMIT_TIMEOUT_S if slow else RAY_TIMEOUT_S)
                         return super()._do_request(method, endpoint, **kwargs)
 
                 try:
@@ -501,7 +504,10 @@ class Launcher:
         except ClusterUnavailable as exc:
             if self.cluster_knows(job.id):
                 return True  # the submit landed; only its answer was lost
-            self.store.transition(job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"})
+            job = self.store.transition(
+                job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"}
+            )
+            self._send_stop(job)  # should the lost submit land after all, it must not run unseen
             return False
         self._placed_at.pop(job.id, None)
         log.info("job %s submitted to Ray", job.id)

@@ -42,6 +42,7 @@ class FakeCluster:
         self.down = False
         self.submitted: list[str] = []
         self.stopped: list[str] = []
+        self.refuse_submits = False
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ Cluster API
@@ -68,6 +69,8 @@ class FakeCluster:
             self._check()
             if submission_id in self.jobs:
                 raise ClusterUnavailable(f"job {submission_id} already exists")
+            if self.refuse_submits:
+                raise ClusterUnavailable("Ray submit_job failed: ReadTimeout")
             args = shlex.split(entrypoint)
             spec = json.loads(Path(args[args.index("--spec-file") + 1]).read_text())
             scaling = spec["scaling"]

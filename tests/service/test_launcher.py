@@ -78,8 +78,24 @@ def test_a_driver_that_dies_without_a_result_fails_with_rays_exit_line_and_its_l
     launcher.tick()
     failed = store.get_job(job.id)
     assert failed.state == "failed"
-    assert failed.reason == ("Job entrypoint command failed with exit code -9, last available logs; "
-                             f"last output: [{job.id}] step 1/10 loss 1.0000 | [{job.id}] step 2/10 loss 0.5000 | Killed")
+    assert failed.reason == (
+        "Job entrypoint command failed with exit code -9, last available logs; "
+        f"last output: [{job.id}] step 1/10 loss 1.0000 | [{job.id}] step 2/10 loss 0.5000 | Killed"
+    )
+
+
+def test_a_submit_ray_refuses_fails_the_job_and_stops_whatever_landed(settings, store):
+    cluster = FakeCluster()
+    cluster.refuse_submits = True
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "refused")
+    launcher.tick()
+    failed = store.get_job(job.id)
+    assert (failed.state, failed.reason) == (
+        "failed",
+        "Ray did not accept the job: Ray submit_job failed: ReadTimeout",
+    )
+    assert cluster.stopped == [job.id]
 
 
 def test_priority_then_first_come_and_no_overtaking(settings, store):
