@@ -65,11 +65,19 @@ def env(server, monkeypatch):
 
 
 def post_alert(server, job_id: str, status: str = "firing") -> None:
-    alert = {"status": status, "labels": {"alertname": "TrainingLossSpike", "job_id": job_id, "severity": "warning"},
-             "annotations": {"summary": "loss jumped 9 sigma"}, "startsAt": "2026-01-02T03:04:05Z",
-             "endsAt": "0001-01-01T00:00:00Z", "fingerprint": f"fp-{job_id}"}
-    httpx.post(f"{server.url}/v1/alerts", json={"version": "4", "alerts": [alert]},
-               headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+    alert = {
+        "status": status,
+        "labels": {"alertname": "TrainingLossSpike", "job_id": job_id, "severity": "warning"},
+        "annotations": {"summary": "loss jumped 9 sigma"},
+        "startsAt": "2026-01-02T03:04:05Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "fingerprint": f"fp-{job_id}",
+    }
+    httpx.post(
+        f"{server.url}/v1/alerts",
+        json={"version": "4", "alerts": [alert]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ).raise_for_status()
 
 
 # ----------------------------------------------------------------------- SDK
@@ -146,7 +154,11 @@ def test_cli_submit_follow_streams_logs_and_alerts_and_exits_with_the_outcome(en
     assert "step 60/60" in result.output
     assert "ALERT firing TrainingLossSpike (warning) gw-" in result.output
     assert "loss jumped 9 sigma" in result.output
-    assert result.output.rstrip().splitlines()[-1].endswith("succeeded: finished 60 steps, train loss 0.01667, in 2 s")
+    assert (
+        result.output.rstrip()
+        .splitlines()[-1]
+        .endswith("succeeded: finished 60 steps, train loss 0.01667, in 2 s")
+    )
 
 
 def test_cli_submit_follow_of_a_failing_job_exits_1(env, tmp_path):

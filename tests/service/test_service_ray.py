@@ -33,32 +33,57 @@ CPUS = 2
 
 
 def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
-    return {"name": name, "labels": {"team": "it"}, "model": {"name": "mlp", "hidden": [16]},
-            "data": {"name": "synthetic-classification", "n_samples": 512}, "max_steps": steps,
-            "scaling": {"num_workers": workers, "cpus_per_worker": 1}}
+    return {
+        "name": name,
+        "labels": {"team": "it"},
+        "model": {"name": "mlp", "hidden": [16]},
+        "data": {"name": "synthetic-classification", "n_samples": 512},
+        "max_steps": steps,
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+    }
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     if ray_token() is None:
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     temp_dir = tempfile.mkdtemp(prefix="gwray-", dir="/tmp")  # Ray's socket paths must stay short
     dashboard_port = free_port()
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={CPUS}", "--disable-usage-stats",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--port={free_port()}",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--num-cpus={CPUS}",
+            "--disable-usage-stats",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     headers = {"Authorization": f"Bearer {ray_token()}"}
 
     def ready() -> bool:
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited {head.returncode}: {(Path(temp_dir) / 'ray-start.log').read_text()}")
+            output = (Path(temp_dir) / "ray-start.log").read_text()
+            raise RuntimeError(f"ray start exited {head.returncode}: {output}")
         body = httpx.get(f"{address}/api/cluster_status", headers=headers, timeout=5).json()
         return bool(((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
 
@@ -82,18 +107,31 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "service.log"
-        self.env = {**os.environ, "RAY_ADDRESS": ray_address, "GRADWATCH_TOKEN": TOKEN,
-                    "GRADWATCH_DATA_DIR": str(data_dir), "GRADWATCH_PORT": str(self.port),
-                    "GRADWATCH_POLL_INTERVAL": "0.5"}
+        self.env = {
+            **os.environ,
+            "RAY_ADDRESS": ray_address,
+            "GRADWATCH_TOKEN": TOKEN,
+            "GRADWATCH_DATA_DIR": str(data_dir),
+            "GRADWATCH_PORT": str(self.port),
+            "GRADWATCH_POLL_INTERVAL": "0.5",
+        }
         self.process: subprocess.Popen | None = None
         self.client = Client(self.url, TOKEN)
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([str(BIN / "gradwatch"), "up"], env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200, timeout=60,
-                 what="gradwatch up")
+            self.process = subprocess.Popen(
+                [str(BIN / "gradwatch"), "up"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(
+            lambda: httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200,
+            timeout=60,
+            what="gradwatch up",
+        )
 
     def kill(self) -> None:
         assert self.process is not None
@@ -120,14 +158,25 @@ def service(ray_head, tmp_path_factory):
 
 
 def wait_state(client: Client, job_id: str, states: set[str], timeout: float) -> dict:
-    return wait_for(lambda: (j := client.get(job_id))["state"] in states and j, timeout=timeout, interval=0.5,
-                    what=f"{job_id} to be {'/'.join(sorted(states))}")
+    return wait_for(
+        lambda: (j := client.get(job_id))["state"] in states and j,
+        timeout=timeout,
+        interval=0.5,
+        what=f"{job_id} to be {'/'.join(sorted(states))}",
+    )
 
 
 def live_train_workers(ray_address: str, ray_job_id: str) -> list[dict]:
-    body = httpx.get(f"{ray_address}/api/v0/actors", headers={"Authorization": f"Bearer {ray_token()}"},
-                     params={"filter_keys": ["job_id", "class_name"], "filter_predicates": ["=", "="],
-                             "filter_values": [ray_job_id, "RayTrainWorker"]}, timeout=10).json()
+    body = httpx.get(
+        f"{ray_address}/api/v0/actors",
+        headers={"Authorization": f"Bearer {ray_token()}"},
+        params={
+            "filter_keys": ["job_id", "class_name"],
+            "filter_predicates": ["=", "="],
+            "filter_values": [ray_job_id, "RayTrainWorker"],
+        },
+        timeout=10,
+    ).json()
     return [a for a in body["data"]["result"]["result"] if a["state"] != "DEAD"]
 
 
@@ -161,24 +210,34 @@ scrape_configs:
 
         def both_training():
             jobs = {j["id"]: j for j in client.jobs(labels={"team": "it"}, limit=10)}
-            return all(jobs[x["id"]]["state"] == "running" and (jobs[x["id"]]["step"] or 0) > 0 for x in (a, b)) \
-                and jobs
+            training = [
+                jobs[x["id"]]["state"] == "running" and (jobs[x["id"]]["step"] or 0) > 0 for x in (a, b)
+            ]
+            return all(training) and jobs
+
         jobs = wait_for(both_training, timeout=240, interval=0.5, what="both 1-worker jobs to train at once")
         waiting = jobs[big["id"]]
         assert waiting["state"] == "queued"
         assert waiting["reason"].startswith("waiting for 2 CPUs; 0 CPUs free of 2 CPUs"), waiting["reason"]
 
-        targets = wait_for(lambda: {t["labels"]["job_id"]: t for t in client.targets()}.keys() >= {a["id"], b["id"]}
-                           and client.targets(), timeout=60, what="worker endpoints in /v1/targets")
+        def both_listed():
+            targets = client.targets()
+            return {t["labels"]["job_id"] for t in targets} >= {a["id"], b["id"]} and targets
+
+        targets = wait_for(both_listed, timeout=60, what="worker endpoints in /v1/targets")
         assert {t["labels"]["rank"] for t in targets} == {"0"}
         assert all(":" in t["targets"][0] for t in targets)
-        scraped = wait_for(lambda: query(prom.url, f'gradwatch_step{{job_id="{a["id"]}"}} > 0'), timeout=60,
-                           what="Prometheus to scrape job a's worker")
+        scraped = wait_for(
+            lambda: query(prom.url, f'gradwatch_step{{job_id="{a["id"]}"}} > 0'),
+            timeout=60,
+            what="Prometheus to scrape job a's worker",
+        )
         assert scraped[0]["metric"]["rank"] == "0"
 
         done_a = wait_state(client, a["id"], {"succeeded", "failed"}, timeout=300)
         done_b = wait_state(client, b["id"], {"succeeded", "failed"}, timeout=300)
-        assert (done_a["state"], done_b["state"]) == ("succeeded", "succeeded"), (done_a["reason"], done_b["reason"])
+        assert done_a["state"] == "succeeded", done_a["reason"]
+        assert done_b["state"] == "succeeded", done_b["reason"]
         assert done_a["step"] == done_b["step"] == 5000
     done_big = wait_state(client, big["id"], {"succeeded", "failed"}, timeout=300)
     assert done_big["state"] == "succeeded", done_big["reason"]
@@ -191,10 +250,12 @@ scrape_configs:
 def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
     client = service.client
     job = client.submit(job_spec("to-cancel", steps=10_000_000))
-    wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5,
-             what="the job to train")
-    ray_job_id = httpx.get(f"{ray_head}/api/jobs/{job['id']}", timeout=10,
-                           headers={"Authorization": f"Bearer {ray_token()}"}).json()["job_id"]
+    wait_for(
+        lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train"
+    )
+    ray_job_id = httpx.get(
+        f"{ray_head}/api/jobs/{job['id']}", timeout=10, headers={"Authorization": f"Bearer {ray_token()}"}
+    ).json()["job_id"]
     assert live_train_workers(ray_head, ray_job_id)
     started = time.monotonic()
     client.cancel(job["id"])
@@ -202,16 +263,20 @@ def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
     assert ended["state"] == "cancelled", ended["reason"]
     assert ended["reason"] == "cancelled on request"
     assert live_train_workers(ray_head, ray_job_id) == []
-    wait_for(lambda: not processes_mentioning(job["id"]), timeout=max(1.0, 30 - (time.monotonic() - started)),
-             what="the job's driver and workers to exit")
+    wait_for(
+        lambda: not processes_mentioning(job["id"]),
+        timeout=max(1.0, 30 - (time.monotonic() - started)),
+        what="the job's driver and workers to exit",
+    )
     assert [t["to_state"] for t in client.get(job["id"])["transitions"]] == ["queued", "running", "cancelled"]
 
 
 def test_a_restarted_service_keeps_tracking_its_job(service):
     client = service.client
     job = client.submit(job_spec("survivor", steps=10_000))
-    wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5,
-             what="the job to train")
+    wait_for(
+        lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train"
+    )
     service.kill()
     assert processes_mentioning(job["id"]), "the job must outlive the service"
     service.start()
