@@ -7,7 +7,6 @@ Every route but /healthz and /metrics needs the bearer token.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -50,9 +49,6 @@ from service.store import (
     TransitionRefused,
     fingerprint_of,
 )
-
-log = logging.getLogger("gradwatch.api")
-
 
 # --------------------------------------------------------------------- auth
 _bearer = HTTPBearer(auto_error=False, description="The token `gradwatch up` prints (GRADWATCH_TOKEN).")

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
         if self.storage_path is None:
             self.storage_path = self.data_dir / "runs"
         self.storage_path = self.storage_path.expanduser()
+        if self.ray_address in ("auto", "local"):  # ray.init's words for "this machine's cluster"
+            self.ray_address = None
         if self.ray_address and "://" not in self.ray_address:
             self.ray_address = f"http://{self.ray_address}"
         return self
