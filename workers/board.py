@@ -40,8 +40,8 @@ class JobBoard:
         self.progress.update(progress)
         self.updated_at = time.time()
 
-    def post_endpoint(self, rank: int, host: str, port: int) -> None:
-        self.endpoints[rank] = {"rank": rank, "host": host, "port": port}
+    def post_endpoint(self, rank: int, host: str, port: int, pid: int | None = None) -> None:
+        self.endpoints[rank] = {"rank": rank, "host": host, "port": port, "pid": pid}
 
     def drop_endpoint(self, rank: int) -> None:
         self.endpoints.pop(rank, None)

@@ -87,6 +87,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if spec.precision == "bf16" else contextlib.nullcontext())
         self.pos = Position()
+        self.skipped_steps = 0
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
         self.seen_first_epoch: list[int] = []
@@ -95,8 +96,7 @@ class Trainer:
         history = self.run_dir / "history.jsonl" if self.run_dir else None
         self.telemetry = Telemetry(spec, job_id, self.rank, self.world_size, self.model, self.device,
                                    board=board, history_path=history)
-        if serve_metrics and spec.telemetry.enabled:
-            self.telemetry.serve(session.node_address())
+        self.serve_metrics = serve_metrics and spec.telemetry.enabled
         self._good: tuple[Any, Any, Any, Position] | None = None
         self._last_post = 0.0
         self._t_start = time.time()
@@ -120,6 +120,8 @@ class Trainer:
         if resumed is not None:
             self.telemetry.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, resumed)
+        if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
+            self.telemetry.serve(self.session.node_address())
         batches = self.batches()
         loss = float("nan")
         while self.pos.step < self.total_steps:
@@ -159,6 +161,7 @@ class Trainer:
         loss_value, norm_value = values[0], values[1]
         global_loss = values[2] if self.global_loss else loss_value
         applied = math.isfinite(norm_value) and math.isfinite(global_loss)
+        self.skipped_steps += not applied
         if applied:  # non-finite gradients never reach the weights
             if self.spec.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, grad_norm)
@@ -324,6 +327,7 @@ class Trainer:
             val_accuracy=self.last_val[1] if self.last_val else None,
             first_val_loss=self.first_val_loss,
             rollbacks=self.pos.rollbacks,
+            skipped_steps=self.skipped_steps,
             extra={"phases": [{"phase": p, "step": s} for p, s in self.telemetry.phases_entered],
                    "anomalies": [{"kind": k, "first_step": s}
                                  for k, s in self.telemetry.anomalies_raised.items()]},
@@ -340,7 +344,8 @@ class Trainer:
         flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.model.parameters()])
         return {"rank": self.rank, "first_epoch_indices": sorted(set(self.seen_first_epoch)),
                 "param_sum": float(flat.double().sum()), "param_abs_sum": float(flat.double().abs().sum()),
-                "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step}
+                "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step,
+                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,10 @@ class Telemetry:
         self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
         self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
         self._before: list[torch.Tensor] | None = None
+        self._layer_gauges: list[tuple[str, Any, Any, Any]] | None = None
+        self._gns_work: Any = None  # the measured step's all-reduce of |G_small|^2, and its operands
+        self._local_sq: torch.Tensor | None = None
+        self._summed_local_sq: torch.Tensor | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.enabled:
             self.hook = LocalNormHook(device)
@@ -115,7 +120,7 @@ class Telemetry:
         self._server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
         self.endpoint = (host, self._server.server_port)
         if self.board:
-            self.board.post("post_endpoint", self.rank, host, self.endpoint[1])
+            self.board.post("post_endpoint", self.rank, host, self.endpoint[1], os.getpid())
         return self.endpoint
 
     def close(self, grace_seconds: float) -> None:
@@ -146,6 +151,12 @@ class Telemetry:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
         if not self.measuring:
             return None
+        if self.hook is not None:
+            # Mean over ranks of |G_small|^2: one tiny collective on measured steps, started here so it
+            # runs while the step finishes (clipping, optimizer) and is awaited in _measure.
+            self._local_sq = self.hook.local_sq.clone()
+            self._summed_local_sq = self.hook.local_sq.clone()
+            self._gns_work = dist.all_reduce(self._summed_local_sq, op=dist.ReduceOp.SUM, async_op=True)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return list(torch._foreach_norm(grads))
 
@@ -181,24 +192,19 @@ class Telemetry:
 
     def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor],
                  lr: float) -> dict[str, Any]:
-        weight_norms = torch._foreach_norm(self.params)
         deltas = torch._foreach_sub(self.params, self._before) if self._before is not None else self.params
-        update_norms = torch._foreach_norm(deltas)
+        weight_and_update_norms = torch._foreach_norm([*self.params, *deltas])  # one fused call for both
         self._before = None
         n_layers = len(self.layer_names)
-
-        def by_layer(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-            sq = torch.stack([t.float() for t in norms]).pow(2)
-            return torch.zeros(n_layers, device=sq.device).index_add_(0, self._group_index, sq)
-
-        parts = [by_layer(param_grad_norms), by_layer(weight_norms), by_layer(update_norms)]
+        # Rows: gradient, weight, update; squared norms summed per layer with one index_add (few tiny ops:
+        # on a small model their dispatch, not the math, is the cost of a measured step).
+        sq = torch.stack([t.float() for t in (*param_grad_norms, *weight_and_update_norms)]).pow(2)
+        by_layer = torch.zeros(3, n_layers, device=sq.device).index_add_(1, self._group_index, sq.view(3, -1))
+        parts = [by_layer]
         local_sq = grad_norm**2
         if self.hook is not None:
-            # Mean over ranks of |G_small|^2: one tiny collective, on measured steps only.
-            gathered = self.hook.local_sq.clone()
-            local_sq_tensor = self.hook.local_sq.clone()
-            dist.all_reduce(gathered, op=dist.ReduceOp.SUM)
-            parts.append(torch.stack([local_sq_tensor, gathered / self.world_size]))
+            self._gns_work.wait()  # started in grad_norms
+            parts.append(torch.stack([self._local_sq, self._summed_local_sq / self.world_size]))
         values = torch.cat([p.reshape(-1) for p in parts]).cpu().tolist()  # the one host sync of this step
         g_sq, w_sq, u_sq = (values[i * n_layers:(i + 1) * n_layers] for i in range(3))
         if self.hook is not None:
@@ -224,10 +230,14 @@ class Telemetry:
             m.grad_norm.labels(job).set(grad_norm)
             m.weight_norm.labels(job).set(weight_norm)
             m.learning_rate.labels(job).set(lr)
-            for name in self.layer_names:
-                m.layer_grad_norm.labels(job, name).set(layer_grad[name])
-                m.layer_weight_norm.labels(job, name).set(layer_weight[name])
-                m.layer_update_ratio.labels(job, name).set(layer_update[name])
+            if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
+                self._layer_gauges = [
+                    (name, m.layer_grad_norm.labels(job, name), m.layer_weight_norm.labels(job, name),
+                     m.layer_update_ratio.labels(job, name)) for name in self.layer_names]
+            for name, grad_gauge, weight_gauge, update_gauge in self._layer_gauges:
+                grad_gauge.set(layer_grad[name])
+                weight_gauge.set(layer_weight[name])
+                update_gauge.set(layer_update[name])
             if noise_scale is not None:
                 m.noise_scale.labels(job).set(noise_scale)
         return {"weight_norm": weight_norm, "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
