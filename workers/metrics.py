@@ -8,12 +8,21 @@ on rank 0 alone, so no other rank can ever export them.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `*_created` series double the counters and histograms for nothing the rules or boards use.
+disable_created_metrics()
 
 PHASES = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
 ANOMALIES = ("loss_spike", "divergence", "plateau", "overfitting", "vanishing_gradients", "exploding_gradients")
 NONFINITE_KINDS = ("loss", "grad")
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def series_per_job(world_size: int, layers: int) -> int:
+    """Series one job exports: 32 per rank, plus 18 + 3 per layer on rank 0 (README: "Cardinality")."""
+    per_rank = 14 + len(STEP_BUCKETS) + 3  # 14 plain series, the histogram's buckets, +Inf, sum and count
+    return per_rank * world_size + 18 + 3 * layers
 
 
 class WorkerMetrics:

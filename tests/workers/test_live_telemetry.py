@@ -129,6 +129,13 @@ def test_values_are_sane(live_run):
     assert 0 < value(fams, "gradwatch_accuracy_ratio", split="val") <= 1
 
 
+def test_series_count_matches_the_documented_formula(live_run):
+    from workers.metrics import series_per_job
+
+    total = sum(len(s) for text in live_run["texts"].values() for s in samples(text).values())
+    assert total == series_per_job(world_size=2, layers=3) == 32 * 2 + 18 + 3 * 3
+
+
 def test_promtool_check_metrics_is_clean_on_a_live_endpoint(live_run):
     promtool = require(PROMTOOL)
     for rank, text in live_run["texts"].items():
