@@ -279,12 +279,12 @@ class Store:
         """Newest first. Returns the page and a cursor for the next one (None at the end)."""
         query = select(Job).options(defer(Job.spec, raiseload=True))  # a listing shows no spec
         order: tuple[Any, Any] = (Job.created_at, Job.id)
-        for n, (key, value) in enumerate((labels or {}).items()):
+        for n, (key, value) in enumerate(self._rarest_first(labels or {})):
             label = aliased(JobLabel)
             query = query.join(label, and_(label.job_id == Job.id, label.key == key)).where(
                 label.value == value
             )
-            if n == 0:  # walk the first label's index newest first
+            if n == 0:  # walk the rarest label's index newest first
                 order = (label.created_at, label.job_id)
         if state:
             states = [state] if isinstance(state, str) else list(state)
@@ -302,6 +302,20 @@ class Store:
         more = len(jobs) > limit
         jobs = jobs[:limit]
         return jobs, (encode_cursor(jobs[-1]) if more and jobs else None)
+
+    def _rarest_first(self, labels: dict[str, str]) -> list[tuple[str, str]]:
+        """Labels by how few jobs carry them (counted on the label index), so a scan ends soonest."""
+        items = list(labels.items())
+        if len(items) < 2:
+            return items
+        with self._read() as session:
+            counts = {
+                (k, v): session.scalar(
+                    select(func.count()).where(JobLabel.key == k, JobLabel.value == v).select_from(JobLabel)
+                )
+                for k, v in items
+            }
+        return sorted(items, key=lambda item: counts[item])
 
     def jobs_in(self, *states: str) -> list[Job]:
         """Jobs in these states, in scheduling order: priority (high first), then first come."""
