@@ -1,0 +1,226 @@
+"""What telemetry costs a training step: the same job with telemetry off, default and every-step.
+
+One run measures all three side by side, so machine noise hits them alike: every
+rank builds three Trainers from one spec (telemetry off, the default interval,
+interval 1 = per-layer statistics every step) and calls their `train_step` in
+rounds, rotating the order through every permutation (ABC, ACB, BAC, ...).
+By default the ranks are 2 Ray Train workers (real DDP over gloo, real comm hook);
+each DDP model has its own reducer, so the three share the process group safely.
+
+    python bench/telemetry_overhead.py                      # 2 Ray Train workers on CPU
+    python bench/telemetry_overhead.py --local              # this process alone, no Ray
+    python bench/telemetry_overhead.py --model transformer  # char-transformer: more layers
+    python bench/telemetry_overhead.py --device cuda        # 1 GPU worker (NCCL under Ray)
+
+The last line is `overhead_default=R1 overhead_every_step=R2`: median step time
+against telemetry off. Goal: <= 1.02 at the default, <= 1.10 every step.
+On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
+wall time, but it does not see time spent waiting for other ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: bench/ is not a package
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from service.spec import JobSpec, load_spec  # noqa: E402
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "off": {"enabled": False},
+    "default": {},  # the spec's own default interval
+    "every_step": {"interval": 1},
+}
+EXAMPLE = {"mlp": "digits-mlp.yaml", "transformer": "charlm.yaml"}
+GOALS = {"default": 1.02, "every_step": 1.10}
+
+
+def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The example job of that model, long enough for the rounds, on `world_size` workers."""
+    spec = load_spec(REPO / "examples" / EXAMPLE[model], user_code="skip").model_dump(mode="json")
+    spec.update(max_steps=rounds + 1, timeout=None, name=f"bench-{model}")
+    spec["schedule"]["warmup_steps"] = min(spec["schedule"]["warmup_steps"], rounds // 2)
+    spec["scaling"].update(num_workers=world_size, use_gpu=use_gpu)
+    spec["telemetry"]["grace_seconds"] = 0
+    return spec
+
+
+def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
+    telemetry = {k: v for k, v in spec["telemetry"].items() if k not in ("enabled", "interval")}
+    return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **CONFIGS[name]}},
+                                  context={"user_code": "skip"})
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str = "wall"
+            ) -> dict[str, list[float]]:
+    """Seconds of each config's train_step, `rounds - warmup` each, interleaved round by round."""
+    from workers.loop import Trainer
+
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)  # three trainers' detector events: noise here
+    names = list(CONFIGS)
+    # No board, no metrics server: each Trainer owns its registry, nothing leaves the process.
+    trainers = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
+    batches = {n: t.batches() for n, t in trainers.items()}
+    device = session.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = CLOCKS[clock]
+    orders = list(itertools.permutations(names))  # each config in each slot, after each other, equally often
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            x, y, index = next(batches[name])
+            x, y = x.to(device), y.to(device)  # Ray's loader already did; LocalSession's does not
+            sync()
+            t0 = now()
+            trainers[name].train_step(x, y, index)
+            sync()
+            if r >= warmup:
+                times[name].append(now() - t0)
+    return times
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: measure, gather every rank's times, rank 0 reports them."""
+    import torch.distributed as dist
+
+    from workers.session import RayTrainSession
+
+    session = RayTrainSession()
+    times = measure(config["spec"], session, config["rounds"], config["warmup"], config["clock"])
+    ranks: list[Any] = [times]
+    if session.world_size > 1:
+        ranks = [None] * session.world_size
+        dist.all_gather_object(ranks, times)
+    out = None
+    if session.rank == 0:
+        out = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
+        (out / "times.json").write_text(json.dumps(ranks))
+    session.report({"done": 1}, out)
+
+
+def start_ray() -> None:
+    from workers.driver import init_ray
+
+    os.chdir(REPO)  # init_ray hands the working directory to the workers as PYTHONPATH
+    init_ray(quiet=True)
+
+
+def ray_sees_gpus(n: int) -> bool:
+    import ray
+
+    start_ray()
+    return ray.cluster_resources().get("GPU", 0) >= n
+
+
+def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_size: int, use_gpu: bool
+            ) -> list[dict[str, list[float]]]:
+    start_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as storage:
+        trainer = TorchTrainer(
+            ray_worker,
+            train_loop_config={"spec": spec, "rounds": rounds, "warmup": warmup, "clock": clock},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=f"telemetry-overhead-{uuid.uuid4().hex[:8]}", storage_path=storage),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as path:
+            return json.loads((Path(path) / "times.json").read_text())
+
+
+def group_times(ranks: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """A DDP step is done when its slowest rank is: the per-step maximum over ranks."""
+    return {n: [max(step) for step in zip(*(r[n] for r in ranks), strict=True)] for n in CONFIGS}
+
+
+def summarize(times: dict[str, list[float]], intervals: dict[str, str]) -> tuple[str, dict[str, float]]:
+    off_median, off_mean = statistics.median(times["off"]), statistics.fmean(times["off"])
+    rows = [f"{'config':<11} {'telemetry':<12} {'median ms':>9} {'p90 ms':>8} {'mean ms':>8} "
+            f"{'ratio':>6} {'mean ratio':>10}"]
+    ratios = {}
+    for name, ts in times.items():
+        median, mean = statistics.median(ts), statistics.fmean(ts)
+        p90 = statistics.quantiles(ts, n=10)[-1]
+        ratios[name] = median / off_median
+        rows.append(f"{name:<11} {intervals[name]:<12} {median * 1e3:9.3f} {p90 * 1e3:8.3f} "
+                    f"{mean * 1e3:8.3f} {ratios[name]:6.3f} {mean / off_mean:10.3f}")
+    return "\n".join(rows), ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--local", action="store_true", help="world size 1 in this process, no Ray")
+    parser.add_argument("--model", choices=sorted(EXAMPLE), default="mlp")
+    parser.add_argument("--steps", type=int, default=300, help="measured steps per config")
+    parser.add_argument("--warmup", type=int, default=12, help="rounds run first and not measured")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: this process's CPU time: blind to other load on a shared machine, "
+                             "and to time spent waiting for other ranks or a GPU")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2 on CPU, 1 on cuda)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="--local: torch threads (1, as in a Ray worker with 1 CPU)")
+    args = parser.parse_args(argv)
+    if args.steps < 10:
+        parser.error("--steps must be at least 10")
+    use_gpu = args.device == "cuda"
+    if use_gpu and args.clock == "cpu":
+        parser.error("--clock cpu does not see GPU time: use --clock wall with --device cuda")
+    world_size = 1 if args.local else (args.workers or (1 if use_gpu else 2))
+    rounds = args.warmup + args.steps
+    spec = base_spec(args.model, rounds, world_size, use_gpu)
+    intervals = {}
+    for name in CONFIGS:
+        telemetry = config_spec(spec, name).telemetry
+        intervals[name] = f"interval {telemetry.interval}" if telemetry.enabled else "off"
+
+    started = time.time()
+    if use_gpu and not args.local and not ray_sees_gpus(world_size):
+        print(f"Ray sees fewer than {world_size} GPUs: measuring in this process instead (--local)")
+        args.local = True
+    if use_gpu and args.local and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU on this machine")
+    if args.local:
+        from workers.session import LocalSession
+
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
+            session = LocalSession(Path(tmp), device=args.device)
+            times = measure(spec, session, rounds, args.warmup, args.clock)
+        where = f"local, 1 process, {args.device}"
+    else:
+        times = group_times(run_ray(spec, rounds, args.warmup, args.clock, world_size, use_gpu))
+        where = f"Ray Train, {world_size} workers, {'nccl' if use_gpu else 'gloo'}, {args.device}"
+    table, ratios = summarize(times, intervals)
+    print(f"telemetry overhead: {args.model} ({EXAMPLE[args.model]}), {where}, {args.steps} steps per config "
+          f"interleaved, {args.clock} clock, {time.time() - started:.0f} s")
+    print(table)
+    print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
+    print(f"overhead_default={ratios['default']:.3f} overhead_every_step={ratios['every_step']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
