@@ -29,8 +29,9 @@ from pydantic import (
 from service.spec_telemetry import TelemetrySpec
 
 MAX_SPEC_BYTES = 256 * 1024
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*"
-                       r"(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+# Whitespace only after a unit: four adjacent optional \s* made "1d" + spaces + "x" take O(spaces^4).
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
+                       r"(?:(\d+(?:\.\d+)?)\s*s)?$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -258,7 +259,9 @@ class JobSpec(Strict):
     timeout: float | None = Field(
         None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.",
         json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0},
-                                     {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*[dhms]?\s*)+$"},
+                                     {"type": "string",  # unambiguous, so no exponential backtracking
+                                      "pattern": r"^(?=\s*\d)\s*(\d+(\.\d+)?\s*[dhms]\s*)*"
+                                                 r"(\d+(\.\d+)?\s*)?$"},
                                      {"type": "null"}]})
 
     @field_validator("timeout", mode="before")
@@ -367,6 +370,9 @@ def parse_text(text: str | bytes) -> dict[str, Any]:
         raise SpecError([f"<spec>: not valid YAML or JSON: {exc}".replace("\n", " ")]) from None
     except RecursionError:
         raise SpecError(["<spec>: nested too deeply"]) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors fail outside YAMLError on values like `2001-02-30`, `!!int x` or 5000 digits.
+        raise SpecError([f"<spec>: a value YAML cannot read: {exc}".replace("\n", " ")]) from None
     if not isinstance(data, dict):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(data).__name__}"])
     return data
@@ -386,7 +392,7 @@ def format_errors(error: ValidationError) -> list[str]:
             lines.append(f"{path}: unknown field (not allowed here; check its spelling)")
         else:
             lines.append(f"{path}: {msg} (got {_show(got)})")
-    return lines
+    return [" ".join(line.splitlines()) for line in lines]  # one line each, whatever the keys hold
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
@@ -403,12 +409,17 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
 def _show(value: Any) -> str:
     if isinstance(value, dict) and "name" in value and len(value) > 3:
         value = {"name": value["name"], "...": "..."}
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    try:
+        text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    except (TypeError, ValueError, RecursionError):  # date keys, ints over 4300 digits, deep nesting
+        text = f"a {type(value).__name__} too odd to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "import") -> JobSpec:
     """A path, YAML/JSON text or a mapping -> a valid JobSpec, or SpecError listing every problem."""
+    if not isinstance(source, (str, Path, dict, bytes)):
+        raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(source).__name__}"])
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and
                                     source.endswith((".yaml", ".yml", ".json"))):
         path = Path(source)
