@@ -46,3 +46,12 @@ def small_spec(**overrides) -> dict:
         else:
             spec[key] = value
     return spec
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray head (2 logical CPUs) for every module that runs jobs through the service."""
+    from tests.stack import ray_head as start_head
+
+    with start_head(cpus=2) as address:
+        yield address

@@ -74,7 +74,8 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
-    ray.init(address=address or None, **kwargs)
+    # No RAY_ADDRESS: a fresh local Ray, never whatever cluster happens to run on this machine.
+    ray.init(address=address or "local", **kwargs)
 
 
 class JobWatch:

@@ -11,10 +11,6 @@ signalling that process, not `ray stop`, which would end every Ray on the machin
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,13 +19,11 @@ import pytest
 
 from service.client import Client
 from service.launcher import ray_token
-from tests.promstack import free_port, query, start_prometheus, wait_for
+from tests.promstack import query, start_prometheus, wait_for
+from tests.stack import TOKEN, Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-BIN = Path(sys.executable).parent
-TOKEN = "integration-token"
-CPUS = 2
 
 
 def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
@@ -41,110 +35,6 @@ def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
         "max_steps": steps,
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
     }
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    if ray_token() is None:
-        subprocess.run(
-            [str(BIN / "ray"), "get-auth-token", "--generate"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    temp_dir = tempfile.mkdtemp(prefix="gwray-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard_port = free_port()
-    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--num-cpus={CPUS}",
-            "--disable-usage-stats",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    headers = {"Authorization": f"Bearer {ray_token()}"}
-
-    def ready() -> bool:
-        if head.poll() is not None:
-            output = (Path(temp_dir) / "ray-start.log").read_text()
-            raise RuntimeError(f"ray start exited {head.returncode}: {output}")
-        body = httpx.get(f"{address}/api/cluster_status", headers=headers, timeout=5).json()
-        return bool(((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
-
-    try:
-        wait_for(ready, timeout=120, interval=1, what="the Ray head")
-        yield address
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-
-
-class Service:
-    """`gradwatch up` in a subprocess that the tests can SIGKILL and start again."""
-
-    def __init__(self, ray_address: str, data_dir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "service.log"
-        self.env = {
-            **os.environ,
-            "RAY_ADDRESS": ray_address,
-            "GRADWATCH_TOKEN": TOKEN,
-            "GRADWATCH_DATA_DIR": str(data_dir),
-            "GRADWATCH_PORT": str(self.port),
-            "GRADWATCH_POLL_INTERVAL": "0.5",
-        }
-        self.process: subprocess.Popen | None = None
-        self.client = Client(self.url, TOKEN)
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [str(BIN / "gradwatch"), "up"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(
-            lambda: httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200,
-            timeout=60,
-            what="gradwatch up",
-        )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
 def diverging(mode: str):
     data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
     data["telemetry"]["grace_seconds"] = 0
-    return load_spec({**data, "on_divergence": mode})
+    return load_spec({**data, "on_divergence": mode, "max_steps": 300})
 
 
 def test_rollback_brings_a_diverging_run_back(local_ray, tmp_path):

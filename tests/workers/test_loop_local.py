@@ -99,7 +99,7 @@ def test_on_divergence_stop_fails_with_the_reason(tmp_path):
 
 def diverging(**overrides):
     data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
-    data.update(scaling={"num_workers": 1}, **overrides)
+    data.update(scaling={"num_workers": 1}, max_steps=300, **overrides)
     return load_spec(data)
 
 
