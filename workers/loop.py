@@ -147,15 +147,19 @@ class Trainer:
             logits = self.model(x)
         loss, _ = loss_and_correct(self.data.task, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
+        self.telemetry.before_backward(loss.detach() if self.global_loss else None)
         loss.backward()
         param_norms = self.telemetry.grad_norms()  # before clipping, measured steps only
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         stats = torch.stack([loss.detach().float(), grad_norm.float()])
         if self.global_loss:
-            summed = stats[:1].clone()
-            dist.all_reduce(summed)
-            stats = torch.cat([stats, summed / self.world_size])
+            mean = self.telemetry.mean_loss()  # carried by DDP's gradient all-reduce
+            if mean is None:  # no DDP hook: a collective of its own
+                mean = stats[:1].clone()
+                dist.all_reduce(mean)
+                mean /= self.world_size
+            stats = torch.cat([stats, mean.to(stats.dtype)])
         # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
         values = stats.tolist()
         loss_value, norm_value = values[0], values[1]

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,25 +31,43 @@ log = logging.getLogger("gradwatch.telemetry")
 
 
 class LocalNormHook:
-    """DDP comm hook: on armed steps, sum each bucket's local squared norm before the all-reduce.
+    """DDP comm hook: the gradient all-reduce, carrying the loss and |G_small|^2 along for free.
 
-    The bucket holds this rank's own gradient until `allreduce_hook` averages it,
-    so |G_small|^2 comes for free; on other steps it is a plain all-reduce.
+    Each bucket holds this rank's own gradient until the all-reduce averages it, so on measured
+    steps summing the buckets' squared norms gives |G_small|^2. The loss and that sum ride as two
+    extra elements on the last bucket's all-reduce, so neither costs a collective of its own.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, world_size: int):
         self.armed = False
+        self.world_size = world_size
         self.local_sq = torch.zeros((), device=device, dtype=torch.float32)
+        self.loss: torch.Tensor | None = None
+        self.reduced: torch.Tensor | None = None  # mean over ranks of [loss, |G_small|^2], after backward
 
     @staticmethod
     def hook(state: LocalNormHook, bucket):
+        buffer = bucket.buffer()
         if state.armed:
-            state.local_sq += bucket.buffer().detach().float().pow(2).sum()
-        return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
+            state.local_sq += buffer.detach().float().pow(2).sum()
+        if not bucket.is_last() or (state.loss is None and not state.armed):
+            return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
+        loss = state.loss if state.loss is not None else torch.zeros((), device=buffer.device)
+        riders = torch.stack([loss.float().reshape(()), state.local_sq]).to(buffer.dtype)
+        n = buffer.numel()
+        packed = torch.cat([buffer, riders]).div_(state.world_size)
+        future = dist.all_reduce(packed, async_op=True).get_future()
 
-    def arm(self, on: bool) -> None:
-        self.armed = on
-        if on:
+        def unpack(fut):
+            reduced = fut.value()[0]
+            state.reduced = reduced[n:].float().clone()
+            return reduced[:n]
+
+        return future.then(unpack)
+
+    def begin(self, measure: bool, loss: torch.Tensor | None) -> None:
+        self.armed, self.loss, self.reduced = measure, loss, None
+        if measure:
             self.local_sq.zero_()
 
 
@@ -69,7 +88,15 @@ class Telemetry:
         self._past_anomalies: dict[str, int] = {}
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
-        self._labels = (job_id, str(rank))
+        self._labels = labels = (job_id, str(rank))
+        m = self.metrics
+        # The per-step series' labelled children, looked up once: the step path only sets values.
+        self._children = SimpleNamespace(
+            step=m.step.labels(*labels), epoch=m.epoch.labels(*labels), loss=m.loss.labels(*labels, "train"),
+            samples=m.samples.labels(*labels), step_duration=m.step_duration.labels(*labels),
+            heartbeat=m.heartbeat.labels(*labels), loss_ema=m.loss_ema.labels(*labels),
+            nonfinite_loss=m.nonfinite.labels(*labels, "loss"), nonfinite_grad=m.nonfinite.labels(*labels, "grad"),
+            skipped=m.skipped_steps.labels(*labels))
         self._server = None
         self.endpoint: tuple[str, int] | None = None
         self.last: dict[str, Any] = {}
@@ -82,12 +109,9 @@ class Telemetry:
         self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
         self._before: list[torch.Tensor] | None = None
         self._layer_gauges: list[tuple[str, Any, Any, Any]] | None = None
-        self._gns_work: Any = None  # the measured step's all-reduce of |G_small|^2, and its operands
-        self._local_sq: torch.Tensor | None = None
-        self._summed_local_sq: torch.Tensor | None = None
         self.hook: LocalNormHook | None = None
-        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.enabled:
-            self.hook = LocalNormHook(device)
+        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            self.hook = LocalNormHook(device, world_size)
             model.register_comm_hook(self.hook, LocalNormHook.hook)
         self.measuring = False
         if self.metrics.rank0:
@@ -142,21 +166,25 @@ class Telemetry:
 
     def begin_step(self, step: int) -> None:
         self.measuring = self.should_measure(step)
-        if self.hook:
-            self.hook.arm(self.measuring)
         if self.measuring:
             self._before = [p.detach().clone() for p in self.params]
+
+    def before_backward(self, loss: torch.Tensor | None) -> None:
+        """Hand the DDP hook what rides on the gradient all-reduce: the loss when the caller needs its
+        mean over ranks, and the measured step's local norms."""
+        if self.hook is not None:
+            self.hook.begin(self.measuring, loss)
+
+    def mean_loss(self) -> torch.Tensor | None:
+        """The loss averaged over ranks by the gradient all-reduce, or None without the DDP hook."""
+        if self.hook is None or self.hook.reduced is None or self.hook.loss is None:
+            return None
+        return self.hook.reduced[:1]
 
     def grad_norms(self) -> list[torch.Tensor] | None:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
         if not self.measuring:
             return None
-        if self.hook is not None:
-            # Mean over ranks of |G_small|^2: one tiny collective on measured steps, started here so it
-            # runs while the step finishes (clipping, optimizer) and is awaited in _measure.
-            self._local_sq = self.hook.local_sq.clone()
-            self._summed_local_sq = self.hook.local_sq.clone()
-            self._gns_work = dist.all_reduce(self._summed_local_sq, op=dist.ReduceOp.SUM, async_op=True)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return list(torch._foreach_norm(grads))
 
@@ -164,24 +192,24 @@ class Telemetry:
                  param_grad_norms: list[torch.Tensor] | None, lr: float, samples: int, seconds: float,
                  applied: bool) -> list[dict[str, Any]]:
         """Record one finished step; returns detector events that changed state."""
-        m, labels = self.metrics, self._labels
+        c = self._children
         now = time.time()
-        m.step.labels(*labels).set(step)
-        m.epoch.labels(*labels).set(epoch)
-        m.loss.labels(*labels, "train").set(loss)
-        m.samples.labels(*labels).inc(samples)
-        m.step_duration.labels(*labels).observe(seconds)
-        m.heartbeat.labels(*labels).set(now)
+        c.step.set(step)
+        c.epoch.set(epoch)
+        c.loss.set(loss)
+        c.samples.inc(samples)
+        c.step_duration.observe(seconds)
+        c.heartbeat.set(now)
         if not math.isfinite(loss):
-            m.nonfinite.labels(*labels, "loss").inc()
+            c.nonfinite_loss.inc()
         if not math.isfinite(grad_norm):
-            m.nonfinite.labels(*labels, "grad").inc()
+            c.nonfinite_grad.inc()
         if not applied:
-            m.skipped_steps.labels(*labels).inc()
+            c.skipped.inc()
 
         self.monitor.observe_step(step, global_loss)
         if self.monitor.loss_ema is not None:
-            m.loss_ema.labels(*labels).set(self.monitor.loss_ema)
+            c.loss_ema.set(self.monitor.loss_ema)
         record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "global_loss": global_loss,
                                   "loss_ema": self.monitor.loss_ema, "grad_norm": grad_norm, "lr": lr,
                                   "step_seconds": seconds, "time": now}
@@ -202,12 +230,11 @@ class Telemetry:
         by_layer = torch.zeros(3, n_layers, device=sq.device).index_add_(1, self._group_index, sq.view(3, -1))
         parts = [by_layer]
         local_sq = grad_norm**2
-        if self.hook is not None:
-            self._gns_work.wait()  # started in grad_norms
-            parts.append(torch.stack([self._local_sq, self._summed_local_sq / self.world_size]))
+        if self.hook is not None and self.hook.reduced is not None:
+            parts.append(torch.stack([self.hook.local_sq, self.hook.reduced[1]]))
         values = torch.cat([p.reshape(-1) for p in parts]).cpu().tolist()  # the one host sync of this step
         g_sq, w_sq, u_sq = (values[i * n_layers:(i + 1) * n_layers] for i in range(3))
-        if self.hook is not None:
+        if len(parts) > 1:
             local_sq, mean_local_sq = values[3 * n_layers:3 * n_layers + 2]
         else:
             mean_local_sq = local_sq
