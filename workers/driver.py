@@ -18,8 +18,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from service.spec import JobSpec, SpecError, load_spec
 from workers.board import BoardClient, create_board_actor
@@ -153,7 +154,6 @@ def failure_reason(exc: BaseException) -> str:
 def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_file: Path | None = None,
             listeners: list[Listener] | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
     """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -241,7 +241,7 @@ class Trainer:
     def _apply_lr_scale(self) -> None:
         scale = self.pos.lr_scale
         self.scheduler.base_lrs = [self.spec.optimizer.lr * scale for _ in self.scheduler.base_lrs]
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=False):
             group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     # --------------------------------------------------- validation

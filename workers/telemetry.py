@@ -216,7 +216,11 @@ class Telemetry:
         if param_grad_norms is not None:
             record.update(self._measure(step, grad_norm, param_grad_norms, lr))
         self.last = record
-        return self._publish(step, record if param_grad_norms is not None else None)
+        # Non-finite steps always reach the history: when a run broke is worth a record of its own.
+        nonfinite = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
+        if nonfinite:
+            record["nonfinite"] = True
+        return self._publish(step, record if param_grad_norms is not None or nonfinite else None)
 
     def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor],
                  lr: float) -> dict[str, Any]:
@@ -238,10 +242,10 @@ class Telemetry:
             local_sq, mean_local_sq = values[3 * n_layers:3 * n_layers + 2]
         else:
             mean_local_sq = local_sq
-        layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq)}
-        layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq)}
+        layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq, strict=False)}
+        layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq, strict=False)}
         layer_update = {name: math.sqrt(u) / math.sqrt(w) if w > 0 else 0.0
-                        for name, u, w in zip(self.layer_names, u_sq, w_sq)}
+                        for name, u, w in zip(self.layer_names, u_sq, w_sq, strict=False)}
         weight_norm = math.sqrt(sum(w_sq))
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):

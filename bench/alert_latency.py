@@ -1,0 +1,104 @@
+"""Time from the onset of a problem in a real job to its alert reaching the service.
+
+Starts a local stack on 127.0.0.1 (a Ray head, `gradwatch up`, Debian's Prometheus and
+Alertmanager with the shipped configs at 1 s scrape and evaluation intervals), then runs:
+
+- examples/diverging.yaml: onset is the wall time of the first non-finite step, read from the
+  run's history.jsonl (every non-finite step is recorded there); the alert is TrainingLossNonFinite.
+- examples/stalled.yaml: its learning rate is 1e-7, so the loss is flat from the first step;
+  onset is that step's time, and the alert is TrainingStalled (the plateau window of 100 steps
+  and the rule's `for: 30s` are part of what is measured).
+
+Arrival is the service's `received_at` of the alert. The last line is exactly
+`nonfinite_to_alert_seconds=S1 stall_to_alert_seconds=S2`.
+
+    python bench/alert_latency.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from deploy.render import render_alertmanager_config, render_prometheus_config  # noqa: E402
+from tests.promstack import start_alertmanager, start_prometheus, wait_for  # noqa: E402
+from tests.stack import TOKEN, Service, ray_head  # noqa: E402
+
+SCRAPE = EVAL = "1s"
+
+
+def history(data_dir: Path, job_id: str) -> list[dict]:
+    path = next(data_dir.rglob(f"{job_id}/history.jsonl"), None)
+    if path is None:
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def alert_time(client, job_id: str, name: str, timeout: float) -> float:
+    def arrived():
+        for alert in client.alerts(job_id=job_id):
+            if alert["alertname"] == name:
+                return datetime.fromisoformat(alert["received_at"]).timestamp()
+        return None
+
+    return wait_for(arrived, timeout=timeout, interval=0.2, what=f"{name} for {job_id}")
+
+
+def run(client, data_dir: Path, example: str, alert: str, onset_of) -> float:
+    spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    job = client.submit(spec)
+    arrived = alert_time(client, job["id"], alert, timeout=600)
+    onset = onset_of(history(data_dir, job["id"]))
+    client.cancel(job["id"])
+    latency = arrived - onset
+    print(f"{example:10s} {alert:22s} onset {datetime.fromtimestamp(onset):%H:%M:%S.%f} "
+          f"alert received {datetime.fromtimestamp(arrived):%H:%M:%S.%f} -> {latency:.2f} s", flush=True)
+    return latency
+
+
+def first_nonfinite(records: list[dict]) -> float:
+    return min(r["time"] for r in records if r.get("nonfinite"))
+
+
+def first_step(records: list[dict]) -> float:
+    return min(r["time"] for r in records if r.get("step") == 1)
+
+
+def main() -> int:
+    print(f"scrape interval {SCRAPE}, rule evaluation interval {EVAL}, Alertmanager group_wait 1s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gw-alert-bench-") as tmp_name, ray_head(cpus=2) as address:
+        tmp = Path(tmp_name)
+        data_dir = tmp / "gradwatch"
+        data_dir.mkdir()
+        svc = Service(address, data_dir)
+        svc.start()
+        token_file = tmp / "token"
+        token_file.write_text(TOKEN)
+        try:
+            am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
+                                                   group_wait="1s", group_interval="1s")
+            with start_alertmanager(am_config, tmp) as am:
+                prom_config = render_prometheus_config(service_url=svc.url, token_file=token_file,
+                                                       alertmanager_url=am.url, scrape_interval=SCRAPE,
+                                                       eval_interval=EVAL, sd_refresh_interval="1s")
+                with start_prometheus(prom_config, tmp):
+                    nonfinite = run(svc.client, data_dir, "diverging", "TrainingLossNonFinite", first_nonfinite)
+                    time.sleep(2)
+                    stall = run(svc.client, data_dir, "stalled", "TrainingStalled", first_step)
+        finally:
+            svc.stop()
+    print(f"nonfinite_to_alert_seconds={nonfinite:.2f} stall_to_alert_seconds={stall:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
