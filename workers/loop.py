@@ -149,6 +149,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.telemetry.before_backward(loss.detach() if self.global_loss else None)
         loss.backward()
+        # A straggler makes every other rank wait here: step time counts this rank's own work only.
+        waited = self.telemetry.sync_wait_seconds(time.perf_counter())
         param_norms = self.telemetry.grad_norms()  # before clipping, measured steps only
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -176,7 +178,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         events = self.telemetry.end_step(step, self.pos.epoch, loss=loss_value, global_loss=global_loss,
                                          grad_norm=norm_value, param_grad_norms=param_norms, lr=lr,
-                                         samples=len(x), seconds=time.perf_counter() - t0, applied=applied)
+                                         samples=len(x), seconds=time.perf_counter() - t0 - waited,
+                                         applied=applied)
         if self.pos.epoch == 0 and len(self.seen_first_epoch) < 200_000:
             self.seen_first_epoch.extend(index.tolist())
         self.guard(events)
@@ -346,10 +349,14 @@ class Trainer:
     def rank_report(self) -> dict[str, Any]:
         """What this rank saw and ended with: shards and a parameter fingerprint (for verification)."""
         flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.model.parameters()])
+        registry, labels = self.telemetry.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
+        step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
+        step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
         return {"rank": self.rank, "first_epoch_indices": sorted(set(self.seen_first_epoch)),
                 "param_sum": float(flat.double().sum()), "param_abs_sum": float(flat.double().abs().sum()),
                 "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step,
-                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps}
+                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
+                "mean_step_seconds": step_sum / step_count if step_count else None}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -45,7 +45,9 @@ class WorkerMetrics:
                               [*base, "split"], registry=r)
         self.local_grad_norm = Gauge("gradwatch_local_grad_norm",
                                      "This rank's gradient L2 norm before the all-reduce.", base, registry=r)
-        self.step_duration = Histogram("gradwatch_step_duration_seconds", "Wall time of one optimizer step.",
+        self.step_duration = Histogram("gradwatch_step_duration_seconds",
+                                       "Time this rank spent on one optimizer step, not counting its wait for "
+                                       "slower ranks at the gradient all-reduce.",
                                        base, buckets=STEP_BUCKETS, registry=r)
         self.samples = Counter("gradwatch_samples", "Training examples processed by this rank.", base,
                                registry=r)

@@ -44,12 +44,15 @@ class LocalNormHook:
         self.local_sq = torch.zeros((), device=device, dtype=torch.float32)
         self.loss: torch.Tensor | None = None
         self.reduced: torch.Tensor | None = None  # mean over ranks of [loss, |G_small|^2], after backward
+        self.last_ready = 0.0  # when this rank's last bucket was ready: after it, the rank only waits
 
     @staticmethod
     def hook(state: LocalNormHook, bucket):
         buffer = bucket.buffer()
         if state.armed:
             state.local_sq += buffer.detach().float().pow(2).sum()
+        if bucket.is_last():
+            state.last_ready = time.perf_counter()
         if not bucket.is_last() or (state.loss is None and not state.armed):
             return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
         loss = state.loss if state.loss is not None else torch.zeros((), device=buffer.device)
@@ -174,6 +177,12 @@ class Telemetry:
         mean over ranks, and the measured step's local norms."""
         if self.hook is not None:
             self.hook.begin(self.measuring, loss)
+
+    def sync_wait_seconds(self, backward_done: float) -> float:
+        """Time this rank spent after its own gradients were ready, waiting for the all-reduce (slower ranks)."""
+        if self.hook is None or not self.hook.last_ready:
+            return 0.0
+        return max(0.0, backward_done - self.hook.last_ready)
 
     def mean_loss(self) -> torch.Tensor | None:
         """The loss averaged over ranks by the gradient all-reduce, or None without the DDP hook."""

@@ -51,6 +51,16 @@ def test_a_job_larger_than_the_cluster_fails_at_once(local_ray, tmp_path):
     assert result["state"] == "failed" and "GPUs" in result["error"]
 
 
+def test_a_slow_rank_shows_in_its_own_step_time(local_ray, tmp_path):
+    """Step time leaves out the wait at the all-reduce, so the straggler, not its peers, looks slow."""
+    spec = load_spec(small_spec(model={"name": "tests.workers.slow_rank:build", "options": {"delay": 0.02}},
+                                max_steps=60, telemetry={"interval": 10, "grace_seconds": 0}))
+    result = run_job(spec, storage_path=tmp_path)
+    assert result["state"] == "succeeded", result["error"]
+    fast, slow = (result["ranks"][r]["mean_step_seconds"] for r in (0, 1))
+    assert slow > 0.02 and slow > 2 * fast, (fast, slow)
+
+
 def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, monkeypatch):
     (tmp_path / "mymodels.py").write_text(
         "import torch\n"
