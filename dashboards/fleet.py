@@ -10,9 +10,9 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 
 from dashboards.style import (
-    DATASOURCE_NAME,
     FLEET_UID,
     PHASE_COLORS,
+    alert_list_panel,
     label_variable,
     new_dashboard,
     promql,
@@ -219,35 +219,8 @@ def firing_alerts_timeline() -> statetimeline.Panel:
 
 def alert_list() -> dashboard.Panel:
     """Grafana's alert list, limited to the rules Prometheus evaluates (not Grafana-managed copies)."""
-    return styled(
-        dashboard.Panel().type("alertlist"),
-        "Alert rules",
-        "Firing and pending alerts from gradwatch's Prometheus rules, most important first.",
-        "none",
-        width=24,
-        height=8,
-    ).options(
-        {
-            "viewMode": "list",
-            "groupMode": "default",
-            "groupBy": [],
-            "maxItems": 50,
-            "sortOrder": 3,
-            "dashboardAlerts": False,
-            "alertName": "",
-            "alertInstanceLabelFilter": "",
-            "datasource": DATASOURCE_NAME,
-            "showInactiveAlerts": False,
-            "stateFilter": {
-                "firing": True,
-                "pending": True,
-                "recovering": True,
-                "noData": False,
-                "normal": False,
-                "error": True,
-            },
-        }
-    )
+    return alert_list_panel("Alert rules", "Firing and pending alerts from gradwatch's Prometheus rules, most "
+                            "important first.", max_items=50, height=8)
 
 
 def fleet() -> dashboard.Dashboard:

@@ -4,16 +4,15 @@ from grafana_foundation_sdk.builders import dashboard, stat, statetimeline, time
 from grafana_foundation_sdk.models import common
 
 from dashboards.style import (
-    DATASOURCE_NAME,
     PHASE_COLORS,
     RUN_UID,
     Built,
     PrometheusAnnotation,
+    alert_list_panel,
     label_variable,
     new_dashboard,
     promql,
     stat_panel,
-    styled,
     thresholds,
     timeline_panel,
     timeseries_panel,
@@ -208,35 +207,8 @@ def anomalies() -> statetimeline.Panel:
 
 
 def alert_list() -> dashboard.Panel:
-    return styled(
-        dashboard.Panel().type("alertlist"),
-        "Alerts for this run",
-        "Firing and pending alerts from gradwatch's Prometheus rules whose job_id is this run.",
-        "none",
-        width=24,
-        height=6,
-    ).options(
-        {
-            "viewMode": "list",
-            "groupMode": "default",
-            "groupBy": [],
-            "maxItems": 20,
-            "sortOrder": 3,
-            "dashboardAlerts": False,
-            "alertName": "",
-            "alertInstanceLabelFilter": '{job_id="$job_id"}',
-            "datasource": DATASOURCE_NAME,
-            "showInactiveAlerts": False,
-            "stateFilter": {
-                "firing": True,
-                "pending": True,
-                "recovering": True,
-                "noData": False,
-                "normal": False,
-                "error": True,
-            },
-        }
-    )
+    return alert_list_panel("Alerts for this run", "Firing and pending alerts from gradwatch's Prometheus rules "
+                            "whose job_id is this run.", max_items=20, height=6, label_filter="{" + JOB + "}")
 
 
 def alert_annotations() -> PrometheusAnnotation:

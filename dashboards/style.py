@@ -131,6 +131,27 @@ def timeseries_panel(
     return styled(panel, title, description, unit, width=width, height=height)
 
 
+def alert_list_panel(title: str, description: str, *, max_items: int, height: int,
+                     label_filter: str = "") -> dashboard.Panel:
+    """Grafana's alert list of the Prometheus datasource's rules (firing, pending, recovering, error)."""
+    return styled(dashboard.Panel().type("alertlist"), title, description, "none", width=24, height=height).options(
+        {
+            "viewMode": "list",
+            "groupMode": "default",
+            "groupBy": [],
+            "maxItems": max_items,
+            "sortOrder": 3,
+            "dashboardAlerts": False,
+            "alertName": "",
+            "alertInstanceLabelFilter": label_filter,
+            "datasource": DATASOURCE_NAME,
+            "showInactiveAlerts": False,
+            "stateFilter": {"firing": True, "pending": True, "recovering": True, "noData": False, "normal": False,
+                            "error": True},
+        }
+    )
+
+
 def stat_panel(title: str, description: str, unit: str, *, width: int = 6, height: int = 5) -> stat.Panel:
     """Big numbers with their series name, no sparkline."""
     panel = (
