@@ -124,6 +124,15 @@ scrape_configs:
         )
         assert scraped[0]["metric"]["rank"] == "0"
 
+        def big_started():
+            snapshot = {x["id"]: client.get(x["id"]) for x in (a, b, big)}
+            return snapshot if snapshot[big["id"]]["state"] != "queued" else None
+
+        at_start = wait_for(big_started, timeout=300, interval=0.3, what="the 2-worker job to start")
+        # it waited: when it started, the jobs that held the CPUs were not both still training
+        still_training = [x for x in (a, b) if at_start[x["id"]]["state"] == "running"
+                          and (at_start[x["id"]]["step"] or 0) < 5000]
+        assert len(still_training) < 2, at_start
         done_a = wait_state(client, a["id"], {"succeeded", "failed"}, timeout=300)
         done_b = wait_state(client, b["id"], {"succeeded", "failed"}, timeout=300)
         assert done_a["state"] == "succeeded", done_a["reason"]
@@ -132,8 +141,7 @@ scrape_configs:
     done_big = wait_state(client, big["id"], {"succeeded", "failed"}, timeout=300)
     assert done_big["state"] == "succeeded", done_big["reason"]
     assert done_big["world_size"] == 2
-    # it waited: it started only after the jobs holding the CPUs had ended
-    assert done_big["started_at"] > min(done_a["ended_at"], done_b["ended_at"])
+    assert done_big["started_at"] > max(done_a["started_at"], done_b["started_at"])
     assert client.targets() == []
 
 
