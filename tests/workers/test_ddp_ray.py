@@ -53,12 +53,20 @@ def test_a_job_larger_than_the_cluster_fails_at_once(local_ray, tmp_path):
 
 def test_a_slow_rank_shows_in_its_own_step_time(local_ray, tmp_path):
     """Step time leaves out the wait at the all-reduce, so the straggler, not its peers, looks slow."""
-    spec = load_spec(small_spec(model={"name": "tests.workers.slow_rank:build", "options": {"delay": 0.02}},
+    spec = load_spec(small_spec(model={"name": "tests.workers.user_code:build", "options": {"delay": 0.02}},
                                 max_steps=60, telemetry={"interval": 10, "grace_seconds": 0}))
     result = run_job(spec, storage_path=tmp_path)
     assert result["state"] == "succeeded", result["error"]
     fast, slow = (result["ranks"][r]["mean_step_seconds"] for r in (0, 1))
     assert slow > 0.02 and slow > 2 * fast, (fast, slow)
+
+
+def test_a_data_factory_that_raises_fails_fast(local_ray, tmp_path):
+    spec = load_spec(small_spec(data={"name": "tests.workers.user_code:broken_data"}, max_failures=0))
+    result = run_job(spec, storage_path=tmp_path)
+    assert result["state"] == "failed"
+    assert "FileNotFoundError: no such data file: /data/missing.npz" in result["error"]
+    assert result["wall_seconds"] < 90
 
 
 def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""A model whose rank 1 is slow: user code for the straggler test (a slow node, in miniature)."""
+"""User code for the Ray tests: a model whose rank 1 is slow, and a data factory that fails."""
 
 import time
 
@@ -20,3 +20,8 @@ class SlowOnRank1(torch.nn.Module):
 
 def build(data_info, delay: float = 0.02):
     return SlowOnRank1(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), delay)
+
+
+def broken_data(seed: int, path: str = "/data/missing.npz"):
+    """A data factory that fails the way real ones do: its input is not there."""
+    raise FileNotFoundError(f"no such data file: {path}")
