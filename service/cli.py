@@ -157,7 +157,7 @@ def _bar(step: int, total: int, width: int = 24) -> str:
     if not total:
         return ""
     filled = int(width * min(step, total) / total)
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+    return "\\[" + "#" * filled + "." * (width - filled) + "]"  # escaped: a bracket, not rich markup
 
 
 def _fmt(value: Any, pct: bool = False, digits: int = 4) -> str:

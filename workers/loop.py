@@ -90,7 +90,7 @@ class Trainer:
         self.skipped_steps = 0
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
-        self.seen_first_epoch: list[int] = []
+        self.seen_first_epoch: list[torch.Tensor] = []
         # Detectors see the same (all-reduced) loss on every rank, so guard decisions agree.
         self.global_loss = self.world_size > 1 and (spec.telemetry.enabled or spec.on_divergence != "alert")
         history = self.run_dir / "history.jsonl" if self.run_dir else None
@@ -180,8 +180,8 @@ class Trainer:
                                          grad_norm=norm_value, param_grad_norms=param_norms, lr=lr,
                                          samples=len(x), seconds=time.perf_counter() - t0 - waited,
                                          applied=applied)
-        if self.pos.epoch == 0 and len(self.seen_first_epoch) < 200_000:
-            self.seen_first_epoch.extend(index.tolist())
+        if self.pos.epoch == 0 and len(self.seen_first_epoch) < 4096:
+            self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
         self.guard(events)
         return loss_value
 
@@ -352,7 +352,8 @@ class Trainer:
         registry, labels = self.telemetry.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
         step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
         step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
-        return {"rank": self.rank, "first_epoch_indices": sorted(set(self.seen_first_epoch)),
+        seen = torch.cat(self.seen_first_epoch).cpu().tolist() if self.seen_first_epoch else []
+        return {"rank": self.rank, "first_epoch_indices": sorted(set(seen)),
                 "param_sum": float(flat.double().sum()), "param_abs_sum": float(flat.double().abs().sum()),
                 "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step,
                 "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
