@@ -119,7 +119,8 @@ def _progress_fields(snap: dict[str, Any]) -> dict[str, Any]:
             "rollbacks": snap.get("rollbacks", 0)}
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """Replace `path` atomically: readers (the service, Prometheus) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -134,10 +135,7 @@ def write_sd_file(path: Path, job_id: str, endpoints: list[dict[str, Any]]) -> N
         groups = []
     groups += [{"targets": [f"{e['host']}:{e['port']}"], "labels": {"job_id": job_id, "rank": str(e["rank"])}}
                for e in endpoints]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(groups, indent=1))
-    os.replace(tmp, path)
+    write_json(path, groups)
 
 
 def failure_reason(exc: BaseException) -> str:
