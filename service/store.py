@@ -338,9 +338,7 @@ class Store:
             raise ValueError(f"unknown state {to!r}")
         at = time.time() if now is None else now
         with self._write() as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise JobNotFound(job_id)
+            job = _job_for_update(session, job_id)
             if job.state in TERMINAL:
                 raise TransitionRefused(f"job {job_id} already ended {job.state}; it cannot become {to}")
             if expect is not None and job.state not in expect:
@@ -362,9 +360,7 @@ class Store:
         if "state" in fields:
             raise ValueError("use transition() to change a job's state")
         with self._write() as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise JobNotFound(job_id)
+            job = _job_for_update(session, job_id)
             for key, value in fields.items():
                 setattr(job, key, value)
         return job
@@ -381,9 +377,7 @@ class Store:
         at = time.time() if now is None else now
         final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
         with self._write() as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise JobNotFound(job_id)
+            job = _job_for_update(session, job_id)
             if job.state in TERMINAL:
                 raise TransitionRefused(f"job {job_id} already ended {job.state}")
             if job.state == "queued":
@@ -516,3 +510,11 @@ def _make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _job_for_update(session: Session, job_id: str) -> Job:
+    """The job, locked for the rest of this write; JobNotFound when there is none."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
