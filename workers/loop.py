@@ -354,7 +354,7 @@ class Trainer:
         step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
         seen = torch.cat(self.seen_first_epoch).cpu().tolist() if self.seen_first_epoch else []
         return {"rank": self.rank, "first_epoch_indices": sorted(set(seen)),
-                "param_sum": float(flat.double().sum()), "param_abs_sum": float(flat.double().abs().sum()),
+                "param_sum": float(flat.double().sum()),
                 "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step,
                 "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
                 "mean_step_seconds": step_sum / step_count if step_count else None}

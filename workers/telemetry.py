@@ -285,14 +285,11 @@ class Telemetry:
                 "layer_grad_norm": layer_grad, "layer_weight_norm": layer_weight,
                 "layer_update_ratio": layer_update}
 
-    def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None,
-                           train_accuracy: float | None = None) -> list[dict[str, Any]]:
+    def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None) -> list[dict[str, Any]]:
         m, labels = self.metrics, self._labels
         m.loss.labels(*labels, "val").set(val_loss)
         if val_accuracy is not None:
             m.accuracy.labels(*labels, "val").set(val_accuracy)
-        if train_accuracy is not None:
-            m.accuracy.labels(*labels, "train").set(train_accuracy)
         self.monitor.observe_validation(step, val_loss)
         return self._publish(step, {"step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
                                     "time": time.time()})
@@ -312,12 +309,6 @@ class Telemetry:
             if self.history and record is not None:
                 record = {**record, "phase": self.monitor.phase,
                           "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v)}
-                self.history.write(json.dumps(record, default=_jsonable) + "\n")
+                self.history.write(json.dumps(record, default=str) + "\n")
                 self.history.flush()
         return events
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
