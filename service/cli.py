@@ -61,7 +61,8 @@ def run(
 ) -> None:
     """Run a job in the foreground on a local Ray (or the cluster at RAY_ADDRESS).
 
-    Exits 0 when the job succeeds, 1 when it fails (the cause is printed), 2 on a bad spec.
+    Exits 0 when the job succeeds, 1 when it fails or reaches its end with a warning (a non-finite
+    loss, divergence still held; the cause is printed), 2 on a bad spec.
     """
     spec = _load_or_exit(spec_file)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -92,7 +93,7 @@ def run(
         typer.echo(json.dumps(public, default=str))
     else:
         _print_summary(result)
-    if result["state"] != "succeeded":
+    if result["state"] != "succeeded" or result.get("warning"):
         raise typer.Exit(1)
 
 
@@ -170,7 +171,7 @@ def _fmt(value: Any, pct: bool = False, digits: int = 4) -> str:
 
 def _print_summary(result: dict[str, Any]) -> None:
     ok = result["state"] == "succeeded"
-    color = "green" if ok else "red"
+    color = ("yellow" if result.get("warning") else "green") if ok else "red"
     err.print(f"[{color} bold]{result['state']}[/] {result['job_id']}: {result['steps']} steps on "
               f"{result['world_size']} workers in {result['wall_seconds']:.1f}s")
     err.print(f"  train loss {_fmt(result.get('train_loss'))}, val loss {_fmt(result.get('val_loss'))}, "
@@ -184,6 +185,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     err.print(f"  run directory: {result['storage_path']}")
     if not ok:
         err.print(f"[red]cause:[/] {result.get('error')}")
+    elif result.get("warning"):
+        err.print(f"[yellow]warning:[/] reached its last step, but {result['warning']}")
 
 
 def _register_extensions() -> None:

@@ -63,6 +63,8 @@ class JobOut(BaseModel):
     val_loss: float | None = None
     val_accuracy: float | None = None
     phase: str | None = None
+    warning: str | None = Field(None, description="Why a job that reached its last step is no plain "
+                                "success: a non-finite final loss, or divergence still held.")
     stopping: bool = Field(False, description="A cancel or timeout was sent to Ray; the state follows.")
 
     @classmethod
@@ -86,6 +88,7 @@ class JobOut(BaseModel):
             val_loss=_number(progress.get("val_loss")),
             val_accuracy=_number(progress.get("val_accuracy")),
             phase=progress.get("phase"),
+            warning=progress.get("warning") if job.state == "succeeded" else None,
             stopping=bool(job.stop_requested) and job.state == "running",
             **extra,
         )

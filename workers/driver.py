@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -142,6 +143,9 @@ def failure_reason(exc: BaseException) -> str:
     """The user's cause, not Ray's wrapping: the last lines of the innermost traceback."""
     text = str(exc)
     lines = [line for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):  # the loop's own verdict needs no traceback around it
+        if "DivergenceStop: " in line:
+            return line.split("DivergenceStop: ", 1)[1].strip()
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("Traceback"):
             tail = lines[i:]
@@ -166,7 +170,7 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     result: dict[str, Any] = {"job_id": job_id, "state": "failed", "steps": 0,
                               "world_size": spec.scaling.num_workers, "train_loss": None, "val_loss": None,
                               "val_accuracy": None, "wall_seconds": 0.0, "storage_path": str(run_dir),
-                              "error": None}
+                              "error": None, "warning": None}
     init_ray()
     board = create_board_actor(job_id)
     watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [])
@@ -219,13 +223,24 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
         if "error" in outcome:
             result.update(state="failed", error=failure_reason(outcome["error"]))
         else:
-            result.update(state="succeeded")
+            result.update(state="succeeded", warning=unhealthy_ending(result, snap.get("progress", {})))
     result["wall_seconds"] = round(time.time() - started, 3)
     status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), "endpoints": [],
-              "updated_at": time.time()}
+              "warning": result.get("warning"), "updated_at": time.time()}
     watch.publish(status, snap.get("events", []))
     write_json(run_dir / "result.json", {k: v for k, v in result.items() if k != "ranks"})
     return result
+
+
+def unhealthy_ending(result: dict[str, Any], progress: dict[str, Any]) -> str | None:
+    """Why a run that reached its last step is still no plain success, or None when it is one."""
+    problems = []
+    loss = result.get("train_loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        problems.append(f"its final train loss is {loss}")
+    if (progress.get("anomalies") or {}).get("divergence"):
+        problems.append("it was still diverging at the end")
+    return " and ".join(problems) or None
 
 
 def stop_ray() -> None:
@@ -271,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
         stop_ray()
         return 1
+    if result.get("warning"):
+        print(f"job {args.job_id} reached its last step, but {result['warning']}", file=sys.stderr, flush=True)
     stop_ray()
     return 0
 

@@ -88,6 +88,8 @@ class Trainer:
                          if spec.precision == "bf16" else contextlib.nullcontext())
         self.pos = Position()
         self.skipped_steps = 0
+        self.skipped_in_a_row, self.skipped_since = 0, 0
+        self.last_applied: tuple[int, float] | None = None  # (step, loss) of the last applied update
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
         self.seen_first_epoch: list[torch.Tensor] = []
@@ -183,6 +185,7 @@ class Trainer:
         if self.pos.epoch == 0 and len(self.seen_first_epoch) < 4096:
             self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
         self.guard(events)
+        self.check_skipped(applied, global_loss)
         return loss_value
 
     def batches(self):
@@ -209,6 +212,22 @@ class Trainer:
             raise DivergenceStop(f"training diverged at step {self.pos.step} "
                                  f"(loss EMA {self.telemetry.monitor.loss_ema:.4g}); on_divergence is stop")
         self.rollback()
+
+    def check_skipped(self, applied: bool, loss: float) -> None:
+        """End the run when max_skipped_steps updates in a row were skipped: its weights no longer move."""
+        if applied:
+            self.skipped_in_a_row, self.last_applied = 0, (self.pos.step, loss)
+            return
+        if self.skipped_in_a_row == 0:
+            self.skipped_since = self.pos.step
+        self.skipped_in_a_row += 1
+        limit = self.spec.max_skipped_steps
+        if limit is None or self.skipped_in_a_row < limit:
+            return
+        last = (f"last finite loss {self.last_applied[1]:.4g} at step {self.last_applied[0]}"
+                if self.last_applied else "no finite loss before it")
+        raise DivergenceStop(f"diverged: {self.skipped_in_a_row} consecutive non-finite steps since step "
+                             f"{self.skipped_since}; {last}")
 
     def rollback(self) -> None:
         cfg = self.spec.rollback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_on_divergence_stop_fails_with_the_reason(tmp_path):
 
 def diverging(**overrides):
     data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
-    data.update(scaling={"num_workers": 1}, max_steps=300, **overrides)
+    data.update({"scaling": {"num_workers": 1}, "max_steps": 300, **overrides})
     return load_spec(data)
 
 
@@ -111,3 +112,29 @@ def test_on_divergence_rollback_recovers(tmp_path):
     assert math.isfinite(out.train_loss) and out.val_loss < out.first_val_loss
     assert trainer.telemetry.metrics.registry.get_sample_value(
         "gradwatch_rollbacks_total", {"job_id": "local", "rank": "0"}) == out.rollbacks
+
+
+def test_a_run_whose_updates_are_all_skipped_ends_failed_with_the_reason(tmp_path):
+    trainer = Trainer(diverging(max_skipped_steps=20), LocalSession(tmp_path / "ckpt"), run_dir=tmp_path)
+    with pytest.raises(DivergenceStop) as stopped:
+        trainer.train()
+    reason = re.fullmatch(r"diverged: 20 consecutive non-finite steps since step (\d+); "
+                          r"last finite loss (\S+) at step (\d+)", str(stopped.value))
+    assert reason, str(stopped.value)
+    since, last_loss, last_step = int(reason[1]), float(reason[2]), int(reason[3])
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    nonfinite = {r["step"] for r in history if r.get("nonfinite")}
+    assert since == min(nonfinite)  # the run never recovered from its first non-finite step
+    assert set(range(since, since + 20)) <= nonfinite
+    assert trainer.pos.step == since + 19 < 300  # stopped at once, long before max_steps
+    assert last_step == since - 1 and math.isfinite(last_loss)
+    assert trainer.skipped_steps >= 20
+
+
+def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
+    trainer = Trainer(diverging(max_skipped_steps=None, max_steps=150), LocalSession(tmp_path / "ckpt"),
+                      run_dir=tmp_path)
+    out = trainer.train()
+    assert out.steps == 150
+    assert not math.isfinite(out.train_loss)
+    assert out.skipped_steps > 20
