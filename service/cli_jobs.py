@@ -3,7 +3,7 @@
 Everything but `up` talks to a running service through the SDK (service/client.py):
 GRADWATCH_URL and GRADWATCH_TOKEN, or the token `gradwatch up` saved on this machine.
 Tables by default, `--json` for scripts. `submit --follow` exits 0 when the job
-succeeded and 1 when it did not; a refused spec exits 2.
+succeeded cleanly and 1 when it did not (or reached its end with a warning); a refused spec exits 2.
 """
 
 from __future__ import annotations
@@ -67,14 +67,33 @@ def register(app: typer.Typer) -> None:
 def up(
     host: Annotated[str | None, typer.Option(help="Address to bind (GRADWATCH_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (GRADWATCH_PORT).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Store, logs and token (GRADWATCH_DATA_DIR).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Store, logs, token and monitoring data (GRADWATCH_DATA_DIR).")
+    ] = None,
     num_cpus: Annotated[
         int | None, typer.Option(help="Logical CPUs of the local Ray head it starts.")
     ] = None,
+    ray_dashboard_port: Annotated[
+        int, typer.Option(help="Dashboard port of the local Ray head: reused when it takes our token.")
+    ] = 8265,
+    no_monitoring: Annotated[
+        bool, typer.Option("--no-monitoring", help="Start without Prometheus and Alertmanager (no alerts).")
+    ] = False,
+    prometheus_port: Annotated[
+        int | None,
+        typer.Option(help="Prometheus port on 127.0.0.1; 0: any free port.", show_default="9090, else a free one"),
+    ] = None,
+    alertmanager_port: Annotated[
+        int | None,
+        typer.Option(help="Alertmanager port on 127.0.0.1; 0: any free port.", show_default="9093, else a free one"),
+    ] = None,
 ) -> None:
-    """Start the service (and a local Ray head unless RAY_ADDRESS names a cluster)."""
-    from service.launcher import dashboard_alive, ray_token, start_local_ray
+    """Start the service, a local Ray head unless RAY_ADDRESS names a cluster, and Prometheus and
+    Alertmanager (from PATH) with gradwatch's rules. Ray stays up after the service stops; Prometheus
+    and Alertmanager stop with it."""
+    from service.launcher import foreign_ray_error, probe_dashboard, ray_token, start_local_ray
     from service.main import serve
+    from service.monitoring import Monitoring, MonitoringUnavailable, find_binaries
     from service.settings import Settings, check_bind
 
     overrides: dict[str, Any] = {
@@ -87,25 +106,52 @@ def up(
         check_bind(settings)
     except ValueError as exc:
         _fail(str(exc))
-    if not settings.ray_address:
-        address = "http://127.0.0.1:8265"
-        if dashboard_alive(address, ray_token()):
+    if settings.ray_address:
+        found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
+        if found == "foreign":
+            _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
+    else:
+        address = f"http://127.0.0.1:{ray_dashboard_port}"
+        found, answer = probe_dashboard(address, ray_token())
+        if found == "ours":
             errors.print(f"using the Ray cluster already running at {address}")
+        elif found == "foreign":
+            _fail(foreign_ray_error(f"at {address}", answer))
         else:
             log_file = settings.data_dir / "ray.log"
             errors.print(f"starting a local Ray head (log: {log_file}) ...")
             try:
-                address = start_local_ray(log_file, num_cpus=num_cpus)
+                address = start_local_ray(log_file, dashboard_port=ray_dashboard_port, num_cpus=num_cpus)
             except (RuntimeError, OSError) as exc:
                 _fail(str(exc))
             errors.print("Ray stays up when the service stops (`ray stop` ends it)")
         settings.ray_address = address
+    monitoring = None
+    if not no_monitoring:
+        try:
+            find_binaries()
+        except MonitoringUnavailable as exc:
+            errors.print(f"[yellow]no alerts:[/yellow] {_e(str(exc))}")
+        else:
+            folder = settings.data_dir / "monitoring"
+            errors.print(f"starting Prometheus and Alertmanager (data and logs: {folder}) ...")
+            try:
+                monitoring = Monitoring.start(settings, prometheus_port, alertmanager_port)
+            except MonitoringUnavailable as exc:
+                _fail(str(exc))
     console.print(f"gradwatch API  {settings.url}")
     console.print(f"token          {settings.token}")
     console.print(f"Ray dashboard  {settings.ray_address}")
+    if monitoring:
+        console.print(f"Prometheus     {monitoring.prometheus.url}")
+        console.print(f"Alertmanager   {monitoring.alertmanager.url}")
     console.print(f"export GRADWATCH_URL={settings.url} GRADWATCH_TOKEN={settings.token}", soft_wrap=True)
     sys.stdout.flush()
-    serve(settings)
+    try:
+        serve(settings)
+    finally:
+        if monitoring:
+            monitoring.stop()
 
 
 def _load_or_make_token(path: Path) -> str:
@@ -171,8 +217,8 @@ def _follow(client: Client, job_id: str, json_out: bool) -> int:
     if json_out:
         _json(job)
     else:
-        errors.print(f"{job_id} {_state(job['state'])}: {_e(job['reason'])}")
-    return 0 if job["state"] == "succeeded" else 1
+        errors.print(f"{job_id} {_job_state(job)}: {_e(job['reason'])}")
+    return 0 if job["state"] == "succeeded" and not job.get("warning") else 1
 
 
 def _watch_alerts(client: Client, job_id: str, stop: threading.Event) -> None:
@@ -227,7 +273,7 @@ def jobs(
         table.add_row(
             job["id"],
             job["name"],
-            _state(job["state"]),
+            _job_state(job),
             _progress(job),
             _num(job.get("train_loss")),
             str(job.get("world_size") or ""),
@@ -248,8 +294,9 @@ def status(job_id: str, json_out: JsonOpt = False, url: UrlOpt = None, token: To
     grid.add_column(overflow="fold")
     rows = [
         ("job", f"{job['id']} ({job['name']})"),
-        ("state", _state(job["state"]) + (" (stopping)" if job.get("stopping") else "")),
+        ("state", _job_state(job) + (" (stopping)" if job.get("stopping") else "")),
         ("reason", job.get("reason") or ""),
+        ("warning", job.get("warning") or ""),
         ("owner", job.get("owner") or ""),
         ("labels", ", ".join(f"{k}={v}" for k, v in job["labels"].items())),
         ("created", job["created_at"]),
@@ -383,6 +430,13 @@ def _e(text: str) -> str:
 
 def _state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _job_state(job: dict[str, Any]) -> str:
+    """The state, marked when a job reached its last step on broken numbers (see its warning)."""
+    if job.get("warning"):
+        return f"[yellow]{job['state']} (warning)[/]"
+    return _state(job["state"])
 
 
 def _progress(job: dict[str, Any]) -> str:

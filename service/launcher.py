@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -551,7 +552,9 @@ def _success_reason(result: dict[str, Any] | None) -> str:
         parts.append(f"train loss {result['train_loss']:.4g}")
     if isinstance(result.get("wall_seconds"), int | float):
         parts.append(f"in {result['wall_seconds']:.0f} s")
-    return ", ".join(parts)
+    reason = ", ".join(parts)
+    # A run that ran to its end on broken numbers is no plain success (the driver says why).
+    return f"{reason}, but {result['warning']}" if result.get("warning") else reason
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -561,11 +564,43 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 # ------------------------------------------------------------- local Ray
 def dashboard_alive(address: str, token: str | None) -> bool:
+    return probe_dashboard(address, token)[0] == "ours"
+
+
+def probe_dashboard(address: str, token: str | None) -> tuple[str, str]:
+    """("ours", ""), ("foreign", Ray's answer) when it refuses `token`, or ("none", "") when nothing answers."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        return httpx.get(f"{address.rstrip('/')}/api/version", headers=headers, timeout=3).status_code == 200
+        response = httpx.get(f"{address.rstrip('/')}/api/version", headers=headers, timeout=3)
     except httpx.HTTPError:
-        return False
+        return "none", ""
+    if response.status_code in (401, 403):
+        return "foreign", response.text.strip()[:200]
+    return ("ours", "") if response.status_code == 200 else ("none", "")
+
+
+def ray_token_source() -> str:
+    """Where ray_token() reads the token, in the user's words."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def foreign_ray_error(where: str, answer: str = "", local: bool = True) -> str:
+    """The error for a Ray cluster that runs but does not take our token, with the ways out."""
+    ours = f"the token in {ray_token_source()}" if ray_token() else f"no token ({ray_token_source()} is missing)"
+    answer = f" ({answer})" if answer else ""
+    return f"a Ray cluster already runs {where} and refused {ours}{answer}. Either " + _ways_out(local)
+
+
+def _ways_out(local: bool, address: str = "") -> str:
+    use = f"RAY_ADDRESS={address} " if address else ""
+    ways = (f"reuse it: {use}RAY_AUTH_TOKEN=<its token> gradwatch up (or write its token to "
+            f"{ray_token_source()})")
+    if local:
+        ways += (", or stop it: `ray stop` (it ends every Ray cluster of this user on this machine), then "
+                 "`gradwatch up` starts a new one")
+    return ways
 
 
 def start_local_ray(
@@ -602,8 +637,16 @@ def start_local_ray(
         command += ["--num-cpus", str(num_cpus)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
+        offset = out.tell()
         done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            running = re.search(r"but is already running at (\S+?)\.?\s", f.read().decode(errors="replace"))
+        if running:
+            raise RuntimeError(
+                f"a Ray cluster already runs on this machine (GCS {running[1]}) without a dashboard at "
+                f"{address}. Either " + _ways_out(True, "http://127.0.0.1:<its dashboard port>"))
         raise RuntimeError(f"`ray start` failed (exit {done.returncode}); see {log_file}")
     deadline = time.time() + wait_s
     while time.time() < deadline:
@@ -621,6 +664,8 @@ __all__ = [
     "RayJob",
     "Resources",
     "dashboard_alive",
+    "foreign_ray_error",
+    "probe_dashboard",
     "ray_token",
     "read_json",
     "start_local_ray",

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from service.monitoring import MonitoringUnavailable, alertmanager_command, prometheus_command, start_child
+
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 PROMTOOL = "/usr/bin/promtool"
@@ -100,7 +102,8 @@ class Running:
 
 @contextmanager
 def _serve(name: str, binary: str, config_text: str, tmpdir: Path | str,
-           args: Callable[[Path, int], list[str]], timeout: float) -> Iterator[Running]:
+           command: Callable[[str, Path, Path, int], list[str]], timeout: float) -> Iterator[Running]:
+    """Start it the way `gradwatch up` does (service/monitoring.py), in its own folder under `tmpdir`."""
     path = require(binary)
     workdir = Path(tmpdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,43 +111,21 @@ def _serve(name: str, binary: str, config_text: str, tmpdir: Path | str,
     config.write_text(config_text)
     port = free_port()
     log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([path, f"--config.file={config}", *args(workdir, port)],
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    server = Running(name, f"http://127.0.0.1:{port}", process, workdir, log)
     try:
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
-            return httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200
-
-        try:
-            wait_for(ready, timeout=timeout, what=f"{name} on {server.url} to be ready")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{server.log_tail()}") from None
-        yield server
+        child = start_child(name, command(path, config, workdir / "data", port), port, log, workdir, timeout)
+    except MonitoringUnavailable as exc:
+        raise TimeoutError(str(exc)) from None
+    try:
+        yield Running(name, child.url, child.process, workdir, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        child.stop()
 
 
 def start_prometheus(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
     """Prometheus on a free 127.0.0.1 port with its own TSDB under `tmpdir`; `.url` is its base URL."""
-    return _serve("prometheus", PROMETHEUS, config_text, tmpdir, lambda d, port: [
-        f"--web.listen-address=127.0.0.1:{port}",
-        f"--storage.tsdb.path={d / 'data'}",
-        "--web.enable-lifecycle",
-    ], timeout)
+    return _serve("prometheus", PROMETHEUS, config_text, tmpdir, prometheus_command, timeout)
 
 
 def start_alertmanager(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
     """Alertmanager on a free 127.0.0.1 port, no cluster networking; `.url` is its base URL."""
-    return _serve("alertmanager", ALERTMANAGER, config_text, tmpdir, lambda d, port: [
-        f"--web.listen-address=127.0.0.1:{port}",
-        f"--storage.path={d / 'data'}",
-        "--cluster.listen-address=",
-    ], timeout)
+    return _serve("alertmanager", ALERTMANAGER, config_text, tmpdir, alertmanager_command, timeout)

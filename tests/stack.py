@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,9 +83,13 @@ def ray_head(cpus: int = 2):
 
 
 class Service:
-    """`gradwatch up` in a subprocess that the tests can SIGKILL and start again."""
+    """`gradwatch up` in a subprocess that the tests can SIGKILL and start again.
 
-    def __init__(self, ray_address: str, data_dir: Path):
+    Without Prometheus and Alertmanager unless `args` says otherwise (the default is `--no-monitoring`).
+    """
+
+    def __init__(self, ray_address: str, data_dir: Path, args: Sequence[str] = ("--no-monitoring",)):
+        self.args = list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "service.log"
@@ -102,7 +107,7 @@ class Service:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [str(BIN / "gradwatch"), "up"],
+                [str(BIN / "gradwatch"), "up", *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,15 +1,22 @@
-"""End to end: real Ray, the service, real Prometheus and Alertmanager with the shipped configs.
+"""End to end: `gradwatch up` with the real Prometheus and Alertmanager it starts, on real Ray.
 
-Prometheus discovers the workers through the service's /v1/targets, evaluates the shipped rules
-every second and sends alerts to Alertmanager, which delivers them to the service's webhook.
-Only addresses, paths and intervals are overridden (deploy/render.py). The same scraped data
-then runs every dashboard panel's query, with the template variables of a real job.
+`gradwatch up` runs both from PATH with the shipped configs rendered for itself: Prometheus
+discovers the workers through the service's /v1/targets, evaluates the shipped rules and sends
+alerts to Alertmanager, which delivers them to the service's webhook, where `gradwatch alerts`
+and `submit --follow` show them. The same scraped data then runs every dashboard panel's query,
+with the template variables of a real job. The last test stops `gradwatch up` and looks for
+leftover Prometheus and Alertmanager processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -17,35 +24,35 @@ import pytest
 import yaml
 
 from dashboards.build import panel_queries, substitute
-from deploy.render import render_alertmanager_config, render_prometheus_config
 from tests.conftest import EXAMPLES, REPO
-from tests.promstack import query, start_alertmanager, start_prometheus, wait_for
-from tests.stack import TOKEN, Service
+from tests.promstack import ALERTMANAGER, PROMETHEUS, free_port, query, require, wait_for
+from tests.stack import BIN, TOKEN, Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus, pytest.mark.timeout(1200)]
 
 DIVERGENCE_ALERTS = {"TrainingLossNonFinite", "TrainingDiverging"}
+ALERT_WITHIN_S = 15.0
 
 
 @pytest.fixture(scope="module")
 def stack(ray_head, tmp_path_factory):
+    require(PROMETHEUS)
+    require(ALERTMANAGER)
     tmp = tmp_path_factory.mktemp("e2e")
-    svc = Service(ray_head, tmp / "gradwatch")
     (tmp / "gradwatch").mkdir(exist_ok=True)
-    svc.start()
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN)
-    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
-                                           group_wait="1s", group_interval="1s")
-    with start_alertmanager(am_config, tmp) as am:
-        prom_config = render_prometheus_config(service_url=svc.url, token_file=token_file,
-                                               alertmanager_url=am.url, scrape_interval="1s",
-                                               eval_interval="1s", sd_refresh_interval="1s")
-        with start_prometheus(prom_config, tmp) as prom:
-            yield SimpleNamespace(svc=svc, client=svc.client, am=am, prom=prom, started=time.time(), jobs={})
-    for job in svc.client.jobs(state=["queued", "running"]):
-        svc.client.cancel(job["id"])
-    svc.stop()
+    prom_port, am_port = free_port(), free_port()
+    svc = Service(ray_head, tmp / "gradwatch",
+                  args=["--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port)])
+    svc.start()  # healthy only after Prometheus and Alertmanager answer
+    prom = SimpleNamespace(url=f"http://127.0.0.1:{prom_port}")
+    printed = svc.log.read_text()
+    assert f"Prometheus     {prom.url}" in printed and f"Alertmanager   http://127.0.0.1:{am_port}" in printed
+    yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, data_dir=tmp / "gradwatch",
+                          started=time.time(), jobs={})
+    if svc.process and svc.process.poll() is None:
+        for job in svc.client.jobs(state=["queued", "running"]):
+            svc.client.cancel(job["id"])
+        svc.stop()
 
 
 def submit(stack, example: str) -> dict:
@@ -80,17 +87,63 @@ def test_a_healthy_run_raises_no_alert(stack):
     assert fired == [], fired
 
 
-def test_a_diverging_run_is_reported_as_diverging(stack):
-    job = submit(stack, "diverging")
-    arrived = wait_for_alert(stack, job["id"], DIVERGENCE_ALERTS, timeout=300)
-    assert arrived
-    alert = next(a for a in stack.client.alerts(job_id=job["id"]) if a["alertname"] in DIVERGENCE_ALERTS)
-    assert alert["severity"] == "critical" and alert["status"] == "firing"
-    assert alert["summary"] and alert["description"]
-    status = stack.client.get(job["id"])
-    assert {a["alertname"] for a in status["alerts"]} & DIVERGENCE_ALERTS
-    stack.client.cancel(job["id"])
-    assert stack.client.wait(job["id"], timeout=60)["state"] == "cancelled"
+def cli(stack, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "GRADWATCH_URL": stack.svc.url, "GRADWATCH_TOKEN": TOKEN, "COLUMNS": "200"}
+    return subprocess.Popen([str(BIN / "gradwatch"), *args], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **kwargs)
+
+
+def first_nonfinite(stack, job_id: str) -> dict | None:
+    """The run's first non-finite step from its history (rank 0 records every one, with its time)."""
+    path = stack.data_dir / "runs" / job_id / "history.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in records if r.get("nonfinite")), None)
+
+
+def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack):
+    follow = cli(stack, "submit", str(EXAMPLES / "diverging.yaml"), "--follow")
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        for line in follow.stdout:
+            lines.append((time.time(), line.rstrip()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    job_id = wait_for(lambda: next((m[1] for _, line in lines if (m := re.match(r"submitted (gw-\w+)", line))),
+                                   None), timeout=30, what="the submitted job id")
+    stack.jobs["diverging"] = job_id
+
+    def alert_listed() -> float | None:
+        out = subprocess.run([str(BIN / "gradwatch"), "alerts", job_id, "--json"], capture_output=True, text=True,
+                             env={**os.environ, "GRADWATCH_URL": stack.svc.url, "GRADWATCH_TOKEN": TOKEN})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return time.time() if "TrainingLossNonFinite" in {a["alertname"] for a in json.loads(out.stdout)} else None
+
+    listed_at = wait_for(alert_listed, timeout=300, interval=0.5, what=f"TrainingLossNonFinite for {job_id}")
+    assert follow.wait(timeout=300) == 1
+    reader.join(timeout=10)
+    text = "\n".join(line for _, line in lines)
+    first = first_nonfinite(stack, job_id)
+    assert first, f"{job_id} never had a non-finite step:\n{text}"
+    followed_at = next((t for t, line in lines if re.search(r"ALERT firing TrainingLossNonFinite", line)), None)
+    assert followed_at, f"submit --follow never showed TrainingLossNonFinite:\n{text}"
+    assert listed_at - first["time"] <= ALERT_WITHIN_S, (listed_at - first["time"], first)
+    assert followed_at - first["time"] <= ALERT_WITHIN_S, (followed_at - first["time"], first)
+
+    # Its updates were all skipped: the run ends failed, saying so, within max_skipped_steps steps.
+    job = stack.client.get(job_id)
+    limit = job["spec"]["max_skipped_steps"]
+    assert job["state"] == "failed", job["reason"]
+    reason = re.fullmatch(rf"diverged: {limit} consecutive non-finite steps since step (\d+); "
+                          r"last finite loss \S+ at step (\d+)", job["reason"])
+    assert reason, job["reason"]
+    assert int(reason[1]) == first["step"] and int(reason[2]) == first["step"] - 1
+    assert job["step"] <= first["step"] + limit
+    assert f"{job_id} failed: {job['reason']}" in text.replace("\n", " ")
+    assert job["warning"] is None
 
 
 def test_a_stalled_run_is_reported_as_stalled(stack):
@@ -131,3 +184,33 @@ def test_every_dashboard_panel_returns_data(stack):
                 problems.append(f"{board['uid']} / {title}: no data for {promql}")
     assert ran >= 30
     assert not problems, "\n".join(problems)
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if state != "Z":
+                found[int(stat.parent.name)] = (int(ppid), (stat.parent / "cmdline").read_bytes()
+                                                .replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_up_stops_its_prometheus_and_alertmanager(stack):
+    binaries = (PROMETHEUS, ALERTMANAGER)
+    children = {pid: cmd for pid, (ppid, cmd) in processes().items()
+                if ppid == stack.svc.process.pid and cmd.split(" ")[0] in binaries}
+    assert sorted(cmd.split(" ")[0] for cmd in children.values()) == sorted(binaries), children
+    assert all(str(stack.data_dir / "monitoring") in cmd for cmd in children.values())
+    stack.svc.stop()
+    assert stack.svc.process.returncode == 0
+
+    def left() -> dict[int, str]:
+        now = processes()
+        return {pid: cmd for pid, cmd in children.items() if pid in now and now[pid][1] == cmd}
+
+    wait_for(lambda: not left(), timeout=15, what="Prometheus and Alertmanager to exit")

@@ -1,0 +1,234 @@
+"""Prometheus and Alertmanager as children of `gradwatch up`: the whole alert loop on one machine.
+
+Both come from Debian's packages (`prometheus`, `prometheus-alertmanager`) or upstream's binaries
+on PATH and run the shipped configs rendered for this service (deploy/render.py): Prometheus finds
+the workers through the service's GET /v1/targets, scrapes them, evaluates the shipped rules and
+sends alerts to Alertmanager, which posts them back to the service's POST /v1/alerts. Their data
+lives under the data dir, both listen on 127.0.0.1 only, and both stop when the service stops (and
+die with it, should it be killed).
+
+    monitoring = Monitoring.start(settings)   # MonitoringUnavailable: not installed, or would not start
+    ...
+    monitoring.stop()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from service.settings import Settings
+
+PROMETHEUS_NAMES = ("prometheus",)
+ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")  # Debian's name, then upstream's
+INSTALL_HINT = (
+    "install them with `sudo apt-get install -y --no-install-recommends prometheus prometheus-alertmanager` "
+    "(Debian/Ubuntu) or put upstream's `prometheus` and `alertmanager` on PATH; "
+    "`gradwatch up --no-monitoring` starts the service without them (and without alerts)"
+)
+DEFAULT_PROMETHEUS_PORT = 9090
+DEFAULT_ALERTMANAGER_PORT = 9093
+# One machine, seconds not minutes: an alert about a run here arrives a few seconds after its cause.
+SCRAPE_INTERVAL = "2s"
+EVAL_INTERVAL = "2s"
+SD_REFRESH_INTERVAL = "2s"
+GROUP_WAIT = "1s"
+GROUP_INTERVAL = "5s"
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class MonitoringUnavailable(RuntimeError):
+    """Prometheus or Alertmanager is not installed, or did not start; the message says what to do."""
+
+
+def find_binaries() -> tuple[str, str]:
+    """Paths of Prometheus and Alertmanager on PATH; MonitoringUnavailable names what is missing."""
+    prometheus = next((p for p in map(shutil.which, PROMETHEUS_NAMES) if p), None)
+    alertmanager = next((p for p in map(shutil.which, ALERTMANAGER_NAMES) if p), None)
+    missing = [name for name, path in (("prometheus", prometheus), ("prometheus-alertmanager", alertmanager))
+               if path is None]
+    if missing:
+        raise MonitoringUnavailable(f"{' and '.join(missing)} not found on PATH: {INSTALL_HINT}")
+    assert prometheus and alertmanager
+    return prometheus, alertmanager
+
+
+def prometheus_command(binary: str, config: Path, data: Path, port: int) -> list[str]:
+    """Prometheus on 127.0.0.1:`port` with its TSDB in `data` and the reload endpoint on."""
+    return [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={data}", "--web.enable-lifecycle"]
+
+
+def alertmanager_command(binary: str, config: Path, data: Path, port: int) -> list[str]:
+    """Alertmanager on 127.0.0.1:`port`, state in `data`, without cluster gossip (a single one)."""
+    return [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.path={data}", "--cluster.listen-address="]
+
+
+def monitoring_token(settings: Settings) -> str:
+    """The token Prometheus (service discovery) and Alertmanager (webhook) present to the service.
+
+    The service has one token, so they get that one; a narrower token (read targets, post alerts)
+    belongs here, the only place that chooses it.
+    """
+    assert settings.token, "gradwatch up sets the service token before it starts monitoring"
+    return settings.token
+
+
+def service_url(settings: Settings) -> str:
+    """Where Prometheus and Alertmanager on this machine reach the service: loopback for a wildcard bind."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_port(requested: int | None, default: int, option: str) -> int:
+    """None: `default` when free, else any free port; 0: any free port; else exactly `requested`."""
+    if requested is None:
+        return default if port_is_free(default) else free_port()
+    if requested == 0:
+        return free_port()
+    if not port_is_free(requested):
+        raise MonitoringUnavailable(f"port {requested} on 127.0.0.1 is in use ({option}): choose another, "
+                                    "or 0 for any free port")
+    return requested
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # PR_SET_PDEATHSIG: a killed service must not leave its monitoring behind.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """A started server: its name, base URL, process and log file."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise MonitoringUnavailable(f"{self.name} exited with {self.process.returncode} (log {self.log}):\n"
+                                        f"{self.log_tail()}")
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise MonitoringUnavailable(f"{self.name} did not answer {self.url}/-/ready within {timeout:.0f} s "
+                                            f"(log {self.log}):\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_child(name: str, command: list[str], port: int, log: Path, cwd: Path,
+                timeout: float = START_TIMEOUT_S) -> Child:
+    """Start `command`, a server on 127.0.0.1:`port`, and wait until it is ready; stopped if it is not."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                   start_new_session=True,  # Ctrl-C reaches the service, which stops them
+                                   preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    child = Child(name, f"http://127.0.0.1:{port}", process, log)
+    try:
+        child.wait_ready(timeout)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+@dataclass
+class Monitoring:
+    """Prometheus and Alertmanager started for one service; `stop()` ends both."""
+
+    prometheus: Child
+    alertmanager: Child
+    folder: Path
+
+    @classmethod
+    def start(cls, settings: Settings, prometheus_port: int | None = None,
+              alertmanager_port: int | None = None) -> Monitoring:
+        from deploy.render import render_alertmanager_config, render_prometheus_config
+
+        prometheus_bin, alertmanager_bin = find_binaries()
+        folder = settings.data_dir / "monitoring"
+        folder.mkdir(parents=True, exist_ok=True)
+        token_file = folder / "token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(monitoring_token(settings) + "\n")
+        url = service_url(settings)
+        am_port = choose_port(alertmanager_port, DEFAULT_ALERTMANAGER_PORT, "--alertmanager-port")
+        am_config = folder / "alertmanager.yml"
+        am_config.write_text(render_alertmanager_config(
+            webhook_url=f"{url}/v1/alerts", token_file=token_file, group_wait=GROUP_WAIT,
+            group_interval=GROUP_INTERVAL))
+        alertmanager = start_child("alertmanager", alertmanager_command(
+            alertmanager_bin, am_config, folder / "alertmanager", am_port), am_port,
+            folder / "alertmanager.log", folder)
+        try:
+            prom_port = choose_port(prometheus_port, DEFAULT_PROMETHEUS_PORT, "--prometheus-port")
+            prom_config = folder / "prometheus.yml"
+            prom_config.write_text(render_prometheus_config(
+                service_url=url, token_file=token_file, alertmanager_url=alertmanager.url,
+                scrape_interval=SCRAPE_INTERVAL, eval_interval=EVAL_INTERVAL,
+                sd_refresh_interval=SD_REFRESH_INTERVAL))
+            prometheus = start_child("prometheus", prometheus_command(
+                prometheus_bin, prom_config, folder / "prometheus", prom_port), prom_port,
+                folder / "prometheus.log", folder)
+        except BaseException:
+            alertmanager.stop()
+            raise
+        return cls(prometheus, alertmanager, folder)
+
+    def stop(self) -> None:
+        """Prometheus first (it sends to Alertmanager), then Alertmanager."""
+        for child in (self.prometheus, self.alertmanager):
+            child.stop()
+
+
+__all__ = ["Monitoring", "MonitoringUnavailable", "find_binaries", "monitoring_token"]
