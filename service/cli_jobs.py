@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 from datetime import UTC, datetime
@@ -93,7 +94,6 @@ def up(
     and Alertmanager stop with it."""
     from service.launcher import foreign_ray_error, probe_dashboard, ray_token, start_local_ray
     from service.main import serve
-    from service.monitoring import Monitoring, MonitoringUnavailable, find_binaries
     from service.settings import Settings, check_bind
 
     overrides: dict[str, Any] = {
@@ -126,32 +126,47 @@ def up(
                 _fail(str(exc))
             errors.print("Ray stays up when the service stops (`ray stop` ends it)")
         settings.ray_address = address
+    # uvicorn hands a stop signal back once it has shut down: leave through `finally`, which stops
+    # Prometheus and Alertmanager (should the service be killed instead, PR_SET_PDEATHSIG ends them).
+    signal.signal(signal.SIGTERM, _exit_quietly)
     monitoring = None
-    if not no_monitoring:
-        try:
-            find_binaries()
-        except MonitoringUnavailable as exc:
-            errors.print(f"[yellow]no alerts:[/yellow] {_e(str(exc))}")
-        else:
-            folder = settings.data_dir / "monitoring"
-            errors.print(f"starting Prometheus and Alertmanager (data and logs: {folder}) ...")
-            try:
-                monitoring = Monitoring.start(settings, prometheus_port, alertmanager_port)
-            except MonitoringUnavailable as exc:
-                _fail(str(exc))
-    console.print(f"gradwatch API  {settings.url}")
-    console.print(f"token          {settings.token}")
-    console.print(f"Ray dashboard  {settings.ray_address}")
-    if monitoring:
-        console.print(f"Prometheus     {monitoring.prometheus.url}")
-        console.print(f"Alertmanager   {monitoring.alertmanager.url}")
-    console.print(f"export GRADWATCH_URL={settings.url} GRADWATCH_TOKEN={settings.token}", soft_wrap=True)
-    sys.stdout.flush()
     try:
+        if not no_monitoring:
+            monitoring = _start_monitoring(settings, prometheus_port, alertmanager_port)
+        console.print(f"gradwatch API  {settings.url}")
+        console.print(f"token          {settings.token}")
+        console.print(f"Ray dashboard  {settings.ray_address}")
+        if monitoring:
+            console.print(f"Prometheus     {monitoring.prometheus.url}")
+            console.print(f"Alertmanager   {monitoring.alertmanager.url}")
+        console.print(f"export GRADWATCH_URL={settings.url} GRADWATCH_TOKEN={settings.token}", soft_wrap=True)
+        sys.stdout.flush()
         serve(settings)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     finally:
         if monitoring:
             monitoring.stop()
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _start_monitoring(settings: Any, prometheus_port: int | None, alertmanager_port: int | None) -> Any:
+    """Prometheus and Alertmanager for this service, or None (with a warning) when they are not installed."""
+    from service.monitoring import Monitoring, MonitoringUnavailable, find_binaries
+
+    try:
+        find_binaries()
+    except MonitoringUnavailable as exc:
+        errors.print(f"[yellow]no alerts:[/yellow] {_e(str(exc))}")
+        return None
+    errors.print(f"starting Prometheus and Alertmanager (data and logs: {settings.data_dir / 'monitoring'}) ...")
+    try:
+        return Monitoring.start(settings, prometheus_port, alertmanager_port)
+    except MonitoringUnavailable as exc:
+        _fail(str(exc))
 
 
 def _load_or_make_token(path: Path) -> str:

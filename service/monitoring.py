@@ -39,9 +39,9 @@ INSTALL_HINT = (
 DEFAULT_PROMETHEUS_PORT = 9090
 DEFAULT_ALERTMANAGER_PORT = 9093
 # One machine, seconds not minutes: an alert about a run here arrives a few seconds after its cause.
-SCRAPE_INTERVAL = "2s"
-EVAL_INTERVAL = "2s"
-SD_REFRESH_INTERVAL = "2s"
+SCRAPE_INTERVAL = "1s"
+EVAL_INTERVAL = "1s"
+SD_REFRESH_INTERVAL = "1s"
 GROUP_WAIT = "1s"
 GROUP_INTERVAL = "5s"
 START_TIMEOUT_S = 60.0

@@ -257,8 +257,9 @@ class JobSpec(Strict):
     on_divergence: Literal["alert", "stop", "rollback"] = "alert"
     max_skipped_steps: int | None = Field(
         100, ge=1, le=100_000_000,
-        description="End the run failed after this many skipped (non-finite) updates in a row: "
-                    "weights that no update reaches cannot learn. null goes on to the end.")
+        description="End the run failed this many steps after an update was first skipped (non-finite "
+                    "loss or gradient) unless 10 updates in a row were applied since: weights that no "
+                    "update reaches cannot learn. null goes on to the end.")
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
     timeout: float | None = Field(
         None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.",

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+# The reason a run ends failed once its updates were skipped max_skipped_steps steps (workers/loop.py).
+DIVERGED = re.compile(r"diverged: (?:(?P<steps>\d+) consecutive non-finite steps|(?P<skipped>\d+) of the "
+                      r"(?P<of>\d+) steps) since step (?P<since>\d+)(?: were non-finite, never \d+ finite in a row)?; "
+                      r"last finite loss(?: before them)? (?P<loss>\S+) at step (?P<last>\d+)")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,11 @@ from workers.telemetry import Telemetry
 log = logging.getLogger("gradwatch.loop")
 
 
+# Applied updates in a row that end a stretch of skipped ones; fewer (a finite batch now and then
+# while the loss is inf) do not: the run has not recovered.
+RECOVERY_STEPS = 10
+
+
 class DivergenceStop(RuntimeError):
     """on_divergence: stop, and the run diverged."""
 
@@ -85,7 +90,7 @@ class Trainer:
                          if spec.precision == "bf16" else contextlib.nullcontext())
         self.pos = Position()
         self.skipped_steps = 0
-        self.skipped_in_a_row, self.skipped_since = 0, 0
+        self.skipped_in_a_row, self.skipped_since, self.applied_in_a_row = 0, 0, 0
         self.last_applied: tuple[int, float] | None = None  # (step, loss) of the last applied update
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
@@ -211,20 +216,31 @@ class Trainer:
         self.rollback()
 
     def check_skipped(self, applied: bool, loss: float) -> None:
-        """End the run when max_skipped_steps updates in a row were skipped: its weights no longer move."""
-        if applied:
+        """End the run once max_skipped_steps steps passed since an update was first skipped, with no
+        recovery (RECOVERY_STEPS applied updates in a row) in between: its weights no longer move."""
+        if self.pos.step < self.skipped_since:  # rolled back to before the stretch: judge afresh
+            self.skipped_in_a_row = 0
+        if self.skipped_in_a_row == 0:  # healthy so far
+            if applied:
+                self.last_applied = (self.pos.step, loss)
+                return
+            self.skipped_since, self.applied_in_a_row = self.pos.step, 0
+        self.skipped_in_a_row += not applied
+        self.applied_in_a_row = self.applied_in_a_row + 1 if applied else 0
+        if self.applied_in_a_row >= RECOVERY_STEPS:
             self.skipped_in_a_row, self.last_applied = 0, (self.pos.step, loss)
             return
-        if self.skipped_in_a_row == 0:
-            self.skipped_since = self.pos.step
-        self.skipped_in_a_row += 1
+        steps = self.pos.step - self.skipped_since + 1
         limit = self.spec.max_skipped_steps
-        if limit is None or self.skipped_in_a_row < limit:
+        if limit is None or steps < limit:
             return
-        last = (f"last finite loss {self.last_applied[1]:.4g} at step {self.last_applied[0]}"
-                if self.last_applied else "no finite loss before it")
-        raise DivergenceStop(f"diverged: {self.skipped_in_a_row} consecutive non-finite steps since step "
-                             f"{self.skipped_since}; {last}")
+        since, all_skipped = self.skipped_since, self.skipped_in_a_row == steps
+        last = (f"last finite loss{'' if all_skipped else ' before them'} {self.last_applied[1]:.4g} at step "
+                f"{self.last_applied[0]}" if self.last_applied else "no finite loss before them")
+        if all_skipped:
+            raise DivergenceStop(f"diverged: {steps} consecutive non-finite steps since step {since}; {last}")
+        raise DivergenceStop(f"diverged: {self.skipped_in_a_row} of the {steps} steps since step {since} were "
+                             f"non-finite, never {RECOVERY_STEPS} finite in a row; {last}")
 
     def rollback(self) -> None:
         cfg = self.spec.rollback

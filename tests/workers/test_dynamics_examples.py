@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import yaml
 
 from service.spec import load_spec
-from tests.conftest import EXAMPLES
+from tests.conftest import DIVERGED, EXAMPLES
 from workers.driver import run_job
 
 pytestmark = pytest.mark.ray
@@ -28,18 +31,31 @@ def phases(result) -> set[str]:
 
 
 @pytest.mark.parametrize("name,expect_anomaly,expect_phase", [
-    ("diverging", "divergence", "diverging"),
     ("stalled", "plateau", "stalled"),
     ("overfitting", "overfitting", None),
     ("vanishing", "vanishing_gradients", None),
 ])
 def test_example_raises_what_it_shows(local_ray, tmp_path, name, expect_anomaly, expect_phase):
     # the examples run long enough for Prometheus alerts; the detectors need only the first steps
-    overrides = {"max_steps": 400 if name == "stalled" else 300} if name in ("stalled", "diverging") else {}
+    overrides = {"max_steps": 400} if name == "stalled" else {}
     result = run_job(example(name, **overrides), storage_path=tmp_path)
     assert result["state"] == "succeeded", result["error"]
+    assert result["warning"] is None
     assert expect_anomaly in kinds(result), result["anomalies"]
     if expect_phase:
         assert expect_phase in phases(result), result["phases"]
-    if name != "diverging":
-        assert "divergence" not in kinds(result)
+    assert "divergence" not in kinds(result)
+
+
+def test_the_diverging_example_ends_failed_once_its_updates_are_all_skipped(local_ray, tmp_path):
+    spec = example("diverging")
+    result = run_job(spec, storage_path=tmp_path)
+    assert result["state"] == "failed"
+    reason = DIVERGED.fullmatch(result["error"])
+    assert reason and int(reason["steps"] or reason["of"]) == spec.max_skipped_steps, result["error"]
+    history = [json.loads(line) for line in (tmp_path / result["job_id"] / "history.jsonl").read_text().splitlines()]
+    first_nonfinite = min(r["step"] for r in history if r.get("nonfinite"))
+    assert int(reason["since"]) == first_nonfinite and int(reason["last"]) == first_nonfinite - 1
+    assert math.isfinite(float(reason["loss"]))
+    assert result["steps"] <= first_nonfinite + spec.max_skipped_steps < spec.max_steps
+    assert any(r.get("phase") == "diverging" for r in history)  # the detectors saw it coming
