@@ -4,7 +4,7 @@ It honours the driver contract the way `workers.driver` does: a submitted job
 waits until its workers fit, then each `advance()` is one training step that
 rewrites `<storage>/<job id>/status.json`; at max_steps it writes result.json and
 succeeds. A spec label `fake: fail` makes it fail at step 2 (with result.json),
-`fake: crash` kills the driver at step 2 (no result.json).
+`fake: crash` kills the driver at step 2 (no result.json), `fake: nonfinite` succeeds on an inf loss.
 """
 
 from __future__ import annotations
@@ -141,12 +141,13 @@ class FakeCluster:
             self._write_result(job, "failed", "RuntimeError: boom at step 2")
         elif job.step >= job.spec["max_steps"]:
             job.status, job.workers = "SUCCEEDED", 0
-            self._write_status(job, "succeeded")
-            self._write_result(job, "succeeded", None)
+            warning = "its final train loss is inf" if job.spec.get("labels", {}).get("fake") == "nonfinite" else None
+            self._write_status(job, "succeeded", warning)
+            self._write_result(job, "succeeded", None, warning)
         else:
             self._write_status(job, "running")
 
-    def _write_status(self, job: FakeJob, state: str) -> None:
+    def _write_status(self, job: FakeJob, state: str, warning: str | None = None) -> None:
         n = job.spec["scaling"]["num_workers"]
         endpoints = (
             [{"rank": r, "host": "10.0.0.7", "port": 40000 + r} for r in range(n)]
@@ -170,11 +171,12 @@ class FakeCluster:
                 "anomalies": {},
                 "restarts": 0,
                 "endpoints": endpoints,
+                "warning": warning,
                 "updated_at": time.time(),
             },
         )
 
-    def _write_result(self, job: FakeJob, state: str, error: str | None) -> None:
+    def _write_result(self, job: FakeJob, state: str, error: str | None, warning: str | None = None) -> None:
         _write(
             job.storage / job.job_id / "result.json",
             {
@@ -182,12 +184,13 @@ class FakeCluster:
                 "state": state,
                 "steps": job.step,
                 "world_size": job.spec["scaling"]["num_workers"],
-                "train_loss": 1.0 / job.step,
+                "train_loss": float("inf") if warning else 1.0 / job.step,
                 "val_loss": None,
                 "val_accuracy": None,
                 "wall_seconds": 1.5,
                 "storage_path": str(job.storage / job.job_id),
                 "error": error,
+                "warning": warning,
             },
         )
 

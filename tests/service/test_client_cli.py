@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -167,6 +168,24 @@ def test_cli_submit_follow_of_a_failing_job_exits_1(env, tmp_path):
     result = CliRunner().invoke(cli, ["submit", str(path), "-f"])
     assert result.exit_code == 1
     assert "failed: RuntimeError: boom at step 2" in result.output
+
+
+def test_cli_a_run_that_ends_on_a_nonfinite_loss_is_no_plain_success(env, client, tmp_path):
+    path = tmp_path / "inf.yaml"
+    path.write_text(yaml.safe_dump(spec("cli-inf", steps=5, labels={"fake": "nonfinite"})))
+    runner = CliRunner()
+    followed = runner.invoke(cli, ["submit", str(path), "-f"])
+    assert followed.exit_code == 1, followed.output
+    job_id = followed.output.split()[1]
+    assert f"{job_id} succeeded (warning): finished 5 steps, in 2 s, but its final train loss is inf" in followed.output
+    job = client.get(job_id)
+    assert (job["state"], job["warning"]) == ("succeeded", "its final train loss is inf")
+    assert job["reason"].endswith("but its final train loss is inf")
+    assert "succeeded (warning)" in runner.invoke(cli, ["jobs"]).output
+    status = runner.invoke(cli, ["status", job_id]).output
+    assert "succeeded (warning)" in status and re.search(r"\nwarning +its final train loss is inf", status)
+    healthy = client.submit(spec("cli-ok", steps=5))
+    assert client.wait(healthy["id"], timeout=20)["warning"] is None
 
 
 def test_cli_refused_spec_prints_every_error_and_exits_2(env, tmp_path):

@@ -11,6 +11,7 @@ import yaml
 
 from service.spec import load_spec
 from tests.conftest import DIVERGED, EXAMPLES, small_spec
+from workers.driver import unhealthy_ending
 from workers.loop import DivergenceStop, Trainer
 from workers.session import LocalSession
 
@@ -137,3 +138,8 @@ def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
     assert out.steps == 500
     assert not math.isfinite(out.train_loss)
     assert out.skipped_steps > 20
+    # what the driver then reports beside "succeeded"
+    held = {k: v for k, v in trainer.telemetry.monitor.anomalies.items() if v}
+    assert unhealthy_ending({"train_loss": out.train_loss}, {"anomalies": held}) == (
+        "its final train loss is inf and it was still diverging at the end")
+    assert unhealthy_ending({"train_loss": 0.1}, {"anomalies": {}}) is None
