@@ -76,14 +76,21 @@ def alertmanager_command(binary: str, config: Path, data: Path, port: int) -> li
             f"--storage.path={data}", "--cluster.listen-address="]
 
 
-def monitoring_token(settings: Settings) -> str:
-    """The token Prometheus (service discovery) and Alertmanager (webhook) present to the service.
+def monitoring_token_files(settings: Settings) -> tuple[Path, Path]:
+    """The token files Prometheus (service discovery) and Alertmanager (webhook) read, in that order.
 
-    The service has one token, so they get that one; a narrower token (read targets, post alerts)
-    belongs here, the only place that chooses it.
+    The service has one token, so both hold that one (0600, under the data dir); narrower tokens, one
+    per consumer (read targets, post alerts), belong here and nowhere else.
     """
     assert settings.token, "gradwatch up sets the service token before it starts monitoring"
-    return settings.token
+    folder = settings.data_dir / "monitoring"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = (folder / "prometheus.token", folder / "alertmanager.token")
+    for path in files:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(settings.token + "\n")
+    return files
 
 
 def service_url(settings: Settings) -> str:
@@ -196,16 +203,12 @@ class Monitoring:
 
         prometheus_bin, alertmanager_bin = find_binaries()
         folder = settings.data_dir / "monitoring"
-        folder.mkdir(parents=True, exist_ok=True)
-        token_file = folder / "token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(monitoring_token(settings) + "\n")
+        prometheus_token, alertmanager_token = monitoring_token_files(settings)
         url = service_url(settings)
         am_port = choose_port(alertmanager_port, DEFAULT_ALERTMANAGER_PORT, "--alertmanager-port")
         am_config = folder / "alertmanager.yml"
         am_config.write_text(render_alertmanager_config(
-            webhook_url=f"{url}/v1/alerts", token_file=token_file, group_wait=GROUP_WAIT,
+            webhook_url=f"{url}/v1/alerts", token_file=alertmanager_token, group_wait=GROUP_WAIT,
             group_interval=GROUP_INTERVAL))
         alertmanager = start_child("alertmanager", alertmanager_command(
             alertmanager_bin, am_config, folder / "alertmanager", am_port), am_port,
@@ -214,7 +217,7 @@ class Monitoring:
             prom_port = choose_port(prometheus_port, DEFAULT_PROMETHEUS_PORT, "--prometheus-port")
             prom_config = folder / "prometheus.yml"
             prom_config.write_text(render_prometheus_config(
-                service_url=url, token_file=token_file, alertmanager_url=alertmanager.url,
+                service_url=url, token_file=prometheus_token, alertmanager_url=alertmanager.url,
                 scrape_interval=SCRAPE_INTERVAL, eval_interval=EVAL_INTERVAL,
                 sd_refresh_interval=SD_REFRESH_INTERVAL))
             prometheus = start_child("prometheus", prometheus_command(
@@ -231,4 +234,4 @@ class Monitoring:
             child.stop()
 
 
-__all__ = ["Monitoring", "MonitoringUnavailable", "find_binaries", "monitoring_token"]
+__all__ = ["Monitoring", "MonitoringUnavailable", "find_binaries", "monitoring_token_files"]

@@ -61,9 +61,10 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
     monitoring = Monitoring.start(settings, prometheus_port=0, alertmanager_port=0)
     try:
         folder = tmp_path / "monitoring"
-        token = folder / "token"
-        assert token.read_text().strip() == "service-token"
-        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        token, am_token = folder / "prometheus.token", folder / "alertmanager.token"
+        for path in (token, am_token):
+            assert path.read_text().strip() == "service-token"  # the only token the service has
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
         prom = yaml.safe_load((folder / "prometheus.yml").read_text())
         sd = next(j for j in prom["scrape_configs"] if j["job_name"] == "gradwatch-workers")["http_sd_configs"][0]
         assert sd["url"] == f"{settings.url}/v1/targets"
@@ -73,7 +74,7 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
         am = yaml.safe_load((folder / "alertmanager.yml").read_text())
         hook = am["receivers"][0]["webhook_configs"][0]
         assert hook["url"] == f"{settings.url}/v1/alerts"
-        assert hook["http_config"]["authorization"]["credentials_file"] == str(token)
+        assert hook["http_config"]["authorization"]["credentials_file"] == str(am_token)
         # Prometheus loaded the shipped rules and knows its Alertmanager
         rules = httpx.get(f"{monitoring.prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         assert "TrainingLossNonFinite" in {r["name"] for g in rules for r in g["rules"]}
