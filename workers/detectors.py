@@ -349,7 +349,7 @@ class PlateauDetector:
             return _QUIET
         noise = tracker.fall_noise(self.window)
         if self.flat:
-            if abs(fall) > (self.sigmas + 1.0) * noise:
+            if abs(fall) > 2.0 * self.sigmas * noise:  # wide hysteresis: a converged run does not flap
                 self.flat = False
         elif abs(fall) < self.sigmas * noise:
             self.flat = True  # a loss rising beyond noise is not flat: divergence judges it
