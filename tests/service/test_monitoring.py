@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -87,3 +89,31 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
     assert monitoring.alertmanager.process.returncode is not None
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{monitoring.prometheus.url}/-/ready", timeout=2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.prometheus
+def test_they_die_with_a_killed_service(tmp_path):
+    require(PROMETHEUS)
+    require(ALERTMANAGER)
+    script = ("import sys, time\n"
+              "from service.monitoring import Monitoring\n"
+              "from service.settings import Settings\n"
+              f"m = Monitoring.start(Settings(data_dir={str(tmp_path)!r}, port={free_port()}, token='t'), 0, 0)\n"
+              "print(m.prometheus.process.pid, m.alertmanager.process.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    service = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in service.stdout.readline().split()]
+        assert len(children) == 2 and all(alive(pid) for pid in children)
+    finally:
+        service.kill()  # SIGKILL: no `finally` of its own runs
+        service.wait()
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=15, what="Prometheus and Alertmanager to exit")
