@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
@@ -318,12 +319,26 @@ def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:re
 alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], responses=ERRORS)
 
 
-@alerts.post("", response_model=IngestOut, responses={413: {"model": ErrorOut}})
-def receive_alerts(
-    payload: AlertmanagerWebhook, store: StoreDep, _: Annotated[Principal, need("alerts:write")]
+@alerts.post(
+    "",
+    response_model=IngestOut,
+    responses={413: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AlertmanagerWebhook"}}},
+        }
+    },
+)
+async def receive_alerts(
+    request: Request, store: StoreDep, _: Annotated[Principal, need("alerts:write")]
 ) -> IngestOut:
     """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint+startsAt.
-    Only a token with scope alerts:write (Alertmanager's) may send it."""
+    Only a token with scope alerts:write (Alertmanager's) may send it; the body is read after that."""
+    try:
+        payload = AlertmanagerWebhook.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     updates = []
     for alert in payload.alerts:
         starts_at = parse_time(alert.startsAt)
@@ -339,7 +354,7 @@ def receive_alerts(
                 generator_url=alert.generatorURL,
             )
         )
-    new, updated = store.ingest_alerts(updates)
+    new, updated = await run_in_threadpool(store.ingest_alerts, updates)
     return IngestOut(received=len(updates), new=new, updated=updated)
 
 
@@ -637,6 +652,9 @@ def create_app(
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(spec_schema.pop("$defs", {}))
             components["JobSpec"] = spec_schema
+            webhook = AlertmanagerWebhook.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(webhook.pop("$defs", {}))
+            components["AlertmanagerWebhook"] = webhook
             app.openapi_schema = schema
         return app.openapi_schema
 
