@@ -143,9 +143,10 @@ def _read_regular_file(path: str, limit: int, roots: list[str] | None) -> str:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         raise refused from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # devices, FIFOs, sockets, folders
+        os.close(fd)
+        raise refused
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # devices, FIFOs, sockets, folders
-            raise refused
         raw = f.read(limit * 4)  # UTF-8 takes at most 4 bytes a character
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
