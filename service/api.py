@@ -57,6 +57,7 @@ from service.store import (
     fingerprint_of,
 )
 
+BODY_TYPES = frozenset({"application/json", "application/yaml", "application/x-yaml", "text/yaml"})
 MAX_LABEL_FILTERS = 16  # as many as a job can carry
 LOG_CHUNK_BYTES = 256 * 1024  # the most a log stream sends at once
 
@@ -111,6 +112,19 @@ def require_job_token(job_id: str, principal: Annotated[Principal, Depends(authe
     raise HTTPException(403, f"only job {job_id}'s own token (given to its driver at launch) may report its progress")
 
 
+def json_or_yaml(request: Request) -> None:
+    """415 for a body that is neither JSON nor YAML: a form or text/plain is what a web page can send
+    without a CORS preflight. Listed after the scope check, so a token without the scope gets 403."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in BODY_TYPES and not kind.endswith("+json"):
+        raise HTTPException(
+            415,
+            f"a body of type {kind or 'unknown'!r} is not accepted: send JSON (Content-Type: "
+            "application/json) or YAML (application/yaml)",
+        )
+
+
+JsonOrYaml = Annotated[None, Depends(json_or_yaml)]
 Reader = Annotated[Principal, need("read")]
 Submitter = Annotated[Principal, need("submit")]
 JobReporter = Annotated[Principal, Depends(require_job_token)]
@@ -151,9 +165,16 @@ _SPEC_BODY = {
     status_code=201,
     response_model=JobDetail,
     openapi_extra={"requestBody": _SPEC_BODY},
-    responses={413: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}, 429: {"model": ErrorOut}},
+    responses={
+        413: {"model": ErrorOut},
+        415: {"model": ErrorOut},
+        422: {"model": SpecErrorsOut},
+        429: {"model": ErrorOut},
+    },
 )
-async def submit_job(request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter) -> JobDetail:
+async def submit_job(
+    request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter, _: JsonOrYaml
+) -> JobDetail:
     """Validate a spec and queue the job as the token's user; a bad spec is refused with every error
     and nothing is stored."""
     settings: Settings = request.app.state.settings
@@ -322,7 +343,7 @@ alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], responses=ERRORS)
 @alerts.post(
     "",
     response_model=IngestOut,
-    responses={413: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}},
+    responses={413: {"model": ErrorOut}, 415: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -331,7 +352,7 @@ alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], responses=ERRORS)
     },
 )
 async def receive_alerts(
-    request: Request, store: StoreDep, _: Annotated[Principal, need("alerts:write")]
+    request: Request, store: StoreDep, _: Annotated[Principal, need("alerts:write")], __: JsonOrYaml
 ) -> IngestOut:
     """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint+startsAt.
     Only a token with scope alerts:write (Alertmanager's) may send it; the body is read after that."""
@@ -477,13 +498,10 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-BODY_TYPES = frozenset({"application/json", "application/yaml", "application/x-yaml", "text/yaml"})
-
-
 class RequestGuard:
     """Refuses what a web page in a browser could send: a Host this server does not answer to (DNS
-    rebinding), a cross-site request (Sec-Fetch-Site, Origin), and a body that is neither JSON nor
-    YAML (a form or text/plain needs no CORS preflight). Pure ASGI, before any route runs."""
+    rebinding) and a cross-site request (Sec-Fetch-Site, Origin). Pure ASGI, before any route runs;
+    routes that read a body also refuse any but JSON and YAML (`json_or_yaml`)."""
 
     def __init__(self, app: Any, host_names: frozenset[str]):
         self.app = app
@@ -516,14 +534,6 @@ class RequestGuard:
         origin = headers.get(b"origin")
         if origin is not None and urlsplit(origin.decode("latin-1")).netloc.lower() != host.lower():
             return 403, f"cross-origin request refused (Origin {origin.decode('latin-1')[:100]!r})"
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            empty = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
-            if not (kind in BODY_TYPES or kind.endswith("+json") or (not kind and empty)):
-                return 415, (
-                    f"a body of type {kind or 'unknown'!r} is not accepted: send JSON (Content-Type: "
-                    "application/json) or YAML (application/yaml)"
-                )
         return None
 
 
