@@ -110,3 +110,23 @@ def test_other_peoples_text_reaches_no_terminal_as_control_sequences(server):
         assert shown.exit_code == 0, shown.output
         assert "lookhere" in shown.output.replace("[2J]52;c;cm0gLXJmIH4=", "")
         assert not any(c in shown.output for c in "\x1b\x07\r"), repr(shown.output)
+
+
+def test_log_streams_are_capped_and_freed_when_a_follower_leaves(server):
+    app, url = server
+    app.state.settings.max_log_followers = 1
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    job = httpx.post(f"{url}/v1/jobs", json=spec("followed"), headers=headers).json()  # stays queued
+    follow = f"{url}/v1/jobs/{job['id']}/logs"
+    with httpx.Client(headers=headers, timeout=10) as client:
+        with client.stream("GET", follow, params={"follow": "true"}) as first:
+            assert first.status_code == 200
+            second = client.get(follow, params={"follow": "true"})
+            assert second.status_code == 429
+            assert second.json()["detail"] == "1 log streams are open, this server's limit: try again later"
+            assert client.get(follow).status_code == 200  # a plain read is no stream
+    wait_for(lambda: app.state.log_followers == 0, timeout=10, what="the closed stream to be let go")
+    with httpx.Client(headers=headers, timeout=10) as client, client.stream(
+        "GET", follow, params={"follow": "true"}
+    ) as again:
+        assert again.status_code == 200
