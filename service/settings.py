@@ -137,7 +137,14 @@ class Settings(BaseSettings):
         names = {"127.0.0.1", "localhost", "::1"}
         if self.host not in ("0.0.0.0", "::", ""):
             names.add(self.host.strip("[]").lower())
-        names |= {h.strip().strip("[]").lower() for h in self.allowed_hosts.split(",") if h.strip()}
+        for entry in self.allowed_hosts.split(","):
+            entry = entry.strip().lower()
+            if entry.startswith("["):  # [::1] or [::1]:8765
+                entry = entry[1 : entry.find("]")] if "]" in entry else entry
+            elif entry.count(":") == 1:  # name:port: the name is what is checked
+                entry = entry.split(":")[0]
+            if entry:
+                names.add(entry)
         return frozenset(names)
 
     @property
