@@ -280,6 +280,15 @@ def test_what_a_web_page_could_send_is_refused(http, app, headers, code, detail)
     assert sum(app.state.store.count_by_state().values()) == 0
 
 
+def test_a_page_cannot_cancel_a_job(http, app):
+    job = http.post("/v1/jobs", json=spec("target"), headers=bearer(ADMIN)).json()
+    for headers in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Host": "rebound.attacker.example"}):
+        response = http.post(f"/v1/jobs/{job['id']}/cancel", headers={**bearer(ADMIN), **headers})
+        assert response.status_code == 403, headers
+    assert app.state.store.get_job(job["id"]).state == "queued"
+
+
 def test_same_origin_requests_and_bodyless_posts_pass(http):
     job = http.post("/v1/jobs", json=spec("ok"), headers={**bearer(ADMIN), "Origin": "http://testserver",
                                                            "Sec-Fetch-Site": "same-origin"})
