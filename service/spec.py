@@ -294,8 +294,9 @@ class JobSpec(Strict):
     def _plain_text(cls, data: Any) -> Any:
         found = control_characters(data)
         if found:
+            where = ", ".join(_printable(path) for path in found)
             raise ValueError("control characters are not allowed in a spec (they would reach other people's "
-                             f"terminals): remove them from {', '.join(found[:5])}")
+                             f"terminals): remove them from {where}")
         return data
 
     @model_validator(mode="after")
@@ -393,6 +394,12 @@ def estimate_worker_memory(spec: JobSpec) -> MemoryEstimate | None:
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 / 10 else f"{n / 1024**2:.0f} MiB"
+
+
+def _printable(path: str) -> str:
+    """A field path fit for an error line: no control characters, no lone surrogates, not too long."""
+    text = _CONTROL.sub("?", path.encode("utf-8", "backslashreplace").decode("utf-8"))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def control_characters(data: Any) -> list[str]:
