@@ -43,7 +43,7 @@ def test_a_read_token_changes_nothing(case):
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 def test_a_submit_token_gets_no_server_error(case):
     response = case.call_and_validate(headers=with_token(case, SUBMIT), checks=[not_a_server_error])
     assert response.status_code != 401, response.text
