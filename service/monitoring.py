@@ -15,7 +15,6 @@ die with it, should it be killed).
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import signal
 import socket
@@ -77,20 +76,11 @@ def alertmanager_command(binary: str, config: Path, data: Path, port: int) -> li
 
 
 def monitoring_token_files(settings: Settings) -> tuple[Path, Path]:
-    """The token files Prometheus (service discovery) and Alertmanager (webhook) read, in that order.
+    """The token files Prometheus (service discovery) and Alertmanager (webhook) read, in that order:
+    each its own narrow token (targets:read, alerts:write; service/auth.py), made when missing."""
+    from service.auth import consumer_token_file
 
-    The service has one token, so both hold that one (0600, under the data dir); narrower tokens, one
-    per consumer (read targets, post alerts), belong here and nowhere else.
-    """
-    assert settings.token, "gradwatch up sets the service token before it starts monitoring"
-    folder = settings.data_dir / "monitoring"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = (folder / "prometheus.token", folder / "alertmanager.token")
-    for path in files:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(settings.token + "\n")
-    return files
+    return consumer_token_file(settings, "prometheus"), consumer_token_file(settings, "alertmanager")
 
 
 def service_url(settings: Settings) -> str:

@@ -63,10 +63,10 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
     monitoring = Monitoring.start(settings, prometheus_port=0, alertmanager_port=0)
     try:
         folder = tmp_path / "monitoring"
-        token, am_token = folder / "prometheus.token", folder / "alertmanager.token"
-        for path in (token, am_token):
-            assert path.read_text().strip() == "service-token"  # the only token the service has
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        token, am_token = tmp_path / "prometheus.token", tmp_path / "alertmanager.token"
+        texts = {path.read_text().strip() for path in (token, am_token)}
+        assert len(texts) == 2 and "service-token" not in texts  # each its own narrow token, not the admin's
+        assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in (token, am_token))
         prom = yaml.safe_load((folder / "prometheus.yml").read_text())
         sd = next(j for j in prom["scrape_configs"] if j["job_name"] == "gradwatch-workers")["http_sd_configs"][0]
         assert sd["url"] == f"{settings.url}/v1/targets"

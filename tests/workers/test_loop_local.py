@@ -151,3 +151,15 @@ def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
     assert unhealthy_ending({"train_loss": out.train_loss}, {"anomalies": held}) == (
         "its final train loss is inf and it was still diverging at the end")
     assert unhealthy_ending({"train_loss": 0.1}, {"anomalies": {}}) is None
+
+
+def test_a_long_healthy_sgd_run_on_digits_raises_nothing(tmp_path):
+    # The run that used to page: SGD on digits well past convergence, its loss near zero and noisy,
+    # its validation loss flat and noisy.
+    trainer = local({"max_steps": 1500, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                     "model": {"name": "mlp", "hidden": [64]}, "validation": {"every_steps": 50},
+                     "telemetry": {"interval": 10}, "checkpoint": {"every_steps": 1500}}, tmp_path)
+    out = trainer.train()
+    assert out.val_accuracy > 0.9
+    assert out.extra["anomalies"] == []
+    assert [p["phase"] for p in out.extra["phases"]][-1] in ("converged", "refinement")
