@@ -193,6 +193,7 @@ class Monitoring:
 
         prometheus_bin, alertmanager_bin = find_binaries()
         folder = settings.data_dir / "monitoring"
+        folder.mkdir(parents=True, exist_ok=True)
         prometheus_token, alertmanager_token = monitoring_token_files(settings)
         url = service_url(settings)
         am_port = choose_port(alertmanager_port, DEFAULT_ALERTMANAGER_PORT, "--alertmanager-port")
