@@ -234,7 +234,7 @@ class Trainer:
         limit = self.spec.max_skipped_steps
         if limit is None or steps < limit:
             return
-        self.post_progress(force=True)  # the job's status shows the step it stopped at
+        self.finish(loss)  # the result keeps the run's last step, phases and anomalies
         since, all_skipped = self.skipped_since, self.skipped_in_a_row == steps
         last = (f"last finite loss{'' if all_skipped else ' before them'} {self.last_applied[1]:.4g} at step "
                 f"{self.last_applied[0]}" if self.last_applied else "no finite loss before them")
