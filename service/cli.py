@@ -187,10 +187,11 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def _register_extensions() -> None:
-    from service import cli_jobs, grafana
+    from service import cli_jobs, cli_report, grafana
 
     cli_jobs.register(app)
     grafana.register(app)
+    cli_report.register(app)
 
 
 _register_extensions()

@@ -1,0 +1,361 @@
+"""Run reports: real runs drawn in Debian's headless Chromium, the service's live page, the size budget.
+
+The runs are made once for the module: the demo through `gradwatch run --json` (the real CLI), the four
+dynamics examples through `run_job` on one local Ray (what `gradwatch run --json` calls and prints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from service.api import create_app
+from service.cli import app as cli
+from service.report import ANOMALY_WORDS, MAX_POINTS, PHASE_WORDS, load_run, plotly_js_packed, render_report
+from service.settings import Settings
+from tests.conftest import EXAMPLES
+from tests.promstack import free_port, require, wait_for
+from tests.service.fakes import FakeCluster, spec
+
+BIN = Path(sys.executable).parent
+CHROMIUM = "/usr/bin/chromium"
+# Headless Chromium as root on a closed network: no sandbox, no GPU, and no background traffic.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+DYNAMICS = {"diverging": "divergence", "stalled": "plateau", "overfitting": "overfitting",
+            "vanishing": "vanishing_gradients"}
+# Enough steps for each example's detector; the shipped specs run longer so that Prometheus alerts fire.
+SHORTER = {"diverging": 300, "stalled": 400}
+TOKEN = "report-token"
+
+# Runs in the page: every chart drew something (SVG lines or points, or a heatmap image) at a real size.
+CHECK_CHARTS = """() => [...document.querySelectorAll('.gw-chart')].map(div => {
+    const box = div.getBoundingClientRect();
+    const lines = [...div.querySelectorAll('.scatterlayer path.js-line')]
+        .filter(p => /^M[^L]*L/.test(p.getAttribute('d') || '')).length;
+    const images = [...div.querySelectorAll('.heatmaplayer image')]
+        .filter(i => (i.getAttribute('href') || '').startsWith('data:image/')).length;
+    return {id: div.id, width: box.width, height: box.height, traces: (div.data || []).length,
+            lines, points: div.querySelectorAll('.scatterlayer .point').length, images,
+            svg: div.querySelectorAll('svg.main-svg').length};
+})"""
+CHECK_ANOMALIES = """() => {
+    const gd = document.getElementById('loss');
+    const trace = (gd.data || []).find(t => t.name === 'anomalies');
+    return {x: trace ? Array.from(trace.x) : [], text: trace ? Array.from(trace.text) : [],
+            drawn: [...gd.querySelectorAll('.scatterlayer .textpoint text')].map(t => t.textContent),
+            diagnosis: [...document.querySelectorAll('.diagnosis li')].map(li => li.textContent)};
+}"""
+
+
+def example_spec(name: str, tmp: Path) -> Path:
+    data = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    data["telemetry"] = {**data.get("telemetry", {}), "grace_seconds": 0}
+    if name in SHORTER:
+        data["max_steps"] = SHORTER[name]
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (run directory, the run's --json result), made once for the module."""
+    import ray
+
+    from service.spec import load_spec
+    from workers.driver import init_ray, run_job
+
+    tmp = tmp_path_factory.mktemp("report-runs")
+    made = {}
+    out = subprocess.run([str(BIN / "gradwatch"), "run", str(example_spec("digits-mlp", tmp)), "--json",
+                          "--storage-path", str(tmp / "runs")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    made["digits-mlp"] = (Path(result["storage_path"]), result)
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(quiet=True)
+    try:
+        for name in DYNAMICS:
+            result = run_job(load_spec(example_spec(name, tmp)), storage_path=tmp / "runs")
+            assert result["state"] == "succeeded", result["error"]
+            made[name] = (Path(result["storage_path"]), {k: v for k, v in result.items() if k != "ranks"})
+    finally:
+        ray.shutdown()
+    return made
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require(CHROMIUM)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_report(browser, path: Path):
+    """The page drawn; returns it with what it logged and every request it made."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    requests: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_function("document.body.dataset.charts", timeout=60_000)
+    assert page.evaluate("document.body.dataset.charts") == "drawn", page.inner_text("#gw-load")
+    return page, problems, requests
+
+
+def assert_every_chart_drew(page, expected: set[str]) -> list[dict]:
+    charts = page.evaluate(CHECK_CHARTS)
+    assert {c["id"] for c in charts} == expected, charts
+    for chart in charts:
+        assert chart["svg"] >= 1 and chart["traces"] >= 1, chart
+        assert chart["width"] > 300 and chart["height"] > 200, chart
+        if chart["id"] == "layer-grad":
+            assert chart["images"] == 1, chart
+        else:
+            assert chart["lines"] + chart["points"] >= 1, chart
+    return charts
+
+
+ALL_CHARTS = {"loss", "lr", "norms", "layer-grad", "update-ratio", "noise-scale", "step-time"}
+
+
+# ------------------------------------------------------------- real runs
+@pytest.mark.ray
+def test_the_demo_report_draws_every_chart_offline_in_chromium(runs, browser, tmp_path):
+    run_dir, result = runs["digits-mlp"]
+    path = tmp_path / "report.html"
+    out = subprocess.run([str(BIN / "gradwatch"), "report", str(run_dir), "-o", str(path)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert out.returncode == 0, out.stderr
+    assert f"wrote {path}" in out.stderr
+    page, problems, requests = open_report(browser, path)
+    assert problems == []
+    assert requests == [path.resolve().as_uri()], "the page must not fetch anything"
+    assert_every_chart_drew(page, ALL_CHARTS)
+    # one step-time line per rank, from each rank's own file
+    assert page.evaluate("document.getElementById('step-time').data.map(t => t.name)") == ["rank 0", "rank 1"]
+    layers = page.evaluate("document.getElementById('layer-grad').data[0].y")
+    assert layers == list(json.loads((run_dir / "history.jsonl").read_text().splitlines()[0])["layer_grad_norm"])
+    header = page.inner_text("header")
+    assert result["job_id"] in header and "succeeded" in header
+    assert "mlp" in header and "adamw lr 0.003" in header
+    for phase in result["phases"]:
+        assert f"{PHASE_WORDS[phase['phase']][0]} from step {phase['step']}" in header
+    assert result["anomalies"] == []
+    found = page.evaluate(CHECK_ANOMALIES)
+    assert found["x"] == [] and found["drawn"] == []
+    assert any(line.startswith("No anomalies") for line in found["diagnosis"])
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page.close()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", list(DYNAMICS))
+def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(runs, browser, tmp_path, name):
+    run_dir, result = runs[name]
+    reported = sorted((a["first_step"], a["kind"]) for a in result["anomalies"])
+    assert DYNAMICS[name] in {kind for _, kind in reported}, result["anomalies"]
+    path = tmp_path / f"{name}.html"
+    path.write_text(render_report(load_run(run_dir)))
+    page, problems, requests = open_report(browser, path)
+    assert problems == [] and requests == [path.resolve().as_uri()]
+    assert_every_chart_drew(page, ALL_CHARTS)
+    found = page.evaluate(CHECK_ANOMALIES)
+    assert sorted(zip(found["x"], found["text"], strict=True)) == reported
+    assert sorted(found["drawn"]) == sorted(kind for _, kind in reported)  # the labels are on the chart
+    for step, kind in reported:
+        assert any(line.startswith(f"{ANOMALY_WORDS[kind][0].capitalize()} first at step {step}:")
+                   for line in found["diagnosis"]), found["diagnosis"]
+    page.close()
+
+
+# ---------------------------------------------------------------- budget
+def synthetic_run(run_dir: Path, steps: int = 10_000, layers: int = 32, interval: int = 10) -> None:
+    """A long run's files, shaped like a real one's (values follow smooth curves with noise)."""
+    import random
+
+    rng = random.Random(0)
+    run_dir.mkdir(parents=True)
+    names = [f"blocks.{i}.mlp" for i in range(layers)]
+    spec_ = {"name": "long-run", "model": {"name": "char-transformer"}, "data": {"name": "text"},
+             "optimizer": {"name": "adamw", "lr": 3e-4}, "batch_size": 32, "max_steps": steps,
+             "scaling": {"num_workers": 2}, "telemetry": {"interval": interval}}
+    (run_dir / "spec.json").write_text(json.dumps(spec_))
+    with (run_dir / "history.jsonl").open("w") as history, \
+            (run_dir / "steps-rank0.jsonl").open("w") as rank0, (run_dir / "steps-rank1.jsonl").open("w") as rank1:
+        for step in [1, *range(interval, steps + 1, interval)]:
+            loss = 0.8 + 3.5 * math.exp(-step / 800) + rng.gauss(0, 0.05)
+            history.write(json.dumps({
+                "step": step, "loss": loss, "global_loss": loss, "loss_ema": loss, "grad_norm": 1 + rng.random(),
+                "lr": 3e-4, "step_seconds": 0.04, "weight_norm": 50.0, "gradient_noise_scale": 100 + step / 50,
+                "layer_grad_norm": {n: 10 ** (-i / 8 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
+                "layer_weight_norm": {n: 5.0 for n in names},
+                "layer_update_ratio": {n: 10 ** (-3 - i / 16 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
+                "phase": "refinement", "anomalies": []}) + "\n")
+            if step % 50 == 0:
+                history.write(json.dumps({"step": step, "val_loss": loss + 0.1, "val_accuracy": None,
+                                          "phase": "refinement", "anomalies": []}) + "\n")
+            for f in (rank0, rank1):
+                f.write(json.dumps({"step": step, "step_seconds": 0.04 + rng.random() / 100}) + "\n")
+    (run_dir / "result.json").write_text(json.dumps({
+        "job_id": "gw-long", "state": "succeeded", "steps": steps, "world_size": 2, "wall_seconds": 3600.0,
+        "phases": [{"phase": "warmup", "step": 1}, {"phase": "rapid_learning", "step": 30},
+                   {"phase": "refinement", "step": 900}], "anomalies": []}))
+
+
+def test_a_10000_step_32_layer_report_is_under_5_mb_in_under_5_s(browser, tmp_path):
+    run_dir = tmp_path / "gw-long"
+    synthetic_run(run_dir)
+    plotly_js_packed.cache_clear()  # from cold: the bundle is compressed once per process
+    start = time.perf_counter()
+    run = load_run(run_dir)
+    path = tmp_path / "long.html"
+    path.write_text(render_report(run))
+    seconds = time.perf_counter() - start
+    size = path.stat().st_size
+    assert size < 5_000_000, f"{size / 1e6:.2f} MB"
+    assert seconds < 5.0, f"{seconds:.2f} s"
+    assert run.stride == 1 and len(run.steps) == 1001 and len(run.vals) == 200  # nothing thinned out
+    page, problems, _ = open_report(browser, path)
+    assert problems == []
+    assert_every_chart_drew(page, ALL_CHARTS)
+    assert len(page.evaluate("document.getElementById('layer-grad').data[0].y")) == 32
+    assert page.evaluate("document.getElementById('update-ratio').data.length") == 32
+    page.close()
+
+
+def test_a_longer_history_is_thinned_but_keeps_every_validation_and_event(tmp_path):
+    run_dir = tmp_path / "gw-thin"
+    run_dir.mkdir()
+    lines = []
+    for step in range(1, 3 * MAX_POINTS + 1):
+        lines.append({"step": step, "loss": 1.0, "global_loss": 1.0, "loss_ema": 1.0, "grad_norm": 1.0})
+        if step % 100 == 0:
+            lines.append({"step": step, "val_loss": 1.0, "val_accuracy": None})
+    lines.append({"step": 5000, "event": "rollback", "to_step": 4000, "lr_scale": 0.5})
+    lines.append({"step": 4001, "loss": float("nan"), "global_loss": float("nan"), "grad_norm": float("nan"),
+                  "nonfinite": True})
+    (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4002, "lo')
+    run = load_run(run_dir)
+    assert run.stride == 4 and MAX_POINTS // 2 < len(run.steps) <= MAX_POINTS
+    assert len(run.vals) == 3 * MAX_POINTS // 100 and len(run.events) == 1 and len(run.nonfinite) == 1
+    assert run.unreadable_lines == 1  # the half-written last line of a live run
+    page = render_report(run)
+    assert "every 4th measured step is drawn" in page and "1 unreadable history lines skipped" in page
+    assert "Rollback at step 5000: back to step 4000" in page and "non-finite loss or gradient" in page
+
+
+# --------------------------------------------------------------- service
+@pytest.mark.ray
+def test_the_service_serves_the_report_live_with_the_jobs_auth(runs, tmp_path):
+    demo_dir, _ = runs["digits-mlp"]
+    settings = Settings(data_dir=tmp_path, token=TOKEN, scheduler_enabled=False)
+    app = create_app(settings, cluster=FakeCluster(cpus=4))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        job = api.post("/v1/jobs", json=spec("live-report")).json()
+        url = f"/v1/jobs/{job['id']}/report"
+        assert api.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        queued = api.get(url)
+        assert queued.status_code == 200 and queued.headers["content-type"].startswith("text/html")
+        assert 'class="state queued"' in queued.text and "No steps recorded yet." in queued.text
+        assert 'id="loss-empty"' in queued.text
+        assert api.get("/v1/jobs/gw-nobody/report").status_code == 404
+
+        # running: the page follows the history as the driver appends to it
+        app.state.store.transition(job["id"], "running", "placed on Ray")
+        run_dir = settings.runs_dir / job["id"]
+        run_dir.mkdir(parents=True)
+        shutil.copy(demo_dir / "spec.json", run_dir)
+        history = (demo_dir / "history.jsonl").read_text().splitlines(keepends=True)
+        (run_dir / "history.jsonl").write_text("".join(history[:10]))
+        first = api.get(url).text
+        assert 'class="state running"' in first
+        (run_dir / "history.jsonl").write_text("".join(history))
+        later = api.get(url).text
+        steps = [figure_steps(page) for page in (first, later)]
+        assert steps[0] < steps[1] == max(json.loads(line)["step"] for line in history)
+
+
+def figure_steps(page: str) -> int:
+    """The last step in a page's learning-rate chart (decoded from its typed array)."""
+    import base64
+
+    import numpy as np
+
+    figures = json.loads(page.split('id="gw-figures">', 1)[1].split("</script>", 1)[0])
+    x = figures["lr"]["data"][0]["x"]
+    return int(np.frombuffer(base64.b64decode(x["bdata"]), dtype="<f4").max())
+
+
+@pytest.fixture
+def server(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", token=TOKEN, scheduler_enabled=False)
+    app = create_app(settings, cluster=FakeCluster(cpus=4))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, timeout=20)
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_status_prints_the_report_url_and_report_fetches_it(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADWATCH_URL", server)
+    monkeypatch.setenv("GRADWATCH_TOKEN", TOKEN)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)
+    job = httpx.post(f"{server}/v1/jobs", json=spec("cli-report"),
+                     headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    runner = CliRunner()
+    status = runner.invoke(cli, ["status", job["id"]])
+    assert status.exit_code == 0, status.output
+    assert f"{server}/v1/jobs/{job['id']}/report" in status.output
+    made = runner.invoke(cli, ["report", job["id"]])  # not a directory here: asks the service
+    assert made.exit_code == 0, made.output
+    page = (tmp_path / f"{job['id']}-report.html").read_text()
+    assert "cli-report" in page and 'id="gw-plotly"' in page
+    missing = runner.invoke(cli, ["report", "gw-nobody"])
+    assert missing.exit_code == 1 and "no job 'gw-nobody'" in missing.output
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("GRADWATCH_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = runner.invoke(cli, ["report", str(empty)])
+    assert out.exit_code == 1 and "not a gradwatch run directory" in out.output
+    out = runner.invoke(cli, ["report", str(tmp_path / "nothing" / "here")])
+    assert out.exit_code == 1 and "no run directory" in out.output
+    out = runner.invoke(cli, ["report", "gw-elsewhere", "--storage-path", str(tmp_path)])
+    assert out.exit_code == 1 and "cannot reach the gradwatch service" in out.output
+    assert not any(tmp_path.glob("*.html"))
+
