@@ -31,6 +31,7 @@ import numpy as np
 
 MAX_POINTS = 4_000  # measured steps drawn per series; longer histories are thinned to every k-th one
 MAX_LINE_BYTES = 1 << 20  # a history line longer than this is skipped as unreadable
+MAX_MARKER_LINES = 200  # vertical lines per kind of marker (restarts, rollbacks, skipped steps); markers show all
 TEMPLATE = Path(__file__).with_name("report.html")
 
 PHASE_WORDS = {
@@ -318,7 +319,7 @@ def _typed(values: Any, dtype: str = "f4") -> dict[str, Any]:
 
 
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def _line(records: list[dict[str, Any]], key: str, *, positive: bool = False) -> tuple[dict, dict] | None:
@@ -395,7 +396,7 @@ def _markers(run: Run, y_of: Any) -> tuple[list[dict[str, Any]], list[dict[str, 
                            "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
                            "marker": {"symbol": symbol, "size": 11, "color": color}})
             shapes += [{"type": "line", "xref": "x", "yref": "paper", "x0": s, "x1": s, "y0": 0, "y1": 1,
-                        "line": {"color": color, "width": 1}} for s in steps[:200]]
+                        "line": {"color": color, "width": 1}} for s in steps[:MAX_MARKER_LINES]]
     return traces, shapes
 
 

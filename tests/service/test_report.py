@@ -193,6 +193,34 @@ def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(run
     page.close()
 
 
+def test_rollbacks_and_restarts_are_marked_where_the_loop_recorded_them(browser, tmp_path):
+    from service.spec import load_spec
+    from workers.loop import Trainer
+    from workers.session import LocalSession
+
+    data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
+    data.update(scaling={"num_workers": 1}, max_steps=300, on_divergence="rollback")
+    spec_ = load_spec(data)
+    run_dir, session = tmp_path / "gw-rollback", LocalSession(tmp_path / "ckpt")
+    run_dir.mkdir()
+    assert Trainer(spec_, session, run_dir=run_dir).train().rollbacks >= 1
+    Trainer(spec_, session, run_dir=run_dir).train()  # a restarted worker group resumes at the last checkpoint
+    (run_dir / "spec.json").write_text(json.dumps(spec_.model_dump(mode="json")))
+    events = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if '"event"' in line]
+    rollbacks = [e["step"] for e in events if e["event"] == "rollback"]
+    assert rollbacks and [e["step"] for e in events if e["event"] == "restart"] == [300]
+    path = tmp_path / "rollback.html"
+    path.write_text(render_report(load_run(run_dir)))
+    page, problems, _ = open_report(browser, path)
+    assert problems == []
+    markers = page.evaluate("Object.fromEntries(document.getElementById('loss').data"
+                            ".filter(t => t.meta).map(t => [t.meta, Array.from(t.x)]))")
+    assert markers["rollbacks"] == rollbacks and markers["restarts"] == [300]
+    text = page.inner_text(".diagnosis")
+    assert f"Rollback at step {rollbacks[0]}: back to step" in text and "resumed at step 300" in text
+    page.close()
+
+
 # ---------------------------------------------------------------- budget
 def synthetic_run(run_dir: Path, steps: int = 10_000, layers: int = 32, interval: int = 10) -> None:
     """A long run's files, shaped like a real one's (values follow smooth curves with noise)."""
