@@ -31,6 +31,7 @@ import numpy as np
 
 MAX_POINTS = 4_000  # measured steps drawn per series; longer histories are thinned to every k-th one
 MAX_LINE_BYTES = 1 << 20  # a history line longer than this is skipped as unreadable
+RATIO_FLOOR = 1e-12  # norms and ratios of exactly zero are drawn here on log scales
 MAX_MARKER_LINES = 200  # vertical lines per kind of marker (restarts, rollbacks, skipped steps); markers show all
 TEMPLATE = Path(__file__).with_name("report.html")
 
@@ -63,6 +64,8 @@ ANOMALY_WORDS = {
     "exploding_gradients": ("exploding gradients", "gradient norms or update ratios grew by orders of magnitude: "
                                                    "clip gradients and lower the learning rate"),
 }
+RANK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf")
 ANOMALY_COLORS = {"loss_spike": "#ff7f0e", "divergence": "#d62728", "plateau": "#8c564b",
                   "overfitting": "#e377c2", "vanishing_gradients": "#7f7f7f", "exploding_gradients": "#bcbd22"}
 
@@ -368,36 +371,57 @@ def _layout(title: str, ytitle: str, *, log: bool = False, height: int = 320, **
     }
 
 
-def _markers(run: Run, y_of: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Anomalies, restarts, rollbacks and skipped steps as markers on the loss chart (traces, line shapes)."""
-    traces, shapes = [], []
+def _label_rows(steps: list[int], texts: list[str], span: float) -> list[int]:
+    """A row for each label at the chart's top, so labels of nearby steps do not overlap (a greedy packing
+    that assumes a plot about 1,100 px wide and 7 px per character)."""
+    per_px = max(span, 1) / 1100
+    row_ends: list[float] = []
+    rows = []
+    for step, text in zip(steps, texts, strict=True):
+        row = next((i for i, end in enumerate(row_ends) if step > end), len(row_ends))
+        if row == len(row_ends):
+            row_ends.append(0.0)
+        row_ends[row] = step + (7 * len(text) + 10) * per_px
+        rows.append(row)
+    return rows
+
+
+def _markers(run: Run, y_of: Any, span: float) -> tuple[list[dict], list[dict], list[dict]]:
+    """Anomalies, restarts, rollbacks and skipped steps on the loss chart: marker traces, vertical line
+    shapes (not for skipped steps: a diverged run has hundreds) and labels at the top."""
+    traces, shapes, labels = [], [], []
     found = anomalies(run)
     if found:
         traces.append({
-            "type": "scatter", "mode": "markers+text", "name": "anomalies", "meta": "anomalies",
-            "x": [s for _, s in found], "y": [y_of(s) for _, s in found],
-            "text": [k for k, _ in found], "textposition": "top center",
+            "type": "scatter", "mode": "markers", "name": "anomalies", "meta": "anomalies",
+            "x": [s for _, s in found], "y": [y_of(s) for _, s in found], "text": [k for k, _ in found],
             "customdata": [ANOMALY_WORDS.get(k, (k,))[0] for k, _ in found],
             "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
             "marker": {"symbol": "x", "size": 12, "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
                        "line": {"width": 2}},
         })
-        for kind, step in found:
+        rows = _label_rows([s for _, s in found], [k for k, _ in found], span)
+        for (kind, step), row in zip(found, rows, strict=True):
+            color = ANOMALY_COLORS.get(kind, "#d62728")
             shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0,
-                           "y1": 1, "line": {"color": ANOMALY_COLORS.get(kind, "#d62728"), "dash": "dot",
-                                             "width": 1.5}})
+                           "y1": 1, "line": {"color": color, "dash": "dot", "width": 1.5}})
+            labels.append({"x": step, "xref": "x", "y": 1 - 0.07 * row, "yref": "paper", "text": kind,
+                           "showarrow": False, "xanchor": "left", "yanchor": "top", "xshift": 2,
+                           "font": {"color": color, "size": 11}, "bgcolor": "rgba(255,255,255,0.7)"})
     for name, symbol, color, steps in (
             ("restarts", "triangle-up", "#6a3d9a", _restarts(run)),
             ("rollbacks", "triangle-left", "#b15928", [r["step"] for r in _rollbacks(run)]),
-            ("skipped steps", "circle-x", "#000000", [r["step"] for r in run.nonfinite])):
+            ("skipped steps", "x-thin-open", "#555555", [r["step"] for r in run.nonfinite])):
         if steps:
             traces.append({"type": "scatter", "mode": "markers", "name": name, "meta": name,
                            "x": steps, "y": [y_of(s) for s in steps],
                            "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
-                           "marker": {"symbol": symbol, "size": 11, "color": color}})
-            shapes += [{"type": "line", "xref": "x", "yref": "paper", "x0": s, "x1": s, "y0": 0, "y1": 1,
-                        "line": {"color": color, "width": 1}} for s in steps[:MAX_MARKER_LINES]]
-    return traces, shapes
+                           "marker": {"symbol": symbol, "size": 11 if name != "skipped steps" else 7,
+                                      "color": color, "line": {"width": 1.5, "color": color}}})
+            if name != "skipped steps":
+                shapes += [{"type": "line", "xref": "x", "yref": "paper", "x0": s, "x1": s, "y0": 0, "y1": 1,
+                            "line": {"color": color, "width": 1}} for s in steps[:MAX_MARKER_LINES]]
+    return traces, shapes, labels
 
 
 def _phase_bands(run: Run, end: int) -> list[dict[str, Any]]:
@@ -427,10 +451,15 @@ def loss_chart(run: Run) -> dict[str, Any] | None:
         value = _nearest(run.steps, step, "loss_ema")
         return value if value is not None else _nearest(run.vals, step, "val_loss")
 
-    marker_traces, shapes = _markers(run, y_of)
     end = max([r["step"] for r in run.steps + run.vals] or [0])
-    shapes = _phase_bands(run, end) + shapes
-    return {"data": traces + marker_traces, "layout": _layout("Loss", "loss", height=420, shapes=shapes)}
+    marker_traces, shapes, labels = _markers(run, y_of, end)
+    losses = [v for r in run.steps + run.vals for v in (_num(r.get("global_loss")), _num(r.get("val_loss")))
+              if math.isfinite(v) and v > 0]
+    # A diverged loss spans many decades: on a linear axis everything before the blow-up is a flat line.
+    log = bool(losses) and max(losses) > 1000 * min(losses)
+    return {"data": traces + marker_traces,
+            "layout": _layout("Loss", "loss", log=log, height=420, shapes=_phase_bands(run, end) + shapes,
+                              annotations=labels)}
 
 
 def lr_chart(run: Run) -> dict[str, Any] | None:
@@ -473,7 +502,7 @@ def layer_grad_heatmap(run: Run) -> dict[str, Any] | None:
         return None
     layers, steps, matrix = found
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.log10(np.clip(matrix, 1e-12, None))  # a gradient of exactly zero shows as 1e-12: dead, not missing
+        z = np.log10(np.clip(matrix, RATIO_FLOOR, None))  # a gradient of exactly zero is dead, not missing
     finite = z[np.isfinite(z)]
     lo, hi = (math.floor(finite.min()), math.ceil(finite.max())) if finite.size else (-12, 0)
     ticks = list(range(lo, hi + 1, max(1, (hi - lo) // 8)))
@@ -488,8 +517,8 @@ def layer_grad_heatmap(run: Run) -> dict[str, Any] | None:
 
 
 def _depth_color(i: int, n: int) -> str:
-    """Early layers dark purple, late ones yellow (viridis ends), so depth reads at a glance."""
-    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+    """Early layers dark purple, late ones light green (viridis, short of its yellow that vanishes on white)."""
+    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (170, 220, 50)]
     t = i / max(n - 1, 1) * (len(stops) - 1)
     k = min(int(t), len(stops) - 2)
     a, b = stops[k], stops[k + 1]
@@ -505,14 +534,14 @@ def update_ratio_chart(run: Run) -> dict[str, Any] | None:
     x = _typed(steps)
     traces = []
     for i, name in enumerate(layers):
-        row = np.where(matrix[i] > 0, matrix[i], np.nan)
+        row = np.clip(matrix[i], RATIO_FLOOR, None)  # an update of exactly zero (a dead layer) stays visible
         if np.isfinite(row).any():
             traces.append({"type": "scatter", "mode": "lines", "name": name, "x": x, "y": _typed(row),
                            "line": {"color": _depth_color(i, len(layers)), "width": 1.2}})
     if not traces:
         return None
-    layout = _layout("Update / weight ratio per layer", "||Δw|| / ||w||", log=True, height=380,
-                     hovermode="closest")
+    layout = _layout(f"Update / weight ratio per layer (0 drawn at {RATIO_FLOOR:g})", "||Δw|| / ||w||", log=True,
+                     height=380, hovermode="closest")
     layout["legend"] = {"orientation": "v", "x": 1.01, "y": 1, "yanchor": "top", "font": {"size": 11}}
     return {"data": traces, "layout": layout}
 
@@ -536,7 +565,7 @@ def step_time_chart(run: Run) -> dict[str, Any] | None:
     traces = []
     for i, rank in enumerate(sorted(per_rank)):
         records = [{"step": r["step"], "ms": _num(r.get("step_seconds")) * 1000} for r in per_rank[rank]]
-        trace = _trace(records, "ms", f"rank {rank}", _depth_color(i, len(per_rank)), positive=True)
+        trace = _trace(records, "ms", f"rank {rank}", RANK_COLORS[i % len(RANK_COLORS)], positive=True)
         if trace:
             traces.append(trace)
     if not traces:

@@ -57,9 +57,11 @@ CHECK_ANOMALIES = """() => {
     const gd = document.getElementById('loss');
     const trace = (gd.data || []).find(t => t.name === 'anomalies');
     return {x: trace ? Array.from(trace.x) : [], text: trace ? Array.from(trace.text) : [],
-            drawn: [...gd.querySelectorAll('.scatterlayer .textpoint text')].map(t => t.textContent),
+            drawn: [...gd.querySelectorAll('.annotation .annotation-text')].map(t => t.textContent),
             diagnosis: [...document.querySelectorAll('.diagnosis li')].map(li => li.textContent)};
 }"""
+
+MARKERS = "Object.fromEntries(document.getElementById('loss').data.filter(t => t.meta).map(t => [t.meta, t.x]))"
 
 
 def example_spec(name: str, tmp: Path) -> Path:
@@ -190,6 +192,9 @@ def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(run
     for step, kind in reported:
         assert any(line.startswith(f"{ANOMALY_WORDS[kind][0].capitalize()} first at step {step}:")
                    for line in found["diagnosis"]), found["diagnosis"]
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    markers = page.evaluate(MARKERS)
+    assert markers.get("skipped steps", []) == [r["step"] for r in history if r.get("nonfinite")]
     page.close()
 
 
@@ -213,8 +218,7 @@ def test_rollbacks_and_restarts_are_marked_where_the_loop_recorded_them(browser,
     path.write_text(render_report(load_run(run_dir)))
     page, problems, _ = open_report(browser, path)
     assert problems == []
-    markers = page.evaluate("Object.fromEntries(document.getElementById('loss').data"
-                            ".filter(t => t.meta).map(t => [t.meta, Array.from(t.x)]))")
+    markers = page.evaluate(MARKERS)
     assert markers["rollbacks"] == rollbacks and markers["restarts"] == [300]
     text = page.inner_text(".diagnosis")
     assert f"Rollback at step {rollbacks[0]}: back to step" in text and "resumed at step 300" in text
