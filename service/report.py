@@ -47,6 +47,8 @@ PHASE_WORDS = {
 PHASE_COLORS = {"warmup": "#9e9e9e", "rapid_learning": "#2ca02c", "refinement": "#1f77b4",
                 "converged": "#17becf", "stalled": "#ff9800", "diverging": "#d62728"}
 ANOMALY_WORDS = {
+    "nonfinite": ("non-finite values", "a loss or gradient was NaN or infinite and that update was skipped: a "
+                                       "learning rate too high, a bad batch, or a numerical overflow"),
     "loss_spike": ("loss spike", "one loss far outside the recent range: a bad batch, or a learning rate at the "
                                  "edge of stability (gradient clipping or warm-up help)"),
     "divergence": ("divergence", "the loss rose far above its best or went non-finite: the learning rate is "
@@ -63,11 +65,14 @@ ANOMALY_WORDS = {
                                                    "normalisation or residual connections help"),
     "exploding_gradients": ("exploding gradients", "gradient norms or update ratios grew by orders of magnitude: "
                                                    "clip gradients and lower the learning rate"),
+    "lr_too_low": ("learning rate too low", "the gradients are healthy but every layer's update is tiny against "
+                                            "its weights: raise the learning rate"),
 }
 RANK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf")
-ANOMALY_COLORS = {"loss_spike": "#ff7f0e", "divergence": "#d62728", "plateau": "#8c564b",
-                  "overfitting": "#e377c2", "vanishing_gradients": "#7f7f7f", "exploding_gradients": "#bcbd22"}
+ANOMALY_COLORS = {"nonfinite": "#000000", "loss_spike": "#ff7f0e", "divergence": "#d62728",
+                  "plateau": "#8c564b", "overfitting": "#e377c2", "vanishing_gradients": "#7f7f7f",
+                  "exploding_gradients": "#bcbd22", "lr_too_low": "#17becf"}
 
 
 class ReportError(ValueError):
@@ -205,6 +210,11 @@ def anomalies(run: Run) -> list[tuple[str, int]]:
     return sorted(found, key=lambda kv: (kv[1], kv[0]))
 
 
+def anomaly_name(kind: str) -> str:
+    """An anomaly kind in words ("vanishing_gradients" -> "vanishing gradients")."""
+    return ANOMALY_WORDS.get(kind, (kind.replace("_", " "),))[0]
+
+
 def _restarts(run: Run) -> list[int]:
     return [e["step"] for e in run.events if e.get("event") == "restart"]
 
@@ -247,10 +257,11 @@ def diagnosis(run: Run) -> list[str]:
                                 for p in dict.fromkeys(p for p, _ in entered)))
     found = anomalies(run)
     if not found:
-        lines.append("No anomalies: no loss spike, divergence, plateau, overfitting, vanishing or exploding "
-                     "gradients were detected." if run.steps else "No steps recorded yet.")
+        names = [anomaly_name(kind) for kind in ANOMALY_WORDS]
+        lines.append(f"No anomalies detected (watched for: {', '.join(names)})." if run.steps
+                     else "No steps recorded yet.")
     for kind, step in found:
-        name, meaning = ANOMALY_WORDS.get(kind, (kind.replace("_", " "), ""))
+        name, meaning = anomaly_name(kind), ANOMALY_WORDS.get(kind, ("", ""))[1]
         lines.append(f"{name.capitalize()} first at step {step}" + (f": {meaning}." if meaning else ".")
                      + _anomaly_detail(run, kind))
     restarts, rollbacks = _restarts(run), _rollbacks(run)
@@ -395,7 +406,7 @@ def _markers(run: Run, y_of: Any, span: float) -> tuple[list[dict], list[dict], 
         traces.append({
             "type": "scatter", "mode": "markers", "name": "anomalies", "meta": "anomalies",
             "x": [s for _, s in found], "y": [y_of(s) for _, s in found], "text": [k for k, _ in found],
-            "customdata": [ANOMALY_WORDS.get(k, (k,))[0] for k, _ in found],
+            "customdata": [anomaly_name(k) for k, _ in found],
             "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
             "marker": {"symbol": "x", "size": 12, "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
                        "line": {"width": 2}},
@@ -733,5 +744,5 @@ def report_for_job(job: Any, runs_dir: Path) -> str:
     return render_report(run, reason=job.reason)
 
 
-__all__ = ["MAX_POINTS", "ReportError", "Run", "anomalies", "build_report", "diagnosis", "load_run", "phases",
-           "render_report", "report_for_job"]
+__all__ = ["MAX_POINTS", "ReportError", "Run", "anomalies", "anomaly_name", "build_report", "diagnosis",
+           "load_run", "phases", "render_report", "report_for_job"]

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from service.api import create_app
 from service.cli import app as cli
-from service.report import ANOMALY_WORDS, MAX_POINTS, PHASE_WORDS, load_run, plotly_js_packed, render_report
+from service.report import MAX_POINTS, PHASE_WORDS, anomaly_name, load_run, plotly_js_packed, render_report
 from service.settings import Settings
 from tests.conftest import EXAMPLES
 from tests.promstack import free_port, require, wait_for
@@ -190,7 +190,7 @@ def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(run
     assert sorted(zip(found["x"], found["text"], strict=True)) == reported
     assert sorted(found["drawn"]) == sorted(kind for _, kind in reported)  # the labels are on the chart
     for step, kind in reported:
-        assert any(line.startswith(f"{ANOMALY_WORDS[kind][0].capitalize()} first at step {step}:")
+        assert any(line.startswith(f"{anomaly_name(kind).capitalize()} first at step {step}")
                    for line in found["diagnosis"]), found["diagnosis"]
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     markers = page.evaluate(MARKERS)
