@@ -1,7 +1,7 @@
 """Run reports: real runs drawn in Debian's headless Chromium, the service's live page, the size budget.
 
-The runs are made once for the module: the demo through `gradwatch run --json` (the real CLI), the four
-dynamics examples through `run_job` on one local Ray (what `gradwatch run --json` calls and prints).
+The real runs come from the session's `example_runs` (tests/conftest.py): the demo through
+`gradwatch run --json`, the four dynamics examples through `run_job`, what that command calls and prints.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
                  "--disable-component-update", "--disable-sync"]
 DYNAMICS = {"diverging": "divergence", "stalled": "plateau", "overfitting": "overfitting",
             "vanishing": "vanishing_gradients"}
-# Enough steps for each example's detector; the shipped specs run longer so that Prometheus alerts fire.
-SHORTER = {"diverging": 300, "stalled": 400}
 TOKEN = "report-token"
 
 # Runs in the page: every chart drew something (SVG lines or points, or a heatmap image) at a real size.
@@ -62,44 +60,6 @@ CHECK_ANOMALIES = """() => {
 }"""
 
 MARKERS = "Object.fromEntries(document.getElementById('loss').data.filter(t => t.meta).map(t => [t.meta, t.x]))"
-
-
-def example_spec(name: str, tmp: Path) -> Path:
-    data = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
-    data["telemetry"] = {**data.get("telemetry", {}), "grace_seconds": 0}
-    if name in SHORTER:
-        data["max_steps"] = SHORTER[name]
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """name -> (run directory, the run's --json result), made once for the module."""
-    import ray
-
-    from service.spec import load_spec
-    from workers.driver import init_ray, run_job
-
-    tmp = tmp_path_factory.mktemp("report-runs")
-    made = {}
-    out = subprocess.run([str(BIN / "gradwatch"), "run", str(example_spec("digits-mlp", tmp)), "--json",
-                          "--storage-path", str(tmp / "runs")], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    made["digits-mlp"] = (Path(result["storage_path"]), result)
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(quiet=True)
-    try:
-        for name in DYNAMICS:
-            result = run_job(load_spec(example_spec(name, tmp)), storage_path=tmp / "runs")
-            assert result["state"] == "succeeded", result["error"]
-            made[name] = (Path(result["storage_path"]), {k: v for k, v in result.items() if k != "ranks"})
-    finally:
-        ray.shutdown()
-    return made
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +105,8 @@ ALL_CHARTS = {"loss", "lr", "norms", "layer-grad", "update-ratio", "noise-scale"
 
 # ------------------------------------------------------------- real runs
 @pytest.mark.ray
-def test_the_demo_report_draws_every_chart_offline_in_chromium(runs, browser, tmp_path):
-    run_dir, result = runs["digits-mlp"]
+def test_the_demo_report_draws_every_chart_offline_in_chromium(example_runs, browser, tmp_path):
+    run_dir, result = example_runs["digits-mlp"]
     path = tmp_path / "report.html"
     out = subprocess.run([str(BIN / "gradwatch"), "report", str(run_dir), "-o", str(path)],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
@@ -177,8 +137,9 @@ def test_the_demo_report_draws_every_chart_offline_in_chromium(runs, browser, tm
 
 @pytest.mark.ray
 @pytest.mark.parametrize("name", list(DYNAMICS))
-def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(runs, browser, tmp_path, name):
-    run_dir, result = runs[name]
+def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(example_runs, browser, tmp_path, name):
+    run_dir, result = example_runs[name]
+    assert result["state"] == "succeeded", result["error"]
     reported = sorted((a["first_step"], a["kind"]) for a in result["anomalies"])
     assert DYNAMICS[name] in {kind for _, kind in reported}, result["anomalies"]
     path = tmp_path / f"{name}.html"
@@ -303,8 +264,8 @@ def test_a_longer_history_is_thinned_but_keeps_every_validation_and_event(tmp_pa
 
 # --------------------------------------------------------------- service
 @pytest.mark.ray
-def test_the_service_serves_the_report_live_with_the_jobs_auth(runs, tmp_path):
-    demo_dir, _ = runs["digits-mlp"]
+def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp_path):
+    demo_dir, _ = example_runs["digits-mlp"]
     settings = Settings(data_dir=tmp_path, token=TOKEN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
