@@ -264,14 +264,20 @@ def test_a_longer_history_is_thinned_but_keeps_every_validation_and_event(tmp_pa
 
 # --------------------------------------------------------------- service
 @pytest.mark.ray
-def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp_path):
+def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADWATCH_ALLOWED_HOSTS", "testserver")  # the Host TestClient sends
     demo_dir, _ = example_runs["digits-mlp"]
     settings = Settings(data_dir=tmp_path, token=TOKEN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
+    reader = {"Authorization": f"Bearer {app.state.store.add_user('reader', ['read'])}"}
+    alertmanager = {"Authorization": f"Bearer {app.state.store.add_user('am', ['alerts:write'])}"}
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         job = api.post("/v1/jobs", json=spec("live-report")).json()
         url = f"/v1/jobs/{job['id']}/report"
         assert api.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert api.get(url, headers=alertmanager).status_code == 403  # as for the job itself
+        assert api.get(f"/v1/jobs/{job['id']}", headers=alertmanager).status_code == 403
+        assert api.get(url, headers=reader).status_code == 200
         queued = api.get(url)
         assert queued.status_code == 200 and queued.headers["content-type"].startswith("text/html")
         assert 'class="state queued"' in queued.text and "No steps recorded yet." in queued.text
