@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -264,6 +265,7 @@ def run_real(count: int) -> tuple[dict[str, list[Verdict]], dict[str, str]]:
     from workers.replay import read_rows
 
     torch.set_num_threads(1)
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the runs' event lines: the table says it all
     verdicts: dict[str, list[Verdict]] = {}
     meant: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
