@@ -277,6 +277,8 @@ class Store:
         cursor: str | None = None,
     ) -> tuple[list[Job], str | None]:
         """Newest first. Returns the page and a cursor for the next one (None at the end)."""
+        if _has_nul(name, *(labels or {}).keys(), *(labels or {}).values()):
+            return [], None  # no stored text holds one (and PostgreSQL refuses to compare it)
         query = select(Job).options(defer(Job.spec, raiseload=True))  # a listing shows no spec
         order: tuple[Any, Any] = (Job.created_at, Job.id)
         for n, (key, value) in enumerate(self._rarest_first(labels or {})):
@@ -414,11 +416,27 @@ class Store:
 
     # ---------------------------------------------------------------- alerts
     def ingest_alerts(self, updates: Iterable[AlertUpdate], *, now: float | None = None) -> tuple[int, int]:
-        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated)."""
+        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated).
+
+        Text longer than its column is clipped and NUL bytes replaced (PostgreSQL refuses both);
+        the label and annotation maps keep everything.
+        """
         at = time.time() if now is None else now
+        items = [_fit_alert(item) for item in updates]
+        for attempt in range(_INGEST_ATTEMPTS):
+            try:
+                return self._ingest(items, at)
+            except IntegrityError:
+                # Another writer stored one of these alerts first (PostgreSQL writers do not queue
+                # for one lock as SQLite's do); a second pass finds its row and updates it.
+                if attempt == _INGEST_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ingest(self, items: list[AlertUpdate], at: float) -> tuple[int, int]:
         new = updated = 0
         with self._write() as session:
-            for item in updates:
+            for item in items:
                 row = session.scalars(
                     select(Alert).where(
                         Alert.fingerprint == item.fingerprint, Alert.starts_at == item.starts_at
@@ -427,18 +445,18 @@ class Store:
                 if row is None:
                     session.add(
                         Alert(
-                            job_id=item.labels.get("job_id"),
-                            alertname=item.labels.get("alertname", "unnamed"),
-                            severity=item.labels.get("severity"),
+                            job_id=_clip(item.labels.get("job_id"), 64),
+                            alertname=_clip(item.labels.get("alertname", "unnamed"), 200),
+                            severity=_clip(item.labels.get("severity"), 32),
                             status=item.status,
                             starts_at=item.starts_at,
                             ends_at=item.ends_at,
-                            summary=item.annotations.get("summary"),
-                            description=item.annotations.get("description"),
+                            summary=_clip(item.annotations.get("summary")),
+                            description=_clip(item.annotations.get("description")),
                             fingerprint=item.fingerprint,
                             labels=item.labels,
                             annotations=item.annotations,
-                            generator_url=item.generator_url,
+                            generator_url=_clip(item.generator_url),
                             received_at=at,
                             updated_at=at,
                         )
@@ -451,8 +469,8 @@ class Store:
                     item.annotations,
                 ):
                     row.status, row.ends_at, row.annotations = item.status, item.ends_at, item.annotations
-                    row.summary = item.annotations.get("summary")
-                    row.description = item.annotations.get("description")
+                    row.summary = _clip(item.annotations.get("summary"))
+                    row.description = _clip(item.annotations.get("description"))
                     row.updated_at = at
                     updated += 1
         return new, updated
@@ -466,6 +484,8 @@ class Store:
         since_id: int | None = None,
     ) -> list[Alert]:
         """Newest first; `since_id` keeps only alerts stored after that row."""
+        if _has_nul(job_id, status):
+            return []  # stored text holds none (see _clip)
         query = select(Alert)
         if job_id:
             query = query.where(Alert.job_id == job_id)
@@ -476,6 +496,38 @@ class Store:
         query = query.order_by(Alert.received_at.desc(), Alert.id.desc()).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
+
+
+_INGEST_ATTEMPTS = 5
+
+
+def _clip(text: str | None, limit: int | None = None) -> str | None:
+    """Text a column takes on every backend: no NUL byte, at most `limit` characters."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\ufffd")
+    return text[:limit] if limit is not None else text
+
+
+def _has_nul(*texts: str | None) -> bool:
+    return any(text is not None and "\x00" in text for text in texts)
+
+
+def _fit_alert(item: AlertUpdate) -> AlertUpdate:
+    """The same alert with NUL bytes replaced in every string (PostgreSQL stores none)."""
+
+    def clean(mapping: dict[str, str]) -> dict[str, str]:
+        return {str(_clip(k)): str(_clip(v)) for k, v in mapping.items()}
+
+    return AlertUpdate(
+        fingerprint=str(_clip(item.fingerprint, 64)),
+        status=item.status,
+        starts_at=item.starts_at,
+        ends_at=item.ends_at,
+        labels=clean(item.labels),
+        annotations=clean(item.annotations),
+        generator_url=_clip(item.generator_url),
+    )
 
 
 def fingerprint_of(labels: dict[str, str]) -> str:

@@ -55,3 +55,12 @@ def ray_head():
 
     with start_head(cpus=2) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One private PostgreSQL server (initdb in a temporary folder, a free port) for the whole run."""
+    from tests.pgcluster import postgres_cluster
+
+    with postgres_cluster() as cluster:
+        yield cluster
