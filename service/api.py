@@ -211,9 +211,10 @@ def prometheus_targets(store: StoreDep) -> list[TargetGroup]:
             except (KeyError, TypeError, ValueError):
                 continue
             host = f"[{host}]" if ":" in host else host
-            groups.append(
-                TargetGroup(targets=[f"{host}:{port}"], labels={"job_id": job.id, "rank": str(rank)})
-            )
+            labels = {"job_id": job.id, "rank": str(rank)}
+            if endpoint.get("node"):
+                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
+            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
     return groups
 
 
