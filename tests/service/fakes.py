@@ -149,7 +149,7 @@ class FakeCluster:
     def _write_status(self, job: FakeJob, state: str) -> None:
         n = job.spec["scaling"]["num_workers"]
         endpoints = (
-            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r} for r in range(n)]
+            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r, "node": f"node-{r % 2}"} for r in range(n)]
             if state == "running"
             else []
         )
@@ -170,6 +170,8 @@ class FakeCluster:
                 "anomalies": {},
                 "restarts": 0,
                 "endpoints": endpoints,
+                "nodes": {str(r): f"node-{r % 2}" for r in range(n)},
+                "lost_nodes": [],
                 "updated_at": time.time(),
             },
         )
