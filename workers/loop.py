@@ -13,7 +13,6 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.loop")
-# A skipped (non-finite) update still advances the schedule; torch warns about exactly that.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
 
 class DivergenceStop(RuntimeError):
@@ -91,13 +88,13 @@ class Trainer:
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
         self.seen_first_epoch: list[torch.Tensor] = []
-        # Detectors see the same (all-reduced) loss on every rank, so guard decisions agree.
-        self.global_loss = self.world_size > 1 and (spec.telemetry.enabled or spec.on_divergence != "alert")
+        # Skip decisions and detectors use the all-reduced loss, the same on every rank, so replicas agree.
+        self.global_loss = self.world_size > 1
         history = self.run_dir / "history.jsonl" if self.run_dir else None
         self.telemetry = Telemetry(spec, job_id, self.rank, self.world_size, self.model, self.device,
                                    board=board, history_path=history)
         self.serve_metrics = serve_metrics and spec.telemetry.enabled
-        self._good: tuple[Any, Any, Any, Position] | None = None
+        self._good: tuple[Any, Any, Any, Position, str] | None = None
         self._last_post = 0.0
         self._t_start = time.time()
 
@@ -172,7 +169,7 @@ class Trainer:
             if self.spec.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, grad_norm)
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()  # a skipped update does not use up the schedule
         self.pos.step = step
         self.pos.samples += len(x)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -217,7 +214,7 @@ class Trainer:
                                  f"{self.pos.rollbacks} rollbacks (rollback.max_rollbacks)")
         bad_step, rollbacks, scale = self.pos.step, self.pos.rollbacks + 1, self.pos.lr_scale * cfg.lr_factor
         if self._good is not None:
-            model_state, optim_state, sched_state, pos = self._good
+            model_state, optim_state, sched_state, pos, _ = self._good
             self._inner().load_state_dict(model_state)
             self.optimizer.load_state_dict(optim_state)
             self.scheduler.load_state_dict(sched_state)
@@ -232,7 +229,7 @@ class Trainer:
         self.pos.rollbacks, self.pos.lr_scale = rollbacks, scale
         self.pos.skip_until_step = self.pos.step + cfg.skip_batches
         self._apply_lr_scale()
-        self.telemetry.reset_detectors()
+        self.telemetry.restore_detectors(self._good[4] if self._good is not None else None)
         self.telemetry.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
         event = {"kind": "rollback", "name": "rollback", "step": bad_step, "to_step": self.pos.step,
                  "lr_scale": scale, "detail": f"diverged at step {bad_step}; back to step {self.pos.step}, "
@@ -283,7 +280,8 @@ class Trainer:
         if not any(held.get(k) for k in ("divergence", "exploding_gradients", "loss_spike")):
             # Every rank keeps the last good state in memory: a rollback must not wait on storage.
             self._good = (copy.deepcopy(self._inner().state_dict()), copy.deepcopy(self.optimizer.state_dict()),
-                          copy.deepcopy(self.scheduler.state_dict()), copy.deepcopy(self.pos))
+                          copy.deepcopy(self.scheduler.state_dict()), copy.deepcopy(self.pos),
+                          self.telemetry.detector_state())
         checkpoint_dir = None
         if self.rank == 0:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
@@ -300,6 +298,7 @@ class Trainer:
             state = load_training_state(path, self.model, self.optimizer, self.scheduler, self.device)
         self.pos = Position(**state["position"])
         self.first_val_loss = state["extra"].get("first_val_loss")
+        self.telemetry.restore_detectors(state["extra"].get("detectors"))
         self._apply_lr_scale()
         torch.manual_seed(self.spec.seed + 1_000_003 * self.rank + self.pos.step)
         return self.pos.step
