@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service import push
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
@@ -446,6 +447,10 @@ def create_app(
 
     for router in (jobs, targets, alerts):
         app.include_router(router)
+    # Drivers push their job's progress and result with a token good for that job only.
+    app.state.push_secret = push.load_secret(settings.data_dir)
+    launcher.token_for = lambda job_id: push.job_token(app.state.push_secret, job_id)
+    app.include_router(push.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, registry=registry)
 

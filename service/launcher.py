@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,6 +237,8 @@ class Launcher:
         self.settings = settings
         self.cluster = cluster
         self.last_error: str | None = None
+        # Mints a job's driver token (set by the API); None: drivers report through files only.
+        self.token_for: Callable[[str], str] | None = None
         self._placed_at: dict[str, float] = {}
         self._stop_sent_at: dict[str, float] = {}
         self._stop_event = threading.Event()
@@ -319,10 +322,22 @@ class Launcher:
             return ""
 
     # ------------------------------------------------------------ following
+    def _status(self, job: Job) -> dict[str, Any] | None:
+        """The driver's latest status: pushed over HTTP, else status.json where the run folder is shared."""
+        if (job.progress or {}).get("source") == "push":
+            return job.progress
+        return read_json(self.settings.runs_dir / job.id / "status.json")
+
+    def _result(self, job: Job) -> dict[str, Any] | None:
+        pushed = (job.progress or {}).get("result")
+        if (job.progress or {}).get("source") == "push" and isinstance(pushed, dict):
+            return pushed
+        return read_json(self.settings.runs_dir / job.id / "result.json")
+
     def _follow(self, job: Job) -> None:
         now = time.time()
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
-        if snapshot and snapshot != job.progress:
+        snapshot = self._status(job)
+        if snapshot and snapshot is not job.progress and snapshot != job.progress:
             job = self.store.update_job(
                 job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
             )
@@ -361,7 +376,8 @@ class Launcher:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
-        result = read_json(self.settings.runs_dir / job.id / "result.json")
+        job = self.store.get_job(job.id)  # a result pushed since this pass began
+        result = self._result(job)
         finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
         if job.stop_requested and not finished_ok:
             left = self._live_workers(job)
@@ -391,9 +407,9 @@ class Launcher:
     def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
+        snapshot = self._status(self.store.get_job(job.id))
         if snapshot:
-            fields["progress"] = {**snapshot, "endpoints": []}
+            fields["progress"] = {**snapshot, "endpoints": [], "waiting": None}
         if result and result.get("world_size"):
             fields["world_size"] = result["world_size"]
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
@@ -481,7 +497,7 @@ class Launcher:
             "--job-id",
             job.id,
             "--storage-path",
-            str(self.settings.runs_dir),
+            self.settings.driver_storage,
         ]
         return shlex.join(parts)
 
@@ -499,8 +515,17 @@ class Launcher:
         except TransitionRefused:
             return False  # cancelled meanwhile
         metadata = {"gradwatch_job_id": job.id, "gradwatch_name": job.name}
+        env = {}
+        if self.token_for is not None:
+            # The driver needs no view of the service's disk: the spec comes with it, progress goes back
+            # over HTTP with a token good for this job only.
+            env = {
+                "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
+                "GRADWATCH_PUSH_URL": self.settings.driver_url,
+                "GRADWATCH_PUSH_TOKEN": self.token_for(job.id),
+            }
         try:
-            self.cluster.submit(job.id, self.entrypoint(job, spec_file), metadata, {})
+            self.cluster.submit(job.id, self.entrypoint(job, spec_file), metadata, env)
         except ClusterUnavailable as exc:
             if self.cluster_knows(job.id):
                 return True  # the submit landed; only its answer was lost

@@ -367,6 +367,31 @@ class Store:
                 setattr(job, key, value)
         return job
 
+    def push_progress(
+        self,
+        job_id: str,
+        status: dict[str, Any] | None,
+        events: list[dict[str, Any]],
+        result: dict[str, Any] | None = None,
+        keep_events: int = 200,
+    ) -> Job:
+        """A driver's report of a running job: its status replaces the progress, events are appended
+        (the newest `keep_events` kept) and a result is kept beside them. Refused once the job ended."""
+        with self._write() as session:
+            job = _job_for_update(session, job_id)
+            if job.state != "running":
+                raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
+            old = job.progress if (job.progress or {}).get("source") == "push" else {}
+            progress = dict(status) if status is not None else dict(old or {})
+            progress["source"] = "push"
+            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
+            if result is not None or (old or {}).get("result") is not None:
+                progress["result"] = result if result is not None else old["result"]
+            job.progress = progress
+            if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
+                job.world_size = progress["world_size"]
+        return job
+
     def request_stop(
         self, job_id: str, kind: str, reason: str, *, now: float | None = None
     ) -> tuple[Job, bool]:

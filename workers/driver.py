@@ -25,6 +25,7 @@ from typing import Any
 from service.spec import JobSpec, SpecError, load_spec
 from workers.board import BoardClient, create_board_actor
 from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
+from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
 Listener = Callable[[dict[str, Any]], None]
@@ -288,12 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     # A Ray job stop sends SIGTERM: leave through the normal path so the workers are stopped with us.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        spec = load_spec(args.spec_file, user_code="skip")
+        # The service sends the spec along (GRADWATCH_SPEC_JSON): its own disk may be out of reach.
+        inline = os.environ.get("GRADWATCH_SPEC_JSON")
+        spec = load_spec(json.loads(inline) if inline else args.spec_file, user_code="skip")
     except SpecError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
+    pusher = Pusher.from_env(args.job_id)  # progress and result to the service over HTTP
     result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
-                     listeners=[_print_listener])
+                     listeners=[_print_listener, *([pusher.listener] if pusher else [])])
+    if pusher and not pusher.finish(result):
+        print(f"job {args.job_id}: could not report the result to the service; it is in "
+              f"{result['storage_path']}/result.json", file=sys.stderr, flush=True)
     print(json.dumps({k: v for k, v in result.items() if k != "ranks"}), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)

@@ -41,6 +41,7 @@ class FakeCluster:
         self.jobs: dict[str, FakeJob] = {}
         self.down = False
         self.submitted: list[str] = []
+        self.envs: dict[str, dict[str, str]] = {}  # the runtime env each job was submitted with
         self.stopped: list[str] = []
         self.refuse_submits = False
         self._lock = threading.RLock()
@@ -85,6 +86,7 @@ class FakeCluster:
                 log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
             )
             self.submitted.append(submission_id)
+            self.envs[submission_id] = dict(env)
 
     def status(self, submission_id: str) -> RayJob | None:
         with self._lock:
