@@ -1,8 +1,10 @@
 """Jobs across several Ray nodes: placement, node labels in Prometheus, and a whole node lost mid-run.
 
 One multi-node Ray (`ray_cluster`: a head without CPUs and two worker nodes of 2 logical CPUs each,
-started with ray.cluster_utils.Cluster) serves the module, with one `gradwatch up` and one real
-Prometheus that finds the workers through the service's /v1/targets.
+started with ray.cluster_utils.Cluster) serves the module, with one `gradwatch up`, a real Prometheus
+that finds the workers through the service's /v1/targets and a real Alertmanager that sends alerts
+back to it. The service shares no folder with the Ray nodes: drivers write their runs where the
+service never looks (`ray_storage_path`) and push everything it shows over HTTP.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploy.render import render_prometheus_config
+from deploy.render import render_alertmanager_config, render_prometheus_config
 from tests.conftest import small_spec
-from tests.promstack import query, start_prometheus, wait_for
+from tests.promstack import query, start_alertmanager, start_prometheus, wait_for
 from tests.stack import BIN, TOKEN, Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus, pytest.mark.timeout(900)]
@@ -28,13 +30,18 @@ def stack(ray_cluster, tmp_path_factory):
     svc = Service(ray_cluster.dashboard, tmp / "gradwatch")
     (tmp / "gradwatch").mkdir()
     svc.env["GRADWATCH_ALLOW_USER_CODE"] = "true"  # the paced model of tests/workers/user_code.py
+    svc.env["GRADWATCH_RAY_STORAGE_PATH"] = str(tmp / "ray-nodes")  # the Ray side's folder, not the service's
     svc.start()
     token_file = tmp / "token"
     token_file.write_text(TOKEN)
-    config = render_prometheus_config(service_url=svc.url, token_file=token_file, alertmanager_url=None,
-                                      scrape_interval="1s", eval_interval="1s", sd_refresh_interval="1s")
-    with start_prometheus(config, tmp) as prom:
-        yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, ray=ray_cluster, runs=tmp / "gradwatch" / "runs")
+    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
+                                           group_wait="1s", group_interval="1s")
+    with start_alertmanager(am_config, tmp) as am:
+        config = render_prometheus_config(service_url=svc.url, token_file=token_file, alertmanager_url=am.url,
+                                          scrape_interval="1s", eval_interval="1s", sd_refresh_interval="1s")
+        with start_prometheus(config, tmp) as prom:
+            yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, ray=ray_cluster, runs=tmp / "ray-nodes",
+                                  service_runs=tmp / "gradwatch" / "runs")
     for job in svc.client.jobs(state=["queued", "running"]):
         svc.client.cancel(job["id"])
     svc.stop()
@@ -120,7 +127,9 @@ def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stac
 
     done = stack.client.wait(job["id"], timeout=400)
     assert done["state"] == "succeeded", done["reason"]
+    assert done["reason"].startswith("finished 1500 steps")  # the pushed result
     assert done["step"] == 1500 and done["restarts"] == 1
+    assert not (stack.service_runs / job["id"]).exists()  # nothing of it reached the service's disk
     [loss] = done["lost_nodes"]
     assert loss["node"] == lost and loss["ranks"] == [1]
     assert lost not in done["nodes"].values()  # both ranks finished on what was left
@@ -146,3 +155,8 @@ def test_without_failures_allowed_a_lost_node_fails_the_job_naming_it(stack):
     assert done["reason"].startswith(f"node {lost}") and "was lost at step" in done["reason"], done["reason"]
     assert [n["node"] for n in done["lost_nodes"]] == [lost]
     stack.ray.restore(workers=2)
+    # the service's failed state reaches Prometheus, the rule fires, Alertmanager sends it back
+    alert = wait_for(lambda: [a for a in stack.client.get(job["id"])["alerts"]
+                              if a["alertname"] == "TrainingJobFailed"],
+                     timeout=60, interval=1, what="TrainingJobFailed for the job")
+    assert alert[0]["status"] == "firing" and alert[0]["severity"] == "critical"
