@@ -1,11 +1,13 @@
 """Start, watch and stop jobs on Ray.
 
 One Ray job per gradwatch job: its entrypoint is `python -m workers.driver`,
-which runs Ray Train on the cluster and rewrites `<storage>/<job id>/status.json`
-about every second. A scheduler thread starts queued jobs when the cluster has
+which runs Ray Train on the cluster, pushes its status to the API about every
+second (service/push.py) and rewrites `<storage>/<job id>/status.json` as a
+local artifact. A scheduler thread starts queued jobs when the cluster has
 room (priority, then first come), follows running ones through Ray's job status
-and status.json, enforces timeouts, carries out cancels, and on service start
-picks up the jobs the store says are running.
+and the pushed status (status.json where the run folder is shared), enforces
+timeouts, carries out cancels, and on service start picks up the jobs the store
+says are running.
 """
 
 from __future__ import annotations
