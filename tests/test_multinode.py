@@ -118,12 +118,23 @@ def gradwatch_status(stack, job_id: str) -> str:
 
 def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stack):
     spec = paced_spec("node-loss", max_steps=1500, max_failures=2, checkpoint={"every_steps": 300, "keep": 2},
-                      validation={"every_steps": 500}, scaling={"placement": "spread"})
+                      validation={"every_steps": 500}, scaling={"placement": "strict_spread"})
     job = stack.client.submit(spec)
     running = running_on_both_nodes(stack, job["id"], past=300, every=300)
-    lost = running["nodes"]["1"]
+    lost, kept = running["nodes"]["1"], running["nodes"]["0"]
     killed_at = running["step"]
     stack.ray.remove_node(lost)  # rank 1's node: its raylet, its workers, everything on it
+
+    # one node left cannot hold a strict_spread pair: the job says so while it waits, never silently
+    def waiting():
+        now = stack.client.get(job["id"])
+        assert now["state"] == "running", now["reason"]
+        return now if (now.get("waiting") or "").startswith(f"cannot place the workers since node {lost} "
+                                                             "was lost") else None
+
+    waits = wait_for(waiting, timeout=120, interval=0.5, what="the job to say what it waits for")
+    assert "only 1 of the cluster's 2 alive nodes have room for one worker" in waits["waiting"], waits["waiting"]
+    joined = stack.ray.add_node()  # a node joins: the group is placed again, on it
 
     done = stack.client.wait(job["id"], timeout=400)
     assert done["state"] == "succeeded", done["reason"]
@@ -132,7 +143,7 @@ def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stac
     assert not (stack.service_runs / job["id"]).exists()  # nothing of it reached the service's disk
     [loss] = done["lost_nodes"]
     assert loss["node"] == lost and loss["ranks"] == [1]
-    assert lost not in done["nodes"].values()  # both ranks finished on what was left
+    assert set(done["nodes"].values()) == {kept, joined}  # one rank per node again, one of them new
     result = json.loads((stack.runs / job["id"] / "result.json").read_text())
     assert [w["steps"] for w in result["workers"]] == [1500, 1500]
     assert result["workers"][0]["param_hash"] == result["workers"][1]["param_hash"]
@@ -141,7 +152,6 @@ def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stac
     text = gradwatch_status(stack, job["id"])
     assert "restarts" in text and lost in text and "lost nodes" in text, text
     assert any(line.split()[:2] == ["restarts", "1"] for line in text.splitlines()), text
-    stack.ray.restore(workers=2)
 
 
 def test_without_failures_allowed_a_lost_node_fails_the_job_naming_it(stack):
