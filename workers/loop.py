@@ -286,7 +286,8 @@ class Trainer:
         if self.rank == 0:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
             save_training_state(checkpoint_dir, self.model, self.optimizer, self.scheduler, self.pos,
-                                {"first_val_loss": self.first_val_loss})
+                                {"first_val_loss": self.first_val_loss,
+                                 "detectors": self.telemetry.detector_state()})
         metrics = {"step": self.pos.step, "train_loss": self.telemetry.last.get("loss"),
                    "val_loss": self.last_val[0] if self.last_val else None}
         self.session.report(metrics, checkpoint_dir)
