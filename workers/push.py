@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,7 +41,14 @@ class Pusher:
 
     @classmethod
     def from_env(cls, job_id: str) -> Pusher | None:
+        """A pusher when the service sent a URL and the job's token (in the environment, or in a file
+        named by GRADWATCH_JOB_TOKEN_FILE where the service shares a folder with the nodes)."""
         url, token = os.environ.get("GRADWATCH_PUSH_URL"), os.environ.get("GRADWATCH_PUSH_TOKEN")
+        if not token and os.environ.get("GRADWATCH_JOB_TOKEN_FILE"):
+            try:
+                token = Path(os.environ["GRADWATCH_JOB_TOKEN_FILE"]).read_text().strip()
+            except OSError as exc:
+                log.warning("cannot read the job's token: %s", exc)
         return cls(url, token, job_id) if url and token else None
 
     def listener(self, update: dict[str, Any]) -> None:
