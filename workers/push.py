@@ -25,10 +25,11 @@ MAX_PENDING_EVENTS = 10_000  # beyond this, the oldest undelivered events are dr
 
 
 class Pusher:
-    def __init__(self, url: str, token: str, job_id: str, timeout: float = 10.0):
+    def __init__(self, url: str, token: str, job_id: str, timeout: float = 10.0,
+                 client: httpx.Client | None = None):
         self.job_id = job_id
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
-                                  timeout=timeout)
+        self._http = client or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        self._http.headers["Authorization"] = f"Bearer {token}"
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()

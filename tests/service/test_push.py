@@ -6,13 +6,16 @@ knows of a job comes from pushes; the in-memory Ray of fakes.py plays the cluste
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service import push
 from service.api import create_app
 from service.settings import Settings
+from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec
+from workers.push import Pusher
 
 TOKEN = "s3cret"
 
@@ -114,3 +117,37 @@ def test_a_driver_token_cannot_read_or_change_another_job(api, app, cluster):
                               headers=as_driver(TOKEN)).status_code == 403
         assert anonymous.post(f"/v1/jobs/{a}/progress", json={"status": status(1)}).status_code == 401
     assert api.get(f"/v1/jobs/{b}").json()["state"] == "running" and api.get(f"/v1/jobs/{b}").json()["step"] is None
+
+
+class FlakyService(TestClient):
+    """The API, unreachable for the first `down` requests (a restarting service)."""
+
+    def __init__(self, app, down: int):
+        super().__init__(app)
+        self.down, self.bodies = down, []
+
+    def request(self, method, url, **kwargs):
+        if self.down > 0:
+            self.down -= 1
+            raise httpx.ConnectError("connection refused")
+        self.bodies.append(kwargs.get("json"))
+        return super().request(method, url, **kwargs)
+
+
+def test_the_driver_side_keeps_events_through_an_outage_and_delivers_the_result(api, app, cluster):
+    a, _ = start_two(api, app, cluster)
+    flaky = FlakyService(app, down=2)
+    pusher = Pusher("http://unused", cluster.envs[a]["GRADWATCH_PUSH_TOKEN"], a, client=flaky)
+    first = {"kind": "anomaly", "name": "plateau", "step": 1}
+    second = {"kind": "phase", "name": "refinement", "step": 2}
+    pusher.listener({"status": status(1), "events": [first]})
+    pusher.listener({"status": status(2), "events": [second]})
+    wait_for(lambda: (app.state.store.get_job(a).progress or {}).get("step") == 2, timeout=20,
+             what="the pushed status after the outage")
+    assert app.state.store.get_job(a).progress["events"] == [first, second]  # none lost, none twice
+    result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.5, "ranks": {"0": {"big": 1}}}
+    assert pusher.finish(result)
+    assert flaky.bodies[-1] == {"result": {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.5}}
+    cluster.advance(5)
+    app.state.launcher.tick()
+    assert api.get(f"/v1/jobs/{a}").json()["reason"].startswith("finished 3 steps, train loss 0.5")
