@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Collection, Iterable, Iterator
@@ -560,9 +561,24 @@ def fingerprint_of(labels: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _strict_json(value: Any) -> str:
+    """JSON that PostgreSQL accepts: a NaN or infinite loss (a real training outcome) becomes its name."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, json_serializer=_strict_json)
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -276,3 +276,15 @@ def test_a_nul_byte_is_refused_in_specs_and_matches_nothing_in_filters(store):
     assert store.list_jobs(labels={"team": "a\x00"})[0] == []
     assert [j.id for j in store.list_jobs(labels={"team": "a"})[0]] == [job.id]
     assert store.list_alerts(job_id="gw-\x00") == []
+
+
+def test_a_non_finite_loss_in_progress_is_stored_on_every_backend(store):
+    job = new_job(store)
+    store.transition(job.id, "running", "go")
+    store.update_job(job.id, progress={"step": 3, "train_loss": float("nan"), "grad_norm": float("inf"),
+                                       "events": [{"loss": float("-inf")}]})
+    progress = store.get_job(job.id).progress
+    assert progress["step"] == 3
+    # SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name
+    assert str(progress["train_loss"]).lower() == "nan" and str(progress["grad_norm"]).lower() in ("inf", "infinity")
+    assert str(progress["events"][0]["loss"]).lower() in ("-inf", "-infinity")
