@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 from deploy.render import render_alertmanager_config, render_prometheus_config
+from service.auth import consumer_token_file
+from service.settings import Settings
 from tests.conftest import small_spec
 from tests.promstack import query, start_alertmanager, start_prometheus, wait_for
 from tests.stack import BIN, TOKEN, Service
@@ -32,13 +34,15 @@ def stack(ray_cluster, tmp_path_factory):
     svc.env["GRADWATCH_ALLOW_USER_CODE"] = "true"  # the paced model of tests/workers/user_code.py
     svc.env["GRADWATCH_RAY_STORAGE_PATH"] = str(tmp / "ray-nodes")  # the Ray side's folder, not the service's
     svc.start()
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN)
-    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
+    # Prometheus and Alertmanager each with their own narrow token, as deployed.
+    settings = Settings(data_dir=tmp / "gradwatch")
+    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts",
+                                           token_file=consumer_token_file(settings, "alertmanager"),
                                            group_wait="1s", group_interval="1s")
     with start_alertmanager(am_config, tmp) as am:
-        config = render_prometheus_config(service_url=svc.url, token_file=token_file, alertmanager_url=am.url,
-                                          scrape_interval="1s", eval_interval="1s", sd_refresh_interval="1s")
+        config = render_prometheus_config(service_url=svc.url, token_file=consumer_token_file(settings, "prometheus"),
+                                          alertmanager_url=am.url, scrape_interval="1s", eval_interval="1s",
+                                          sd_refresh_interval="1s")
         with start_prometheus(config, tmp) as prom:
             yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, ray=ray_cluster, runs=tmp / "ray-nodes",
                                   service_runs=tmp / "gradwatch" / "runs")

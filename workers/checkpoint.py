@@ -24,7 +24,8 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         device: torch.device) -> dict[str, Any]:
-    state = torch.load(directory / STATE_FILE, map_location=device, weights_only=False)
+    # weights_only: a checkpoint in shared storage is data, never code to unpickle.
+    state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
     inner = model.module if hasattr(model, "module") else model
     inner.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
