@@ -287,15 +287,6 @@ class JobSpec(Strict):
                                                  r"(\d+(\.\d+)?\s*)?$"},
                                      {"type": "null"}]})
 
-    @field_validator("owner", "labels")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        # Stored as text columns, which PostgreSQL refuses to hold a NUL byte in.
-        texts = [value] if isinstance(value, str) else list((value or {}).values())
-        if any("\x00" in text for text in texts):
-            raise ValueError("must not contain a NUL character (\\x00)")
-        return value
-
     @field_validator("timeout", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
