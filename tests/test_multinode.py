@@ -114,8 +114,8 @@ def test_strict_spread_puts_one_rank_per_node_and_prometheus_sees_both_nodes(sta
 
 
 def gradwatch_status(stack, job_id: str) -> str:
-    done = subprocess.run([str(BIN / "gradwatch"), "status", job_id, "--url", stack.svc.url, "--token", TOKEN],
-                          capture_output=True, text=True, timeout=60, env={**stack.svc.env, "COLUMNS": "300"})
+    done = subprocess.run([str(BIN / "gradwatch"), "status", job_id, "--url", stack.svc.url], capture_output=True,
+                          text=True, timeout=60, env={**stack.svc.env, "GRADWATCH_TOKEN": TOKEN, "COLUMNS": "300"})
     assert done.returncode == 0, done.stderr
     return done.stdout
 
