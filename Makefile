@@ -1,6 +1,6 @@
 # gradwatch: `make demo` runs the main example job, `make test` runs the tests.
-# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager and
-# PostgreSQL for tests.
+# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager,
+# Chromium and PostgreSQL for tests.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -26,6 +26,12 @@ tools:
 	  $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null 2>&1 \
 	  || { $(SUDO) apt-get update >/dev/null && \
 	       $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }; \
+	fi
+	@if command -v chromium >/dev/null; then :; else \
+	  echo "installing Debian's chromium (the report tests draw reports in it, headless)"; \
+	  $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update >/dev/null && \
+	       $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null; }; \
 	fi
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; else \
 	  echo "installing Debian's postgresql (the store tests start a private server)"; \

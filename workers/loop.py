@@ -117,6 +117,7 @@ class Trainer:
         if resumed is not None:
             self.telemetry.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, resumed)
+            self.telemetry.record_event({"step": resumed, "event": "restart"})
         if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
             self.telemetry.serve(self.session.node_address())
         batches = self.batches()
@@ -235,6 +236,8 @@ class Trainer:
                  "lr_scale": scale, "detail": f"diverged at step {bad_step}; back to step {self.pos.step}, "
                                               f"lr x{scale:g}"}
         log.warning("rank %d: %s", self.rank, event["detail"])
+        self.telemetry.record_event({"step": bad_step, "event": "rollback", "to_step": self.pos.step,
+                                     "lr_scale": scale})
         if self.board and self.rank == 0:
             self.board.post("post_event", event)
 
