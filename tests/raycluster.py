@@ -96,39 +96,41 @@ def multi_node_ray(workers: int = 2, cpus_per_node: float = 2) -> Iterator[Multi
     dashboard_port = free_port()
     shared = Path(ray._private.utils.get_ray_address_file(None))
     before = shared.read_text() if shared.exists() else None
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port,
-            "gcs_server_port": free_port(),
-            "ray_client_server_port": free_port(),
-            "dashboard_agent_listen_port": free_port(),
-            "temp_dir": temp_dir,
-            "_system_config": HEALTH_CHECK,
-            "env_vars": NODE_ENV,
-        },
-    )
-    # Job drivers find their cluster in `<temp dir>/ray_current_cluster`; Cluster writes only the
-    # machine-wide default file, which other Rays on this machine read: write ours, give theirs back.
-    ray._private.utils.write_ray_address(cluster.address, temp_dir)
-    _put_back(shared, before)
-    nodes = MultiNodeRay(cluster, f"http://127.0.0.1:{dashboard_port}", cpus_per_node)
-    headers = {"Authorization": f"Bearer {ray_token()}"}
-
-    def dashboard_ready() -> bool:
-        body = httpx.get(f"{nodes.dashboard}/api/cluster_status", headers=headers, timeout=5).json()
-        return bool(((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
-
+    cluster = None
     try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+                "gcs_server_port": free_port(),
+                "ray_client_server_port": free_port(),
+                "dashboard_agent_listen_port": free_port(),
+                "temp_dir": temp_dir,
+                "_system_config": HEALTH_CHECK,
+                "env_vars": NODE_ENV,
+            },
+        )
+        # Job drivers find their cluster in `<temp dir>/ray_current_cluster`; Cluster writes only the
+        # machine-wide default file, which other Rays on this machine read: write ours, give theirs back.
+        ray._private.utils.write_ray_address(cluster.address, temp_dir)
+        _put_back(shared, before)
+        nodes = MultiNodeRay(cluster, f"http://127.0.0.1:{dashboard_port}", cpus_per_node)
+        headers = {"Authorization": f"Bearer {ray_token()}"}
+
+        def dashboard_ready() -> bool:
+            body = httpx.get(f"{nodes.dashboard}/api/cluster_status", headers=headers, timeout=5).json()
+            return bool(((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
+
         for _ in range(workers):
             nodes.add_node()
         wait_for(dashboard_ready, timeout=120, interval=1, what="the Ray dashboard")
         yield nodes
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
         if saved_mode != "token":
             if saved_mode is None:
