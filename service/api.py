@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
+from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
@@ -347,9 +348,10 @@ def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:re
             except (KeyError, TypeError, ValueError):
                 continue
             host = f"[{host}]" if ":" in host else host
-            groups.append(
-                TargetGroup(targets=[f"{host}:{port}"], labels={"job_id": job.id, "rank": str(rank)})
-            )
+            labels = {"job_id": job.id, "rank": str(rank)}
+            if endpoint.get("node"):
+                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
+            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
     return groups
 
 
@@ -666,6 +668,8 @@ def create_app(
 
     for router in (jobs, targets, alerts):
         app.include_router(router)
+    # Drivers push their job's progress and result with the token minted for that job at launch.
+    app.include_router(push.router_for(require_job_token))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestGuard, host_names=settings.host_names)
     app.add_middleware(RequestMetrics, registry=registry)

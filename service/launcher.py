@@ -1,11 +1,13 @@
 """Start, watch and stop jobs on Ray.
 
 One Ray job per gradwatch job: its entrypoint is `python -m workers.driver`,
-which runs Ray Train on the cluster and rewrites `<storage>/<job id>/status.json`
-about every second. A scheduler thread starts queued jobs when the cluster has
+which runs Ray Train on the cluster, pushes its status to the API about every
+second (service/push.py) and rewrites `<storage>/<job id>/status.json` as a
+local artifact. A scheduler thread starts queued jobs when the cluster has
 room (priority, then first come), follows running ones through Ray's job status
-and status.json, enforces timeouts, carries out cancels, and on service start
-picks up the jobs the store says are running.
+and the pushed status (status.json where the run folder is shared), enforces
+timeouts, carries out cancels, and on service start picks up the jobs the store
+says are running.
 """
 
 from __future__ import annotations
@@ -376,10 +378,22 @@ class Launcher:
         return text[offset : offset + limit]
 
     # ------------------------------------------------------------ following
+    def _status(self, job: Job) -> dict[str, Any] | None:
+        """The driver's latest status: pushed over HTTP, else status.json where the run folder is shared."""
+        if (job.progress or {}).get("source") == "push":
+            return job.progress
+        return read_json(self.settings.runs_dir / job.id / "status.json")
+
+    def _result(self, job: Job) -> dict[str, Any] | None:
+        pushed = (job.progress or {}).get("result")
+        if (job.progress or {}).get("source") == "push" and isinstance(pushed, dict):
+            return pushed
+        return read_json(self.settings.runs_dir / job.id / "result.json")
+
     def _follow(self, job: Job) -> None:
         now = time.time()
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
-        if snapshot and snapshot != job.progress:
+        snapshot = self._status(job)
+        if snapshot and snapshot is not job.progress and snapshot != job.progress:
             job = self.store.update_job(
                 job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
             )
@@ -418,7 +432,8 @@ class Launcher:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
-        result = read_json(self.settings.runs_dir / job.id / "result.json")
+        job = self.store.get_job(job.id)  # a result pushed since this pass began
+        result = self._result(job)
         finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
         if job.stop_requested and not finished_ok:
             left = self._live_workers(job)
@@ -448,9 +463,9 @@ class Launcher:
     def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
+        snapshot = self._status(self.store.get_job(job.id))
         if snapshot:
-            fields["progress"] = {**snapshot, "endpoints": []}
+            fields["progress"] = {**snapshot, "endpoints": [], "waiting": None}
         if result and result.get("world_size"):
             fields["world_size"] = result["world_size"]
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
@@ -546,7 +561,7 @@ class Launcher:
             "--job-id",
             job.id,
             "--storage-path",
-            str(self.settings.runs_dir),
+            self.settings.driver_storage,
         ]
         return shlex.join(parts)
 
@@ -573,6 +588,13 @@ class Launcher:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         env = {JOB_TOKEN_FILE_ENV: str(token_file)}
+        # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
+        # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
+        env.update({
+            "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
+            "GRADWATCH_PUSH_URL": self.settings.driver_url,
+            "GRADWATCH_PUSH_TOKEN": token,
+        })
         if not self.settings.allow_user_code:
             env[DATA_ROOTS_ENV] = os.pathsep.join(str(r) for r in self.settings.data_root_paths)
         return env

@@ -41,6 +41,17 @@ class Endpoint(BaseModel):
     rank: int
     host: str
     port: int
+    node: str | None = Field(None, description="The Ray node id the rank runs on.")
+
+
+class LostNode(BaseModel):
+    """A Ray node that left the cluster while it ran ranks of the job."""
+
+    node: str
+    address: str = ""
+    ranks: list[int] = Field(default_factory=list)
+    step: int | None = Field(None, description="The job's step when the loss was seen.")
+    at: float | None = None
 
 
 class JobOut(BaseModel):
@@ -157,6 +168,9 @@ class JobDetail(JobOut):
     anomalies: dict[str, Any] = Field(default_factory=dict)
     restarts: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
+    nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node it last ran on.")
+    lost_nodes: list[LostNode] = Field(default_factory=list)
+    waiting: str | None = Field(None, description="What a restarting worker group waits for.")
     ray_submission_id: str | None = None
     resources: dict[str, float] = Field(default_factory=dict)
     progress_updated_at: str | None = None
@@ -182,6 +196,10 @@ class JobDetail(JobOut):
             anomalies=progress.get("anomalies") if isinstance(progress.get("anomalies"), dict) else {},
             restarts=_number(progress.get("restarts"), int) or 0,
             endpoints=endpoints,
+            nodes=_str_map(progress.get("nodes")),
+            lost_nodes=_lost_nodes(progress.get("lost_nodes")),
+            waiting=progress.get("waiting") if job.state == "running" and isinstance(progress.get("waiting"), str)
+            else None,
             ray_submission_id=job.ray_submission_id,
             resources={"cpus": job.cpus, "gpus": job.gpus},
             progress_updated_at=iso(_number(progress.get("updated_at"))),
@@ -267,3 +285,19 @@ class IngestOut(BaseModel):
 
 class CancelOut(JobOut):
     pass
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if v is not None}
+
+
+def _lost_nodes(value: Any) -> list[LostNode]:
+    out = []
+    for item in value if isinstance(value, list) else []:
+        try:
+            out.append(LostNode.model_validate(item))
+        except ValueError:
+            continue
+    return out

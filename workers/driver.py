@@ -3,7 +3,8 @@
 Used by `gradwatch run` (foreground, live display) and by the service, which
 submits `python -m workers.driver --spec-file F --job-id ID --storage-path DIR`
 as a Ray job. While the job runs the driver rewrites `DIR/ID/status.json`
-about every second; at the end it writes `DIR/ID/result.json`.
+about every second; at the end it writes `DIR/ID/result.json`. Under the
+service it also pushes both over HTTP (workers/push.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 from service.spec import JobSpec, SpecError, load_spec
 from workers.board import BoardClient, create_board_actor
+from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
+from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
 Listener = Callable[[dict[str, Any]], None]
@@ -59,6 +62,10 @@ def check_cluster(spec: JobSpec) -> None:
                     if resource == "GPU" else " (lower scaling.num_workers or scaling.cpus_per_worker)")
             raise ClusterTooSmall(f"the job needs {amount:g} {what} ({spec.scaling.num_workers} workers) but the "
                                   f"Ray cluster has {have:g}{hint}")
+    try:
+        check_placement(spec, ray.nodes())
+    except PlacementImpossible as exc:
+        raise ClusterTooSmall(str(exc)) from None
 
 
 def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
@@ -83,9 +90,11 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
 class JobWatch:
     """Polls the job board, keeps status.json and the Prometheus file_sd up to date, and tells listeners."""
 
-    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener]):
+    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener],
+                 nodes: NodeWatch | None = None):
         self.job_id, self.run_dir, self.board = job_id, run_dir, board
         self.sd_file, self.listeners = sd_file, listeners
+        self.nodes = nodes
         self.n_events = 0
         self.snapshot: dict[str, Any] = {}
 
@@ -98,11 +107,16 @@ class JobWatch:
             return self.snapshot
         self.n_events = snap["n_events"]
         self.snapshot = snap
-        status = {"job_id": self.job_id, "state": state, **_progress_fields(snap),
+        if self.nodes:
+            self.nodes.update(snap.get("nodes", {}), snap.get("progress", {}).get("step"), snap.get("restarts", 0))
+        status = {"job_id": self.job_id, "state": state, **_progress_fields(snap), **self.node_fields(),
                   "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()}
         if notify:
             self.publish(status, snap["events"])
         return snap
+
+    def node_fields(self) -> dict[str, Any]:
+        return self.nodes.status() if self.nodes else {}
 
     def publish(self, status: dict[str, Any], events: list[dict[str, Any]]) -> None:
         write_json(self.run_dir / "status.json", status)
@@ -134,7 +148,8 @@ def write_sd_file(path: Path, job_id: str, endpoints: list[dict[str, Any]]) -> N
         groups = [g for g in json.loads(path.read_text()) if g.get("labels", {}).get("job_id") != job_id]
     except (OSError, ValueError):
         groups = []
-    groups += [{"targets": [f"{e['host']}:{e['port']}"], "labels": {"job_id": job_id, "rank": str(e["rank"])}}
+    groups += [{"targets": [f"{e['host']}:{e['port']}"],
+                "labels": {"job_id": job_id, "rank": str(e["rank"]), **({"node": e["node"]} if e.get("node") else {})}}
                for e in endpoints]
     write_json(path, groups)
 
@@ -173,7 +188,7 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
                               "error": None, "warning": None}
     init_ray()
     board = create_board_actor(job_id)
-    watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [])
+    watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [], NodeWatch(spec))
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -186,6 +201,7 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
                 torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
                 scaling_config=ScalingConfig(
                     num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                    placement_strategy=strategy(spec),
                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
                                           **({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu
                                              else {})}),
@@ -221,12 +237,19 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
                   anomalies=final.get("extra", {}).get("anomalies", []), ranks=snap.get("ranks", {}))
     if not thread.is_alive():
         if "error" in outcome:
-            result.update(state="failed", error=failure_reason(outcome["error"]))
+            if watch.nodes and lost_a_worker(outcome["error"]):
+                watch.nodes.confirm_loss(snap.get("progress", {}).get("step"), snap.get("restarts", 0))
+            reason = failure_reason(outcome["error"])
+            result.update(state="failed", error=watch.nodes.explain(reason) if watch.nodes else reason)
         else:
             result.update(state="succeeded", warning=unhealthy_ending(result, snap.get("progress", {})))
     result["wall_seconds"] = round(time.time() - started, 3)
-    status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), "endpoints": [],
-              "warning": result.get("warning"), "updated_at": time.time()}
+    node_fields = watch.node_fields()
+    result.update(nodes=node_fields.get("nodes", {}), lost_nodes=node_fields.get("lost_nodes", []),
+                  workers=[{"rank": int(r), "node": (snap.get("nodes") or {}).get(r), "steps": rep.get("steps"),
+                            "param_hash": rep.get("param_hash")} for r, rep in sorted(result["ranks"].items())])
+    status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), **node_fields,
+              "waiting": None, "endpoints": [], "warning": result.get("warning"), "updated_at": time.time()}
     watch.publish(status, snap.get("events", []))
     write_json(run_dir / "result.json", {k: v for k, v in result.items() if k != "ranks"})
     return result
@@ -241,6 +264,13 @@ def unhealthy_ending(result: dict[str, Any], progress: dict[str, Any]) -> str | 
     if (progress.get("anomalies") or {}).get("divergence"):
         problems.append("it was still diverging at the end")
     return " and ".join(problems) or None
+
+
+def lost_a_worker(exc: BaseException) -> bool:
+    """Whether a failure looks like a worker process or its node going away (not a bug in the loop)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(word in text for word in ("ActorDiedError", "ActorUnavailableError", "node", "Connection reset",
+                                         "Connection closed by peer", "died"))
 
 
 def stop_ray() -> None:
@@ -275,12 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     # A Ray job stop sends SIGTERM: leave through the normal path so the workers are stopped with us.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        spec = load_spec(args.spec_file, user_code="skip")
+        # The service sends the spec along (GRADWATCH_SPEC_JSON): its own disk may be out of reach.
+        inline = os.environ.get("GRADWATCH_SPEC_JSON")
+        spec = load_spec(json.loads(inline) if inline else args.spec_file, user_code="skip")
     except SpecError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
+    pusher = Pusher.from_env(args.job_id)  # progress and result to the service over HTTP
     result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
-                     listeners=[_print_listener])
+                     listeners=[_print_listener, *([pusher.listener] if pusher else [])])
+    if pusher and not pusher.finish(result):
+        print(f"job {args.job_id}: could not report the result to the service; it is in "
+              f"{result['storage_path']}/result.json", file=sys.stderr, flush=True)
     print(json.dumps({k: v for k, v in result.items() if k != "ranks"}), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)

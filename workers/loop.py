@@ -120,7 +120,7 @@ class Trainer:
     def train(self) -> Outcome:
         resumed = self.restore()
         if self.board:
-            self.board.post("started", self.rank, resumed)
+            self.board.post("started", self.rank, resumed, self.session.node_id())
         if resumed is not None:
             self.telemetry.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, resumed)

@@ -42,6 +42,7 @@ class FakeCluster:
         self.jobs: dict[str, FakeJob] = {}
         self.down = False
         self.submitted: list[str] = []
+        self.envs: dict[str, dict[str, str]] = {}  # the runtime env each job was submitted with
         self.stopped: list[str] = []
         self.refuse_submits = False
         self._lock = threading.RLock()
@@ -87,6 +88,7 @@ class FakeCluster:
                 env=dict(env),
             )
             self.submitted.append(submission_id)
+            self.envs[submission_id] = dict(env)
 
     def status(self, submission_id: str) -> RayJob | None:
         with self._lock:
@@ -152,7 +154,7 @@ class FakeCluster:
     def _write_status(self, job: FakeJob, state: str, warning: str | None = None) -> None:
         n = job.spec["scaling"]["num_workers"]
         endpoints = (
-            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r} for r in range(n)]
+            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r, "node": f"node-{r % 2}"} for r in range(n)]
             if state == "running"
             else []
         )
@@ -174,6 +176,8 @@ class FakeCluster:
                 "restarts": 0,
                 "endpoints": endpoints,
                 "warning": warning,
+                "nodes": {str(r): f"node-{r % 2}" for r in range(n)},
+                "lost_nodes": [],
                 "updated_at": time.time(),
             },
         )
