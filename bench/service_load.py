@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.spec import load_spec  # noqa: E402
+from gradwatch.spec import load_spec  # noqa: E402
 from service.store import Job, JobLabel, Store, Transition, demand_of, new_job_id  # noqa: E402
 
 TOKEN = "bench"

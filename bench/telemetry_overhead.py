@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # run as a script: bench/ is not a package
 
 import torch  # noqa: E402
 
-from service.spec import JobSpec, load_spec  # noqa: E402
+from gradwatch.spec import JobSpec, load_spec  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "off": {"enabled": False},

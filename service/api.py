@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gradwatch.spec import JobSpec, SpecError, load_spec
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
@@ -39,7 +40,6 @@ from service.models import (
     parse_time,
 )
 from service.settings import Settings
-from service.spec import JobSpec, SpecError, load_spec
 from service.store import (
     STATES,
     AlertUpdate,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from service.spec import SpecError, json_schema, load_spec
+from gradwatch.spec import SpecError, json_schema, load_spec
 
 app = typer.Typer(
     name="gradwatch",

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from service.spec import JobSpec
+from gradwatch.spec import JobSpec
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})

@@ -1,4 +1,4 @@
-"""What the HTTP API accepts and returns (the job spec itself lives in service/spec.py)."""
+"""What the HTTP API accepts and returns (the job spec itself lives in gradwatch/spec.py)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
 
-from service.spec import JobSpec
+from gradwatch.spec import JobSpec
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})

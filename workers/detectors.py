@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from service.spec_telemetry import DetectorSpec
+from gradwatch.spec_telemetry import DetectorSpec
 
 PHASES: tuple[str, ...] = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
 ANOMALIES: tuple[str, ...] = ("loss_spike", "divergence", "plateau", "overfitting", "vanishing_gradients",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.spec import JobSpec, SpecError, load_spec
+from gradwatch.spec import JobSpec, SpecError, load_spec
 from workers.board import BoardClient, create_board_actor
 
 log = logging.getLogger("gradwatch.driver")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from service.spec import JobSpec
+from gradwatch.spec import JobSpec
 from workers.board import BoardClient
 from workers.checkpoint import load_training_state, save_training_state
 from workers.data import build_data

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from service.store import (
     AlertUpdate,
     BadCursor,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.spec_telemetry import DetectorSpec, TelemetrySpec
+from gradwatch.spec_telemetry import DetectorSpec, TelemetrySpec
 from workers.detectors import (
     ANOMALIES,
     PHASES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import EXAMPLES
 from workers.driver import run_job
 

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.spec_telemetry import TelemetrySpec
+from gradwatch.spec_telemetry import TelemetrySpec
 
 MAX_SPEC_BYTES = 256 * 1024
 # Whitespace only after a unit: four adjacent optional \s* made "1d" + spaces + "x" take O(spaces^4).
