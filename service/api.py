@@ -23,7 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.status import target_groups
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
@@ -38,10 +40,10 @@ from service.models import (
     State,
     TargetGroup,
     parse_time,
+    run_status,
 )
 from service.settings import Settings
 from service.store import (
-    STATES,
     AlertUpdate,
     BadCursor,
     JobNotFound,
@@ -205,15 +207,9 @@ def prometheus_targets(store: StoreDep) -> list[TargetGroup]:
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
     groups = []
     for job in store.jobs_in("running"):
-        for endpoint in (job.progress or {}).get("endpoints") or []:
-            try:
-                host, port, rank = str(endpoint["host"]), int(endpoint["port"]), int(endpoint["rank"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            host = f"[{host}]" if ":" in host else host
-            groups.append(
-                TargetGroup(targets=[f"{host}:{port}"], labels={"job_id": job.id, "rank": str(rank)})
-            )
+        status = run_status(job)
+        if status is not None:
+            groups += [TargetGroup.model_validate(g) for g in target_groups(job.id, status.endpoints)]
     return groups
 
 
@@ -279,7 +275,7 @@ class JobStateCollector(Collector):
         )
         # Every state, 0 or 1, so a state change flips values instead of leaving a stale series.
         for job_id, state in self.store.current_states(time.time() - self.keep_ended_s):
-            for each in STATES:
+            for each in JOB_STATES:
                 current.add_metric([job_id, each], 1 if each == state else 0)
         yield current
 
@@ -389,7 +385,7 @@ def create_app(
     settings = settings or Settings()
     store = store or Store(settings.database_url)
     if cluster is None:
-        cluster = RayCluster(settings.ray_address or "http://127.0.0.1:8265", ray_token(settings))
+        cluster = RayCluster(settings.ray_address or DEFAULT_RAY_DASHBOARD, ray_token(settings))
     launcher = Launcher(store, settings, cluster)
 
     @asynccontextmanager

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from gradwatch.ids import new_job_id
 from gradwatch.spec import SpecError, json_schema, load_spec
 
 app = typer.Typer(
@@ -67,7 +68,7 @@ def run(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         _quiet_ray()
-    from workers.driver import ClusterTooSmall, new_job_id, run_job, stop_ray
+    from workers.driver import ClusterTooSmall, run_job, stop_ray
 
     job_id = job_id or new_job_id()
     display = RunDisplay(spec, job_id) if not as_json else None
@@ -181,7 +182,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         err.print("  anomalies: " + ", ".join(f"{a['kind']}@{a['first_step']}" for a in result["anomalies"]))
     if result.get("restarts") or result.get("rollbacks"):
         err.print(f"  restarts {result.get('restarts', 0)}, rollbacks {result.get('rollbacks', 0)}")
-    err.print(f"  run directory: {result['storage_path']}")
+    err.print(f"  run directory: {result['run_dir']}")
     if not ok:
         err.print(f"[red]cause:[/] {result.get('error')}")
 

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.client import TERMINAL_STATES, Client, GradwatchError
+from gradwatch.names import DEFAULT_RAY_DASHBOARD, DEFAULT_SERVICE_URL, TERMINAL_STATES
+from service.client import Client, GradwatchError
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -30,7 +31,7 @@ _print_lock = threading.Lock()
 
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--url", envvar="GRADWATCH_URL", help="Service URL.", show_default="http://127.0.0.1:8765"),
+    typer.Option("--url", envvar="GRADWATCH_URL", help="Service URL.", show_default=DEFAULT_SERVICE_URL),
 ]
 TokenOpt = Annotated[
     str | None,
@@ -88,7 +89,7 @@ def up(
     except ValueError as exc:
         _fail(str(exc))
     if not settings.ray_address:
-        address = "http://127.0.0.1:8265"
+        address = DEFAULT_RAY_DASHBOARD
         if dashboard_alive(address, ray_token()):
             errors.print(f"using the Ray cluster already running at {address}")
         else:

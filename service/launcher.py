@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shlex
 import subprocess
@@ -24,6 +23,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
+from gradwatch.status import RunResult, read_result, read_status, write_atomic
 from service.settings import Settings
 from service.store import Job, JobNotFound, Store, TransitionRefused
 
@@ -321,12 +322,12 @@ class Launcher:
     # ------------------------------------------------------------ following
     def _follow(self, job: Job) -> None:
         now = time.time()
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
-        if snapshot and snapshot != job.progress:
+        status = read_status(self.settings.runs_dir / job.id)
+        if status and status.model_dump(mode="json") != job.progress:
             job = self.store.update_job(
-                job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
+                job.id, progress=status.model_dump(mode="json"), world_size=status.world_size or job.world_size
             )
-        if snapshot and (snapshot.get("endpoints") or (snapshot.get("step") or 0) > 0):
+        if status and (status.endpoints or (status.step or 0) > 0):
             self._placed_at.setdefault(job.id, now)
         sid = job.ray_submission_id or job.id
         try:
@@ -361,8 +362,8 @@ class Launcher:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
-        result = read_json(self.settings.runs_dir / job.id / "result.json")
-        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
+        result = read_result(self.settings.runs_dir / job.id)
+        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.state == "succeeded")
         if job.stop_requested and not finished_ok:
             left = self._live_workers(job)
             waited = now - (job.stop_requested_at or now)
@@ -373,13 +374,13 @@ class Launcher:
             if left:
                 reason += f" ({left} Ray Train workers still alive {waited:.0f} s after the stop)"
         elif finished_ok:
-            state, reason = "succeeded", _success_reason(result)
-        elif ray_job.status == "STOPPED" or (result or {}).get("state") == "cancelled":
+            state, reason = "succeeded", result.summary() if result else "finished"
+        elif ray_job.status == "STOPPED" or (result and result.state == "cancelled"):
             state, reason = "cancelled", "stopped outside gradwatch (e.g. `ray job stop`)"
-        elif (result or {}).get("state") == "timed_out":
-            state, reason = "timed_out", (result or {}).get("error") or "the driver's timeout ended it"
+        elif result and result.state == "timed_out":
+            state, reason = "timed_out", result.error or "the driver's timeout ended it"
         else:
-            state, reason = "failed", (result or {}).get("error") or self._crash_reason(job, ray_job)
+            state, reason = "failed", (result.error if result else None) or self._crash_reason(job, ray_job)
         self._finish(job, state, reason, result)
 
     def _crash_reason(self, job: Job, ray_job: RayJob) -> str:
@@ -388,14 +389,14 @@ class Launcher:
         tail = _last_lines(self._ray_logs(job))
         return f"{head}; last output: {tail}" if tail else head
 
-    def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
+    def _finish(self, job: Job, state: str, reason: str, result: RunResult | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        snapshot = read_json(self.settings.runs_dir / job.id / "status.json")
-        if snapshot:
-            fields["progress"] = {**snapshot, "endpoints": []}
-        if result and result.get("world_size"):
-            fields["world_size"] = result["world_size"]
+        status = read_status(self.settings.runs_dir / job.id)
+        if status:
+            fields["progress"] = status.model_copy(update={"endpoints": []}).model_dump(mode="json")
+        if result and result.world_size:
+            fields["world_size"] = result.world_size
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
         self._placed_at.pop(job.id, None)
         self._stop_sent_at.pop(job.id, None)
@@ -418,7 +419,7 @@ class Launcher:
         if text:
             path = self.settings.jobs_dir / job.id / "driver.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, text)
+            write_atomic(path, text)
 
     # -------------------------------------------------------------- starting
     def demand(self, job: Job) -> Resources:
@@ -489,7 +490,7 @@ class Launcher:
         spec_file = self.settings.jobs_dir / job.id / "spec.json"
         spec_file.parent.mkdir(parents=True, exist_ok=True)
         self.settings.runs_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(spec_file, json.dumps(job.spec, indent=2))
+        write_atomic(spec_file, json.dumps(job.spec, indent=2))
         # Running first, then submit: a crash in between leaves a running job Ray does not know,
         # which the next start marks failed; the other order could run a job twice.
         try:
@@ -521,37 +522,12 @@ class Launcher:
 
 
 # ----------------------------------------------------------------- helpers
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _duration(seconds: float) -> str:
     if seconds >= 3600 and seconds % 3600 == 0:
         return f"{seconds / 3600:g}h"
     if seconds >= 60 and seconds % 60 == 0:
         return f"{seconds / 60:g}m"
     return f"{seconds:g}s"
-
-
-def _success_reason(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "finished"
-    parts = [f"finished {result.get('steps')} steps"]
-    if isinstance(result.get("train_loss"), int | float) and math.isfinite(result["train_loss"]):
-        parts.append(f"train loss {result['train_loss']:.4g}")
-    if isinstance(result.get("wall_seconds"), int | float):
-        parts.append(f"in {result['wall_seconds']:.0f} s")
-    return ", ".join(parts)
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -569,7 +545,11 @@ def dashboard_alive(address: str, token: str | None) -> bool:
 
 
 def start_local_ray(
-    log_file: Path, *, dashboard_port: int = 8265, num_cpus: int | None = None, wait_s: float = 90.0
+    log_file: Path,
+    *,
+    dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT,
+    num_cpus: int | None = None,
+    wait_s: float = 90.0,
 ) -> str:
     """`ray start --head` on this machine with token auth; returns the dashboard address.
 
@@ -622,6 +602,5 @@ __all__ = [
     "Resources",
     "dashboard_alive",
     "ray_token",
-    "read_json",
     "start_local_ray",
 ]

@@ -5,11 +5,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gradwatch.names import JobState
+from gradwatch.status import Endpoint, Progress, RunStatus
 from service.store import Alert, Job, Transition
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
+State = JobState
+
+
+def run_status(job: Job) -> RunStatus | None:
+    """The driver's last status.json as the store keeps it, or None before the first one."""
+    if not job.progress:
+        return None
+    try:
+        return RunStatus.model_validate(job.progress)
+    except ValidationError:  # a file from an incompatible driver: show the job without progress
+        return None
 
 
 def iso(ts: float | None) -> str | None:
@@ -37,12 +49,6 @@ class SpecErrorsOut(BaseModel):
     errors: list[str] = Field(description="One line per problem: `field.path: reason (got VALUE)`.")
 
 
-class Endpoint(BaseModel):
-    rank: int
-    host: str
-    port: int
-
-
 class JobOut(BaseModel):
     """A job as listed: who, what state and why, and how far it got."""
 
@@ -67,7 +73,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job, **extra: Any) -> JobOut:
-        progress = job.progress or {}
+        status = run_status(job) or Progress()
         return cls(
             id=job.id,
             name=job.name,
@@ -80,24 +86,15 @@ class JobOut(BaseModel):
             started_at=iso(job.started_at),
             ended_at=iso(job.ended_at),
             world_size=job.world_size,
-            step=_number(progress.get("step"), int),
-            max_steps=_number(progress.get("max_steps"), int) or job.max_steps,
-            train_loss=_number(progress.get("train_loss")),
-            val_loss=_number(progress.get("val_loss")),
-            val_accuracy=_number(progress.get("val_accuracy")),
-            phase=progress.get("phase"),
+            step=status.step,
+            max_steps=status.max_steps or job.max_steps,
+            train_loss=status.train_loss,
+            val_loss=status.val_loss,
+            val_accuracy=status.val_accuracy,
+            phase=status.phase,
             stopping=bool(job.stop_requested) and job.state == "running",
             **extra,
         )
-
-
-def _number(value: Any, kind: type = float) -> Any:
-    # NaN/inf losses are real training outcomes, but JSON cannot carry them: report null.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if kind is float and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return kind(value)
 
 
 class TransitionOut(BaseModel):
@@ -162,26 +159,19 @@ class JobDetail(JobOut):
 
     @classmethod
     def full(cls, job: Job, transitions: list[Transition], alerts: list[Alert]) -> JobDetail:
-        progress = job.progress or {}
-        endpoints = []
-        if job.state == "running":
-            for e in progress.get("endpoints") or []:
-                try:
-                    endpoints.append(Endpoint.model_validate(e))
-                except ValueError:
-                    continue
+        status = run_status(job)
         base = JobOut.of(job).model_dump()
         return cls(
             **base,
             spec=job.spec,
-            grad_norm=_number(progress.get("grad_norm")),
-            samples_per_second=_number(progress.get("samples_per_second")),
-            anomalies=progress.get("anomalies") if isinstance(progress.get("anomalies"), dict) else {},
-            restarts=_number(progress.get("restarts"), int) or 0,
-            endpoints=endpoints,
+            grad_norm=status.grad_norm if status else None,
+            samples_per_second=status.samples_per_second if status else None,
+            anomalies=status.anomalies if status else {},
+            restarts=status.restarts if status else 0,
+            endpoints=status.endpoints if status and job.state == "running" else [],
             ray_submission_id=job.ray_submission_id,
             resources={"cpus": job.cpus, "gpus": job.gpus},
-            progress_updated_at=iso(_number(progress.get("updated_at"))),
+            progress_updated_at=iso(status.updated_at) if status else None,
             transitions=[TransitionOut.of(t) for t in transitions],
             alerts=[AlertOut.of(a) for a in alerts],
         )
@@ -239,7 +229,3 @@ class IngestOut(BaseModel):
     received: int
     new: int
     updated: int
-
-
-class CancelOut(JobOut):
-    pass

@@ -17,12 +17,23 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gradwatch.ids import new_job_id
+from gradwatch.names import JobState
 from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.status import (
+    RESULT_FILE,
+    STATUS_FILE,
+    Endpoint,
+    RunResult,
+    RunStatus,
+    target_groups,
+    write_atomic,
+    write_record,
+)
 from workers.board import BoardClient, create_board_actor
 
 log = logging.getLogger("gradwatch.driver")
@@ -31,10 +42,6 @@ Listener = Callable[[dict[str, Any]], None]
 
 class ClusterTooSmall(RuntimeError):
     pass
-
-
-def new_job_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
 
 
 def needed_resources(spec: JobSpec) -> dict[str, float]:
@@ -88,7 +95,7 @@ class JobWatch:
         self.n_events = 0
         self.snapshot: dict[str, Any] = {}
 
-    def poll(self, state: str = "running", notify: bool = True) -> dict[str, Any]:
+    def poll(self, state: JobState = "running", notify: bool = True) -> dict[str, Any]:
         import ray
 
         try:
@@ -97,45 +104,34 @@ class JobWatch:
             return self.snapshot
         self.n_events = snap["n_events"]
         self.snapshot = snap
-        status = {"job_id": self.job_id, "state": state, **_progress_fields(snap),
-                  "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()}
         if notify:
-            self.publish(status, snap["events"])
+            self.publish(run_status(self.job_id, state, snap), snap["events"])
         return snap
 
-    def publish(self, status: dict[str, Any], events: list[dict[str, Any]]) -> None:
-        write_json(self.run_dir / "status.json", status)
+    def publish(self, status: RunStatus, events: list[dict[str, Any]]) -> None:
+        write_record(self.run_dir / STATUS_FILE, status)
         if self.sd_file:
-            write_sd_file(self.sd_file, self.job_id, status["endpoints"])
+            write_sd_file(self.sd_file, self.job_id, status.endpoints)
         for listener in self.listeners:
-            listener({"status": status, "events": events})
+            listener({"status": status.model_dump(), "events": events})
 
 
-def _progress_fields(snap: dict[str, Any]) -> dict[str, Any]:
-    p = snap.get("progress", {})
-    keys = ("step", "max_steps", "epoch", "world_size", "train_loss", "loss_ema", "val_loss", "val_accuracy",
-            "grad_norm", "lr", "samples_per_second", "phase", "anomalies", "resumed_step")
-    return {**{k: p.get(k) for k in keys}, "restarts": snap.get("restarts", 0),
-            "rollbacks": snap.get("rollbacks", 0)}
+def run_status(job_id: str, state: JobState, snap: dict[str, Any]) -> RunStatus:
+    """status.json from a board snapshot: rank 0's progress, the restarts, and the live endpoints."""
+    return RunStatus.model_validate({
+        **snap.get("progress", {}), "job_id": job_id, "state": state, "restarts": snap.get("restarts", 0),
+        "rollbacks": snap.get("rollbacks", 0), "endpoints": snap["endpoints"] if state == "running" else [],
+        "updated_at": time.time()})
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Replace `path` atomically: readers (the service, Prometheus) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def write_sd_file(path: Path, job_id: str, endpoints: list[dict[str, Any]]) -> None:
+def write_sd_file(path: Path, job_id: str, endpoints: list[Endpoint]) -> None:
     """Prometheus file_sd: this job's live endpoints, keeping other jobs' entries in the same file."""
     try:
         groups = [g for g in json.loads(path.read_text()) if g.get("labels", {}).get("job_id") != job_id]
     except (OSError, ValueError):
         groups = []
-    groups += [{"targets": [f"{e['host']}:{e['port']}"], "labels": {"job_id": job_id, "rank": str(e["rank"])}}
-               for e in endpoints]
-    write_json(path, groups)
+    groups += target_groups(job_id, endpoints)
+    write_atomic(path, json.dumps(groups, indent=1))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -161,12 +157,10 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
+    write_atomic(run_dir / "spec.json", spec.model_dump_json(indent=1))
     started = time.time()
-    result: dict[str, Any] = {"job_id": job_id, "state": "failed", "steps": 0,
-                              "world_size": spec.scaling.num_workers, "train_loss": None, "val_loss": None,
-                              "val_accuracy": None, "wall_seconds": 0.0, "storage_path": str(run_dir),
-                              "error": None}
+    state: JobState = "failed"
+    error: str | None = None
     init_ray()
     board = create_board_actor(job_id)
     watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [])
@@ -203,29 +197,31 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
             thread.join(poll_seconds)
             watch.poll()
             if deadline and time.time() > deadline:
-                result.update(state="timed_out", error=f"timeout: still running after {spec.timeout:g} s")
+                state, error = "timed_out", f"timeout: still running after {spec.timeout:g} s"
                 break
     except KeyboardInterrupt:
-        result.update(state="cancelled", error="interrupted (Ctrl-C): workers stopped")
+        state, error = "cancelled", "interrupted (Ctrl-C): workers stopped"
     snap = watch.poll(notify=False)
-    final = snap.get("final", {})
-    result.update(steps=final.get("steps", snap.get("progress", {}).get("step", 0)) or 0,
-                  train_loss=final.get("train_loss", snap.get("progress", {}).get("train_loss")),
-                  val_loss=final.get("val_loss"), val_accuracy=final.get("val_accuracy"),
-                  first_val_loss=final.get("first_val_loss"), restarts=snap.get("restarts", 0),
-                  rollbacks=snap.get("rollbacks", 0), phases=final.get("extra", {}).get("phases", []),
-                  anomalies=final.get("extra", {}).get("anomalies", []), ranks=snap.get("ranks", {}))
     if not thread.is_alive():
-        if "error" in outcome:
-            result.update(state="failed", error=failure_reason(outcome["error"]))
-        else:
-            result.update(state="succeeded")
-    result["wall_seconds"] = round(time.time() - started, 3)
-    status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), "endpoints": [],
-              "updated_at": time.time()}
-    watch.publish(status, snap.get("events", []))
-    write_json(run_dir / "result.json", {k: v for k, v in result.items() if k != "ranks"})
-    return result
+        state, error = ("failed", failure_reason(outcome["error"])) if "error" in outcome else ("succeeded", None)
+    result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started)
+    watch.publish(run_status(job_id, state, snap), snap.get("events", []))
+    write_record(run_dir / RESULT_FILE, result)
+    return {**result.model_dump(), "ranks": snap.get("ranks", {})}
+
+
+def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], state: JobState, error: str | None,
+               seconds: float) -> RunResult:
+    """result.json from the board's last snapshot: rank 0's final report, else its last progress."""
+    final, progress = snap.get("final", {}), snap.get("progress", {})
+    extra = final.get("extra", {})
+    return RunResult(
+        job_id=job_id, state=state, error=error, world_size=spec.scaling.num_workers, run_dir=str(run_dir),
+        steps=final.get("steps", progress.get("step", 0)) or 0,
+        train_loss=final.get("train_loss", progress.get("train_loss")), val_loss=final.get("val_loss"),
+        val_accuracy=final.get("val_accuracy"), first_val_loss=final.get("first_val_loss"),
+        restarts=snap.get("restarts", 0), rollbacks=snap.get("rollbacks", 0), phases=extra.get("phases", []),
+        anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3))
 
 
 def stop_ray() -> None:
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
                      listeners=[_print_listener])
-    print(json.dumps({k: v for k, v in result.items() if k != "ranks"}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "ranks"}, default=str), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
         stop_ray()
@@ -279,4 +275,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["run_job", "check_cluster", "ClusterTooSmall", "new_job_id", "BoardClient"]
+__all__ = ["run_job", "check_cluster", "ClusterTooSmall", "BoardClient"]

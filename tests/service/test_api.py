@@ -203,8 +203,8 @@ def test_get_shows_spec_progress_endpoints_history_and_alerts(api, app, cluster)
     assert detail["train_loss"] == pytest.approx(0.5) and detail["phase"] == "rapid_learning"
     assert detail["world_size"] == 2 and detail["restarts"] == 0
     assert detail["endpoints"] == [
-        {"rank": 0, "host": "10.0.0.7", "port": 40000},
-        {"rank": 1, "host": "10.0.0.7", "port": 40001},
+        {"rank": 0, "host": "10.0.0.7", "port": 40000, "pid": None},
+        {"rank": 1, "host": "10.0.0.7", "port": 40001, "pid": None},
     ]
     assert detail["spec"]["name"] == "watched" and detail["ray_submission_id"] == job["id"]
     assert [t["to_state"] for t in detail["transitions"]] == ["queued", "running"]
