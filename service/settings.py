@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds; non-loopback needs a token.")
     port: int = Field(DEFAULT_SERVICE_PORT, ge=0, le=65535)
     token: str | None = Field(None, description="Bearer token the API requires (GRADWATCH_TOKEN).")
-    allow_user_code: bool = Field(False, description="Accept `module:factory` models and data in specs.")
+    allow_user_code: bool = Field(False, description="Accept user code in specs: `module:factory` models and data, "
+                                               "and `train.entrypoint` training functions.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     ray_address: str | None = Field(
         None,

@@ -85,7 +85,7 @@ class Telemetry:
         self.peak_lr = spec.optimizer.lr
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
-        self.metrics.set_info(spec.name, spec.owner or "", spec.model.name, world_size, spec.labels)
+        self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         self.monitor = DynamicsMonitor(self.cfg.detectors)
         self._past_phases: list[tuple[str, int]] = []
         self._past_anomalies: dict[str, int] = {}
