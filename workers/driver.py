@@ -151,7 +151,11 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from gradwatch.spec import EntrypointTrain
+    from workers.entrypoint import train_function_per_worker
     from workers.loop import train_loop_per_worker
+
+    per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
 
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
@@ -170,7 +174,7 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
         try:
             check_cluster(spec)
             trainer = TorchTrainer(
-                train_loop_per_worker,
+                per_worker,
                 train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": job_id,
                                    "run_dir": str(run_dir), "serve_metrics": spec.telemetry.enabled},
                 torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),

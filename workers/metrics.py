@@ -120,3 +120,15 @@ class WorkerMetrics:
     def set_anomalies(self, held: dict[str, bool]) -> None:
         for kind in ANOMALIES:
             self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)
+
+    # ---- series named by user code (the training API): a bounded set, each family registered on first use
+    def named(self, kind: str, name: str):
+        """The gauge of a named loss term (`kind="term"`: `gradwatch_loss_term{term}`) or a custom scalar
+        (`kind="scalar"`: `gradwatch_scalar{name}`) on this rank."""
+        if not hasattr(self, "_named_families"):
+            self._named_families = {
+                "term": Gauge("gradwatch_loss_term", "A named part of the train loss, as the training code "
+                              "reported it (this rank's batch).", ["job_id", "rank", "term"], registry=self.registry),
+                "scalar": Gauge("gradwatch_scalar", "A custom scalar the training code reported.",
+                                ["job_id", "rank", "name"], registry=self.registry)}
+        return self._named_families[kind].labels(self.job_id, self.rank, name)
