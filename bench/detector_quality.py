@@ -242,7 +242,7 @@ def run_real(count: int) -> tuple[dict[str, list[Verdict]], dict[str, str]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from service.spec import load_spec
+    from gradwatch.spec import load_spec
     from workers.loop import run_local
     from workers.replay import read_rows
 
