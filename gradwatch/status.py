@@ -88,6 +88,18 @@ class AnomalyRaised(_Record):
     first_step: int
 
 
+class RankReport(_Record):
+    """What one rank ended with: DDP keeps replicas equal, so equal fingerprints say the run stayed sound."""
+
+    rank: int
+    steps: int
+    skipped_steps: int = Field(0, description="Updates skipped as unsafe (a non-finite loss or gradient).")
+    params_finite: bool
+    param_hash: str = Field(description="sha256 of the final parameters, as float32.")
+    param_sum: float
+    mean_step_seconds: Number = None
+
+
 class RunResult(_Record):
     """result.json: how the job ended."""
 
@@ -106,6 +118,7 @@ class RunResult(_Record):
     rollbacks: int = 0
     phases: list[PhaseEntered] = Field(default_factory=list)
     anomalies: list[AnomalyRaised] = Field(default_factory=list)
+    ranks: list[RankReport] = Field(default_factory=list, description="Each rank's final report, by rank.")
 
     def summary(self) -> str:
         """One line for a person: steps, loss and time."""

@@ -191,6 +191,7 @@ class Run:
         self.on_rollback: Callable[[dict[str, Any]], None] | None = None
         self._pending: _Pending | None = None
         self._guard_due = False
+        self._stale = False
         self._initial_lrs: list[float] = []
         self._params: list[torch.Tensor] = []
         self._good: dict[str, Any] | None = None
@@ -316,7 +317,9 @@ class Run:
         shared_values = values[2 + len(terms):]
         global_loss = shared_values[0] if shared_values else loss_value
         grads_finite = math.isfinite(norm_value) and (len(shared_values) < 2 or shared_values[1] == 0)
-        rolled_back = self.step < self.skip_until_step  # a rollback skips the batches after its target
+        # After a rollback: this loss was computed on the weights just replaced, then rollback.skip_batches more.
+        rolled_back = self._stale or self.step < self.skip_until_step
+        self._stale = False
         self.safe = grads_finite and math.isfinite(global_loss) and not rolled_back
         if self.safe and self.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm)
@@ -388,6 +391,7 @@ class Run:
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [lr * self.lr_scale for lr in self._initial_lrs]
         self.skip_until_step = self.step + cfg.skip_batches
+        self._stale = True
         tel.reset_detectors()
         tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
         detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"

@@ -68,7 +68,7 @@ def run(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         _quiet_ray()
-    from workers.driver import ClusterTooSmall, run_job, stop_ray
+    from workers.driver import ClusterTooSmall, public_result, run_job, stop_ray
 
     job_id = job_id or new_job_id()
     display = RunDisplay(spec, job_id) if not as_json else None
@@ -88,9 +88,8 @@ def run(
         raise typer.Exit(1) from None
     finally:
         stop_ray()
-    public = {k: v for k, v in result.items() if k != "ranks"}
     if as_json:
-        typer.echo(json.dumps(public, default=str))
+        typer.echo(public_result(result).model_dump_json())
     else:
         _print_summary(result)
     if result["state"] != "succeeded":

@@ -211,7 +211,12 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started)
     watch.publish(run_status(job_id, state, snap), snap.get("events", []))
     write_record(run_dir / RESULT_FILE, result)
-    return {**result.model_dump(), "ranks": snap.get("ranks", {})}
+    return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
+
+
+def public_result(result: dict[str, Any]) -> RunResult:
+    """What run_job returned, as result.json has it (the ranks' reports by rank, test details left out)."""
+    return RunResult.model_validate({**result, "ranks": [result["ranks"][r] for r in sorted(result["ranks"])]})
 
 
 def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], state: JobState, error: str | None,
@@ -225,7 +230,8 @@ def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], 
         train_loss=final.get("train_loss", progress.get("train_loss")), val_loss=final.get("val_loss"),
         val_accuracy=final.get("val_accuracy"), first_val_loss=final.get("first_val_loss"),
         restarts=snap.get("restarts", 0), rollbacks=snap.get("rollbacks", 0), phases=extra.get("phases", []),
-        anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3))
+        anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3),
+        ranks=[snap["ranks"][rank] for rank in sorted(snap.get("ranks", {}))])
 
 
 def stop_ray() -> None:
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
                      listeners=[_print_listener])
-    print(json.dumps({k: v for k, v in result.items() if k != "ranks"}, default=str), flush=True)
+    print(public_result(result).model_dump_json(), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
         stop_ray()
