@@ -462,8 +462,8 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     # Tagged unions put the tag in the path (model.mlp.hidden): drop it, users never wrote it.
     tags = {"model": {*BUILTIN_MODELS, "custom"}, "data": {*BUILTIN_DATA, "custom"}, "train": {"builtin", "entrypoint"}}
     out: list[Any] = []
-    for part in loc:
-        if len(out) == 1 and part in tags.get(out[0], ()):
+    for i, part in enumerate(loc):
+        if i == 1 and part in tags.get(loc[0], ()):
             continue
         out.append(part)
     return out
