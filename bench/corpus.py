@@ -148,8 +148,8 @@ def fine_tuning(seed: int) -> Curve:
     rng = np.random.default_rng(seed)
     t = np.arange(1, STEPS + 1, dtype=float)
     final = rng.uniform(0.3, 2.0)
-    trend = final * (1.0 + rng.uniform(0.05, 0.25) * np.exp(-t / rng.uniform(50, 300)))
-    loss = trend * _noise(rng, STEPS, rng.uniform(0.02, 0.08))
+    trend = final * (1.0 + rng.uniform(0.1, 0.3) * np.exp(-t / rng.uniform(50, 300)))
+    loss = trend * _noise(rng, STEPS, rng.uniform(0.02, 0.06))
     return Curve("fine_tuning", seed, _rows(loss, _val(rng, trend, cv=0.01), np.full(STEPS, 2e-5)))
 
 

@@ -219,7 +219,8 @@ class Run:
         inner = model.module if hasattr(model, "module") else model
         peak_lr = max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
         view = SimpleNamespace(telemetry=self.spec.telemetry, batch_size=batch_size or self.spec.batch_size,
-                               optimizer=SimpleNamespace(lr=peak_lr), name=self.spec.name, owner=self.spec.owner,
+                               optimizer=SimpleNamespace(lr=peak_lr), schedule=self.spec.schedule,
+                               name=self.spec.name, owner=self.spec.owner,
                                labels=self.spec.labels,
                                model_name=(type(inner).__name__ if isinstance(self.spec.train, EntrypointTrain)
                                            else self.spec.model_name))
@@ -392,7 +393,6 @@ class Run:
             self.scheduler.base_lrs = [lr * self.lr_scale for lr in self._initial_lrs]
         self.skip_until_step = self.step + cfg.skip_batches
         self._stale = True
-        tel.reset_detectors()
         tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
         detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"
         log.warning("rank %d: %s", self.rank, detail)
@@ -452,6 +452,7 @@ class Run:
                 "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
                 "step": self.step, "epoch": self.epoch, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                 "skipped_steps": self.skipped_steps, "first_val_loss": self.first_val_loss,
+                "detectors": self.telemetry.detector_state() if self.telemetry else None,
                 "extra": copy.deepcopy(extra)}
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -463,6 +464,8 @@ class Run:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self._pending = None
+        if self.telemetry is not None:  # the detectors go on from the checkpoint's state, remembering since
+            self.telemetry.restore_detectors(state.get("detectors"))
 
     def save_checkpoint(self, extra: dict[str, Any] | None = None) -> None:
         """Save the model, optimizer, scheduler, the run's position and your `extra` state through Ray Train

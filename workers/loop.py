@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.loop")
-# A skipped (non-finite) update still advances the schedule; torch warns about exactly that.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
 __all__ = ["DivergenceStop", "Outcome", "Position", "Trainer", "run_local", "train_loop_per_worker"]
 
@@ -129,7 +126,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.run.backward(loss, samples=len(x)):  # non-finite gradients never reach the weights
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()  # a skipped update does not use up the schedule
         self.run.end_step()  # recorded; a divergence is acted on before the next batch
         self.pos.samples += len(x)
         if self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:

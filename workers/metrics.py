@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from gradwatch.names import ANOMALIES, NONFINITE_KINDS, PHASES
+
 # `*_created` series double the counters and histograms for nothing the rules or boards use.
 disable_created_metrics()
 
-PHASES = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
-ANOMALIES = ("loss_spike", "divergence", "plateau", "overfitting", "vanishing_gradients", "exploding_gradients")
-NONFINITE_KINDS = ("loss", "grad")
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def series_per_job(world_size: int, layers: int) -> int:
-    """Series one job exports: 32 per rank, plus 18 + 3 per layer on rank 0 (README: "Cardinality")."""
+    """Series one job exports: 32 per rank, plus 28 + 3 per layer on rank 0 (README: "Cardinality")."""
     per_rank = 14 + len(STEP_BUCKETS) + 3  # 14 plain series, the histogram's buckets, +Inf, sum and count
-    return per_rank * world_size + 18 + 3 * layers
+    rank0 = 5 + len(PHASES) + 2 * len(ANOMALIES) + 1  # global gauges, phases, anomalies held and raised, info
+    return per_rank * world_size + rank0 + 3 * layers
 
 
 class WorkerMetrics:
@@ -98,6 +98,10 @@ class WorkerMetrics:
                            ["job_id", "phase"], registry=r)
         self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", ["job_id", "kind"],
                              registry=r)
+        self.anomaly_raised = Counter("gradwatch_anomaly_raised",
+                                      "Times an online detector raised its anomaly (alerts use increase(): a "
+                                      "spike that clears between two scrapes still counts).", ["job_id", "kind"],
+                                      registry=r)
         self.job_info = Gauge("gradwatch_job_info", "Constant 1, labelled with what the job is.",
                               ["job_id", "name", "owner", "model", "world_size", "team", "project"], registry=r)
         for gauge in (self.grad_norm, self.weight_norm, self.learning_rate, self.global_batch):
@@ -106,6 +110,7 @@ class WorkerMetrics:
             self.phase.labels(job_id, name).set(1 if name == "warmup" else 0)
         for kind in ANOMALIES:
             self.anomaly.labels(job_id, kind).set(0)
+            self.anomaly_raised.labels(job_id, kind)
 
     # ---- helpers the loop calls
     def set_info(self, name: str, owner: str, model: str, world_size: int, labels: dict[str, str]) -> None:

@@ -82,13 +82,12 @@ class Telemetry:
         self.enabled = self.cfg.enabled
         self.rank, self.world_size = rank, world_size
         self.batch_size = spec.batch_size
-        self.peak_lr = spec.optimizer.lr
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
         self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
-        self.monitor = DynamicsMonitor(self.cfg.detectors)
-        self._past_phases: list[tuple[str, int]] = []
-        self._past_anomalies: dict[str, int] = {}
+        # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
+        self._schedule_warmup = spec.schedule.warmup_steps
+        self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
         self._labels = labels = (job_id, str(rank))
@@ -121,24 +120,29 @@ class Telemetry:
             self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
 
     # ------------------------------------------------------------ detectors
-    def reset_detectors(self) -> None:
-        """After a rollback: judge the restored run afresh, but remember what the old one went through."""
-        self._past_phases += self.monitor.phases_entered
-        for kind, step in self.monitor.anomalies_raised.items():
-            self._past_anomalies.setdefault(kind, step)
+    def detector_state(self) -> str:
+        """The detectors' whole state (references, EMAs, latches, what was raised), for a checkpoint."""
+        return json.dumps(self.monitor.state_dict())
+
+    def restore_detectors(self, state: str | None) -> None:
+        """After a resume or a rollback: the detectors continue from the checkpoint's state (fresh when
+        it has none), remembering every phase and anomaly the run went through since."""
+        phases, raised = self.monitor.phases_entered, self.monitor.anomalies_raised
         self.monitor.events()
-        self.monitor = DynamicsMonitor(self.cfg.detectors)
+        self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        if state:
+            self.monitor.load_state_dict(json.loads(state))
+        self.monitor.entered = phases if len(phases) > len(self.monitor.entered) else self.monitor.entered
+        for kind, step in raised.items():
+            self.monitor.raised.setdefault(kind, step)
 
     @property
     def phases_entered(self) -> list[tuple[str, int]]:
-        return self._past_phases + self.monitor.phases_entered
+        return self.monitor.phases_entered
 
     @property
     def anomalies_raised(self) -> dict[str, int]:
-        merged = dict(self._past_anomalies)
-        for kind, step in self.monitor.anomalies_raised.items():
-            merged.setdefault(kind, step)
-        return merged
+        return self.monitor.anomalies_raised
 
     # ------------------------------------------------------------- exporter
     def serve(self, host: str) -> tuple[str, int]:
@@ -211,12 +215,12 @@ class Telemetry:
         c.heartbeat.set(now)
         if not math.isfinite(loss):
             c.nonfinite_loss.inc()
-        if not math.isfinite(grad_norm):
-            c.nonfinite_grad.inc()
+        if not math.isfinite(grad_norm) and self.metrics.rank0:
+            c.nonfinite_grad.inc()  # the all-reduced gradient is the same on every rank: count it once per job
         if not applied:
             c.skipped.inc()
 
-        self.monitor.observe_step(step, global_loss)
+        self.monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
         if self.monitor.loss_ema is not None:
             c.loss_ema.set(self.monitor.loss_ema)
         record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "global_loss": global_loss,
@@ -225,11 +229,10 @@ class Telemetry:
         if param_grad_norms is not None:
             record.update(self._measure(step, grad_norm, param_grad_norms, lr))
         self.last = record
-        # Non-finite steps always reach the history: when a run broke is worth a record of its own.
-        nonfinite = not (math.isfinite(global_loss) and math.isfinite(grad_norm))
-        if nonfinite:
+        if not (math.isfinite(global_loss) and math.isfinite(grad_norm)):
             record["nonfinite"] = True
-        return self._publish(step, record if param_grad_norms is not None or nonfinite else None)
+        # Every step reaches the history, so `gradwatch replay` of it sees what the detectors saw.
+        return self._publish(step, record)
 
     def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor],
                  lr: float) -> dict[str, Any]:
@@ -259,9 +262,7 @@ class Telemetry:
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
-        # Update ratios scale with the learning rate: in a schedule's tail they say nothing about gradients.
-        lr_live = lr >= 0.05 * self.peak_lr
-        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update if lr_live else None)
+        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update)
 
         m, labels = self.metrics, self._labels
         m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
@@ -301,6 +302,8 @@ class Telemetry:
             m.set_phase(self.monitor.phase)
             m.set_anomalies(self.monitor.anomalies)
             for event in events:
+                if event["kind"] == "anomaly" and event["raised"]:
+                    m.anomaly_raised.labels(m.job_id, event["name"]).inc()
                 log.warning("step %s: %s %s %s%s", event["step"], event["kind"], event["name"],
                             "raised" if event.get("raised", True) else "cleared",
                             f" ({event['detail']})" if event.get("detail") else "")

@@ -10,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from gradwatch.names import ANOMALIES, PHASES
 from gradwatch.spec_telemetry import DetectorSpec, TelemetrySpec
 from workers.detectors import (
-    ANOMALIES,
-    PHASES,
     DynamicsMonitor,
     Event,
     GradientDetector,
