@@ -187,9 +187,10 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def _register_extensions() -> None:
-    from service import cli_jobs, grafana
+    from service import cli_jobs, cli_replay, grafana
 
     cli_jobs.register(app)
+    cli_replay.register(app)
     grafana.register(app)
 
 

@@ -346,7 +346,7 @@ class PlateauDetector:
             return _QUIET
         noise = tracker.fall_noise(self.window)
         if self.flat:
-            if abs(fall) > (self.sigmas + 1.0) * noise:
+            if abs(fall) > 2.0 * self.sigmas * noise:  # wide hysteresis: a converged run does not flap
                 self.flat = False
         elif abs(fall) < self.sigmas * noise:
             self.flat = True  # a loss rising beyond noise is not flat: divergence judges it
@@ -512,6 +512,11 @@ class PhaseDetector:
             return "warmup"
         if flat:
             return "stalled" if stalled else "converged"
+        rising = fall is not None and fall < -self.sigmas * tracker.fall_noise(self.window)
+        above_start = (tracker.ema is not None and tracker.initial is not None and tracker.ema
+                       - self.sigmas * tracker.ema_sigma() > tracker.initial + self.sigmas * tracker.initial_sigma)
+        if rising or above_start:
+            return self.phase or "warmup"  # getting worse is not learning: no new phase until it is judged
         # entering rapid learning again takes a steeper slope than staying in it, so noise does not toggle it
         needed = self.rapid * (1.0 if self.phase in ("rapid_learning", "warmup") else _REENTER_RAPID)
         if significant and fall / self.window >= needed * self.steepest > 0.0:  # type: ignore[operator]
@@ -659,7 +664,7 @@ class DynamicsMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the detectors hold, as JSON-able values (for checkpoints)."""
-        return _encode({k: v for k, v in vars(self).items() if k != "spec"})
+        return {k: _encode(v) for k, v in vars(self).items() if k != "spec"}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict` returned, onto a monitor built from the same spec."""

@@ -60,12 +60,6 @@ RECORDING_RULES = [
         "job_id:gradwatch_last_step_timestamp_seconds:max",
         "max by (job_id) (gradwatch_last_step_timestamp_seconds)",
     ),
-    # Relative improvement of the smoothed train loss over 10 minutes (0.01 = 1 % lower).
-    RecordingRule(
-        "job_id:gradwatch_loss_ema:improvement_ratio10m",
-        "(avg by (job_id) (gradwatch_loss_ema offset 10m) - avg by (job_id) (gradwatch_loss_ema))\n"
-        "/ avg by (job_id) (gradwatch_loss_ema offset 10m)",
-    ),
     RecordingRule(
         "job_id_rank:gradwatch_step_duration_seconds:p50_rate2m",
         "histogram_quantile(0.5,\n"
@@ -86,6 +80,11 @@ def _detector(kind: str) -> str:
     return f'max by (job_id) (gradwatch_anomaly{{kind="{kind}"}}) == 1'
 
 
+def _raised(kind: str, window: str = "1m") -> str:
+    """The detector raised `kind` within the window: seen even when it cleared between two scrapes."""
+    return f'sum by (job_id) (increase(gradwatch_anomaly_raised_total{{kind="{kind}"}}[{window}])) > 0'
+
+
 ALERT_RULES = [
     AlertRule(
         "TrainingLossNonFinite",
@@ -93,6 +92,8 @@ ALERT_RULES = [
         # The counters catch steps the loop skipped; the gauges catch a NaN that got through.
         "(\n"
         "  sum by (job_id) (increase(gradwatch_nonfinite_total[1m])) > 0\n"
+        "  or\n"
+        "  " + _raised("nonfinite") + "\n"
         "  or\n"
         "  count by (job_id) (\n"
         "      gradwatch_loss_ema != gradwatch_loss_ema\n"
@@ -112,13 +113,17 @@ ALERT_RULES = [
     ),
     AlertRule(
         "TrainingDiverging",
-        # The detector already smooths (loss EMA above divergence_factor x its best, default 3x);
-        # 15 s (one scrape) only rides out a flag that clears on the next step.
-        "max by (job_id) (\n"
-        '    gradwatch_anomaly{kind="divergence"} == 1\n'
-        '  or gradwatch_phase{phase="diverging"} == 1\n'
+        # The detector already judges against the run's own noise (0 false alarms on the healthy
+        # corpus of bench/detector_quality.py): fire at once, also on a raise a scrape did not see.
+        "(\n"
+        "  max by (job_id) (\n"
+        '      gradwatch_anomaly{kind="divergence"} == 1\n'
+        '    or gradwatch_phase{phase="diverging"} == 1\n'
+        "  )\n"
+        "  or\n"
+        "  " + _raised("divergence") + "\n"
         ")\n" + _UNLESS_FINISHED,
-        for_="15s",
+        for_="0s",
         severity="critical",
         summary="Job {{ $labels.job_id }} is diverging",
         description=(
@@ -130,45 +135,39 @@ ALERT_RULES = [
     ),
     AlertRule(
         "TrainingLossSpike",
-        # A spike is an event, often one step long: look back 1 minute so one scrape is enough to
-        # see it, and fire at once (for 0s). It resolves by itself a minute later.
-        'max by (job_id) (max_over_time(gradwatch_anomaly{kind="loss_spike"}[1m])) == 1\n' + _UNLESS_FINISHED,
+        # A spike is an event, often one step long, cleared before the next scrape on a fast job: the
+        # raise counter keeps it, so fire at once (for 0s) on any raise in the last minute. It resolves
+        # by itself a minute later.
+        _raised("loss_spike") + "\n" + _UNLESS_FINISHED,
         for_="0s",
         severity="warning",
         summary="Loss spike in job {{ $labels.job_id }}",
         description=(
-            "A train loss of job {{ $labels.job_id }} jumped far above its recent median (robust "
-            "z-score over spike_z, default 6). One spike is often a bad batch; repeated spikes come before "
+            "A train loss of job {{ $labels.job_id }} jumped far above its recent median (robust z-score "
+            "of log(loss) over spike_z, default 8, and at least 1.5x). One spike is often a bad batch; "
+            "repeated spikes come before "
             "divergence: check the learning rate and grad_clip, and the batches around that step."
         ),
     ),
     AlertRule(
         "TrainingStalled",
-        # Detector: relative EMA improvement below plateau_rel_improvement (1 %) over plateau_window
-        # steps. Fallback for runs without detectors: under 0.1 % in 10 minutes, stricter than the
-        # detector because it has no step count, and not while the LR has been annealed below 10 %
-        # of its peak (the flat tail of a schedule is expected). 30 s keeps it within ~1 minute of
-        # the detector at any scrape interval while riding out a flag that flaps once.
+        # Detectors only: plateau (flat, and even the upper bound of what the run learned since its
+        # first plateau_window steps is under stalled_improvement) or lr_too_low (the weights barely
+        # move). A PromQL fallback on the loss EMA cannot tell a slow healthy tail from a stall and
+        # is gone. 30 s rides out a flag that flaps once.
         "(\n"
         "  max by (job_id) (\n"
-        '      gradwatch_anomaly{kind="plateau"} == 1\n'
+        '      gradwatch_anomaly{kind=~"plateau|lr_too_low"} == 1\n'
         '    or gradwatch_phase{phase="stalled"} == 1\n'
-        "  )\n"
-        "  or\n"
-        "  (\n"
-        "    job_id:gradwatch_loss_ema:improvement_ratio10m < 0.001\n"
-        "    unless on (job_id)\n"
-        "    max by (job_id) (gradwatch_learning_rate)\n"
-        "      < 0.1 * max by (job_id) (max_over_time(gradwatch_learning_rate[1h]))\n"
         "  )\n"
         ")\n" + _UNLESS_CONVERGED + "\n" + _UNLESS_FINISHED,
         for_="30s",
         severity="warning",
         summary="Job {{ $labels.job_id }} stopped improving before converging",
         description=(
-            "The smoothed train loss of job {{ $labels.job_id }} has stayed flat while the run is not "
-            "converged: the remaining steps buy little. Consider a higher learning rate or a schedule "
-            "restart, a larger model, or stopping early; set telemetry.detectors.converged_loss if this "
+            "The smoothed train loss of job {{ $labels.job_id }} has stayed flat without learning (or "
+            "its weights barely move): the remaining steps buy little. Consider a higher learning rate or "
+            "a schedule restart, a larger model, or stopping early; set telemetry.detectors.converged_loss if this "
             "loss is good enough."
         ),
     ),
