@@ -1,4 +1,4 @@
-"""Every `gradwatch_*` metric a worker exports: the DESIGN.md metrics contract in one place.
+"""Every `gradwatch_*` metric a worker exports: the metrics contract (ARCHITECTURE.md) in one place.
 
 Each worker process owns one `WorkerMetrics` (its own CollectorRegistry), so
 tests can build several side by side and read them with `get_sample_value`.
