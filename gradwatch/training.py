@@ -241,7 +241,7 @@ class Run:
         self._begun = True
         tel = self._telemetry()
         if self.board:
-            self.board.post("started", self.rank, self._resumed_step)
+            self.board.started(self.rank, self._resumed_step)
         if self._resumed_step is not None:
             tel.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, self._resumed_step)
@@ -397,7 +397,7 @@ class Run:
         detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"
         log.warning("rank %d: %s", self.rank, detail)
         if self.board and self.rank == 0:
-            self.board.post("post_event", {"kind": "rollback", "name": "rollback", "step": bad_step,
+            self.board.post_event({"kind": "rollback", "name": "rollback", "step": bad_step,
                                            "to_step": self.step, "lr_scale": self.lr_scale, "detail": detail})
         if self.on_rollback is not None:
             self.on_rollback(copy.deepcopy(good["extra"]))
@@ -510,7 +510,7 @@ class Run:
             return
         self._last_post = now
         monitor, last = self.telemetry.monitor, self.telemetry.last
-        self.board.post("post_progress", {
+        self.board.post_progress({
             "step": self.step, "max_steps": self.max_steps, "epoch": self.epoch, "world_size": self.world_size,
             "train_loss": last.get("global_loss", last.get("loss")), "loss_ema": monitor.loss_ema,
             "val_loss": self.last_val[0] if self.last_val else None,
@@ -535,10 +535,10 @@ class Run:
                       "anomalies": [{"kind": k, "first_step": s} for k, s in tel.anomalies_raised.items()]},
         }
         if self.board and not self._finished:
-            self.board.post("post_rank_report", self.rank, {**self.rank_report(), **(report or {})})
+            self.board.post_rank_report(self.rank, {**self.rank_report(), **(report or {})})
             if self.rank == 0:
                 self.post_progress(force=True)
-                self.board.post("post_final", outcome)
+                self.board.post_final(outcome)
         self._finished = True
         return outcome
 

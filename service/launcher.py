@@ -236,7 +236,6 @@ class Launcher:
         self.store = store
         self.settings = settings
         self.cluster = cluster
-        self.last_error: str | None = None
         self._placed_at: dict[str, float] = {}
         self._stop_sent_at: dict[str, float] = {}
         self._stop_event = threading.Event()
@@ -271,9 +270,7 @@ class Launcher:
         while not self._stop_event.is_set():
             try:
                 self.tick()
-                self.last_error = None
-            except Exception as exc:  # keep scheduling whatever one pass hit
-                self.last_error = f"{type(exc).__name__}: {exc}"
+            except Exception:  # keep scheduling whatever one pass hit
                 log.exception("scheduler pass failed")
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()

@@ -151,7 +151,7 @@ class Telemetry:
         self._server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
         self.endpoint = (host, self._server.server_port)
         if self.board:
-            self.board.post("post_endpoint", self.rank, host, self.endpoint[1], os.getpid())
+            self.board.post_endpoint(self.rank, host, self.endpoint[1], os.getpid())
         return self.endpoint
 
     def close(self, grace_seconds: float) -> None:
@@ -162,7 +162,7 @@ class Telemetry:
             return
         time.sleep(grace_seconds)  # let Prometheus scrape the final values
         if self.board:
-            self.board.post("drop_endpoint", self.rank)
+            self.board.drop_endpoint(self.rank)
         self._server.shutdown()
         self._server.server_close()
         self._server = None
@@ -308,7 +308,7 @@ class Telemetry:
                             "raised" if event.get("raised", True) else "cleared",
                             f" ({event['detail']})" if event.get("detail") else "")
                 if self.board:
-                    self.board.post("post_event", {**event, "job_rank": self.rank})
+                    self.board.post_event({**event, "job_rank": self.rank})
             if self.history and record is not None:
                 record = {**record, "phase": self.monitor.phase,
                           "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v)}
