@@ -41,6 +41,7 @@ generate: setup
 	$(PY) -m dashboards.build
 
 bench: setup
+	$(PY) bench/detector_quality.py
 	$(PY) bench/telemetry_overhead.py
 	$(PY) bench/alert_latency.py
 	$(PY) bench/service_load.py

@@ -28,12 +28,12 @@ _MAD_TO_SIGMA = 1.4826  # median absolute deviation times this is a normal distr
 _SPIKE_SCALE_FLOOR = 0.01  # in log space: a perfectly flat history still needs a 1 % x spike_z jump
 _SPIKE_MIN_SAMPLES = 16
 _SCALE_EVERY = 8  # the spike window's MAD and the noise estimate are refreshed this often (they move slowly)
-_INITIAL_SAMPLES = 5  # the initial level is the mean of the first few losses
+_INITIAL_SAMPLES = 5  # the initial level is the median of the first few losses
 _REENTER_RAPID = 1.5  # back into rapid learning takes this much more slope than staying in it
 _RECENT_FOR_JUMP = 9  # a lasting jump: the median of this many latest losses
 _STALL_AFTER_WINDOWS = 2.5  # a stall is judged this many windows in: a slow fine-tune shows its fall by then
 _BLOWUP = 10.0  # the median of the latest losses this many times the start (or best) is a divergence
-_WELL_MEASURED = 0.5  # one loss's noise below this fraction of its level
+_WELL_MEASURED = 0.3  # one loss's noise below this fraction of its level
 _LR_TAIL = 0.05  # below this fraction of its peak the learning rate is in the schedule's tail
 _LR_TOO_LOW_MEASUREMENTS = 3  # measured steps in a row
 _TINY = 1e-12
@@ -122,8 +122,8 @@ class LossTracker:
         # What the run has learned: the mean of its first `plateau_window` losses against the mean of
         # its latest ones (two windows that do not overlap), each with its standard error.
         self.window = spec.plateau_window
-        self.first_sum = 0.0
-        self.first_count = 0
+        self.first_window: list[float] = []
+        self.first_level = 0.0
         self.latest: deque[float] = deque(maxlen=spec.plateau_window)
         self.latest_sum = 0.0
         self.sigmas = spec.noise_sigmas
@@ -154,9 +154,12 @@ class LossTracker:
                 # |x_i - x_{i-1}| of iid noise has median 0.6745 * sqrt(2) * sigma
                 self.sigma = self.diffs.median() * _MAD_TO_SIGMA / math.sqrt(2.0)
         self.previous = smoothed
-        if self.first_count < self.window:
-            self.first_sum += smoothed
-            self.first_count += 1
+        if len(self.first_window) < self.window:
+            self.first_window.append(smoothed)
+            if len(self.first_window) == self.window:
+                # the median: a blow-up in the first steps (a learning rate far too high) must not
+                # look like a high start the run then "learned" its way down from
+                self.first_level = _median_sorted(sorted(self.first_window))
         else:
             if len(self.latest) == self.window:
                 self.latest_sum -= self.latest[0]
@@ -164,8 +167,8 @@ class LossTracker:
             self.latest_sum += smoothed
         if len(self.first) < _INITIAL_SAMPLES:
             self.first.append(loss)
-            self.initial = sum(self.first) / len(self.first)
-            self.initial_sigma = max(self.sigma, _TINY) / math.sqrt(len(self.first))
+            self.initial = _median_sorted(sorted(self.first))
+            self.initial_sigma = 1.25 * max(self.sigma, _TINY) / math.sqrt(len(self.first))
         self.ema_history.append(self.ema)
         self.count_history.append(self.finite_steps)
         return True
@@ -179,11 +182,11 @@ class LossTracker:
         mean); None until both windows are full."""
         if len(self.latest) < self.window or self.finite_steps < _STALL_AFTER_WINDOWS * self.window:
             return None
-        first = self.first_sum / self.first_count
+        first = self.first_level
         if self.finite_steps % self.window == 0:
             self.latest_sum = sum(self.latest)  # a running sum drifts by rounding: renew it now and then
         latest = self.latest_sum / len(self.latest)
-        margin = self.sigmas * math.sqrt(2.0) * self.sigma / math.sqrt(self.window)
+        margin = self.sigmas * math.hypot(1.25, 1.0) * self.sigma / math.sqrt(self.window)  # a median, a mean
         return first - latest + margin, first
 
     def fall(self, window: int) -> float | None:
@@ -309,13 +312,13 @@ class DivergenceDetector:
             if median > _BLOWUP * max(start, best or 0.0):
                 return Finding(True, f"the last {len(self.recent)} losses (median {median:.4g}) are over "
                                      f"{_BLOWUP:g}x where the run started ({start:.4g})", urgent=True)
-        if past_warmup and start is not None and start > 0.0 and well_measured:
+        if past_warmup and start is not None and start > 0.0:
             self.since_warmup.append(min(loss, tracker.ceiling) if tracker.ceiling is not None else loss)
             n = len(self.since_warmup)
-            if n == self.patience:
+            if n == self.patience and well_measured:
                 mean = sum(self.since_warmup) / n
                 # 2 sigma, not noise_sigmas: healthy runs end far below their start, so this test has slack
-                start_upper = start + 2.0 * tracker.sigma / math.sqrt(len(tracker.first))
+                start_upper = start + 2.0 * 1.25 * tracker.sigma / math.sqrt(len(tracker.first))
                 if mean - self.sigmas * tracker.sigma / math.sqrt(n) > (1.0 + self.rise) * start_upper:
                     return Finding(True, f"the mean loss of the last {n} steps ({mean:.4g}) is above where the "
                                          f"run started ({start:.4g}): it is getting worse, not learning")
