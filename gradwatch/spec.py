@@ -246,6 +246,14 @@ class ScalingSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
     gpus_per_worker: float = Field(1.0, gt=0.0, le=16, description="Used only when use_gpu is true.")
 
+    def per_worker(self) -> dict[str, float]:
+        """What each worker asks Ray for, in Ray's resource names."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def demand(self) -> dict[str, float]:
+        """What the whole job's workers ask Ray for (the driver and Ray Train's controller ask for none)."""
+        return {name: self.num_workers * amount for name, amount in self.per_worker().items()}
+
 
 class ValidationSpec(Strict):
     every_steps: int = Field(50, ge=1)

@@ -166,3 +166,10 @@ def _read(path: Path, model: type[Any]) -> Any:
 def target_groups(job_id: str, endpoints: list[Endpoint]) -> list[dict[str, Any]]:
     """Prometheus service discovery (file_sd and HTTP SD alike): one group per live endpoint."""
     return [{"targets": [e.target], "labels": {"job_id": job_id, "rank": str(e.rank)}} for e in endpoints]
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One job event for a person: `step 7: anomaly nonfinite raised - loss is nan`."""
+    verb = "raised" if event.get("raised", True) else "cleared"
+    line = f"step {event.get('step')}: {event.get('kind')} {event.get('name')} {verb}"
+    return f"{line} - {event['detail']}" if event.get("detail") else line

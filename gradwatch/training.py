@@ -326,9 +326,10 @@ class Run:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
         n = samples or 0
-        if samples and tel.metrics.rank0 and not self._samples:
+        if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
             tel.batch_size = samples
-            tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
+            if tel.metrics.rank0:
+                tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
         self._pending = _Pending(self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n,
                                  waited, lr, self.safe)
         if not self.safe:

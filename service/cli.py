@@ -16,6 +16,7 @@ from rich.table import Table
 
 from gradwatch.ids import new_job_id
 from gradwatch.spec import SpecError, json_schema, load_spec
+from gradwatch.status import event_line
 
 app = typer.Typer(
     name="gradwatch",
@@ -117,10 +118,7 @@ class RunDisplay:
 
     def update(self, update: dict[str, Any]) -> None:
         self.status = update["status"]
-        for e in update["events"]:
-            verb = "raised" if e.get("raised", True) else "cleared"
-            self.events.append(f"step {e.get('step')}: {e.get('kind')} {e.get('name')} {verb}"
-                               + (f" - {e['detail']}" if e.get("detail") else ""))
+        self.events += [event_line(e) for e in update["events"]]
         if self.live:
             self.live.update(self.render())
 

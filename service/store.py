@@ -176,9 +176,8 @@ class AlertUpdate:
 
 def demand_of(spec: JobSpec) -> tuple[float, float]:
     """(CPUs, GPUs) the job's workers ask Ray for."""
-    scaling = spec.scaling
-    gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0
-    return scaling.num_workers * scaling.cpus_per_worker, gpus
+    demand = spec.scaling.demand()
+    return demand["CPU"], demand.get("GPU", 0.0)
 
 
 def encode_cursor(job: Job) -> str:

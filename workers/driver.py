@@ -30,6 +30,7 @@ from gradwatch.status import (
     Endpoint,
     RunResult,
     RunStatus,
+    event_line,
     target_groups,
     write_atomic,
     write_record,
@@ -44,20 +45,12 @@ class ClusterTooSmall(RuntimeError):
     pass
 
 
-def needed_resources(spec: JobSpec) -> dict[str, float]:
-    n = spec.scaling.num_workers
-    need = {"CPU": n * spec.scaling.cpus_per_worker}
-    if spec.scaling.use_gpu:
-        need["GPU"] = n * spec.scaling.gpus_per_worker
-    return need
-
-
 def check_cluster(spec: JobSpec) -> None:
     """Fail at once when the cluster can never run the job (Ray would wait forever)."""
     import ray
 
     total = ray.cluster_resources()
-    for resource, amount in needed_resources(spec).items():
+    for resource, amount in spec.scaling.demand().items():
         have = total.get(resource, 0.0)
         if have < amount:
             what = "GPUs" if resource == "GPU" else "CPUs"
@@ -180,9 +173,7 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
                 torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
                 scaling_config=ScalingConfig(
                     num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                    resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                          **({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu
-                                             else {})}),
+                    resources_per_worker=spec.scaling.per_worker()),
                 run_config=RunConfig(
                     name=job_id, storage_path=str(storage_path),
                     failure_config=FailureConfig(max_failures=spec.max_failures),
@@ -244,9 +235,7 @@ def stop_ray() -> None:
 def _print_listener(update: dict[str, Any]) -> None:
     status = update["status"]
     for event in update["events"]:
-        print(f"[{status['job_id']}] step {event.get('step')}: {event.get('kind')} {event.get('name')} "
-              f"{'raised' if event.get('raised', True) else 'cleared'} {event.get('detail', '')}".rstrip(),
-              flush=True)
+        print(f"[{status['job_id']}] {event_line(event)}", flush=True)
     step = status.get("step")
     if step and step != getattr(_print_listener, "last", None):
         _print_listener.last = step  # type: ignore[attr-defined]

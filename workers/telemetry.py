@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from gradwatch.status import event_line
 from workers.board import BoardClient
 from workers.detectors import DynamicsMonitor
 from workers.gns import GradientNoiseScale, group_layers
@@ -304,9 +305,7 @@ class Telemetry:
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
                     m.anomaly_raised.labels(m.job_id, event["name"]).inc()
-                log.warning("step %s: %s %s %s%s", event["step"], event["kind"], event["name"],
-                            "raised" if event.get("raised", True) else "cleared",
-                            f" ({event['detail']})" if event.get("detail") else "")
+                log.warning("%s", event_line(event))
                 if self.board:
                     self.board.post_event({**event, "job_rank": self.rank})
             if self.history and record is not None:
