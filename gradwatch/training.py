@@ -131,7 +131,11 @@ def _default_session() -> Session:
 
 
 class GuardedOptimizer:
-    """The watched optimizer: `step()` applies the update only when the run said it is safe."""
+    """The watched optimizer: `step()` applies the update only when the run said it is safe.
+
+    Everything else is the wrapped optimizer's (`param_groups`, `state_dict`, ...); a learning-rate
+    scheduler takes the wrapped one, `guarded.optimizer`.
+    """
 
     def __init__(self, run: Run, optimizer: torch.optim.Optimizer):
         self._run, self.optimizer = run, optimizer
