@@ -73,6 +73,11 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     second = Trainer(spec, session, run_dir=tmp_path)
     assert second.restore() == 60
     assert torch.equal(next(second.model.parameters()), next(first.model.parameters()))
+    # the detectors resume too: same start level, same phases, no new warm-up
+    resumed, original = second.telemetry.monitor, first.telemetry.monitor
+    assert resumed.loss.initial == original.loss.initial and resumed.first_step == 1
+    assert resumed.phases_entered == original.phases_entered
+    assert resumed.loss.ema == pytest.approx(original.loss.ema)
 
 
 def test_nonfinite_gradients_never_reach_the_weights(tmp_path):
@@ -81,7 +86,10 @@ def test_nonfinite_gradients_never_reach_the_weights(tmp_path):
     x, y, idx = next(iter(trainer.train_loader))
     x = x.clone()
     x[0, 0] = float("nan")
+    lr_before = trainer.scheduler.last_epoch
     trainer.train_step(x, y, idx)
+    assert trainer.scheduler.last_epoch == lr_before  # a skipped update does not use up the schedule
+    assert trainer.telemetry.monitor.anomalies_raised == {"nonfinite": 1}  # an event, not a divergence
     after = list(trainer.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=False))
     m = trainer.telemetry.metrics
