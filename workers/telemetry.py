@@ -89,6 +89,7 @@ class Telemetry:
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._gauges_stale = True
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
         self._labels = labels = (job_id, str(rank))
@@ -131,6 +132,7 @@ class Telemetry:
         phases, raised = self.monitor.phases_entered, self.monitor.anomalies_raised
         self.monitor.events()
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._gauges_stale = True  # a restored monitor may hold another phase than the gauges show
         if state:
             self.monitor.load_state_dict(json.loads(state))
         self.monitor.entered = phases if len(phases) > len(self.monitor.entered) else self.monitor.entered
@@ -300,8 +302,10 @@ class Telemetry:
         m = self.metrics
         events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
         if m.rank0:
-            m.set_phase(self.monitor.phase)
-            m.set_anomalies(self.monitor.anomalies)
+            if events or self._gauges_stale:  # phase and anomalies change only with an event
+                m.set_phase(self.monitor.phase)
+                m.set_anomalies(self.monitor.anomalies)
+                self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
                     m.anomaly_raised.labels(m.job_id, event["name"]).inc()
