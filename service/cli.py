@@ -29,6 +29,8 @@ err = Console(stderr=True)
 
 
 def _load_or_exit(spec_file: Path, user_code: str = "import"):
+    if user_code == "import" and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # user code imports from here, as on the local Ray's workers
     try:
         return load_spec(spec_file, user_code=user_code)
     except SpecError as exc:

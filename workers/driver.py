@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,68 +140,78 @@ def failure_reason(exc: BaseException) -> str:
 def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_file: Path | None = None,
             listeners: list[Listener] | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
     """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from gradwatch.spec import EntrypointTrain
-    from workers.entrypoint import train_function_per_worker
-    from workers.loop import train_loop_per_worker
-
-    per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
-
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "spec.json", spec.model_dump_json(indent=1))
     started = time.time()
-    state: JobState = "failed"
-    error: str | None = None
     init_ray()
-    board = create_board_actor(job_id)
-    watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [])
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            check_cluster(spec)
-            trainer = TorchTrainer(
-                per_worker,
-                train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": job_id,
-                                   "run_dir": str(run_dir), "serve_metrics": spec.telemetry.enabled},
-                torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                    resources_per_worker=spec.scaling.per_worker()),
-                run_config=RunConfig(
-                    name=job_id, storage_path=str(storage_path),
-                    failure_config=FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-            )
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # reported to the caller below, with its cause
-            outcome["error"] = exc
-            outcome["traceback"] = traceback.format_exc()
-
-    thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
-    thread.start()
-    deadline = started + spec.timeout if spec.timeout else None
-    try:
-        while thread.is_alive():
-            thread.join(poll_seconds)
-            watch.poll()
-            if deadline and time.time() > deadline:
-                state, error = "timed_out", f"timeout: still running after {spec.timeout:g} s"
-                break
-    except KeyboardInterrupt:
-        state, error = "cancelled", "interrupted (Ctrl-C): workers stopped"
+    watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [])
+    fit = Fit(spec, job_id, run_dir, storage_path)
+    fit.start()
+    state, error = follow(fit, watch, spec, started, poll_seconds)
     snap = watch.poll(notify=False)
-    if not thread.is_alive():
-        state, error = ("failed", failure_reason(outcome["error"])) if "error" in outcome else ("succeeded", None)
+    if not fit.is_alive():
+        state, error = ("failed", failure_reason(fit.error)) if fit.error else ("succeeded", None)
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started)
     watch.publish(run_status(job_id, state, snap), snap.get("events", []))
     write_record(run_dir / RESULT_FILE, result)
     return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
+
+
+class Fit(threading.Thread):
+    """Ray Train's `fit()` of the job, in a thread of its own so the driver can watch it."""
+
+    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path):
+        super().__init__(name=f"fit-{job_id}", daemon=True)
+        self.spec, self.job_id, self.run_dir, self.storage_path = spec, job_id, run_dir, storage_path
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            check_cluster(self.spec)
+            self.trainer().fit()
+        except BaseException as exc:  # reported by run_job, with its cause
+            self.error = exc
+
+    def trainer(self) -> Any:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from gradwatch.spec import EntrypointTrain
+        from workers.entrypoint import train_function_per_worker
+        from workers.loop import train_loop_per_worker
+
+        spec = self.spec
+        per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
+        return TorchTrainer(
+            per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": self.job_id,
+                               "run_dir": str(self.run_dir), "serve_metrics": spec.telemetry.enabled},
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                         resources_per_worker=spec.scaling.per_worker()),
+            run_config=RunConfig(name=self.job_id, storage_path=str(self.storage_path),
+                                 failure_config=FailureConfig(max_failures=spec.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+        )
+
+
+def follow(fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
+           ) -> tuple[JobState, str | None]:
+    """Watch the job until `fit` ends, its timeout passes or Ctrl-C; the state so far (the caller
+    settles it once fit has ended)."""
+    deadline = started + spec.timeout if spec.timeout else None
+    try:
+        while fit.is_alive():
+            fit.join(poll_seconds)
+            watch.poll()
+            if deadline and time.time() > deadline:
+                return "timed_out", f"timeout: still running after {spec.timeout:g} s"
+    except KeyboardInterrupt:
+        return "cancelled", "interrupted (Ctrl-C): workers stopped"
+    return "failed", None
 
 
 def public_result(result: dict[str, Any]) -> RunResult:
