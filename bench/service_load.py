@@ -163,6 +163,9 @@ def main() -> None:
         "GRADWATCH_DATA_DIR": str(data_dir),
         "GRADWATCH_TOKEN": TOKEN,
         "GRADWATCH_SCHEDULER_ENABLED": "false",
+        # 2,000 seeded queued jobs and every submission stay queued: no caps on the queue here.
+        "GRADWATCH_MAX_QUEUED_PER_USER": "1000000000",
+        "GRADWATCH_MAX_QUEUED_JOBS": "1000000000",
         "GRADWATCH_RAY_ADDRESS": "http://127.0.0.1:9",
     }
     server = subprocess.Popen(

@@ -4,8 +4,11 @@ Everything else (jobs, routes, inhibitions, honor_labels) stays as shipped, so t
 stacks run the configuration that production runs:
 
     from deploy.render import render_prometheus_config
-    text = render_prometheus_config(service_url="http://127.0.0.1:18765", token_file="/tmp/token",
-                                    scrape_interval="1s", eval_interval="1s")
+    text = render_prometheus_config(service_url="http://127.0.0.1:18765",
+                                    token_file="/tmp/prometheus.token", scrape_interval="1s", eval_interval="1s")
+
+Each consumer has its own token (service/auth.py `consumer_token_file`): Prometheus' file
+(scope targets:read) and Alertmanager's (scope alerts:write), never the operator's.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _authorization(token_file: str | Path | None) -> dict[str, str] | None:
 
 def render_prometheus_config(
     service_url: str = DEFAULT_SERVICE_URL,
-    token_file: str | Path | None = "/etc/gradwatch/token",
+    token_file: str | Path | None = "/etc/gradwatch/prometheus.token",
     alertmanager_url: str | None = "http://127.0.0.1:9093",
     rule_files: Sequence[str | Path] | None = None,
     scrape_interval: str = "15s",
@@ -69,7 +72,8 @@ def render_prometheus_config(
 
     `rule_files` defaults to the shipped rule file by absolute path, so the config may be written
     anywhere (Prometheus reads relative paths from the config file's folder); `alertmanager_url=None`
-    drops alerting; `token_file=None` drops the SD token.
+    drops alerting; `token_file` (Prometheus' token, scope targets:read) authorizes both the
+    service scrape and discovery, `None` drops it.
     """
     config = _load(PROMETHEUS_CONFIG)
     config["global"]["scrape_interval"] = scrape_interval
@@ -90,6 +94,10 @@ def render_prometheus_config(
     service["scheme"] = scheme
     service["metrics_path"] = f"{prefix}/metrics"
     service["static_configs"] = [{"targets": [host]}]
+    if _authorization(token_file) is None:
+        service.pop("authorization", None)
+    else:
+        service["authorization"] = _authorization(token_file)
 
     workers = _scrape_job(config, WORKERS_JOB)
     for sd in workers["http_sd_configs"]:
@@ -106,7 +114,7 @@ def render_prometheus_config(
 
 def render_alertmanager_config(
     webhook_url: str = f"{DEFAULT_SERVICE_URL}/v1/alerts",
-    token_file: str | Path | None = "/etc/gradwatch/token",
+    token_file: str | Path | None = "/etc/gradwatch/alertmanager.token",
     group_wait: str | None = None,
     group_interval: str | None = None,
     repeat_interval: str | None = None,
@@ -115,7 +123,8 @@ def render_alertmanager_config(
     """deploy/alertmanager/alertmanager.yml with every webhook sent to `webhook_url`.
 
     Timings left as None keep the shipped values; `critical_repeat_interval` is the critical
-    route's own; `token_file=None` sends no Authorization header.
+    route's own; `token_file` is Alertmanager's token (scope alerts:write), `None` sends no
+    Authorization header.
     """
     _base(webhook_url, "webhook_url")
     config = _load(ALERTMANAGER_CONFIG)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import posixpath
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,6 +31,16 @@ from pydantic_core import PydanticCustomError
 from gradwatch.spec_telemetry import TelemetrySpec
 
 MAX_SPEC_BYTES = 256 * 1024
+MAX_SPEC_NODES = 4096  # keys, values and items together; a real spec has under 200
+MAX_ERROR_LINES = 50
+MAX_CORPUS_CHARS = 16_000_000
+# The data roots again, in the environment of a job's driver and workers, which check `data.path`
+# against them on their own file system (the operator's setting of the same name).
+DATA_ROOTS_ENV = "GRADWATCH_DATA_ROOTS"
+# A spec validated without the server's figure assumes workers of this much memory.
+DEFAULT_WORKER_MEMORY_BYTES = 8 * 1024**3
+# Any C0 control but tab and newline, DEL, and C1: ESC sequences would reach other people's terminals.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Whitespace only after a unit: four adjacent optional \s* made "1d" + spaces + "x" take O(spaces^4).
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
                        r"(?:(\d+(?:\.\d+)?)\s*s)?$")
@@ -155,9 +166,18 @@ class TextData(_Split):
     """A character corpus from a local file (default: a text that ships with gradwatch)."""
 
     name: Literal["text"]
-    path: str | None = Field(None, description="UTF-8 text file; default is the bundled corpus.")
+    path: str | None = Field(
+        None, max_length=4096,
+        description="UTF-8 text file; default is the bundled corpus. On a server without user code, "
+                    "only files under its data roots.")
     block_size: int = Field(64, ge=2, le=4096, description="Characters per training example.")
-    max_chars: int | None = Field(None, ge=100)
+    max_chars: int | None = Field(None, ge=100, le=MAX_CORPUS_CHARS,
+                                  description=f"Read at most this many characters (at most {MAX_CORPUS_CHARS}).")
+
+    @field_validator("path")
+    @classmethod
+    def _confined(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_data_path(value, info)
 
 
 class CustomData(Strict):
@@ -328,6 +348,16 @@ class JobSpec(Strict):
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, data: Any) -> Any:
+        found = control_characters(data)
+        if found:
+            where = ", ".join(_printable(path) for path in found)
+            raise ValueError("control characters are not allowed in a spec (they would reach other people's "
+                             f"terminals): remove them from {where}")
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> JobSpec:
         if self.max_steps is None and self.epochs is None:
@@ -350,6 +380,18 @@ class JobSpec(Strict):
             raise ValueError("model cnn on digits needs data.as_images: true")
         return self
 
+    @model_validator(mode="after")
+    def _fits_a_worker(self, info: ValidationInfo) -> JobSpec:
+        limit = (info.context or {}).get("worker_memory_bytes") or DEFAULT_WORKER_MEMORY_BYTES
+        estimate = estimate_worker_memory(self)
+        if estimate is not None and estimate.total > limit:
+            raise ValueError(
+                f"the job needs about {_gib(estimate.total)} per worker ({estimate.parameters:,} parameters: "
+                f"{_gib(estimate.model_bytes)} with gradients and optimizer state; data {_gib(estimate.data_bytes)}; "
+                f"activations {_gib(estimate.activation_bytes)}) but a worker has {_gib(limit)}: use a smaller "
+                "model, fewer samples or features, or a smaller batch_size")
+        return self
+
     def summary(self) -> str:
         steps = f"{self.max_steps} steps" if self.max_steps else f"{self.epochs} epochs"
         device = "GPU" if self.scaling.use_gpu else "CPU"
@@ -368,6 +410,110 @@ class JobSpec(Strict):
 
 
 # ------------------------------------------------------------------- helpers
+class MemoryEstimate(BaseModel):
+    """A rough upper estimate of one worker's memory, in bytes."""
+
+    parameters: int
+    model_bytes: int  # fp32 weights, gradients and two optimizer moments: 16 bytes a parameter
+    data_bytes: int  # every worker builds the whole data set
+    activation_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.data_bytes + self.activation_bytes
+
+
+def estimate_worker_memory(spec: JobSpec) -> MemoryEstimate | None:
+    """Built-in models and data only (user code's size is unknown before it runs)."""
+    data, model, batch = spec.data, spec.model, spec.batch_size
+    if isinstance(data, DigitsData):
+        features, outputs, data_bytes = 64, 10, 1797 * (64 * 4 + 8)
+    elif isinstance(data, SyntheticClassificationData):
+        features, outputs = data.n_features, data.n_classes
+        data_bytes = data.n_samples * (data.n_features * 4 + 8) * 2  # generated, then split (a copy)
+    elif isinstance(data, SyntheticRegressionData):
+        features, outputs = data.n_features, 1
+        data_bytes = data.n_samples * (data.n_features + 1) * 4 * 2
+    elif isinstance(data, TextData):
+        features, outputs = data.block_size, 256  # a generous character vocabulary
+        # text, ids, and x/y blocks of int64 per character
+        data_bytes = (data.max_chars or MAX_CORPUS_CHARS) * (4 + 8 + 16)
+    else:
+        return None
+    if isinstance(model, MLPModel):
+        widths = [features, *model.hidden, outputs]
+        parameters = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+        activations = batch * sum(widths) * 4 * 3  # outputs, activations and their gradients
+    elif isinstance(model, CNNModel):
+        c, h, w, parameters, activations = 1, 8, 8, 0, 0
+        for out_c in model.channels:
+            parameters += c * out_c * model.kernel_size**2 + out_c
+            activations += batch * out_c * h * w * 4 * 3
+            if min(h, w) >= 4:
+                h, w = h // 2, w // 2
+            c = out_c
+        parameters += c * h * w * model.hidden + model.hidden + model.hidden * outputs + outputs
+    elif isinstance(model, CharTransformerModel):
+        d, n, t = model.n_embd, model.n_layer, model.block_size
+        parameters = 12 * n * d * d + (outputs + t) * d + d * outputs
+        activations = batch * t * (n * (16 * d + 2 * model.n_head * t) + 2 * outputs) * 4
+    else:
+        return None
+    return MemoryEstimate(parameters=parameters, model_bytes=parameters * 16, data_bytes=data_bytes,
+                          activation_bytes=activations)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 / 10 else f"{n / 1024**2:.0f} MiB"
+
+
+def _printable(path: str) -> str:
+    """A field path fit for an error line: no control characters, no lone surrogates, not too long."""
+    text = _CONTROL.sub("?", path.encode("utf-8", "backslashreplace").decode("utf-8"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def control_characters(data: Any) -> list[str]:
+    """Field paths (at most 5) of strings, keys or values, holding control characters other than tab
+    and newline. Iterative: a spec nested 10,000 deep is walked, not recursed into."""
+    found: list[str] = []
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack and len(found) < 5:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _CONTROL.search(value):
+                found.append(path or "<spec>")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and _CONTROL.search(key):
+                    found.append(repr(where))
+                else:
+                    stack.append((item, where))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, f"{path}.{i}") for i, item in enumerate(value))
+    return sorted(found)
+
+
+def check_data_path(value: str, info: ValidationInfo) -> str:
+    """`data.path` on a server without user code: only under its data roots, decided without touching
+    the file system (a refusal says nothing about whether a file exists). Context key `data_roots`."""
+    if (info.context or {}).get("user_code", "import") != "deny":
+        return value  # user code may read any file anyway; local runs read what their user can
+    roots = [str(r) for r in (info.context or {}).get("data_roots") or []]
+    if not roots:
+        raise ValueError("this server reads no files named in specs (user code is off and no data roots are "
+                         "set): leave data.path out for the bundled corpus, or ask the operator to set "
+                         "GRADWATCH_DATA_ROOTS")
+    if not value.startswith("/") or "\x00" in value:
+        raise ValueError(f"write an absolute path under one of the data roots: {', '.join(roots)}")
+    normal = posixpath.normpath(value)
+    if ".." in value.split("/") or not any(normal == r or normal.startswith(r.rstrip("/") + "/") for r in roots):
+        raise ValueError(f"only files under the data roots ({', '.join(roots)}) may be read; write a path "
+                         "inside one of them, without '..'")
+    return normal
+
+
 def parse_duration(text: str) -> float:
     """'2h', '1h30m', '45s', '90' -> seconds."""
     text = text.strip()
@@ -407,12 +553,20 @@ def check_import_path(value: str, info: ValidationInfo) -> str:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases: a spec never needs them, and they enable YAML bombs."""
+    """SafeLoader that refuses anchors/aliases (a spec never needs them, and they enable YAML bombs)
+    and stops counting at MAX_SPEC_NODES nodes, so a spec of 30,000 keys costs no more than 4,096."""
+
+    nodes = 0
 
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])
+        self.nodes += 1
+        if self.nodes > MAX_SPEC_NODES:
+            line = self.peek_event().start_mark.line + 1
+            raise SpecError([f"<spec>: more than {MAX_SPEC_NODES} keys and values (at line {line}); "
+                             "a spec needs a few dozen"])
         return super().compose_node(parent, index)
 
 
@@ -463,7 +617,11 @@ def format_errors(error: ValidationError) -> list[str]:
             lines.append(f"{path}: unknown field (not allowed here; check its spelling)")
         else:
             lines.append(f"{path}: {msg} (got {_show(got)})")
-    return [" ".join(line.splitlines()) for line in lines]  # one line each, whatever the keys hold
+        if len(lines) == MAX_ERROR_LINES:
+            lines.append(f"<spec>: ... and {error.error_count() - MAX_ERROR_LINES} more errors")
+            break
+    # One line each, whatever the keys hold, and no control characters from them.
+    return [_CONTROL.sub("?", " ".join(line.splitlines())) for line in lines]
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
@@ -487,8 +645,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "import") -> JobSpec:
-    """A path, YAML/JSON text or a mapping -> a valid JobSpec, or SpecError listing every problem."""
+def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "import",
+              data_roots: list[str] | None = None, worker_memory_bytes: int | None = None) -> JobSpec:
+    """A path, YAML/JSON text or a mapping -> a valid JobSpec, or SpecError listing every problem.
+
+    `user_code`: "import", "skip" or "deny" (see check_import_path); with "deny", `data.path` must lie
+    under `data_roots`. `worker_memory_bytes`: refuse built-in models and data estimated above it.
+    """
     if not isinstance(source, (str, Path, dict, bytes)):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(source).__name__}"])
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and
@@ -503,7 +666,8 @@ def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "
             raise SpecError([f"<spec>: cannot read {path}: {exc.strerror}"]) from None
     data = source if isinstance(source, dict) else parse_text(source)
     try:
-        return JobSpec.model_validate(data, context={"user_code": user_code})
+        return JobSpec.model_validate(data, context={"user_code": user_code, "data_roots": data_roots or [],
+                                                     "worker_memory_bytes": worker_memory_bytes})
     except ValidationError as exc:
         raise SpecError(format_errors(exc)) from None
     except RecursionError:

@@ -498,7 +498,8 @@ class Run:
             if path is None:
                 self._begin()
                 return None
-            state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=False)
+            # weights_only: a checkpoint in shared storage is data, never code to unpickle.
+            state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
         self._load(state)
         self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
         self.skipped_steps, self.first_val_loss = state["skipped_steps"], state["first_val_loss"]

@@ -1,17 +1,21 @@
 """The HTTP API: jobs, logs, Prometheus targets, the Alertmanager webhook, metrics and health.
 
 Handlers are thin: validation is the spec module's, state is the store's, Ray is the launcher's.
-Every route but /healthz and /metrics needs the bearer token.
+Every route but /healthz and /openapi.json needs a bearer token with the route's scope
+(service/auth.py); requests a web page could forge (a foreign Host or Origin, a cross-site
+fetch, a body that is neither JSON nor YAML) are refused before any route sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import codecs
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,10 +26,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import JobSpec, SpecError, load_spec
 from gradwatch.status import target_groups
+from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
@@ -42,39 +48,88 @@ from service.models import (
     parse_time,
     run_status,
 )
-from service.settings import Settings
+from service.settings import Settings, check_bind
 from service.store import (
     AlertUpdate,
     BadCursor,
     JobNotFound,
+    QueueFull,
     Store,
     TransitionRefused,
     fingerprint_of,
 )
 
+BODY_TYPES = frozenset({"application/json", "application/yaml", "application/x-yaml", "text/yaml"})
+MAX_LABEL_FILTERS = 16  # as many as a job can carry
+LOG_CHUNK_BYTES = 256 * 1024  # the most a log stream sends at once
+
 # --------------------------------------------------------------------- auth
-_bearer = HTTPBearer(auto_error=False, description="The token `gradwatch up` prints (GRADWATCH_TOKEN).")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A user's token (`gradwatch user add`), or the operator's that `gradwatch up` prints.",
+)
 
 
-def require_token(
+def authenticate(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    expected = request.app.state.settings.token
-    if not expected:
-        return  # loopback-only service started without a token (settings.check_bind allows no other)
+) -> Principal:
     if credentials is None:
         raise HTTPException(
             401,
             "missing bearer token: send the header 'Authorization: Bearer <token>' "
-            "(the token `gradwatch up` printed; the CLI and SDK read GRADWATCH_TOKEN)",
+            "(your token from `gradwatch user add`, or the one `gradwatch up` printed; "
+            "the CLI and SDK read GRADWATCH_TOKEN)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
+    principal = request.app.state.auth.verify(credentials.credentials)
+    if principal is None:
         raise HTTPException(
             401,
-            "invalid bearer token: it does not match this server's GRADWATCH_TOKEN",
+            "invalid bearer token: this server does not know it, or it was revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return principal
+
+
+def need(*scopes: str) -> Any:
+    """A dependency: the caller, when their token holds one of `scopes`; 403 otherwise."""
+
+    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if any(principal.can(scope) for scope in scopes):
+            return principal
+        held = ", ".join(sorted(principal.scopes)) or "none"
+        raise HTTPException(
+            403,
+            f"the token of {principal.user} lacks scope {' or '.join(scopes)} (it has {held}): "
+            f"an admin can give you one with `gradwatch user add NAME --scope {scopes[0]}`",
+        )
+
+    return Depends(check)
+
+
+def require_job_token(job_id: str, principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """For a job's own progress route: the token minted for that job at launch (or an admin's)."""
+    if principal.admin or (principal.job_id == job_id and principal.can("job:progress")):
+        return principal
+    raise HTTPException(403, f"only job {job_id}'s own token (given to its driver at launch) may report its progress")
+
+
+def json_or_yaml(request: Request) -> None:
+    """415 for a body that is neither JSON nor YAML: a form or text/plain is what a web page can send
+    without a CORS preflight. Listed after the scope check, so a token without the scope gets 403."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in BODY_TYPES and not kind.endswith("+json"):
+        raise HTTPException(
+            415,
+            f"a body of type {kind or 'unknown'!r} is not accepted: send JSON (Content-Type: "
+            "application/json) or YAML (application/yaml)",
+        )
+
+
+JsonOrYaml = Annotated[None, Depends(json_or_yaml)]
+Reader = Annotated[Principal, need("read")]
+Submitter = Annotated[Principal, need("submit")]
+JobReporter = Annotated[Principal, Depends(require_job_token)]
 
 
 def get_store(request: Request) -> Store:
@@ -87,12 +142,15 @@ def get_launcher(request: Request) -> Launcher:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 LauncherDep = Annotated[Launcher, Depends(get_launcher)]
-AUTH = [Depends(require_token)]
-ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut},
+    403: {"model": ErrorOut},
+    404: {"model": ErrorOut},
+}
 
 
 # --------------------------------------------------------------------- jobs
-jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTH, responses=ERRORS)
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 _SPEC_BODY = {
     "required": True,
@@ -109,28 +167,66 @@ _SPEC_BODY = {
     status_code=201,
     response_model=JobDetail,
     openapi_extra={"requestBody": _SPEC_BODY},
-    responses={413: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}},
+    responses={
+        413: {"model": ErrorOut},
+        415: {"model": ErrorOut},
+        422: {"model": SpecErrorsOut},
+        429: {"model": ErrorOut},
+    },
 )
-async def submit_job(request: Request, store: StoreDep, launcher: LauncherDep) -> JobDetail:
-    """Validate a spec and queue the job; a bad spec is refused with every error and nothing is stored."""
+async def submit_job(
+    request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter, _: JsonOrYaml
+) -> JobDetail:
+    """Validate a spec and queue the job as the token's user; a bad spec is refused with every error
+    and nothing is stored."""
+    settings: Settings = request.app.state.settings
     body = await request.body()
-    user_code = "skip" if request.app.state.settings.allow_user_code else "deny"
     try:
-        # "skip": user code is imported where it runs (the Ray workers), never in the service.
-        spec = load_spec(body, user_code=user_code)
-    except SpecError as exc:
-        return JSONResponse(
-            status_code=422, content={"detail": "the job spec is not valid", "errors": exc.errors}
+        # Off the event loop: a large spec takes a while to parse. "skip": user code is imported
+        # where it runs (the Ray workers), never in the service.
+        spec = await run_in_threadpool(
+            load_spec,
+            body,
+            user_code="skip" if settings.allow_user_code else "deny",
+            data_roots=[str(root) for root in settings.data_root_paths],
+            worker_memory_bytes=settings.worker_memory_bytes,
         )
-    job = await run_in_threadpool(store.create_job, spec)
+    except SpecError as exc:
+        return _spec_errors(exc.errors)
+    if spec.owner is not None and spec.owner != user.user:
+        return _spec_errors(
+            [f"owner: a job belongs to the user of the token that submits it ({user.user}); "
+             f"leave owner out (got {spec.owner!r})"]
+        )
+    if spec.priority > settings.max_priority and not user.admin:
+        raise HTTPException(
+            403,
+            f"priority {spec.priority} is above this server's ceiling of {settings.max_priority} for "
+            "non-admins: lower it, or ask an admin to submit the job",
+        )
+    try:
+        job = await run_in_threadpool(
+            store.create_job,
+            spec,
+            owner=user.user,
+            max_queued_per_owner=settings.max_queued_per_user,
+            max_queued=settings.max_queued_jobs,
+        )
+    except QueueFull as exc:
+        raise HTTPException(429, str(exc)) from None
     launcher.wake()
     transitions = await run_in_threadpool(store.transitions, job.id)
     return JobDetail.full(job, transitions, [])
 
 
+def _spec_errors(errors: list[str]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": "the job spec is not valid", "errors": errors})
+
+
 @jobs.get("", response_model=JobsPage)
 def list_jobs(
     store: StoreDep,
+    _: Reader,
     state: Annotated[list[State] | None, Query(description="Repeat for several states.")] = None,
     name: Annotated[str | None, Query(max_length=63)] = None,
     label: Annotated[
@@ -141,6 +237,8 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=200, description="From next_cursor.")] = None,
 ) -> JobsPage:
     """Jobs, newest first, filtered by state, name and labels."""
+    if len(label or []) > MAX_LABEL_FILTERS:
+        raise _query_error("label", f"at most {MAX_LABEL_FILTERS} label filters (got {len(label or [])})")
     labels = {}
     for item in label or []:
         key, sep, value = item.partition("=")
@@ -154,7 +252,7 @@ def list_jobs(
 
 
 @jobs.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: str, store: StoreDep) -> JobDetail:
+def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
     """Spec, state and why, timestamps, progress, worker endpoints, transitions and alerts."""
     job = store.get_job(job_id)
     return JobDetail.full(job, store.transitions(job_id), store.list_alerts(job_id=job_id, limit=100))
@@ -166,44 +264,65 @@ def get_job(job_id: str, store: StoreDep) -> JobDetail:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def job_logs(
-    job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, follow: bool = False
+    job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, _: Reader, follow: bool = False
 ) -> Response:
-    """The driver's output; `follow=true` streams it until the job ends."""
+    """The driver's output; `follow=true` streams it until the job ends (only new bytes each time)."""
     job = await run_in_threadpool(store.get_job, job_id)
     if not follow:
         return PlainTextResponse(await run_in_threadpool(launcher.logs, job))
-    interval = request.app.state.settings.poll_interval
+    state = request.app.state
+    if state.log_followers >= state.settings.max_log_followers:
+        raise HTTPException(
+            429, f"{state.log_followers} log streams are open, this server's limit: try again later"
+        )
+    state.log_followers += 1
     return StreamingResponse(
-        _follow_logs(job_id, store, launcher, interval), media_type="text/plain; charset=utf-8"
+        _follow_logs(job_id, store, launcher, state), media_type="text/plain; charset=utf-8"
     )
 
 
-async def _follow_logs(job_id: str, store: Store, launcher: Launcher, interval: float) -> AsyncIterator[str]:
+async def _follow_logs(job_id: str, store: Store, launcher: Launcher, state: Any) -> AsyncIterator[str]:
     sent = 0
-    while True:
-        job = await run_in_threadpool(store.get_job, job_id)
-        # Read the state before the text: once a job has ended its saved log is complete.
-        text = await run_in_threadpool(launcher.logs, job)
-        if len(text) > sent:
-            yield text[sent:]
-            sent = len(text)
-        if job.terminal:
-            return
-        await asyncio.sleep(interval)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
+    try:
+        while True:
+            job = await run_in_threadpool(store.get_job, job_id)
+            # Read the state before the text: once a job has ended its saved log is complete.
+            while True:
+                chunk = await run_in_threadpool(launcher.log_bytes, job, sent, LOG_CHUNK_BYTES)
+                sent += len(chunk)
+                if chunk:
+                    yield decoder.decode(chunk)
+                if len(chunk) < LOG_CHUNK_BYTES:
+                    break
+            if job.terminal:
+                yield decoder.decode(b"", final=True)
+                return
+            await asyncio.sleep(state.settings.poll_interval)
+    finally:
+        state.log_followers -= 1
 
 
-@jobs.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}})
-def cancel_job(job_id: str, launcher: LauncherDep) -> JobOut:
-    """A queued job ends cancelled at once; a running one is stopped (`stopping` until Ray confirms)."""
+@jobs.post(
+    "/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}, 403: {"model": ErrorOut}}
+)
+def cancel_job(job_id: str, store: StoreDep, launcher: LauncherDep, user: Submitter) -> JobOut:
+    """A queued job ends cancelled at once; a running one is stopped (`stopping` until Ray confirms).
+    Only the job's owner or an admin may cancel it."""
+    job = store.get_job(job_id)
+    if not user.admin and job.owner != user.user:
+        raise HTTPException(
+            403, f"job {job_id} belongs to {job.owner or 'nobody'}: only its owner or an admin may cancel it"
+        )
     return JobOut.of(launcher.cancel(job_id))
 
 
 # ------------------------------------------------------------------ targets
-targets = APIRouter(tags=["prometheus"], dependencies=AUTH, responses=ERRORS)
+targets = APIRouter(tags=["prometheus"], responses=ERRORS)
 
 
 @targets.get("/v1/targets", response_model=list[TargetGroup])
-def prometheus_targets(store: StoreDep) -> list[TargetGroup]:
+def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:read")]) -> list[TargetGroup]:
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
     groups = []
     for job in store.jobs_in("running"):
@@ -214,12 +333,29 @@ def prometheus_targets(store: StoreDep) -> list[TargetGroup]:
 
 
 # ------------------------------------------------------------------- alerts
-alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], dependencies=AUTH, responses=ERRORS)
+alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], responses=ERRORS)
 
 
-@alerts.post("", response_model=IngestOut, responses={413: {"model": ErrorOut}})
-def receive_alerts(payload: AlertmanagerWebhook, store: StoreDep) -> IngestOut:
-    """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint+startsAt."""
+@alerts.post(
+    "",
+    response_model=IngestOut,
+    responses={413: {"model": ErrorOut}, 415: {"model": ErrorOut}, 422: {"model": SpecErrorsOut}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AlertmanagerWebhook"}}},
+        }
+    },
+)
+async def receive_alerts(
+    request: Request, store: StoreDep, _: Annotated[Principal, need("alerts:write")], __: JsonOrYaml
+) -> IngestOut:
+    """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint+startsAt.
+    Only a token with scope alerts:write (Alertmanager's) may send it; the body is read after that."""
+    try:
+        payload = AlertmanagerWebhook.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     updates = []
     for alert in payload.alerts:
         starts_at = parse_time(alert.startsAt)
@@ -235,13 +371,14 @@ def receive_alerts(payload: AlertmanagerWebhook, store: StoreDep) -> IngestOut:
                 generator_url=alert.generatorURL,
             )
         )
-    new, updated = store.ingest_alerts(updates)
+    new, updated = await run_in_threadpool(store.ingest_alerts, updates)
     return IngestOut(received=len(updates), new=new, updated=updated)
 
 
 @alerts.get("", response_model=AlertsPage)
 def list_alerts(
     store: StoreDep,
+    _: Reader,
     job_id: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[str | None, Query(pattern="^(firing|resolved)$")] = None,
     since_id: Annotated[
@@ -357,6 +494,53 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class RequestGuard:
+    """Refuses what a web page in a browser could send: a Host this server does not answer to (DNS
+    rebinding) and a cross-site request (Sec-Fetch-Site, Origin). Pure ASGI, before any route runs;
+    routes that read a body also refuse any but JSON and YAML (`json_or_yaml`)."""
+
+    def __init__(self, app: Any, host_names: frozenset[str]):
+        self.app = app
+        self.host_names = host_names
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            code, detail = refusal
+            await JSONResponse({"detail": detail}, code)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Any) -> tuple[int, str] | None:
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers") or []:
+            headers.setdefault(key.lower(), value)
+        host = headers.get(b"host", b"").decode("latin-1")
+        if "*" not in self.host_names and _host_name(host) not in self.host_names:
+            return 403, (
+                f"Host {host[:100]!r} is not a name this server answers to ({', '.join(sorted(self.host_names))}): "
+                "the operator can add it to GRADWATCH_ALLOWED_HOSTS"
+            )
+        site = headers.get(b"sec-fetch-site")
+        if site is not None and site not in (b"same-origin", b"none"):
+            return 403, f"cross-site request refused (Sec-Fetch-Site: {site.decode('latin-1')[:40]})"
+        origin = headers.get(b"origin")
+        if origin is not None and urlsplit(origin.decode("latin-1")).netloc.lower() != host.lower():
+            return 403, f"cross-origin request refused (Origin {origin.decode('latin-1')[:100]!r})"
+        return None
+
+
+def _host_name(host: str) -> str:
+    """`name:port`, `[::1]:port` or `name` -> the name, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _too_large_text(limit: int) -> str:
     return f"request body over the {limit} byte limit of this server"
 
@@ -381,9 +565,26 @@ def _error_lines(errors: Any) -> list[str]:
 def create_app(
     settings: Settings | None = None, *, cluster: Cluster | None = None, store: Store | None = None
 ) -> FastAPI:
-    """The service: store, launcher (its scheduler runs while the app does) and API."""
+    """The service: store, launcher (its scheduler runs while the app does) and API.
+
+    However it is launched (`gradwatch up`, `uvicorn --factory`, a test), it refuses to start
+    without a token to check or on an address no allowed Host name reaches.
+    """
     settings = settings or Settings()
+    check_bind(settings)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chmod(settings.data_dir, 0o700)  # the store, tokens and logs: the service's user only
+    except OSError:
+        pass
     store = store or Store(settings.database_url)
+    auth = Authenticator(settings, store)
+    if not auth.configured():
+        raise RuntimeError(
+            "refusing to start without authentication: set GRADWATCH_TOKEN (or GRADWATCH_TOKEN_FILE), "
+            f"or put a token in {settings.token_file_of('admin')} (`gradwatch up` makes one), "
+            "or add a user with `gradwatch user add`"
+        )
     if cluster is None:
         cluster = RayCluster(settings.ray_address or DEFAULT_RAY_DASHBOARD, ray_token(settings))
     launcher = Launcher(store, settings, cluster)
@@ -402,8 +603,11 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         description="Submit distributed PyTorch training jobs to Ray and watch how they train.",
+        docs_url=None,  # the docs pages load scripts from a CDN; /openapi.json is the reference
+        redoc_url=None,
     )
     app.state.settings, app.state.store, app.state.launcher = settings, store, launcher
+    app.state.auth, app.state.log_followers = auth, 0
     registry = CollectorRegistry()
     registry.register(JobStateCollector(store, settings.terminal_metric_seconds))
     app.state.registry = registry
@@ -434,14 +638,15 @@ def create_app(
             else ("stopped" if settings.scheduler_enabled else "paused"),
         }
 
-    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
-    def metrics() -> Response:
-        """Prometheus metrics of the service, without a token."""
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse, responses=ERRORS)
+    def metrics(_: Annotated[Principal, need("targets:read", "read")]) -> Response:
+        """Prometheus metrics of the service (Prometheus' token, or any reader's)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     for router in (jobs, targets, alerts):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, host_names=settings.host_names)
     app.add_middleware(RequestMetrics, registry=registry)
 
     def openapi() -> dict[str, Any]:
@@ -453,6 +658,9 @@ def create_app(
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(spec_schema.pop("$defs", {}))
             components["JobSpec"] = spec_schema
+            webhook = AlertmanagerWebhook.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(webhook.pop("$defs", {}))
+            components["AlertmanagerWebhook"] = webhook
             app.openapi_schema = schema
         return app.openapi_schema
 

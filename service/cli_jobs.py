@@ -1,7 +1,9 @@
 """Service commands of the CLI: up, submit, jobs, status, logs, cancel, alerts.
 
 Everything but `up` talks to a running service through the SDK (service/client.py):
-GRADWATCH_URL and GRADWATCH_TOKEN, or the token `gradwatch up` saved on this machine.
+GRADWATCH_URL and GRADWATCH_TOKEN (or a --token-file), or the token `gradwatch up` saved on
+this machine; never a token on the command line, where `ps` shows it. Text from the server
+is shown without control characters (another user's labels or alerts must not drive your terminal).
 Tables by default, `--json` for scripts. `submit --follow` exits 0 when the job
 succeeded and 1 when it did not; a refused spec exits 2.
 """
@@ -9,8 +11,7 @@ succeeded and 1 when it did not; a refused spec exits 2.
 from __future__ import annotations
 
 import json
-import os
-import secrets
+import re
 import sys
 import threading
 from datetime import UTC, datetime
@@ -34,12 +35,12 @@ UrlOpt = Annotated[
     typer.Option("--url", envvar="GRADWATCH_URL", help="Service URL.", show_default=DEFAULT_SERVICE_URL),
 ]
 TokenOpt = Annotated[
-    str | None,
+    Path | None,
     typer.Option(
-        "--token",
-        envvar="GRADWATCH_TOKEN",
+        "--token-file",
+        envvar="GRADWATCH_TOKEN_FILE",
         show_default=False,
-        help="API token (default: the one `gradwatch up` saved).",
+        help="File holding your API token (default: GRADWATCH_TOKEN, else the one `gradwatch up` saved).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -74,6 +75,7 @@ def up(
     ] = None,
 ) -> None:
     """Start the service (and a local Ray head unless RAY_ADDRESS names a cluster)."""
+    from service.auth import consumer_token
     from service.launcher import dashboard_alive, ray_token, start_local_ray
     from service.main import serve
     from service.settings import Settings, check_bind
@@ -82,8 +84,8 @@ def up(
         k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None
     }
     settings = Settings(**overrides)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.token = settings.token or _load_or_make_token(settings.data_dir / "token")
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.token = consumer_token(settings, "admin")
     try:
         check_bind(settings)
     except ValueError as exc:
@@ -107,21 +109,6 @@ def up(
     console.print(f"export GRADWATCH_URL={settings.url} GRADWATCH_TOKEN={settings.token}", soft_wrap=True)
     sys.stdout.flush()
     serve(settings)
-
-
-def _load_or_make_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token
-    except OSError:
-        pass
-    token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
 
 
 # -------------------------------------------------------------------- submit
@@ -162,7 +149,7 @@ def _follow(client: Client, job_id: str, json_out: bool) -> int:
     try:
         for line in client.logs(job_id, follow=True):
             with _print_lock:
-                print(line, flush=True)
+                print(plain(line), flush=True)
         job = client.wait(job_id, timeout=60)
     except GradwatchError as exc:
         _fail(str(exc))
@@ -226,8 +213,8 @@ def jobs(
     table.add_column("REASON", overflow="fold")
     for job in rows:
         table.add_row(
-            job["id"],
-            job["name"],
+            _e(job["id"]),
+            _e(job["name"]),
             _state(job["state"]),
             _progress(job),
             _num(job.get("train_loss")),
@@ -290,7 +277,7 @@ def logs(
     """The job's driver output."""
     try:
         for line in _client(url, token).logs(job_id, follow=follow):
-            print(line, flush=True)
+            print(plain(line), flush=True)
     except GradwatchError as exc:
         _fail(str(exc))
 
@@ -334,7 +321,15 @@ def alerts(
 
 
 # ------------------------------------------------------------------ helpers
-def _client(url: str | None, token: str | None) -> Client:
+def _client(url: str | None, token_file: Path | None) -> Client:
+    if token_file is None:
+        return Client(url)
+    try:
+        token = token_file.expanduser().read_text().strip()
+    except OSError as exc:
+        _fail(f"cannot read the token file {token_file}: {exc.strerror}")
+    if not token:
+        _fail(f"the token file {token_file} is empty")
     return Client(url, token)
 
 
@@ -345,7 +340,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         if exc.errors:  # a refused spec: one line per problem, exit 2 like `gradwatch validate`
             errors.print(f"[red]error:[/red] {_e(exc.message)}")
             for line in exc.errors:
-                errors.print(line, markup=False)
+                errors.print(plain(line), markup=False)
             raise typer.Exit(2) from None
         _fail(str(exc))
 
@@ -377,9 +372,18 @@ def _alerts_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> str:
+    """Text without control characters but tab and newline: no ESC sequences (screen clears, OSC 52
+    clipboard writes), no carriage returns that hide a line."""
+    return _CONTROL.sub("", text)
+
+
 def _e(text: str) -> str:
     """Text from the server, shown literally (a reason may hold [brackets] rich would eat)."""
-    return escape(str(text))
+    return escape(plain(str(text)))
 
 
 def _state(state: str) -> str:

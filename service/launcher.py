@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +25,9 @@ from typing import Any, Protocol
 import httpx
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
+from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec
 from gradwatch.status import RunResult, read_result, read_status, write_atomic
+from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
 from service.store import Job, JobNotFound, Store, TransitionRefused
 
@@ -38,6 +41,13 @@ ACTIVE_RAY_STATES = ("PENDING", "RUNNING")
 RAY_TIMEOUT_S = 10.0
 # A cluster's first job submission starts Ray's job machinery: measured over 10 s on a busy 2-core host.
 RAY_SUBMIT_TIMEOUT_S = 120.0
+# How long a submit whose answer was lost may still land on Ray: watched (and stopped) that long.
+ORPHAN_WATCH_S = 2 * RAY_SUBMIT_TIMEOUT_S
+# What a local Ray head gets from the service's environment: what Ray, Python and the GPUs need,
+# never the service's own tokens.
+RAY_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TERM",
+                           "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS"})
+RAY_ENV_PREFIXES = ("RAY_", "LC_", "CUDA_", "NVIDIA_", "NCCL_", "GLOO_", "TORCH_")
 
 
 # -------------------------------------------------------------- the cluster
@@ -242,6 +252,11 @@ class Launcher:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._log_cache: dict[str, tuple[float, bytes]] = {}
+        # Submissions whose answer was lost and whose job was marked failed: stopped on every pass
+        # should they land after all (submission id -> when first seen).
+        self._orphans: dict[str, float] = {}
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -283,7 +298,27 @@ class Launcher:
                     self._follow(job)
                 except (JobNotFound, TransitionRefused):
                     continue
+            self._stop_orphans()
             self._start_queued()
+
+    def _stop_orphans(self) -> None:
+        now = time.time()
+        for sid, since in list(self._orphans.items()):
+            try:
+                ray_job = self.cluster.status(sid)
+            except ClusterUnavailable:
+                continue
+            if ray_job is not None and ray_job.status in ACTIVE_RAY_STATES:
+                log.warning("stopping %s: its submit was reported failed but it landed on Ray", sid)
+                self._stop_orphan(sid)
+            elif ray_job is not None or now - since > ORPHAN_WATCH_S:
+                self._orphans.pop(sid, None)  # ended, or never landed
+
+    def _stop_orphan(self, sid: str) -> None:
+        try:
+            self.cluster.stop(sid)
+        except ClusterUnavailable as exc:  # the next pass sends it again
+            log.warning("could not stop %s yet: %s", sid, exc)
 
     # -------------------------------------------------------------- cancel
     def cancel(self, job_id: str, reason: str = "cancelled on request") -> Job:
@@ -315,6 +350,27 @@ class Launcher:
             return self.cluster.logs(job.ray_submission_id)
         except ClusterUnavailable:
             return ""
+
+    def log_bytes(self, job: Job, offset: int, limit: int) -> bytes:
+        """At most `limit` bytes of the driver's output from `offset` on: the saved copy read from
+        there once the job ended; while it runs, Ray's log fetched at most once a poll interval
+        for all followers of the job together."""
+        saved = self.settings.jobs_dir / job.id / "driver.log"
+        if saved.exists():
+            with open(saved, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        if not job.ray_submission_id:
+            return b""
+        with self._log_lock:
+            at, text = self._log_cache.get(job.id, (0.0, b""))
+            if time.monotonic() - at >= self.settings.poll_interval:
+                try:
+                    text = self.cluster.logs(job.ray_submission_id).encode()
+                except ClusterUnavailable:
+                    pass
+                self._log_cache[job.id] = (time.monotonic(), text)
+        return text[offset : offset + limit]
 
     # ------------------------------------------------------------ following
     def _follow(self, job: Job) -> None:
@@ -395,6 +451,7 @@ class Launcher:
         if result and result.world_size:
             fields["world_size"] = result.world_size
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
+        self._log_cache.pop(job.id, None)
         self._placed_at.pop(job.id, None)
         self._stop_sent_at.pop(job.id, None)
         log.info("job %s %s: %s", job.id, state, reason)
@@ -438,9 +495,15 @@ class Launcher:
             if placed is None or now - placed < PLACED_GRACE_S:
                 free = free - self.demand(job)  # submitted, its workers not (visibly) placed yet
         blocked_by: Job | None = None
+        running_of: dict[str | None, int] = {}
+        for job in self.store.jobs_in("running"):
+            running_of[job.owner] = running_of.get(job.owner, 0) + 1
+        cap = self.settings.max_running_per_user
         for job in queued:
             need = self.demand(job)
-            if not need.fits_in(total):
+            if running_of.get(job.owner, 0) >= cap:
+                self._note(job, f"waiting: {job.owner} already runs {cap} jobs, the limit per user")
+            elif not need.fits_in(total):
                 self._note(
                     job,
                     f"waiting for {need}; the cluster has {total} "
@@ -461,6 +524,7 @@ class Launcher:
             else:
                 if self._launch(job):
                     free = free - need
+                    running_of[job.owner] = running_of.get(job.owner, 0) + 1
 
     def _note(self, job: Job, reason: str) -> None:
         if job.reason != reason:
@@ -483,9 +547,46 @@ class Launcher:
         ]
         return shlex.join(parts)
 
+    def _admissible(self, job: Job) -> str | None:
+        """Why the server, as configured now, would not take this stored spec (user code turned off,
+        a data root removed, workers' memory lowered since it was queued); None when it would."""
+        try:
+            load_spec(
+                job.spec,
+                user_code="skip" if self.settings.allow_user_code else "deny",
+                data_roots=[str(r) for r in self.settings.data_root_paths],
+                worker_memory_bytes=self.settings.worker_memory_bytes,
+            )
+        except SpecError as exc:
+            return "; ".join(exc.errors)
+        return None
+
+    def job_environment(self, job: Job) -> dict[str, str]:
+        """The variables a job's driver (and its workers) get: where its own token is, and the data
+        roots the workers check `data.path` against when user code is off."""
+        token_file = self.settings.jobs_dir / job.id / "job.token"
+        token = self.store.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        env = {JOB_TOKEN_FILE_ENV: str(token_file)}
+        if not self.settings.allow_user_code:
+            env[DATA_ROOTS_ENV] = os.pathsep.join(str(r) for r in self.settings.data_root_paths)
+        return env
+
     def _launch(self, job: Job) -> bool:
+        refused = self._admissible(job)
+        if refused is not None:
+            try:
+                self.store.transition(
+                    job.id, "failed", f"this server no longer runs the job's spec: {refused}"[:4000],
+                    expect={"queued"},
+                )
+            except TransitionRefused:
+                pass
+            return False
         spec_file = self.settings.jobs_dir / job.id / "spec.json"
-        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.settings.runs_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(spec_file, json.dumps(job.spec, indent=2))
         # Running first, then submit: a crash in between leaves a running job Ray does not know,
@@ -498,14 +599,17 @@ class Launcher:
             return False  # cancelled meanwhile
         metadata = {"gradwatch_job_id": job.id, "gradwatch_name": job.name}
         try:
-            self.cluster.submit(job.id, self.entrypoint(job, spec_file), metadata, {})
+            self.cluster.submit(job.id, self.entrypoint(job, spec_file), metadata, self.job_environment(job))
         except ClusterUnavailable as exc:
             if self.cluster_knows(job.id):
                 return True  # the submit landed; only its answer was lost
             job = self.store.transition(
                 job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"}
             )
-            self._send_stop(job)  # should the lost submit land after all, it must not run unseen
+            # Should the lost submit land after all, it must not run unseen: stopped now and on
+            # every pass while Ray may still take it.
+            self._orphans[job.id] = time.time()
+            self._stop_orphan(job.id)
             return False
         self._placed_at.pop(job.id, None)
         log.info("job %s submitted to Ray", job.id)
@@ -541,6 +645,12 @@ def dashboard_alive(address: str, token: str | None) -> bool:
         return False
 
 
+def ray_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` a local Ray head (and every job it runs) may see: RAY_ENV_NAMES and
+    RAY_ENV_PREFIXES, so the service's tokens and other secrets stay out of it."""
+    return {k: v for k, v in environ.items() if k in RAY_ENV_NAMES or k.startswith(RAY_ENV_PREFIXES)}
+
+
 def start_local_ray(
     log_file: Path,
     *,
@@ -555,7 +665,7 @@ def start_local_ray(
     import sys
 
     address = f"http://127.0.0.1:{dashboard_port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = {**ray_environment(os.environ), "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     if ray_token() is None:
         subprocess.run(
@@ -598,6 +708,7 @@ __all__ = [
     "RayJob",
     "Resources",
     "dashboard_alive",
+    "ray_environment",
     "ray_token",
     "start_local_ray",
 ]

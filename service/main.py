@@ -9,7 +9,8 @@ from service.settings import Settings, check_bind
 
 
 def serve(settings: Settings) -> None:
-    """Serve the API until interrupted; refuses a non-loopback address without a token."""
+    """Serve the API until interrupted; refuses to start without a token, or on a wildcard address
+    while only loopback Host names are allowed."""
     import uvicorn
 
     check_bind(settings)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradwatch.names import JobState
 from gradwatch.status import Endpoint, Progress, RunStatus
@@ -194,16 +194,34 @@ class TargetGroup(BaseModel):
 
 
 # ----------------------------------------------------- Alertmanager webhook
+# Bounds on what one webhook call may store: gradwatch's rules send a few short labels and
+# annotations; Alertmanager's own `max_alerts` on the webhook keeps a call under the count.
+MAX_ALERTS_PER_CALL = 1000
+MAX_ALERT_BYTES = 16 * 1024  # labels and annotations of one alert together
+_Key = Annotated[str, Field(max_length=128)]
+
+
 class AmAlert(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     status: Literal["firing", "resolved"]
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str
-    endsAt: str | None = None
-    generatorURL: str | None = None
+    labels: dict[_Key, Annotated[str, Field(max_length=1024)]] = Field(default_factory=dict, max_length=32)
+    annotations: dict[_Key, Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    startsAt: str = Field(max_length=64)
+    endsAt: str | None = Field(None, max_length=64)
+    generatorURL: str | None = Field(None, max_length=2048)
     fingerprint: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> AmAlert:
+        size = sum(len(k) + len(v) for part in (self.labels, self.annotations) for k, v in part.items())
+        if size > MAX_ALERT_BYTES:
+            raise ValueError(
+                f"labels and annotations hold {size} characters, over the {MAX_ALERT_BYTES} limit of one alert"
+            )
+        return self
 
     @field_validator("startsAt")
     @classmethod
@@ -222,7 +240,10 @@ class AlertmanagerWebhook(BaseModel):
     status: Literal["firing", "resolved"] | None = None
     receiver: str | None = None
     groupKey: str | None = None
-    alerts: list[AmAlert] = Field(max_length=10_000)
+    alerts: list[AmAlert] = Field(
+        max_length=MAX_ALERTS_PER_CALL,
+        description=f"At most {MAX_ALERTS_PER_CALL} (set Alertmanager's webhook `max_alerts`).",
+    )
 
 
 class IngestOut(BaseModel):

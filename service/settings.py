@@ -34,7 +34,32 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="Any SQLAlchemy URL; default: a SQLite file in data_dir.")
     host: str = Field("127.0.0.1", description="Address the API binds; non-loopback needs a token.")
     port: int = Field(DEFAULT_SERVICE_PORT, ge=0, le=65535)
-    token: str | None = Field(None, description="Bearer token the API requires (GRADWATCH_TOKEN).")
+    token: str | None = Field(None, description="The operator's (admin) bearer token (GRADWATCH_TOKEN).")
+    token_file: Path | None = Field(None, description="File with the admin token; default data_dir/token.")
+    prometheus_token: str | None = Field(None, description="Prometheus' token (scope targets:read).")
+    prometheus_token_file: Path | None = Field(None, description="Default data_dir/prometheus.token.")
+    alertmanager_token: str | None = Field(None, description="Alertmanager's token (scope alerts:write).")
+    alertmanager_token_file: Path | None = Field(None, description="Default data_dir/alertmanager.token.")
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated host names the API answers to besides loopback ones and `host` "
+        "(e.g. gradwatch.example,10.0.0.5); '*' allows any. Other Host headers get 403 (DNS rebinding).",
+    )
+    data_roots: str = Field(
+        "",
+        description="Folders (separated by ':') that specs may read `data.path` from when user code is "
+        "off; empty: no data.path at all.",
+    )
+    max_priority: int = Field(10, ge=-100, le=100, description="Highest priority a non-admin may ask for.")
+    max_queued_per_user: int = Field(100, ge=1, description="A user's queued jobs; more get 429.")
+    max_queued_jobs: int = Field(1000, ge=1, description="Queued jobs of everyone; more get 429.")
+    max_running_per_user: int = Field(16, ge=1, description="A user's running jobs; more wait queued.")
+    max_log_followers: int = Field(32, ge=1, description="Open `logs?follow=true` streams; more get 429.")
+    worker_memory_bytes: int = Field(
+        8 * 1024**3,
+        ge=64 * 1024**2,
+        description="Memory a worker may use: specs whose model and data are estimated above it are refused.",
+    )
     allow_user_code: bool = Field(False, description="Accept user code in specs: `module:factory` models and data, "
                                                "and `train.entrypoint` training functions.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies get 413.")
@@ -67,6 +92,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()
+        for root in self.data_root_paths:
+            if not root.is_absolute():
+                raise ValueError(f"data_roots: {root} is not an absolute path (write e.g. /srv/corpora)")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'gradwatch.db'}"
         if self.storage_path is None:
@@ -88,6 +116,44 @@ class Settings(BaseSettings):
         """Per-job service files: the spec the driver reads and the saved driver log."""
         return self.data_dir / "jobs"
 
+    def token_file_of(self, consumer: str) -> Path:
+        """Where `consumer`'s (admin, prometheus, alertmanager) token file is."""
+        given = {"admin": self.token_file, "prometheus": self.prometheus_token_file,
+                 "alertmanager": self.alertmanager_token_file}[consumer]
+        default = self.data_dir / ("token" if consumer == "admin" else f"{consumer}.token")
+        return (given or default).expanduser()
+
+    def token_of(self, consumer: str, *, read_file: bool = True) -> str | None:
+        """`consumer`'s token: from the environment, else (read_file) from its token file."""
+        given = {"admin": self.token, "prometheus": self.prometheus_token,
+                 "alertmanager": self.alertmanager_token}[consumer]
+        if given or not read_file:
+            return given or None
+        try:
+            return self.token_file_of(consumer).read_text().strip() or None
+        except OSError:
+            return None
+
+    @property
+    def host_names(self) -> frozenset[str]:
+        """Host header names the API answers to ('*' in it: any)."""
+        names = {"127.0.0.1", "localhost", "::1"}
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.add(self.host.strip("[]").lower())
+        for entry in self.allowed_hosts.split(","):
+            entry = entry.strip().lower()
+            if entry.startswith("["):  # [::1] or [::1]:8765
+                entry = entry[1 : entry.find("]")] if "]" in entry else entry
+            elif entry.count(":") == 1:  # name:port: the name is what is checked
+                entry = entry.split(":")[0]
+            if entry:
+                names.add(entry)
+        return frozenset(names)
+
+    @property
+    def data_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser() for p in self.data_roots.split(os.pathsep) if p.strip()]
+
     @property
     def url(self) -> str:
         host = self.host if ":" not in self.host else f"[{self.host}]"
@@ -108,9 +174,11 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(settings: Settings) -> None:
-    """Refuse to expose an API without a token beyond this machine."""
-    if not settings.token and not is_loopback(settings.host):
+    """Refuse an address no allowed Host name can reach: binding beyond loopback needs GRADWATCH_ALLOWED_HOSTS."""
+    wildcard = settings.host in ("0.0.0.0", "::", "")
+    if wildcard and settings.host_names <= {"127.0.0.1", "localhost", "::1"}:
         raise ValueError(
-            f"refusing to bind {settings.host} without a token: set GRADWATCH_TOKEN "
-            "(anyone who can reach the port could run code on your cluster)"
+            f"refusing to bind {settings.host or 'every address'} while only loopback names are allowed: set "
+            "GRADWATCH_ALLOWED_HOSTS to the names clients use to reach the API (e.g. "
+            "gradwatch.example,10.0.0.5), or bind 127.0.0.1"
         )

@@ -12,6 +12,8 @@ import base64
 import binascii
 import hashlib
 import json
+import os
+import secrets
 import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, map
 from gradwatch.ids import new_job_id
 from gradwatch.names import JOB_STATES, TERMINAL_STATES
 from gradwatch.spec import JobSpec
+from service.auth import new_token_text, split_token
 
 ALLOWED: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
@@ -65,6 +68,18 @@ class TransitionRefused(StoreError):
 
 
 class BadCursor(StoreError):
+    pass
+
+
+class QueueFull(StoreError):
+    """A submit over a queued-jobs cap (the user's or everyone's)."""
+
+
+class UserExists(StoreError):
+    pass
+
+
+class UserNotFound(StoreError):
     pass
 
 
@@ -160,6 +175,30 @@ class Alert(Base):
     )
 
 
+class User(Base):
+    """A person (or a program) who holds tokens."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[float]
+    revoked_at: Mapped[float | None]
+
+
+class Token(Base):
+    """A bearer token: its public id, the SHA-256 of its secret part (never the secret), and its scopes."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    scopes: Mapped[str] = mapped_column(String(200))  # space-separated
+    digest: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32))  # a job's own token: good for that job only
+    created_at: Mapped[float]
+    revoked_at: Mapped[float | None]
+
+
 # ----------------------------------------------------------------- the store
 @dataclass(frozen=True)
 class AlertUpdate:
@@ -217,7 +256,19 @@ class Store:
             yield session
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, spec: JobSpec, *, now: float | None = None) -> Job:
+    def create_job(
+        self,
+        spec: JobSpec,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+        max_queued: int | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Store a queued job. `owner` (the authenticated user) replaces the spec's; the caps are
+        checked in the same write transaction, so concurrent submits cannot overshoot them."""
+        if owner is not None:
+            spec = spec.model_copy(update={"owner": owner})
         cpus, gpus = demand_of(spec)
         at = time.time() if now is None else now
         for _ in range(5):
@@ -238,6 +289,7 @@ class Store:
             )
             try:
                 with self._write() as session:
+                    _check_queue_caps(session, spec.owner, max_queued_per_owner, max_queued)
                     session.add(job)
                     session.flush()
                     session.add_all(
@@ -406,9 +458,106 @@ class Store:
         with self._read() as session:
             return [(job_id, state) for job_id, state in session.execute(query).all()]
 
+    def count_jobs(self, owner: str, state: str) -> int:
+        with self._read() as session:
+            query = select(func.count()).select_from(Job).where(Job.owner == owner, Job.state == state)
+            return session.scalar(query) or 0
+
+    # ------------------------------------------------------- users and tokens
+    def add_user(self, name: str, scopes: list[str], *, now: float | None = None) -> str:
+        """A new user and their first token; returns the token's text (shown once, stored hashed)."""
+        at = time.time() if now is None else now
+        try:
+            with self._write() as session:
+                if session.get(User, name) is not None:
+                    raise UserExists(f"user {name!r} exists: `gradwatch user token {name}` gives them another token")
+                session.add(User(name=name, created_at=at, revoked_at=None))
+        except IntegrityError:
+            raise UserExists(f"user {name!r} exists") from None
+        return self.issue_token(name, scopes, now=at)
+
+    def issue_token(
+        self, user: str, scopes: list[str], *, job_id: str | None = None, now: float | None = None
+    ) -> str:
+        """A new token for `user`; `job_id` makes it good for that job only, until the job ends."""
+        at = time.time() if now is None else now
+        with self._write() as session:
+            if job_id is None:
+                row = session.get(User, user)
+                if row is None or row.revoked_at is not None:
+                    raise UserNotFound(f"no active user {user!r}: `gradwatch user list` shows them")
+            token_id = secrets.token_hex(8)
+            text = new_token_text(token_id)
+            _, secret = split_token(text) or ("", "")
+            session.add(
+                Token(id=token_id, user=user, scopes=" ".join(scopes), digest=_digest(secret), job_id=job_id,
+                      created_at=at, revoked_at=None)
+            )
+        return text
+
+    def users(self) -> list[tuple[User, list[Token]]]:
+        """Every user with their people's tokens (job tokens left out), oldest first."""
+        with self._read() as session:
+            users = list(session.scalars(select(User).order_by(User.created_at, User.name)))
+            tokens = list(session.scalars(select(Token).where(Token.job_id.is_(None)).order_by(Token.created_at)))
+        return [(u, [t for t in tokens if t.user == u.name]) for u in users]
+
+    def revoke_user(self, name: str, *, now: float | None = None) -> int:
+        """Revoke a user and every token they hold (not their running jobs' own); returns how many."""
+        at = time.time() if now is None else now
+        with self._write() as session:
+            user = session.get(User, name)
+            if user is None:
+                raise UserNotFound(f"no user {name!r}: `gradwatch user list` shows them")
+            user.revoked_at = user.revoked_at or at
+            tokens = list(
+                session.scalars(
+                    select(Token).where(Token.user == name, Token.revoked_at.is_(None), Token.job_id.is_(None))
+                )
+            )
+            for token in tokens:
+                token.revoked_at = at
+        return len(tokens)
+
+    def has_tokens(self) -> bool:
+        with self._read() as session:
+            return session.scalar(select(Token.id).where(Token.revoked_at.is_(None)).limit(1)) is not None
+
+    def authenticate(self, text: str) -> Token | None:
+        """The live token `text` is, or None (unknown, wrong secret, revoked, or its job ended)."""
+        parts = split_token(text)
+        if parts is None:
+            return None
+        token_id, secret = parts
+        with self._read() as session:
+            token = session.get(Token, token_id)
+            if token is None or not secrets.compare_digest(token.digest, _digest(secret)):
+                return None
+            if token.revoked_at is not None:
+                return None
+            if token.job_id is not None:
+                job = session.get(Job, token.job_id)
+                return token if job is not None and job.state not in TERMINAL_STATES else None
+            user = session.get(User, token.user)
+            return token if user is not None and user.revoked_at is None else None
+
     # ---------------------------------------------------------------- alerts
-    def ingest_alerts(self, updates: Iterable[AlertUpdate], *, now: float | None = None) -> tuple[int, int]:
-        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated)."""
+    def ingest_alerts(
+        self, updates: Iterable[AlertUpdate], *, now: float | None = None, batch: int = 100
+    ) -> tuple[int, int]:
+        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated).
+
+        At most `batch` alerts per write transaction, so a large notification never holds the
+        store's write lock for long.
+        """
+        items = list(updates)
+        new = updated = 0
+        for start in range(0, len(items), batch):
+            n, u = self._ingest_batch(items[start : start + batch], now)
+            new, updated = new + n, updated + u
+        return new, updated
+
+    def _ingest_batch(self, updates: list[AlertUpdate], now: float | None) -> tuple[int, int]:
         at = time.time() if now is None else now
         new = updated = 0
         with self._write() as session:
@@ -477,12 +626,43 @@ def fingerprint_of(labels: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _digest(secret: str) -> str:
+    # Tokens are 256 random bits: a plain SHA-256 cannot be brute-forced, no slow hash needed.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _check_queue_caps(session: Session, owner: str | None, per_owner: int | None, total: int | None) -> None:
+    if total is not None:
+        queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+        if queued >= total:
+            raise QueueFull(
+                f"the queue is full ({queued} jobs queued, the server's limit is {total}): "
+                "try again when some have started"
+            )
+    if per_owner is not None and owner is not None:
+        mine = session.scalar(
+            select(func.count()).select_from(Job).where(Job.state == "queued", Job.owner == owner)
+        ) or 0
+        if mine >= per_owner:
+            raise QueueFull(
+                f"{owner} already has {mine} jobs queued, the limit per user: wait for some to start, "
+                "or cancel some (`gradwatch jobs --state queued`)"
+            )
+
+
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Tokens' hashes and everyone's jobs: readable by the service's user only (SQLite gives
+        # its -wal and -shm files the database file's mode).
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+        except OSError:
+            pass  # not ours to change (or read-only): SQLite reports what it cannot open
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

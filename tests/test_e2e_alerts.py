@@ -18,9 +18,11 @@ import yaml
 
 from dashboards.build import panel_queries, substitute
 from deploy.render import render_alertmanager_config, render_prometheus_config
+from service.auth import consumer_token_file
+from service.settings import Settings
 from tests.conftest import EXAMPLES, REPO
 from tests.promstack import query, start_alertmanager, start_prometheus, wait_for
-from tests.stack import TOKEN, Service
+from tests.stack import Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus, pytest.mark.timeout(1200)]
 
@@ -33,12 +35,14 @@ def stack(ray_head, tmp_path_factory):
     svc = Service(ray_head, tmp / "gradwatch")
     (tmp / "gradwatch").mkdir(exist_ok=True)
     svc.start()
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN)
-    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
+    # Prometheus and Alertmanager each with their own narrow token, as deployed.
+    settings = Settings(data_dir=tmp / "gradwatch")
+    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts",
+                                           token_file=consumer_token_file(settings, "alertmanager"),
                                            group_wait="1s", group_interval="1s")
     with start_alertmanager(am_config, tmp) as am:
-        prom_config = render_prometheus_config(service_url=svc.url, token_file=token_file,
+        prom_config = render_prometheus_config(service_url=svc.url,
+                                               token_file=consumer_token_file(settings, "prometheus"),
                                                alertmanager_url=am.url, scrape_interval="1s",
                                                eval_interval="1s", sd_refresh_interval="1s")
         with start_prometheus(prom_config, tmp) as prom:

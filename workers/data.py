@@ -7,13 +7,18 @@ same train/val split and DistributedSampler shards it.
 
 from __future__ import annotations
 
+import codecs
 import importlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
+
+from gradwatch.spec import DATA_ROOTS_ENV, MAX_CORPUS_CHARS
 
 Task = Literal["classification", "regression", "language_model"]
 
@@ -108,17 +113,54 @@ def default_corpus_path() -> Path:
     return Path(sklearn.datasets.__file__).parent / "descr"
 
 
-def read_corpus(path: str | None, max_chars: int | None) -> str:
-    source = Path(path) if path else default_corpus_path()
-    if source.is_dir():
+
+
+class CorpusRefused(ValueError):
+    """A `data.path` that may not or cannot be read; the message never says whether the file exists."""
+
+
+def read_corpus(path: str | None, max_chars: int | None, roots: list[str] | None = None) -> str:
+    """At most `max_chars` (or MAX_CORPUS_CHARS) characters of a UTF-8 file, reading no more bytes than
+    those need. `roots`: the file, symbolic links resolved, must lie under one of these folders."""
+    limit = min(max_chars or MAX_CORPUS_CHARS, MAX_CORPUS_CHARS)
+    if not path:
+        source = default_corpus_path()
         text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(source.glob("*.rst")))
-    else:
-        text = source.read_text(encoding="utf-8")
-    return text[:max_chars] if max_chars else text
+        return text[:limit]
+    return _read_regular_file(path, limit, roots)
+
+
+def _read_regular_file(path: str, limit: int, roots: list[str] | None) -> str:
+    refused = CorpusRefused(
+        f"data.path {path!r}: cannot be used; it must be a readable regular UTF-8 file"
+        + (f" under the data roots ({', '.join(roots)})" if roots else ""))
+    real = os.path.realpath(path)
+    if roots is not None and not any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep)
+                                     for r in roots):
+        raise refused
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: `real` has no links left.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise refused from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # devices, FIFOs, sockets, folders
+        os.close(fd)
+        raise refused
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(limit * 4)  # UTF-8 takes at most 4 bytes a character
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = decoder.decode(raw, final=False)  # a character cut at the end waits, and is dropped
+    except UnicodeDecodeError:
+        raise refused from None
+    return text[:limit]
 
 
 def _text(spec: Any, seed: int) -> DataBundle:
-    text = read_corpus(spec.path, spec.max_chars)
+    # Set by the service for jobs of a server without user code: check data.path on this node too.
+    roots = os.environ.get(DATA_ROOTS_ENV)
+    text = read_corpus(spec.path, spec.max_chars,
+                       [r for r in roots.split(os.pathsep) if r] if roots is not None else None)
     if len(text) < spec.block_size * 4:
         raise ValueError(f"data.path: corpus has {len(text)} characters; need at least {spec.block_size * 4} "
                          f"for block_size {spec.block_size}")

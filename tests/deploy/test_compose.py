@@ -101,6 +101,12 @@ def test_service_and_ray_share_auth_and_data(compose: dict[str, Any]) -> None:
     head, service = compose["services"]["ray-head"], compose["services"]["gradwatch"]
     assert service["environment"]["RAY_ADDRESS"] == "http://ray-head:8265"
     assert service["environment"]["GRADWATCH_TOKEN"].startswith("${GRADWATCH_TOKEN:?")
+    config = compose["services"]["config"]
+    assert "GRADWATCH_TOKEN" not in config["environment"]  # the operator's token never reaches them
+    for consumer in ("PROMETHEUS", "ALERTMANAGER"):
+        path = service["environment"][f"GRADWATCH_{consumer}_TOKEN_FILE"]
+        assert path == f"/etc/gradwatch/{consumer.lower()}.token"
+    assert "gradwatch-config:/etc/gradwatch:ro" in service["volumes"]
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "GRADWATCH_DATA_DIR"):
         assert head["environment"][key] == service["environment"][key], key
     assert "gradwatch-data:/var/lib/gradwatch" in head["volumes"]
@@ -116,23 +122,39 @@ def test_every_variable_has_a_default_or_an_error_message() -> None:
 
 
 def test_published_ports(compose: dict[str, Any]) -> None:
+    """Only the API (every route behind a token) on every interface; the rest on loopback."""
     published = {
-        name: [int(port.split(":")[0]) for port in service.get("ports", [])]
+        name: [port.rsplit(":", 1)[0] for port in service.get("ports", [])]
         for name, service in compose["services"].items()
     }
-    assert published["gradwatch"] == [8765]
-    assert published["ray-head"] == [8265]
-    assert published["prometheus"] == [9090]
-    assert published["alertmanager"] == [9093]
-    assert published["grafana"] == [3000]
+    assert published["gradwatch"] == ["8765"]
+    assert published["ray-head"] == ["127.0.0.1:8265"]
+    assert published["prometheus"] == ["127.0.0.1:9090"]
+    assert published["alertmanager"] == ["127.0.0.1:9093"]
+    assert published["grafana"] == ["127.0.0.1:3000"]
+
+
+def test_prometheus_has_no_lifecycle_api(compose: dict[str, Any]) -> None:
+    assert not any("lifecycle" in arg for arg in compose["services"]["prometheus"]["command"])
 
 
 def test_config_points_the_shipped_configs_at_compose_services(tmp_path: Path) -> None:
     from deploy.compose_init import RULE_FILE, write_configs
 
-    write_configs(tmp_path, "s3cret", "5s")
-    assert (tmp_path / "token").read_text() == "s3cret"
+    write_configs(tmp_path, "5s", prometheus_token="prom-s3cret")
+    assert (tmp_path / "prometheus.token").read_text() == "prom-s3cret"
+    made = (tmp_path / "alertmanager.token").read_text()
+    assert len(made) >= 40 and made != "prom-s3cret"
+    write_configs(tmp_path, "5s")  # run again: the tokens the service already read are kept
+    assert (tmp_path / "prometheus.token").read_text() == "prom-s3cret"
+    assert (tmp_path / "alertmanager.token").read_text() == made
     prometheus = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    auth = {"type": "Bearer", "credentials_file": str(tmp_path / "prometheus.token")}
+    assert [job.get("authorization") for job in prometheus["scrape_configs"]][0] == auth
+    assert prometheus["scrape_configs"][1]["http_sd_configs"][0]["authorization"] == auth
+    alertmanager = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())
+    hook = alertmanager["receivers"][0]["webhook_configs"][0]
+    assert hook["http_config"]["authorization"]["credentials_file"] == str(tmp_path / "alertmanager.token")
     assert prometheus["global"]["scrape_interval"] == "5s"
     assert prometheus["rule_files"] == [RULE_FILE]
     assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]

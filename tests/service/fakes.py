@@ -35,6 +35,7 @@ class FakeJob:
     workers: int = 0
     log: list[str] = field(default_factory=list)
     message: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the runtime_env variables it was given
 
 
 class FakeCluster:
@@ -85,6 +86,7 @@ class FakeCluster:
                 cpus=n * scaling["cpus_per_worker"],
                 gpus=n * scaling["gpus_per_worker"] if scaling["use_gpu"] else 0.0,
                 log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
+                env=dict(env),
             )
             self.submitted.append(submission_id)
 

@@ -16,6 +16,12 @@ TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.fixture(autouse=True)
+def testserver_is_an_allowed_host(monkeypatch):
+    """TestClient sends `Host: testserver`: a name these servers must answer to."""
+    monkeypatch.setenv("GRADWATCH_ALLOWED_HOSTS", "testserver")
+
+
 @pytest.fixture
 def cluster():
     return FakeCluster(cpus=4)
@@ -130,6 +136,7 @@ def test_bodies_over_the_limit_get_413(api, app, settings):
         ("get", "/v1/targets"),
         ("post", "/v1/alerts"),
         ("get", "/v1/alerts"),
+        ("get", "/metrics"),
     ],
 )
 def test_every_resource_needs_the_token(app, method, path):
@@ -142,10 +149,10 @@ def test_every_resource_needs_the_token(app, method, path):
         assert response.status_code == 401 and "invalid bearer token" in response.json()["detail"]
 
 
-def test_health_and_metrics_need_no_token(app):
+def test_only_health_needs_no_token(app):
     with TestClient(app) as anonymous:
         assert anonymous.get("/healthz").json() == {"status": "ok", "scheduler": "paused"}
-        assert anonymous.get("/metrics").status_code == 200
+        assert anonymous.get("/metrics").status_code == 401
 
 
 # ------------------------------------------------------------ list and get

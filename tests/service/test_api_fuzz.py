@@ -19,6 +19,7 @@ app = create_app(
     Settings(
         data_dir=tempfile.mkdtemp(prefix="gradwatch-fuzz-"),
         token="fuzz",
+        allowed_hosts="testserver",
         scheduler_enabled=False,
         max_body_bytes=64 * 1024,
     ),

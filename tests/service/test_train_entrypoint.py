@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
@@ -10,6 +11,12 @@ from tests.service.fakes import FakeCluster
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(autouse=True)
+def testserver_is_an_allowed_host(monkeypatch):
+    """TestClient sends `Host: testserver`: a name these servers must answer to."""
+    monkeypatch.setenv("GRADWATCH_ALLOWED_HOSTS", "testserver")
 
 
 def entrypoint_spec() -> dict:

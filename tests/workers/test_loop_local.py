@@ -119,3 +119,15 @@ def test_on_divergence_rollback_recovers(tmp_path):
     assert math.isfinite(out.train_loss) and out.val_loss < out.first_val_loss
     assert trainer.telemetry.metrics.registry.get_sample_value(
         "gradwatch_rollbacks_total", {"job_id": "local", "rank": "0"}) == out.rollbacks
+
+
+def test_a_long_healthy_sgd_run_on_digits_raises_nothing(tmp_path):
+    # The run that used to page: SGD on digits well past convergence, its loss near zero and noisy,
+    # its validation loss flat and noisy.
+    trainer = local({"max_steps": 1500, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                     "model": {"name": "mlp", "hidden": [64]}, "validation": {"every_steps": 50},
+                     "telemetry": {"interval": 10}, "checkpoint": {"every_steps": 1500}}, tmp_path)
+    out = trainer.train()
+    assert out.val_accuracy > 0.9
+    assert out.extra["anomalies"] == []
+    assert [p["phase"] for p in out.extra["phases"]][-1] in ("converged", "refinement")
