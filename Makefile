@@ -1,5 +1,6 @@
 # gradwatch: `make demo` runs the main example job, `make test` runs the tests.
-# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager for tests.
+# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager and
+# Chromium for tests.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -25,6 +26,12 @@ tools:
 	  $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null 2>&1 \
 	  || { $(SUDO) apt-get update >/dev/null && \
 	       $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }; \
+	fi
+	@if command -v chromium >/dev/null; then :; else \
+	  echo "installing Debian's chromium (the report tests draw reports in it, headless)"; \
+	  $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update >/dev/null && \
+	       $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null; }; \
 	fi
 
 demo: setup

@@ -256,7 +256,7 @@ def real_specs(count: int) -> list[tuple[str, dict, bool, str | None]]:
     return out
 
 
-def run_real(count: int) -> tuple[dict[str, list[Verdict]], dict[str, str]]:
+def run_real(count: int, keep: Path | None = None) -> tuple[dict[str, list[Verdict]], dict[str, str]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -270,8 +270,8 @@ def run_real(count: int) -> tuple[dict[str, list[Verdict]], dict[str, str]]:
     meant: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n, (family, raw, healthy, kind) in enumerate(real_specs(count)):
-            run_dir = Path(tmp) / f"run{n}"
-            run_dir.mkdir()
+            run_dir = (keep or Path(tmp)) / f"{family}-{n}"
+            run_dir.mkdir(parents=True, exist_ok=True)
             spec = load_spec(raw)
             run_local(spec, run_dir=run_dir)
             rows = [row for _, row in read_rows(run_dir / "history.jsonl")]
@@ -288,19 +288,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=100, help="Curves per synthetic family (default 100).")
     parser.add_argument("--real", type=int, default=50, help="Healthy real trainer runs (0 to skip; default 50).")
     parser.add_argument("--json", action="store_true", help="Print the table as JSON instead.")
+    parser.add_argument("--keep-runs", type=Path, help="Keep the real runs' directories here (to replay them).")
     args = parser.parse_args(argv)
 
     families: dict[str, Callable[[int], Curve]] = {**HEALTHY, **UNHEALTHY}
-    curves = {name: [make(seed) for seed in range(args.seeds)] for name, make in families.items()}
+    curves = {name: [make(seed) for seed in range(args.seeds)] for name, make in families.items() if args.seeds}
     steps = sum(len(c.rows) for runs in curves.values() for c in runs)
     started = time.process_time()  # replay alone, on this one core
     for runs in curves.values():
         for c in runs:
             replay_rows(((c.family, r) for r in c.rows), warmup_steps=c.warmup_steps)
-    replay_rate = steps / (time.process_time() - started)
+    replay_rate = steps / max(time.process_time() - started, 1e-9)
     verdicts = {name: [judge(c) for c in runs] for name, runs in curves.items()}
     if args.real:
-        real, meant = run_real(args.real)
+        real, meant = run_real(args.real, args.keep_runs)
         verdicts.update(real)
         for family, kind in meant.items():
             alert = {"divergence|plateau": "TrainingDiverging|TrainingStalled", "lr_too_low": "TrainingStalled",

@@ -249,6 +249,7 @@ class Run:
         if self._resumed_step is not None:
             tel.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, self._resumed_step)
+            tel.record_event({"step": self._resumed_step, "event": "restart"})
         if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
             host, port = tel.serve(self.session.node_address())
             if self.sd_dir is not None:
@@ -403,6 +404,7 @@ class Run:
         tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
         detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"
         log.warning("rank %d: %s", self.rank, detail)
+        tel.record_event({"step": bad_step, "event": "rollback", "to_step": self.step, "lr_scale": self.lr_scale})
         if self.board and self.rank == 0:
             self.board.post_event({"kind": "rollback", "name": "rollback", "step": bad_step,
                                            "to_step": self.step, "lr_scale": self.lr_scale, "detail": detail})

@@ -1,4 +1,4 @@
-"""The HTTP API: jobs, logs, Prometheus targets, the Alertmanager webhook, metrics and health.
+"""The HTTP API: jobs, logs, reports, Prometheus targets, the Alertmanager webhook, metrics and health.
 
 Handlers are thin: validation is the spec module's, state is the store's, Ray is the launcher's.
 Every route but /healthz and /openapi.json needs a bearer token with the route's scope
@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -301,6 +301,23 @@ async def _follow_logs(job_id: str, store: Store, launcher: Launcher, state: Any
             await asyncio.sleep(state.settings.poll_interval)
     finally:
         state.log_followers -= 1
+
+
+@jobs.get(
+    "/{job_id}/report",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, 501: {"model": ErrorOut}},
+)
+async def job_report(job_id: str, request: Request, store: StoreDep, _: Reader) -> Response:
+    """The run's report: one self-contained HTML page of its dynamics, built now (live while the job runs)."""
+    from service.report import ReportError, report_for_job  # numpy and plotly only when a report is asked for
+
+    job = await run_in_threadpool(store.get_job, job_id)
+    try:
+        page = await run_in_threadpool(report_for_job, job, request.app.state.settings.runs_dir)
+    except ReportError as exc:
+        raise HTTPException(501, str(exc)) from None
+    return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
 @jobs.post(

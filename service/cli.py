@@ -187,11 +187,12 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def _register_extensions() -> None:
-    from service import cli_jobs, cli_replay, cli_users, grafana
+    from service import cli_jobs, cli_replay, cli_report, cli_users, grafana
 
     cli_jobs.register(app)
     cli_replay.register(app)
     grafana.register(app)
+    cli_report.register(app)
     cli_users.register(app)
 
 

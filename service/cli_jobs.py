@@ -227,7 +227,8 @@ def jobs(
 
 def status(job_id: str, json_out: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """One job: state and why, progress, workers, and its alerts."""
-    job = _call(_client(url, token).get, job_id)
+    client = _client(url, token)
+    job = _call(client.get, job_id)
     if json_out:
         _json(job)
         return
@@ -256,6 +257,7 @@ def status(job_id: str, json_out: JsonOpt = False, url: UrlOpt = None, token: To
             "endpoints",
             ", ".join(f"rank {e['rank']} {e['host']}:{e['port']}" for e in job.get("endpoints", [])),
         ),
+        ("report", client.report_url(job["id"])),
     ]
     for key, value in rows:
         if value:

@@ -131,6 +131,13 @@ class Client:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")
 
+    def report(self, job_id: str) -> str:
+        """The job's report: one self-contained HTML page (`gradwatch report`)."""
+        return self._request("GET", f"/v1/jobs/{job_id}/report")
+
+    def report_url(self, job_id: str) -> str:
+        return f"{self.url}/v1/jobs/{job_id}/report"
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 

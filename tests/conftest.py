@@ -55,3 +55,56 @@ def ray_head():
 
     with start_head(cpus=2) as address:
         yield address
+
+
+# The four examples that show dynamics on purpose, with the steps their detectors need (the shipped specs
+# run longer so that Prometheus alerts fire), and the demo.
+DYNAMICS_EXAMPLES = ("diverging", "stalled", "overfitting", "vanishing")
+EXAMPLE_MAX_STEPS = {"diverging": 300, "stalled": 400}
+
+
+def example_spec_file(name: str, folder: Path) -> Path:
+    """examples/NAME.yaml for a test: no scrape grace at the end, and only the steps the detectors need."""
+    import yaml
+
+    data = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    data["telemetry"] = {**data.get("telemetry", {}), "grace_seconds": 0}
+    if name in EXAMPLE_MAX_STEPS:
+        data["max_steps"] = EXAMPLE_MAX_STEPS[name]
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_runs(tmp_path_factory):
+    """name -> (run directory, the run's `--json` result) for the demo and the four dynamics examples, run
+    once per session: the demo through `gradwatch run --json`, the others through `run_job` (what that
+    command calls and prints) on one local Ray, shut down before the fixture returns."""
+    import json
+    import subprocess
+    import sys
+
+    import ray
+
+    from gradwatch.spec import load_spec
+    from workers.driver import init_ray, run_job
+
+    tmp = tmp_path_factory.mktemp("example-runs")
+    made = {}
+    gradwatch = Path(sys.executable).parent / "gradwatch"
+    out = subprocess.run([str(gradwatch), "run", str(example_spec_file("digits-mlp", tmp)), "--json",
+                          "--storage-path", str(tmp / "runs")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    made["digits-mlp"] = (Path(result["storage_path"]), result)
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(quiet=True)
+    try:
+        for name in DYNAMICS_EXAMPLES:
+            result = run_job(load_spec(example_spec_file(name, tmp)), storage_path=tmp / "runs")
+            made[name] = (Path(result["storage_path"]), {k: v for k, v in result.items() if k != "ranks"})
+    finally:
+        ray.shutdown()
+    return made

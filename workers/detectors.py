@@ -309,7 +309,8 @@ class DivergenceDetector:
         if start is not None and start > 0.0 and len(self.recent) == self.recent.maxlen:
             # a blow-up outruns every noise estimate (the noise grows with it): judge it by size alone
             median = _median_sorted(sorted(self.recent))
-            if median > _BLOWUP * max(start, best or 0.0):
+            # the start's noise as measured over the first steps: a blow-up inflates every later estimate
+            if median > _BLOWUP * max(start + self.sigmas * tracker.initial_sigma, best or 0.0):
                 return Finding(True, f"the last {len(self.recent)} losses (median {median:.4g}) are over "
                                      f"{_BLOWUP:g}x where the run started ({start:.4g})", urgent=True)
         if past_warmup and start is not None and start > 0.0:

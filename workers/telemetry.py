@@ -92,6 +92,9 @@ class Telemetry:
         self._gauges_stale = True
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
+        # Each rank's own step time, one line per measured step (the history is rank 0's alone).
+        self.step_times = history_path.with_name(f"steps-rank{rank}.jsonl").open("a") if history_path else None
+        self._unlogged = [0.0, 0]  # step seconds and steps since the last line of step_times
         self._labels = labels = (job_id, str(rank))
         m = self.metrics
         # The per-step series' labelled children, looked up once: the step path only sets values.
@@ -161,6 +164,9 @@ class Telemetry:
         if self.history:
             self.history.close()
             self.history = None
+        if self.step_times:
+            self.step_times.close()
+            self.step_times = None
         if self._server is None:
             return
         time.sleep(grace_seconds)  # let Prometheus scrape the final values
@@ -222,6 +228,13 @@ class Telemetry:
             c.nonfinite_grad.inc()  # the all-reduced gradient is the same on every rank: count it once per job
         if not applied:
             c.skipped.inc()
+        self._unlogged[0] += seconds
+        self._unlogged[1] += 1
+        if self.step_times and self.measuring:  # the mean over the interval, not the measured step alone
+            self.step_times.write(json.dumps({"step": step, "step_seconds": self._unlogged[0] / self._unlogged[1],
+                                              "time": now}) + "\n")
+            self.step_times.flush()
+            self._unlogged = [0.0, 0]
 
         self.monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
         if self.monitor.loss_ema is not None:
@@ -297,6 +310,12 @@ class Telemetry:
         self.monitor.observe_validation(step, val_loss)
         return self._publish(step, {"step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
                                     "time": time.time()})
+
+    def record_event(self, event: dict[str, Any]) -> None:
+        """A restart or rollback, into the run's history (rank 0), so a report can mark where it happened."""
+        if self.history:
+            self.history.write(json.dumps({**event, "time": time.time()}, default=str) + "\n")
+            self.history.flush()
 
     def _publish(self, step: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
         m = self.metrics
