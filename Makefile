@@ -1,6 +1,6 @@
 # gradwatch: `make demo` runs the main example job, `make test` runs the tests.
-# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager and
-# Chromium for tests.
+# Both set up what they need first: a venv with the package, and Debian's Prometheus/Alertmanager,
+# Chromium and PostgreSQL for tests.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -32,6 +32,12 @@ tools:
 	  $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
 	  || { $(SUDO) apt-get update >/dev/null && \
 	       $(SUDO) apt-get install -y --no-install-recommends chromium >/dev/null; }; \
+	fi
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; else \
+	  echo "installing Debian's postgresql (the store tests start a private server)"; \
+	  $(SUDO) apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update >/dev/null && \
+	       $(SUDO) apt-get install -y --no-install-recommends postgresql >/dev/null; }; \
 	fi
 
 demo: setup

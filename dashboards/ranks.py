@@ -6,7 +6,6 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
 
 from dashboards.style import (
-    BY_RANK,
     RANKS_UID,
     label_variable,
     new_dashboard,
@@ -17,20 +16,22 @@ from dashboards.style import (
 )
 
 JOB = 'job_id="$job_id"'
+# Every series keeps the Ray node its rank ran on (a label of the scrape target), so a slow node shows.
+BY_RANK_NODE = "rank {{rank}} on {{node}}"
 
 
 def mean_step_seconds(window: str) -> str:
     """Each rank's mean step time over `window`: rate of the histogram's sum over rate of its count."""
     return (
-        f"sum by (rank) (rate(gradwatch_step_duration_seconds_sum{{{JOB}}}[{window}]))"
-        f" / sum by (rank) (rate(gradwatch_step_duration_seconds_count{{{JOB}}}[{window}]))"
+        f"sum by (rank, node) (rate(gradwatch_step_duration_seconds_sum{{{JOB}}}[{window}]))"
+        f" / sum by (rank, node) (rate(gradwatch_step_duration_seconds_count{{{JOB}}}[{window}]))"
     )
 
 
 def step_time_quantiles() -> timeseries.Panel:
     def quantile(q: float) -> str:
         return (
-            f"histogram_quantile({q}, sum by (rank, le) "
+            f"histogram_quantile({q}, sum by (rank, node, le) "
             f"(rate(gradwatch_step_duration_seconds_bucket{{{JOB}}}[$__rate_interval])))"
         )
 
@@ -42,8 +43,8 @@ def step_time_quantiles() -> timeseries.Panel:
         "s",
     ).targets(
         [
-            promql(quantile(0.5), "rank {{rank}} p50", ref_id="A"),
-            promql(quantile(0.9), "rank {{rank}} p90", ref_id="B"),
+            promql(quantile(0.5), "rank {{rank}} on {{node}} p50", ref_id="A"),
+            promql(quantile(0.9), "rank {{rank}} on {{node}} p90", ref_id="B"),
         ]
     )
 
@@ -53,7 +54,7 @@ def mean_step_time() -> timeseries.Panel:
         "Mean step time per rank",
         "Each rank's mean step time: rate(sum) / rate(count) of gradwatch_step_duration_seconds.",
         "s",
-    ).with_target(promql(mean_step_seconds("$__rate_interval"), BY_RANK))
+    ).with_target(promql(mean_step_seconds("$__rate_interval"), BY_RANK_NODE))
 
 
 def step_time_heatmap() -> heatmap.Panel:
@@ -93,7 +94,7 @@ def throughput_per_rank() -> timeseries.Panel:
         "Throughput per rank",
         "Samples per second each rank trains (rate of gradwatch_samples_total over 1m).",
         "suffix: samples/s",
-    ).with_target(promql(f"sum by (rank) (rate(gradwatch_samples_total{{{JOB}}}[1m]))", BY_RANK))
+    ).with_target(promql(f"sum by (rank, node) (rate(gradwatch_samples_total{{{JOB}}}[1m]))", BY_RANK_NODE))
 
 
 def local_grad_norms() -> timeseries.Panel:
@@ -106,7 +107,7 @@ def local_grad_norms() -> timeseries.Panel:
         log_scale=True,
     ).targets(
         [
-            promql(f"max by (rank) (gradwatch_local_grad_norm{{{JOB}}})", BY_RANK, ref_id="A"),
+            promql(f"max by (rank, node) (gradwatch_local_grad_norm{{{JOB}}})", BY_RANK_NODE, ref_id="A"),
             promql(f"max(gradwatch_grad_norm{{{JOB}}})", "global (all-reduced)", ref_id="B"),
         ]
     )
@@ -125,7 +126,7 @@ def straggler_ratio() -> timeseries.Panel:
         .thresholds_style(
             common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
         )
-        .with_target(promql(f"({mean}) / on () group_left () quantile(0.5, {mean})", BY_RANK))
+        .with_target(promql(f"({mean}) / on () group_left () quantile(0.5, {mean})", BY_RANK_NODE))
     )
 
 
@@ -143,7 +144,7 @@ def heartbeat_age() -> timeseries.Panel:
             common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
         )
         .with_target(
-            promql(f"time() - max by (rank) (gradwatch_last_step_timestamp_seconds{{{JOB}}})", BY_RANK)
+            promql(f"time() - max by (rank, node) (gradwatch_last_step_timestamp_seconds{{{JOB}}})", BY_RANK_NODE)
         )
     )
 

@@ -265,6 +265,9 @@ class ScalingSpec(Strict):
     use_gpu: bool = Field(False, description="One GPU per worker and the NCCL backend.")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
     gpus_per_worker: float = Field(1.0, gt=0.0, le=16, description="Used only when use_gpu is true.")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="How workers spread over Ray nodes (a placement group strategy): pack fills few "
+        "nodes, spread prefers one worker per node, strict_spread demands it (as many nodes as workers).")
 
     def per_worker(self) -> dict[str, float]:
         """What each worker asks Ray for, in Ray's resource names."""

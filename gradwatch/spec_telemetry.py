@@ -57,7 +57,7 @@ class DetectorSpec(BaseModel):
                                                       "(diverging is reported at once).")
     anomaly_clear_steps: int = Field(10, ge=0, description="An anomaly clears after its condition has been "
                                                            "false this many steps.")
-    overfit_evals: int = Field(3, ge=1, le=1000, description="Overfitting: val loss above its best (beyond "
+    overfit_evals: int = Field(5, ge=1, le=1000, description="Overfitting: val loss above its best (beyond "
                                                              "noise and overfit_min_rise) this many "
                                                              "evaluations in a row while train loss falls.")
     overfit_min_rise: float = Field(0.02, ge=0.0, description="Overfitting: val loss at least this fraction "

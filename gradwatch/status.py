@@ -40,6 +40,7 @@ class Endpoint(_Record):
     host: str
     port: int = Field(ge=1, le=65535)
     pid: int | None = None
+    node: str | None = Field(None, description="The Ray node id the rank runs on.")
 
     @property
     def target(self) -> str:
@@ -75,6 +76,9 @@ class RunStatus(Progress):
     restarts: int = 0
     rollbacks: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
+    nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id of its latest start.")
+    lost_nodes: list[dict[str, Any]] = Field(default_factory=list, description="Nodes lost while they ran ranks.")
+    waiting: str | None = Field(None, description="Why the workers are not placed yet, while they are not.")
     updated_at: float
 
 
@@ -119,6 +123,10 @@ class RunResult(_Record):
     phases: list[PhaseEntered] = Field(default_factory=list)
     anomalies: list[AnomalyRaised] = Field(default_factory=list)
     ranks: list[RankReport] = Field(default_factory=list, description="Each rank's final report, by rank.")
+    nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id it ended on.")
+    lost_nodes: list[dict[str, Any]] = Field(default_factory=list)
+    workers: list[dict[str, Any]] = Field(default_factory=list, description="Each rank's node, steps and "
+                                                                             "parameter hash.")
 
     def summary(self) -> str:
         """One line for a person: steps, loss and time."""
@@ -165,7 +173,10 @@ def _read(path: Path, model: type[Any]) -> Any:
 
 def target_groups(job_id: str, endpoints: list[Endpoint]) -> list[dict[str, Any]]:
     """Prometheus service discovery (file_sd and HTTP SD alike): one group per live endpoint."""
-    return [{"targets": [e.target], "labels": {"job_id": job_id, "rank": str(e.rank)}} for e in endpoints]
+    # the Ray node id too: several nodes may share one address
+    return [{"targets": [e.target], "labels": {"job_id": job_id, "rank": str(e.rank), **({"node": e.node} if e.node
+                                                                                        else {})}}
+            for e in endpoints]
 
 
 def event_line(event: dict[str, Any]) -> str:

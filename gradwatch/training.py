@@ -245,7 +245,7 @@ class Run:
         self._begun = True
         tel = self._telemetry()
         if self.board:
-            self.board.started(self.rank, self._resumed_step)
+            self.board.started(self.rank, self._resumed_step, self.session.node_id())
         if self._resumed_step is not None:
             tel.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, self._resumed_step)

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import JobSpec, SpecError, load_spec
-from gradwatch.status import target_groups
+from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
 from service.models import (
@@ -46,7 +46,6 @@ from service.models import (
     State,
     TargetGroup,
     parse_time,
-    run_status,
 )
 from service.settings import Settings, check_bind
 from service.store import (
@@ -343,9 +342,16 @@ def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:re
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
     groups = []
     for job in store.jobs_in("running"):
-        status = run_status(job)
-        if status is not None:
-            groups += [TargetGroup.model_validate(g) for g in target_groups(job.id, status.endpoints)]
+        for endpoint in (job.progress or {}).get("endpoints") or []:
+            try:
+                host, port, rank = str(endpoint["host"]), int(endpoint["port"]), int(endpoint["rank"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            host = f"[{host}]" if ":" in host else host
+            labels = {"job_id": job.id, "rank": str(rank)}
+            if endpoint.get("node"):
+                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
+            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
     return groups
 
 
@@ -662,6 +668,8 @@ def create_app(
 
     for router in (jobs, targets, alerts):
         app.include_router(router)
+    # Drivers push their job's progress and result with the token minted for that job at launch.
+    app.include_router(push.router_for(require_job_token))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestGuard, host_names=settings.host_names)
     app.add_middleware(RequestMetrics, registry=registry)

@@ -252,6 +252,22 @@ def status(job_id: str, json_out: JsonOpt = False, url: UrlOpt = None, token: To
         ("grad norm", _num(job.get("grad_norm"))),
         ("phase", job.get("phase") or ""),
         ("restarts", str(job.get("restarts") or 0)),
+        ("waiting", job.get("waiting") or ""),
+        (
+            "nodes",
+            ", ".join(
+                f"rank {rank} on {node}"
+                for rank, node in sorted((job.get("nodes") or {}).items(), key=lambda kv: int(kv[0]))
+            ),
+        ),
+        (
+            "lost nodes",
+            "; ".join(
+                f"{n['node']}{' (' + n['address'] + ')' if n.get('address') else ''} at step {n.get('step')}, "
+                f"ranks {', '.join(str(r) for r in n.get('ranks') or []) or 'none'}"
+                for n in job.get("lost_nodes") or []
+            ),
+        ),
         ("anomalies", ", ".join(k for k, v in (job.get("anomalies") or {}).items() if v)),
         (
             "endpoints",

@@ -1,17 +1,20 @@
 """Start, watch and stop jobs on Ray.
 
 One Ray job per gradwatch job: its entrypoint is `python -m workers.driver`,
-which runs Ray Train on the cluster and rewrites `<storage>/<job id>/status.json`
-about every second. A scheduler thread starts queued jobs when the cluster has
+which runs Ray Train on the cluster, pushes its status to the API about every
+second (service/push.py) and rewrites `<storage>/<job id>/status.json` as a
+local artifact. A scheduler thread starts queued jobs when the cluster has
 room (priority, then first come), follows running ones through Ray's job status
-and status.json, enforces timeouts, carries out cancels, and on service start
-picks up the jobs the store says are running.
+and the pushed status (status.json where the run folder is shared), enforces
+timeouts, carries out cancels, and on service start picks up the jobs the store
+says are running.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -24,9 +27,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
 from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec
-from gradwatch.status import RunResult, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
 from service.store import Job, JobNotFound, Store, TransitionRefused
@@ -246,6 +247,7 @@ class Launcher:
         self.store = store
         self.settings = settings
         self.cluster = cluster
+        self.last_error: str | None = None
         self._placed_at: dict[str, float] = {}
         self._stop_sent_at: dict[str, float] = {}
         self._stop_event = threading.Event()
@@ -285,7 +287,9 @@ class Launcher:
         while not self._stop_event.is_set():
             try:
                 self.tick()
-            except Exception:  # keep scheduling whatever one pass hit
+                self.last_error = None
+            except Exception as exc:  # keep scheduling whatever one pass hit
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("scheduler pass failed")
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
@@ -373,14 +377,26 @@ class Launcher:
         return text[offset : offset + limit]
 
     # ------------------------------------------------------------ following
+    def _status(self, job: Job) -> dict[str, Any] | None:
+        """The driver's latest status: pushed over HTTP, else status.json where the run folder is shared."""
+        if (job.progress or {}).get("source") == "push":
+            return job.progress
+        return read_json(self.settings.runs_dir / job.id / "status.json")
+
+    def _result(self, job: Job) -> dict[str, Any] | None:
+        pushed = (job.progress or {}).get("result")
+        if (job.progress or {}).get("source") == "push" and isinstance(pushed, dict):
+            return pushed
+        return read_json(self.settings.runs_dir / job.id / "result.json")
+
     def _follow(self, job: Job) -> None:
         now = time.time()
-        status = read_status(self.settings.runs_dir / job.id)
-        if status and status.model_dump(mode="json") != job.progress:
+        snapshot = self._status(job)
+        if snapshot and snapshot is not job.progress and snapshot != job.progress:
             job = self.store.update_job(
-                job.id, progress=status.model_dump(mode="json"), world_size=status.world_size or job.world_size
+                job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
             )
-        if status and (status.endpoints or (status.step or 0) > 0):
+        if snapshot and (snapshot.get("endpoints") or (snapshot.get("step") or 0) > 0):
             self._placed_at.setdefault(job.id, now)
         sid = job.ray_submission_id or job.id
         try:
@@ -415,8 +431,9 @@ class Launcher:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
-        result = read_result(self.settings.runs_dir / job.id)
-        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.state == "succeeded")
+        job = self.store.get_job(job.id)  # a result pushed since this pass began
+        result = self._result(job)
+        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
         if job.stop_requested and not finished_ok:
             left = self._live_workers(job)
             waited = now - (job.stop_requested_at or now)
@@ -427,13 +444,13 @@ class Launcher:
             if left:
                 reason += f" ({left} Ray Train workers still alive {waited:.0f} s after the stop)"
         elif finished_ok:
-            state, reason = "succeeded", result.summary() if result else "finished"
-        elif ray_job.status == "STOPPED" or (result and result.state == "cancelled"):
+            state, reason = "succeeded", _success_reason(result)
+        elif ray_job.status == "STOPPED" or (result or {}).get("state") == "cancelled":
             state, reason = "cancelled", "stopped outside gradwatch (e.g. `ray job stop`)"
-        elif result and result.state == "timed_out":
-            state, reason = "timed_out", result.error or "the driver's timeout ended it"
+        elif (result or {}).get("state") == "timed_out":
+            state, reason = "timed_out", (result or {}).get("error") or "the driver's timeout ended it"
         else:
-            state, reason = "failed", (result.error if result else None) or self._crash_reason(job, ray_job)
+            state, reason = "failed", (result or {}).get("error") or self._crash_reason(job, ray_job)
         self._finish(job, state, reason, result)
 
     def _crash_reason(self, job: Job, ray_job: RayJob) -> str:
@@ -442,14 +459,14 @@ class Launcher:
         tail = _last_lines(self._ray_logs(job))
         return f"{head}; last output: {tail}" if tail else head
 
-    def _finish(self, job: Job, state: str, reason: str, result: RunResult | None = None) -> None:
+    def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        status = read_status(self.settings.runs_dir / job.id)
-        if status:
-            fields["progress"] = status.model_copy(update={"endpoints": []}).model_dump(mode="json")
-        if result and result.world_size:
-            fields["world_size"] = result.world_size
+        snapshot = self._status(self.store.get_job(job.id))
+        if snapshot:
+            fields["progress"] = {**snapshot, "endpoints": [], "waiting": None}
+        if result and result.get("world_size"):
+            fields["world_size"] = result["world_size"]
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
         self._log_cache.pop(job.id, None)
         self._placed_at.pop(job.id, None)
@@ -473,7 +490,7 @@ class Launcher:
         if text:
             path = self.settings.jobs_dir / job.id / "driver.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, text)
+            _atomic_write(path, text)
 
     # -------------------------------------------------------------- starting
     def demand(self, job: Job) -> Resources:
@@ -543,7 +560,7 @@ class Launcher:
             "--job-id",
             job.id,
             "--storage-path",
-            str(self.settings.runs_dir),
+            self.settings.driver_storage,
         ]
         return shlex.join(parts)
 
@@ -570,6 +587,13 @@ class Launcher:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         env = {JOB_TOKEN_FILE_ENV: str(token_file)}
+        # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
+        # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
+        env.update({
+            "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
+            "GRADWATCH_PUSH_URL": self.settings.driver_url,
+            "GRADWATCH_PUSH_TOKEN": token,
+        })
         if not self.settings.allow_user_code:
             env[DATA_ROOTS_ENV] = os.pathsep.join(str(r) for r in self.settings.data_root_paths)
         return env
@@ -588,7 +612,7 @@ class Launcher:
         spec_file = self.settings.jobs_dir / job.id / "spec.json"
         spec_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.settings.runs_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(spec_file, json.dumps(job.spec, indent=2))
+        _atomic_write(spec_file, json.dumps(job.spec, indent=2))
         # Running first, then submit: a crash in between leaves a running job Ray does not know,
         # which the next start marks failed; the other order could run a job twice.
         try:
@@ -623,12 +647,37 @@ class Launcher:
 
 
 # ----------------------------------------------------------------- helpers
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 3600 and seconds % 3600 == 0:
         return f"{seconds / 3600:g}h"
     if seconds >= 60 and seconds % 60 == 0:
         return f"{seconds / 60:g}m"
     return f"{seconds:g}s"
+
+
+def _success_reason(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "finished"
+    parts = [f"finished {result.get('steps')} steps"]
+    if isinstance(result.get("train_loss"), int | float) and math.isfinite(result["train_loss"]):
+        parts.append(f"train loss {result['train_loss']:.4g}")
+    if isinstance(result.get("wall_seconds"), int | float):
+        parts.append(f"in {result['wall_seconds']:.0f} s")
+    return ", ".join(parts)
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -652,11 +701,7 @@ def ray_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_local_ray(
-    log_file: Path,
-    *,
-    dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT,
-    num_cpus: int | None = None,
-    wait_s: float = 90.0,
+    log_file: Path, *, dashboard_port: int = 8265, num_cpus: int | None = None, wait_s: float = 90.0
 ) -> str:
     """`ray start --head` on this machine with token auth; returns the dashboard address.
 
@@ -710,5 +755,6 @@ __all__ = [
     "dashboard_alive",
     "ray_environment",
     "ray_token",
+    "read_json",
     "start_local_ray",
 ]

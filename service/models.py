@@ -1,27 +1,15 @@
-"""What the HTTP API accepts and returns (the job spec itself lives in gradwatch/spec.py)."""
+"""What the HTTP API accepts and returns (the job spec itself lives in service/spec.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradwatch.names import JobState
-from gradwatch.status import Endpoint, Progress, RunStatus
 from service.store import Alert, Job, Transition
 
-State = JobState
-
-
-def run_status(job: Job) -> RunStatus | None:
-    """The driver's last status.json as the store keeps it, or None before the first one."""
-    if not job.progress:
-        return None
-    try:
-        return RunStatus.model_validate(job.progress)
-    except ValidationError:  # a file from an incompatible driver: show the job without progress
-        return None
+State = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -49,6 +37,23 @@ class SpecErrorsOut(BaseModel):
     errors: list[str] = Field(description="One line per problem: `field.path: reason (got VALUE)`.")
 
 
+class Endpoint(BaseModel):
+    rank: int
+    host: str
+    port: int
+    node: str | None = Field(None, description="The Ray node id the rank runs on.")
+
+
+class LostNode(BaseModel):
+    """A Ray node that left the cluster while it ran ranks of the job."""
+
+    node: str
+    address: str = ""
+    ranks: list[int] = Field(default_factory=list)
+    step: int | None = Field(None, description="The job's step when the loss was seen.")
+    at: float | None = None
+
+
 class JobOut(BaseModel):
     """A job as listed: who, what state and why, and how far it got."""
 
@@ -73,7 +78,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job, **extra: Any) -> JobOut:
-        status = run_status(job) or Progress()
+        progress = job.progress or {}
         return cls(
             id=job.id,
             name=job.name,
@@ -86,15 +91,24 @@ class JobOut(BaseModel):
             started_at=iso(job.started_at),
             ended_at=iso(job.ended_at),
             world_size=job.world_size,
-            step=status.step,
-            max_steps=status.max_steps or job.max_steps,
-            train_loss=status.train_loss,
-            val_loss=status.val_loss,
-            val_accuracy=status.val_accuracy,
-            phase=status.phase,
+            step=_number(progress.get("step"), int),
+            max_steps=_number(progress.get("max_steps"), int) or job.max_steps,
+            train_loss=_number(progress.get("train_loss")),
+            val_loss=_number(progress.get("val_loss")),
+            val_accuracy=_number(progress.get("val_accuracy")),
+            phase=progress.get("phase"),
             stopping=bool(job.stop_requested) and job.state == "running",
             **extra,
         )
+
+
+def _number(value: Any, kind: type = float) -> Any:
+    # NaN/inf losses are real training outcomes, but JSON cannot carry them: report null.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    return kind(value)
 
 
 class TransitionOut(BaseModel):
@@ -151,6 +165,9 @@ class JobDetail(JobOut):
     anomalies: dict[str, Any] = Field(default_factory=dict)
     restarts: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
+    nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node it last ran on.")
+    lost_nodes: list[LostNode] = Field(default_factory=list)
+    waiting: str | None = Field(None, description="What a restarting worker group waits for.")
     ray_submission_id: str | None = None
     resources: dict[str, float] = Field(default_factory=dict)
     progress_updated_at: str | None = None
@@ -159,19 +176,30 @@ class JobDetail(JobOut):
 
     @classmethod
     def full(cls, job: Job, transitions: list[Transition], alerts: list[Alert]) -> JobDetail:
-        status = run_status(job)
+        progress = job.progress or {}
+        endpoints = []
+        if job.state == "running":
+            for e in progress.get("endpoints") or []:
+                try:
+                    endpoints.append(Endpoint.model_validate(e))
+                except ValueError:
+                    continue
         base = JobOut.of(job).model_dump()
         return cls(
             **base,
             spec=job.spec,
-            grad_norm=status.grad_norm if status else None,
-            samples_per_second=status.samples_per_second if status else None,
-            anomalies=status.anomalies if status else {},
-            restarts=status.restarts if status else 0,
-            endpoints=status.endpoints if status and job.state == "running" else [],
+            grad_norm=_number(progress.get("grad_norm")),
+            samples_per_second=_number(progress.get("samples_per_second")),
+            anomalies=progress.get("anomalies") if isinstance(progress.get("anomalies"), dict) else {},
+            restarts=_number(progress.get("restarts"), int) or 0,
+            endpoints=endpoints,
+            nodes=_str_map(progress.get("nodes")),
+            lost_nodes=_lost_nodes(progress.get("lost_nodes")),
+            waiting=progress.get("waiting") if job.state == "running" and isinstance(progress.get("waiting"), str)
+            else None,
             ray_submission_id=job.ray_submission_id,
             resources={"cpus": job.cpus, "gpus": job.gpus},
-            progress_updated_at=iso(status.updated_at) if status else None,
+            progress_updated_at=iso(_number(progress.get("updated_at"))),
             transitions=[TransitionOut.of(t) for t in transitions],
             alerts=[AlertOut.of(a) for a in alerts],
         )
@@ -250,3 +278,23 @@ class IngestOut(BaseModel):
     received: int
     new: int
     updated: int
+
+
+class CancelOut(JobOut):
+    pass
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if v is not None}
+
+
+def _lost_nodes(value: Any) -> list[LostNode]:
+    out = []
+    for item in value if isinstance(value, list) else []:
+        try:
+            out.append(LostNode.model_validate(item))
+        except ValueError:
+            continue
+    return out

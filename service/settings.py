@@ -74,6 +74,16 @@ class Settings(BaseSettings):
         description="Ray token; default: the file ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH).",
     )
     storage_path: Path | None = Field(None, description="Where drivers write runs; default data_dir/runs.")
+    ray_storage_path: str | None = Field(
+        None,
+        description="The run folder as the Ray nodes see it (a shared filesystem or cloud URI for "
+        "checkpoints), when it is not the service's storage_path; drivers push progress over HTTP, so "
+        "the service needs no view of it.",
+    )
+    push_url: str | None = Field(
+        None,
+        description="The API's address as drivers on the Ray nodes reach it; default the address it binds.",
+    )
     poll_interval: float = Field(1.0, gt=0.0, le=60.0, description="Seconds between scheduler passes.")
     scheduler_enabled: bool = Field(True, description="False: accept and store jobs but start none.")
     python: str = Field(sys.executable, description="Interpreter of the Ray job entrypoint (the venv's).")
@@ -110,6 +120,20 @@ class Settings(BaseSettings):
     def runs_dir(self) -> Path:
         assert self.storage_path is not None
         return self.storage_path
+
+    @property
+    def driver_storage(self) -> str:
+        """The storage path the drivers are given."""
+        return self.ray_storage_path or str(self.runs_dir)
+
+    @property
+    def driver_url(self) -> str:
+        """Where drivers push progress: push_url, else this API's address (0.0.0.0 reached as loopback)."""
+        if self.push_url:
+            return self.push_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = host if ":" not in host else f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def jobs_dir(self) -> Path:

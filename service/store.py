@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
 import secrets
 import time
@@ -323,6 +324,8 @@ class Store:
         cursor: str | None = None,
     ) -> tuple[list[Job], str | None]:
         """Newest first. Returns the page and a cursor for the next one (None at the end)."""
+        if _has_nul(name, *(labels or {}).keys(), *(labels or {}).values()):
+            return [], None  # no stored text holds one (and PostgreSQL refuses to compare it)
         query = select(Job).options(defer(Job.spec, raiseload=True))  # a listing shows no spec
         order: tuple[Any, Any] = (Job.created_at, Job.id)
         for n, (key, value) in enumerate(self._rarest_first(labels or {})):
@@ -409,6 +412,31 @@ class Store:
             job = _job_for_update(session, job_id)
             for key, value in fields.items():
                 setattr(job, key, value)
+        return job
+
+    def push_progress(
+        self,
+        job_id: str,
+        status: dict[str, Any] | None,
+        events: list[dict[str, Any]],
+        result: dict[str, Any] | None = None,
+        keep_events: int = 200,
+    ) -> Job:
+        """A driver's report of a running job: its status replaces the progress, events are appended
+        (the newest `keep_events` kept) and a result is kept beside them. Refused once the job ended."""
+        with self._write() as session:
+            job = _job_for_update(session, job_id)
+            if job.state != "running":
+                raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
+            old = job.progress if (job.progress or {}).get("source") == "push" else {}
+            progress = dict(status) if status is not None else dict(old or {})
+            progress["source"] = "push"
+            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
+            if result is not None or (old or {}).get("result") is not None:
+                progress["result"] = result if result is not None else old["result"]
+            job.progress = progress
+            if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
+                job.world_size = progress["world_size"]
         return job
 
     def request_stop(
@@ -548,7 +576,8 @@ class Store:
         """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated).
 
         At most `batch` alerts per write transaction, so a large notification never holds the
-        store's write lock for long.
+        store's write lock for long. Text longer than its column is clipped and NUL bytes replaced
+        (PostgreSQL refuses both); the label and annotation maps keep everything.
         """
         items = list(updates)
         new = updated = 0
@@ -559,9 +588,21 @@ class Store:
 
     def _ingest_batch(self, updates: list[AlertUpdate], now: float | None) -> tuple[int, int]:
         at = time.time() if now is None else now
+        items = [_fit_alert(item) for item in updates]
+        for attempt in range(_INGEST_ATTEMPTS):
+            try:
+                return self._ingest(items, at)
+            except IntegrityError:
+                # Another writer stored one of these alerts first (PostgreSQL writers do not queue
+                # for one lock as SQLite's do); a second pass finds its row and updates it.
+                if attempt == _INGEST_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ingest(self, items: list[AlertUpdate], at: float) -> tuple[int, int]:
         new = updated = 0
         with self._write() as session:
-            for item in updates:
+            for item in items:
                 row = session.scalars(
                     select(Alert).where(
                         Alert.fingerprint == item.fingerprint, Alert.starts_at == item.starts_at
@@ -570,18 +611,18 @@ class Store:
                 if row is None:
                     session.add(
                         Alert(
-                            job_id=item.labels.get("job_id"),
-                            alertname=item.labels.get("alertname", "unnamed"),
-                            severity=item.labels.get("severity"),
+                            job_id=_clip(item.labels.get("job_id"), 64),
+                            alertname=_clip(item.labels.get("alertname", "unnamed"), 200),
+                            severity=_clip(item.labels.get("severity"), 32),
                             status=item.status,
                             starts_at=item.starts_at,
                             ends_at=item.ends_at,
-                            summary=item.annotations.get("summary"),
-                            description=item.annotations.get("description"),
+                            summary=_clip(item.annotations.get("summary")),
+                            description=_clip(item.annotations.get("description")),
                             fingerprint=item.fingerprint,
                             labels=item.labels,
                             annotations=item.annotations,
-                            generator_url=item.generator_url,
+                            generator_url=_clip(item.generator_url),
                             received_at=at,
                             updated_at=at,
                         )
@@ -594,8 +635,8 @@ class Store:
                     item.annotations,
                 ):
                     row.status, row.ends_at, row.annotations = item.status, item.ends_at, item.annotations
-                    row.summary = item.annotations.get("summary")
-                    row.description = item.annotations.get("description")
+                    row.summary = _clip(item.annotations.get("summary"))
+                    row.description = _clip(item.annotations.get("description"))
                     row.updated_at = at
                     updated += 1
         return new, updated
@@ -609,6 +650,8 @@ class Store:
         since_id: int | None = None,
     ) -> list[Alert]:
         """Newest first; `since_id` keeps only alerts stored after that row."""
+        if _has_nul(job_id, status):
+            return []  # stored text holds none (see _clip)
         query = select(Alert)
         if job_id:
             query = query.where(Alert.job_id == job_id)
@@ -621,9 +664,56 @@ class Store:
             return list(session.scalars(query))
 
 
+_INGEST_ATTEMPTS = 5
+
+
+def _clip(text: str | None, limit: int | None = None) -> str | None:
+    """Text a column takes on every backend: no NUL byte, at most `limit` characters."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\ufffd")
+    return text[:limit] if limit is not None else text
+
+
+def _has_nul(*texts: str | None) -> bool:
+    return any(text is not None and "\x00" in text for text in texts)
+
+
+def _fit_alert(item: AlertUpdate) -> AlertUpdate:
+    """The same alert with NUL bytes replaced in every string (PostgreSQL stores none)."""
+
+    def clean(mapping: dict[str, str]) -> dict[str, str]:
+        return {str(_clip(k)): str(_clip(v)) for k, v in mapping.items()}
+
+    return AlertUpdate(
+        fingerprint=str(_clip(item.fingerprint, 64)),
+        status=item.status,
+        starts_at=item.starts_at,
+        ends_at=item.ends_at,
+        labels=clean(item.labels),
+        annotations=clean(item.annotations),
+        generator_url=_clip(item.generator_url),
+    )
+
+
 def fingerprint_of(labels: dict[str, str]) -> str:
     """Alertmanager sends a fingerprint; this stands in when a sender does not."""
     return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _strict_json(value: Any) -> str:
+    """JSON that PostgreSQL accepts: a NaN or infinite loss (a real training outcome) becomes its name."""
+    return json.dumps(_finite(value), allow_nan=False)
 
 
 def _digest(secret: str) -> str:
@@ -652,7 +742,7 @@ def _check_queue_caps(session: Session, owner: str | None, per_owner: int | None
 
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, json_serializer=_strict_json)
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:":
         Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -25,13 +25,16 @@ class JobBoard:
         self.endpoints: dict[int, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.ranks: dict[int, dict[str, Any]] = {}
+        self.nodes: dict[int, str] = {}  # rank -> Ray node id of its latest start
         self.final: dict[str, Any] = {}
         self.starts = 0
         self.rollbacks = 0
         self.updated_at = time.time()
 
     # ---- written by workers
-    def started(self, rank: int, resumed_step: int | None) -> None:
+    def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
+        if node:
+            self.nodes[rank] = node
         if rank == 0:
             self.starts += 1
             self.progress["resumed_step"] = resumed_step
@@ -61,7 +64,8 @@ class JobBoard:
     def snapshot(self, since_event: int = 0) -> dict[str, Any]:
         return {
             "progress": dict(self.progress),
-            "endpoints": [self.endpoints[r] for r in sorted(self.endpoints)],
+            "endpoints": [{**self.endpoints[r], "node": self.nodes.get(r)} for r in sorted(self.endpoints)],
+            "nodes": dict(self.nodes),
             "events": self.events[since_event:],
             "n_events": len(self.events),
             "restarts": max(0, self.starts - 1),
@@ -93,8 +97,8 @@ class BoardClient:
         else:
             getattr(self._target, method)(*args)
 
-    def started(self, rank: int, resumed_step: int | None) -> None:
-        self._send("started", rank, resumed_step)
+    def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
+        self._send("started", rank, resumed_step, node)
 
     def post_progress(self, progress: dict[str, Any]) -> None:
         self._send("post_progress", progress)
@@ -118,6 +122,10 @@ class BoardClient:
 def create_board_actor(job_id: str):
     """Start the board for a job (driver side). Needs a connected Ray."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor_cls = ray.remote(num_cpus=0)(JobBoard)
-    return actor_cls.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote(job_id)
+    # On the driver's node: the board must outlive the loss of any node that runs workers.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return actor_cls.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True,
+                             scheduling_strategy=here).remote(job_id)

@@ -33,6 +33,7 @@ _REENTER_RAPID = 1.5  # back into rapid learning takes this much more slope than
 _RECENT_FOR_JUMP = 9  # a lasting jump: the median of this many latest losses
 _STALL_AFTER_WINDOWS = 2.5  # a stall is judged this many windows in: a slow fine-tune shows its fall by then
 _BLOWUP = 10.0  # the median of the latest losses this many times the start (or best) is a divergence
+_MIN_RISE_OF_START = 0.02  # a divergence rises at least this fraction of the start above the best level
 _WELL_MEASURED = 0.3  # one loss's noise below this fraction of its level
 _LR_TAIL = 0.05  # below this fraction of its peak the learning rate is in the schedule's tail
 _LR_TOO_LOW_MEASUREMENTS = 3  # measured steps in a row
@@ -295,7 +296,8 @@ class DivergenceDetector:
         # noise is well below its level; on noisier curves (a loss near zero) the EMA rule alone judges.
         well_measured = tracker.sigma < _WELL_MEASURED * abs(ema)
         if best is not None and best > 0.0:
-            limit = self.factor * best
+            # a rise that is a sliver of where the run started (losses near zero) is not a divergence
+            limit = max(self.factor * best, best + _MIN_RISE_OF_START * (tracker.initial or 0.0))
             if lower > limit:
                 return Finding(True, f"loss EMA {ema:.4g} is {ema / best:.1f}x its best level {best:.4g} "
                                      f"(limit {self.factor:g}x)")

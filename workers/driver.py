@@ -3,7 +3,8 @@
 Used by `gradwatch run` (foreground, live display) and by the service, which
 submits `python -m workers.driver --spec-file F --job-id ID --storage-path DIR`
 as a Ray job. While the job runs the driver rewrites `DIR/ID/status.json`
-about every second; at the end it writes `DIR/ID/result.json`.
+about every second; at the end it writes `DIR/ID/result.json`. Under the
+service it also pushes both over HTTP (workers/push.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from gradwatch.status import (
     write_record,
 )
 from workers.board import BoardClient, create_board_actor
+from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
+from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
 Listener = Callable[[dict[str, Any]], None]
@@ -57,6 +60,10 @@ def check_cluster(spec: JobSpec) -> None:
                     if resource == "GPU" else " (lower scaling.num_workers or scaling.cpus_per_worker)")
             raise ClusterTooSmall(f"the job needs {amount:g} {what} ({spec.scaling.num_workers} workers) but the "
                                   f"Ray cluster has {have:g}{hint}")
+    try:
+        check_placement(spec, ray.nodes())
+    except PlacementImpossible as exc:
+        raise ClusterTooSmall(str(exc)) from None
 
 
 def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
@@ -81,9 +88,11 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
 class JobWatch:
     """Polls the job board, keeps status.json and the Prometheus file_sd up to date, and tells listeners."""
 
-    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener]):
+    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener],
+                 nodes: NodeWatch | None = None):
         self.job_id, self.run_dir, self.board = job_id, run_dir, board
         self.sd_file, self.listeners = sd_file, listeners
+        self.nodes = nodes
         self.n_events = 0
         self.snapshot: dict[str, Any] = {}
 
@@ -96,9 +105,14 @@ class JobWatch:
             return self.snapshot
         self.n_events = snap["n_events"]
         self.snapshot = snap
+        if self.nodes:
+            self.nodes.update(snap.get("nodes", {}), snap.get("progress", {}).get("step"), snap.get("restarts", 0))
         if notify:
-            self.publish(run_status(self.job_id, state, snap), snap["events"])
+            self.publish(run_status(self.job_id, state, snap, self.node_fields()), snap["events"])
         return snap
+
+    def node_fields(self) -> dict[str, Any]:
+        return self.nodes.status() if self.nodes else {}
 
     def publish(self, status: RunStatus, events: list[dict[str, Any]]) -> None:
         write_record(self.run_dir / STATUS_FILE, status)
@@ -108,12 +122,13 @@ class JobWatch:
             listener({"status": status.model_dump(), "events": events})
 
 
-def run_status(job_id: str, state: JobState, snap: dict[str, Any]) -> RunStatus:
-    """status.json from a board snapshot: rank 0's progress, the restarts, and the live endpoints."""
+def run_status(job_id: str, state: JobState, snap: dict[str, Any], nodes: dict[str, Any] | None = None
+               ) -> RunStatus:
+    """status.json from a board snapshot: rank 0's progress, the restarts, the live endpoints and the nodes."""
     return RunStatus.model_validate({
-        **snap.get("progress", {}), "job_id": job_id, "state": state, "restarts": snap.get("restarts", 0),
-        "rollbacks": snap.get("rollbacks", 0), "endpoints": snap["endpoints"] if state == "running" else [],
-        "updated_at": time.time()})
+        **snap.get("progress", {}), **(nodes or {}), "job_id": job_id, "state": state,
+        "restarts": snap.get("restarts", 0), "rollbacks": snap.get("rollbacks", 0),
+        "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()})
 
 
 def write_sd_file(path: Path, job_id: str, endpoints: list[Endpoint]) -> None:
@@ -147,17 +162,33 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     write_atomic(run_dir / "spec.json", spec.model_dump_json(indent=1))
     started = time.time()
     init_ray()
-    watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [])
+    watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
     fit = Fit(spec, job_id, run_dir, storage_path)
     fit.start()
     state, error = follow(fit, watch, spec, started, poll_seconds)
     snap = watch.poll(notify=False)
     if not fit.is_alive():
-        state, error = ("failed", failure_reason(fit.error)) if fit.error else ("succeeded", None)
-    result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started)
-    watch.publish(run_status(job_id, state, snap), snap.get("events", []))
+        state, error = ("failed", explain_failure(fit.error, watch, snap)) if fit.error else ("succeeded", None)
+    node_fields = watch.node_fields()
+    result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
+    watch.publish(run_status(job_id, state, snap, {**node_fields, "waiting": None}), snap.get("events", []))
     write_record(run_dir / RESULT_FILE, result)
     return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
+
+
+def explain_failure(error: BaseException, watch: JobWatch, snap: dict[str, Any]) -> str:
+    """The cause, and when a worker's node went away, which node and where the run stood."""
+    if watch.nodes and lost_a_worker(error):
+        watch.nodes.confirm_loss(snap.get("progress", {}).get("step"), snap.get("restarts", 0))
+    reason = failure_reason(error)
+    return watch.nodes.explain(reason) if watch.nodes else reason
+
+
+def lost_a_worker(exc: BaseException) -> bool:
+    """Whether a failure looks like a worker process or its node going away (not a bug in the loop)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(word in text for word in ("ActorDiedError", "ActorUnavailableError", "node", "Connection reset",
+                                         "Connection closed by peer", "died"))
 
 
 class Fit(threading.Thread):
@@ -191,6 +222,7 @@ class Fit(threading.Thread):
                                "run_dir": str(self.run_dir), "serve_metrics": spec.telemetry.enabled},
             torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                         placement_strategy=strategy(spec),
                                          resources_per_worker=spec.scaling.per_worker()),
             run_config=RunConfig(name=self.job_id, storage_path=str(self.storage_path),
                                  failure_config=FailureConfig(max_failures=spec.max_failures),
@@ -220,10 +252,11 @@ def public_result(result: dict[str, Any]) -> RunResult:
 
 
 def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], state: JobState, error: str | None,
-               seconds: float) -> RunResult:
+               seconds: float, node_fields: dict[str, Any] | None = None) -> RunResult:
     """result.json from the board's last snapshot: rank 0's final report, else its last progress."""
-    final, progress = snap.get("final", {}), snap.get("progress", {})
+    final, progress, nodes = snap.get("final", {}), snap.get("progress", {}), node_fields or {}
     extra = final.get("extra", {})
+    ranks = snap.get("ranks", {})
     return RunResult(
         job_id=job_id, state=state, error=error, world_size=spec.scaling.num_workers, run_dir=str(run_dir),
         steps=final.get("steps", progress.get("step", 0)) or 0,
@@ -231,7 +264,10 @@ def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], 
         val_accuracy=final.get("val_accuracy"), first_val_loss=final.get("first_val_loss"),
         restarts=snap.get("restarts", 0), rollbacks=snap.get("rollbacks", 0), phases=extra.get("phases", []),
         anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3),
-        ranks=[snap["ranks"][rank] for rank in sorted(snap.get("ranks", {}))])
+        ranks=[ranks[rank] for rank in sorted(ranks)], nodes=nodes.get("nodes", {}),
+        lost_nodes=nodes.get("lost_nodes", []),
+        workers=[{"rank": int(r), "node": (snap.get("nodes") or {}).get(r), "steps": rep.get("steps"),
+                  "param_hash": rep.get("param_hash")} for r, rep in sorted(ranks.items())])
 
 
 def stop_ray() -> None:
@@ -264,12 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     # A Ray job stop sends SIGTERM: leave through the normal path so the workers are stopped with us.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        spec = load_spec(args.spec_file, user_code="skip")
+        # The service sends the spec along (GRADWATCH_SPEC_JSON): its own disk may be out of reach.
+        inline = os.environ.get("GRADWATCH_SPEC_JSON")
+        spec = load_spec(json.loads(inline) if inline else args.spec_file, user_code="skip")
     except SpecError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
+    pusher = Pusher.from_env(args.job_id)  # progress and result to the service over HTTP
     result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
-                     listeners=[_print_listener])
+                     listeners=[_print_listener, *([pusher.listener] if pusher else [])])
+    if pusher and not pusher.finish(result):
+        print(f"job {args.job_id}: could not report the result to the service; it is in "
+              f"{result['run_dir']}/result.json", file=sys.stderr, flush=True)
     print(public_result(result).model_dump_json(), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)

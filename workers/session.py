@@ -28,6 +28,7 @@ class Session(Protocol):
     def latest_checkpoint_dir(self) -> Iterator[Path | None]: ...
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
     def node_address(self) -> str: ...
+    def node_id(self) -> str | None: ...
 
 
 class LocalSession:
@@ -62,6 +63,9 @@ class LocalSession:
 
     def node_address(self) -> str:
         return "127.0.0.1"
+
+    def node_id(self) -> str | None:
+        return None
 
 
 class RayTrainSession:
@@ -108,3 +112,9 @@ class RayTrainSession:
             return ray.util.get_node_ip_address()
         except Exception:  # outside a connected worker: best effort
             return socket.gethostbyname(socket.gethostname())
+
+    def node_id(self) -> str | None:
+        """The Ray node this rank runs on (several nodes may share one address)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -64,6 +64,7 @@ CONTRACT_LABELS = {
     "job_id", "rank", "layer", "phase", "kind", "split", "state",
     "name", "owner", "model", "world_size", "team", "project",
     "le", "alertname", "alertstate", "severity",
+    "node",  # the Ray node of a rank: a label of its scrape target (/v1/targets, file_sd)
 }  # fmt: skip
 PANEL_VARIABLES = {"job_id", "team", "project", "state"}
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}

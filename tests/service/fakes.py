@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradwatch.names import JobState
-from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
 from service.launcher import ClusterUnavailable, RayJob, Resources
 
 
@@ -44,6 +42,7 @@ class FakeCluster:
         self.jobs: dict[str, FakeJob] = {}
         self.down = False
         self.submitted: list[str] = []
+        self.envs: dict[str, dict[str, str]] = {}  # the runtime env each job was submitted with
         self.stopped: list[str] = []
         self.refuse_submits = False
         self._lock = threading.RLock()
@@ -89,6 +88,7 @@ class FakeCluster:
                 env=dict(env),
             )
             self.submitted.append(submission_id)
+            self.envs[submission_id] = dict(env)
 
     def status(self, submission_id: str) -> RayJob | None:
         with self._lock:
@@ -150,38 +150,59 @@ class FakeCluster:
         else:
             self._write_status(job, "running")
 
-    def _write_status(self, job: FakeJob, state: JobState) -> None:
+    def _write_status(self, job: FakeJob, state: str) -> None:
         n = job.spec["scaling"]["num_workers"]
         endpoints = (
-            [Endpoint(rank=r, host="10.0.0.7", port=40000 + r) for r in range(n)] if state == "running" else []
+            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r, "node": f"node-{r % 2}"} for r in range(n)]
+            if state == "running"
+            else []
         )
-        status = RunStatus(
-            job_id=job.job_id,
-            state=state,
-            step=job.step,
-            max_steps=job.spec["max_steps"],
-            world_size=n,
-            train_loss=1.0 / max(job.step, 1),
-            grad_norm=0.5,
-            samples_per_second=100.0,
-            phase="rapid_learning",
-            endpoints=endpoints,
-            updated_at=time.time(),
+        _write(
+            job.storage / job.job_id / "status.json",
+            {
+                "job_id": job.job_id,
+                "state": state,
+                "step": job.step,
+                "max_steps": job.spec["max_steps"],
+                "world_size": n,
+                "train_loss": 1.0 / max(job.step, 1),
+                "val_loss": None,
+                "val_accuracy": None,
+                "grad_norm": 0.5,
+                "samples_per_second": 100.0,
+                "phase": "rapid_learning",
+                "anomalies": {},
+                "restarts": 0,
+                "endpoints": endpoints,
+                "nodes": {str(r): f"node-{r % 2}" for r in range(n)},
+                "lost_nodes": [],
+                "updated_at": time.time(),
+            },
         )
-        write_record(job.storage / job.job_id / STATUS_FILE, status)
 
-    def _write_result(self, job: FakeJob, state: JobState, error: str | None) -> None:
-        result = RunResult(
-            job_id=job.job_id,
-            state=state,
-            steps=job.step,
-            world_size=job.spec["scaling"]["num_workers"],
-            train_loss=1.0 / job.step,
-            wall_seconds=1.5,
-            run_dir=str(job.storage / job.job_id),
-            error=error,
+    def _write_result(self, job: FakeJob, state: str, error: str | None) -> None:
+        _write(
+            job.storage / job.job_id / "result.json",
+            {
+                "job_id": job.job_id,
+                "state": state,
+                "steps": job.step,
+                "world_size": job.spec["scaling"]["num_workers"],
+                "train_loss": 1.0 / job.step,
+                "val_loss": None,
+                "val_accuracy": None,
+                "wall_seconds": 1.5,
+                "storage_path": str(job.storage / job.job_id),
+                "error": error,
+            },
         )
-        write_record(job.storage / job.job_id / RESULT_FILE, result)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def spec(

@@ -210,9 +210,10 @@ def test_get_shows_spec_progress_endpoints_history_and_alerts(api, app, cluster)
     assert detail["train_loss"] == pytest.approx(0.5) and detail["phase"] == "rapid_learning"
     assert detail["world_size"] == 2 and detail["restarts"] == 0
     assert detail["endpoints"] == [
-        {"rank": 0, "host": "10.0.0.7", "port": 40000, "pid": None},
-        {"rank": 1, "host": "10.0.0.7", "port": 40001, "pid": None},
+        {"rank": 0, "host": "10.0.0.7", "port": 40000, "node": "node-0"},
+        {"rank": 1, "host": "10.0.0.7", "port": 40001, "node": "node-1"},
     ]
+    assert detail["nodes"] == {"0": "node-0", "1": "node-1"} and detail["lost_nodes"] == []
     assert detail["spec"]["name"] == "watched" and detail["ray_submission_id"] == job["id"]
     assert [t["to_state"] for t in detail["transitions"]] == ["queued", "running"]
     assert [a["alertname"] for a in detail["alerts"]] == ["TrainingLossSpike"]
@@ -255,8 +256,8 @@ def test_targets_list_running_workers_for_prometheus(api, app, cluster):
     app.state.launcher.tick()
     assert api.get(f"/v1/jobs/{other['id']}").json()["state"] == "succeeded"
     assert api.get("/v1/targets").json() == [
-        {"targets": ["10.0.0.7:40000"], "labels": {"job_id": running["id"], "rank": "0"}},
-        {"targets": ["10.0.0.7:40001"], "labels": {"job_id": running["id"], "rank": "1"}},
+        {"targets": ["10.0.0.7:40000"], "labels": {"job_id": running["id"], "rank": "0", "node": "node-0"}},
+        {"targets": ["10.0.0.7:40001"], "labels": {"job_id": running["id"], "rank": "1", "node": "node-1"}},
     ]
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from gradwatch.spec import load_spec
+from gradwatch.spec import SpecError, load_spec
 from service.store import (
     AlertUpdate,
     BadCursor,
@@ -18,9 +18,14 @@ from service.store import (
 from tests.service.fakes import spec
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """The same tests on SQLite (the default) and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+    s = Store(url)
     yield s
     s.close()
 
@@ -208,3 +213,78 @@ def test_current_states_keep_ended_jobs_for_a_while(store):
         store.transition(job.id, "failed", "boom", now=at)
     states = dict(store.current_states(ended_since=500.0))
     assert states == {recent.id: "failed", live.id: "queued"}
+
+
+def test_concurrent_notifications_of_one_new_alert_store_it_once(store):
+    """Alertmanager retries and HA pairs deliver the same alert at once; one row, no error."""
+    threads = 8
+    start = threading.Barrier(threads)
+    results: list[tuple[int, int]] = []
+    failures: list[BaseException] = []
+
+    def deliver(n: int) -> None:
+        update = AlertUpdate(
+            fingerprint=f"fp-{n % 2}",
+            status="firing",
+            starts_at=100.0,
+            ends_at=None,
+            labels={"alertname": "TrainingStalled", "job_id": "gw-race", "severity": "warning"},
+            annotations={"summary": f"from sender {n}"},
+        )
+        try:
+            start.wait()
+            results.append(store.ingest_alerts([update]))
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=deliver, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not failures, failures
+    assert sum(new for new, _ in results) == 2
+    assert sorted(a.fingerprint for a in store.list_alerts(job_id="gw-race")) == ["fp-0", "fp-1"]
+
+
+def test_alert_fields_beyond_the_columns_are_clipped_not_refused(store):
+    """Labels come from any rule author: an overlong name or a NUL byte must not lose the alert."""
+    long = "x" * 5000
+    update = AlertUpdate(
+        fingerprint="f" * 64,
+        status="firing",
+        starts_at=5.0,
+        ends_at=None,
+        labels={"alertname": long, "job_id": "gw-" + long, "severity": "warn\x00ing" + long},
+        annotations={"summary": "a\x00b", "description": long},
+        generator_url="http://prometheus/graph?" + long,
+    )
+    assert store.ingest_alerts([update]) == (1, 0)
+    [row] = store.list_alerts(status="firing")
+    assert row.alertname == "x" * 200 and row.job_id == ("gw-" + long)[:64]
+    assert row.severity == ("warn\ufffding" + long)[:32] and row.summary == "a\ufffdb"
+    assert row.description == long and row.labels["alertname"] == long
+    assert store.ingest_alerts([update]) == (0, 0)
+
+
+def test_a_nul_byte_is_refused_in_specs_and_matches_nothing_in_filters(store):
+    """PostgreSQL text holds no NUL: the spec says so up front, and lookups with one find nothing."""
+    with pytest.raises(SpecError, match="control characters are not allowed in a spec"):
+        load_spec(spec("x", labels={"team": "a\x00b"}))
+    job = new_job(store, "x", labels={"team": "a"})
+    assert store.list_jobs(name="x\x00")[0] == []
+    assert store.list_jobs(labels={"team": "a\x00"})[0] == []
+    assert [j.id for j in store.list_jobs(labels={"team": "a"})[0]] == [job.id]
+    assert store.list_alerts(job_id="gw-\x00") == []
+
+
+def test_a_non_finite_loss_in_progress_is_stored_on_every_backend(store):
+    job = new_job(store)
+    store.transition(job.id, "running", "go")
+    store.update_job(job.id, progress={"step": 3, "train_loss": float("nan"), "grad_norm": float("inf"),
+                                       "events": [{"loss": float("-inf")}]})
+    progress = store.get_job(job.id).progress
+    assert progress["step"] == 3
+    # SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name
+    assert str(progress["train_loss"]).lower() == "nan" and str(progress["grad_norm"]).lower() in ("inf", "infinity")
+    assert str(progress["events"][0]["loss"]).lower() in ("-inf", "-infinity")

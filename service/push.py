@@ -1,0 +1,62 @@
+"""Drivers report to the service over HTTP: status, progress, endpoints, events and the result.
+
+No shared disk is needed between the service and the Ray nodes. Each job's driver gets the token
+minted for that job at launch (scope job:progress, good for that one job only, see service/auth.py):
+it opens the push routes of its own job and nothing else. The routes take their auth check as an
+argument (`router_for`), so this module depends on no particular token scheme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from service.store import Store
+
+KEEP_EVENTS = 200  # the newest events a job's status keeps
+
+
+class ProgressIn(BaseModel):
+    """What a driver sends about every second: its status.json and the events since the last push."""
+
+    status: dict[str, Any]
+    events: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
+
+
+class ResultIn(BaseModel):
+    """What a driver sends once at the end: its result.json."""
+
+    result: dict[str, Any]
+
+
+class PushOut(BaseModel):
+    state: str
+    stop_requested: str | None = None
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def router_for(reporter: Callable[..., Any]) -> APIRouter:
+    """The push routes, each guarded by `reporter`: a dependency that lets in job {job_id}'s driver."""
+    router = APIRouter(prefix="/v1/jobs", tags=["drivers"], dependencies=[Depends(reporter)])
+
+    @router.post("/{job_id}/progress", response_model=PushOut, responses={409: {}})
+    async def push_progress(job_id: str, body: ProgressIn, request: Request) -> PushOut:
+        """A running job's driver reports its status (step, losses, phase, endpoints, nodes) and events."""
+        job = await run_in_threadpool(_store(request).push_progress, job_id, body.status, body.events, None,
+                                      KEEP_EVENTS)
+        return PushOut(state=job.state, stop_requested=job.stop_requested)
+
+    @router.post("/{job_id}/result", response_model=PushOut, responses={409: {}})
+    async def push_result(job_id: str, body: ResultIn, request: Request) -> PushOut:
+        """The driver's result at the end of the job; the state follows when Ray reports the job ended."""
+        job = await run_in_threadpool(_store(request).push_progress, job_id, None, [], body.result, KEEP_EVENTS)
+        return PushOut(state=job.state, stop_requested=job.stop_requested)
+
+    return router
