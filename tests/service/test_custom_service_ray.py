@@ -90,14 +90,15 @@ def test_the_custom_example_runs_through_the_service_with_the_contract_guards_an
         return job if step >= EVERY and settled and mid and len(job["endpoints"]) == 2 else None
 
     job = wait_for(settled_past_a_checkpoint, timeout=300, interval=0.1, what="a settled checkpoint")
-    killed_at, pids = job["step"], {e["rank"]: e["pid"] for e in job["endpoints"]}
+    run_dir = Path(service.env["GRADWATCH_DATA_DIR"]) / "runs" / job_id
+    live = json.loads((run_dir / "status.json").read_text())  # the driver's status names each rank's process
+    killed_at, pids = job["step"], {e["rank"]: e["pid"] for e in live["endpoints"]}
     os.kill(pids[1], signal.SIGKILL)  # rank 1's Ray Train worker
 
     done = wait_for(lambda: (j := client.get(job_id))["state"] not in ("queued", "running") and j,
                     timeout=400, interval=0.5, what="the job to end")
     assert done["state"] == "succeeded", done["reason"]
     assert done["step"] == MAX_STEPS and done["restarts"] == 1
-    run_dir = Path(service.env["GRADWATCH_DATA_DIR"]) / "runs" / job_id
     status = json.loads((run_dir / "status.json").read_text())
     assert killed_at - EVERY <= status["resumed_step"] < killed_at, (killed_at, status["resumed_step"])
     result = json.loads((run_dir / "result.json").read_text())
