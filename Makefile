@@ -47,7 +47,7 @@ test: setup tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check service workers dashboards deploy tests bench
+	$(VENV)/bin/ruff check gradwatch service workers dashboards deploy tests bench examples
 
 generate: setup
 	$(PY) -m deploy.rules.generate

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.corpus import HEALTHY, MEANT_FOR, UNHEALTHY, Curve  # noqa: E402
-from workers.detectors import ANOMALIES  # noqa: E402
+from gradwatch.names import ANOMALIES  # noqa: E402
 from workers.replay import ReplayResult, replay_rows  # noqa: E402
 
 ALERTS = ("TrainingLossNonFinite", "TrainingDiverging", "TrainingLossSpike", "TrainingStalled",
@@ -260,7 +260,7 @@ def run_real(count: int, keep: Path | None = None) -> tuple[dict[str, list[Verdi
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from service.spec import load_spec
+    from gradwatch.spec import load_spec
     from workers.loop import run_local
     from workers.replay import read_rows
 

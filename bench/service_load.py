@@ -28,8 +28,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.spec import load_spec  # noqa: E402
-from service.store import Job, JobLabel, Store, Transition, demand_of, new_job_id  # noqa: E402
+from gradwatch.ids import new_job_id  # noqa: E402
+from gradwatch.spec import load_spec  # noqa: E402
+from service.store import Job, JobLabel, Store, Transition, demand_of  # noqa: E402
 
 TOKEN = "bench"
 TEAMS = ("vision", "nlp", "speech", "rl")

@@ -12,8 +12,13 @@ each DDP model has its own reducer, so the three share the process group safely.
     python bench/telemetry_overhead.py --model transformer  # char-transformer: more layers
     python bench/telemetry_overhead.py --device cuda        # 1 GPU worker (NCCL under Ray)
 
-The last line is `overhead_default=R1 overhead_every_step=R2`: median step time
-against telemetry off. Goal: <= 1.02 at the default, <= 1.10 every step.
+The user-API path (`--path user`, or `both`, the default) measures a user's own loop the
+same way: plain PyTorch (`loss.backward()`) against the same loop with `gradwatch.start()`'s
+`run.backward()` and watched optimizer, at the default interval and every step.
+
+The last line is `overhead_default=R1 overhead_every_step=R2 user_overhead_default=R3
+user_overhead_every_step=R4`: median step time against telemetry off (built-in) or plain
+PyTorch (user). Goal: <= 1.02 at the default, <= 1.10 every step.
 On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
 wall time, but it does not see time spent waiting for other ranks.
 """
@@ -39,7 +44,7 @@ if str(REPO) not in sys.path:  # run as a script: bench/ is not a package
 
 import torch  # noqa: E402
 
-from service.spec import JobSpec, load_spec  # noqa: E402
+from gradwatch.spec import JobSpec, load_spec  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "off": {"enabled": False},
@@ -69,16 +74,53 @@ def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str = "wall"
-            ) -> dict[str, list[float]]:
-    """Seconds of each config's train_step, `rounds - warmup` each, interleaved round by round."""
+class UserLoop:
+    """A step as a user writes it in their own loop: plain PyTorch ("off"), or the same with the training
+    API (`run.backward` instead of `loss.backward()`, the watched optimizer) at the config's cadence."""
+
+    def __init__(self, spec: JobSpec, session: Any, name: str):
+        from gradwatch.training import Run
+        from workers.data import build_data
+        from workers.models import build_model
+        from workers.optim import build_optimizer
+
+        torch.manual_seed(spec.seed)
+        data = build_data(spec.data, spec.seed)
+        self.task = data.task
+        self.model = session.prepare_model(build_model(spec.model, data))
+        self.optimizer: Any = build_optimizer(spec.optimizer, self.model.parameters())
+        self.run = None
+        if name != "off":
+            self.run = Run(session, spec, job_id=f"bench-user-{name}", serve_metrics=False)
+            self.optimizer = self.run.watch(self.model, self.optimizer)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
+        from workers.models import loss_and_correct
+
+        loss, _ = loss_and_correct(self.task, self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.run is None:
+            loss.backward()
+        else:
+            self.run.backward(loss, samples=len(x))
+        self.optimizer.step()
+
+
+def measure(spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str = "wall",
+            path: str = "builtin") -> dict[str, list[float]]:
+    """Seconds of each config's step, `rounds - warmup` each, interleaved round by round.
+
+    `path` builtin: the built-in loop's `Trainer.train_step`; user: a user's own loop (`UserLoop`).
+    """
     from workers.loop import Trainer
 
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # three trainers' detector events: noise here
     names = list(CONFIGS)
     # No board, no metrics server: each Trainer owns its registry, nothing leaves the process.
-    trainers = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
+    trainers: dict[str, Any] = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
     batches = {n: t.batches() for n, t in trainers.items()}
+    if path == "user":
+        trainers = {n: UserLoop(config_spec(spec, n), session, n) for n in names}
     device = session.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     now = CLOCKS[clock]
@@ -104,15 +146,18 @@ def ray_worker(config: dict[str, Any]) -> None:
     from workers.session import RayTrainSession
 
     session = RayTrainSession()
-    times = measure(config["spec"], session, config["rounds"], config["warmup"], config["clock"])
-    ranks: list[Any] = [times]
-    if session.world_size > 1:
-        ranks = [None] * session.world_size
-        dist.all_gather_object(ranks, times)
+    by_path = {}
+    for path in config["paths"]:
+        times = measure(config["spec"], session, config["rounds"], config["warmup"], config["clock"], path)
+        ranks: list[Any] = [times]
+        if session.world_size > 1:
+            ranks = [None] * session.world_size
+            dist.all_gather_object(ranks, times)
+        by_path[path] = ranks
     out = None
     if session.rank == 0:
         out = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
-        (out / "times.json").write_text(json.dumps(ranks))
+        (out / "times.json").write_text(json.dumps(by_path))
     session.report({"done": 1}, out)
 
 
@@ -130,8 +175,8 @@ def ray_sees_gpus(n: int) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= n
 
 
-def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_size: int, use_gpu: bool
-            ) -> list[dict[str, list[float]]]:
+def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_size: int, use_gpu: bool,
+            paths: list[str]) -> dict[str, list[dict[str, list[float]]]]:
     start_ray()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -139,7 +184,7 @@ def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_si
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as storage:
         trainer = TorchTrainer(
             ray_worker,
-            train_loop_config={"spec": spec, "rounds": rounds, "warmup": warmup, "clock": clock},
+            train_loop_config={"spec": spec, "rounds": rounds, "warmup": warmup, "clock": clock, "paths": paths},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
@@ -180,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: this process's CPU time: blind to other load on a shared machine, "
                              "and to time spent waiting for other ranks or a GPU")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2 on CPU, 1 on cuda)")
+    parser.add_argument("--path", choices=("builtin", "user", "both"), default="both",
+                        help="builtin: the built-in loop against telemetry off; user: a user's own loop with the "
+                             "training API against the same loop in plain PyTorch")
     parser.add_argument("--threads", type=int, default=1,
                         help="--local: torch threads (1, as in a Ray worker with 1 CPU)")
     args = parser.parse_args(argv)
@@ -202,23 +250,31 @@ def main(argv: list[str] | None = None) -> int:
         args.local = True
     if use_gpu and args.local and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU on this machine")
+    paths = ["builtin", "user"] if args.path == "both" else [args.path]
     if args.local:
         from workers.session import LocalSession
 
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
             session = LocalSession(Path(tmp), device=args.device)
-            times = measure(spec, session, rounds, args.warmup, args.clock)
+            by_path = {p: measure(spec, session, rounds, args.warmup, args.clock, p) for p in paths}
         where = f"local, 1 process, {args.device}"
     else:
-        times = group_times(run_ray(spec, rounds, args.warmup, args.clock, world_size, use_gpu))
+        ranks = run_ray(spec, rounds, args.warmup, args.clock, world_size, use_gpu, paths)
+        by_path = {p: group_times(ranks[p]) for p in paths}
         where = f"Ray Train, {world_size} workers, {'nccl' if use_gpu else 'gloo'}, {args.device}"
-    table, ratios = summarize(times, intervals)
     print(f"telemetry overhead: {args.model} ({EXAMPLE[args.model]}), {where}, {args.steps} steps per config "
           f"interleaved, {args.clock} clock, {time.time() - started:.0f} s")
-    print(table)
+    summary = []
+    for path, times in by_path.items():
+        table, ratios = summarize(times, intervals)
+        against = "telemetry off" if path == "builtin" else "the same loop in plain PyTorch"
+        print(f"{path} path (against {against}):\n{table}")
+        prefix = "" if path == "builtin" else "user_"
+        summary.append(f"{prefix}overhead_default={ratios['default']:.3f} "
+                       f"{prefix}overhead_every_step={ratios['every_step']:.3f}")
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
-    print(f"overhead_default={ratios['default']:.3f} overhead_every_step={ratios['every_step']:.3f}")
+    print(" ".join(summary))
     return 0
 
 

@@ -30,8 +30,9 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from gradwatch.names import DATASOURCE_UID
+
 # The Prometheus datasource that deploy/grafana/provisioning/datasources/gradwatch.yaml creates.
-DATASOURCE_UID = "gradwatch-prometheus"
 DATASOURCE_NAME = "gradwatch-prometheus"
 TAG = "gradwatch"
 

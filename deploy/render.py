@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gradwatch.names import DEFAULT_SERVICE_URL
+
 DEPLOY = Path(__file__).resolve().parent
 PROMETHEUS_CONFIG = DEPLOY / "prometheus/prometheus.yml"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager/alertmanager.yml"
@@ -58,7 +60,7 @@ def _authorization(token_file: str | Path | None) -> dict[str, str] | None:
 
 
 def render_prometheus_config(
-    service_url: str = "http://127.0.0.1:8765",
+    service_url: str = DEFAULT_SERVICE_URL,
     token_file: str | Path | None = "/etc/gradwatch/prometheus.token",
     alertmanager_url: str | None = "http://127.0.0.1:9093",
     rule_files: Sequence[str | Path] | None = None,
@@ -111,7 +113,7 @@ def render_prometheus_config(
 
 
 def render_alertmanager_config(
-    webhook_url: str = "http://127.0.0.1:8765/v1/alerts",
+    webhook_url: str = f"{DEFAULT_SERVICE_URL}/v1/alerts",
     token_file: str | Path | None = "/etc/gradwatch/alertmanager.token",
     group_wait: str | None = None,
     group_interval: str | None = None,

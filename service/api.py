@@ -28,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
+from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
+from gradwatch.spec import JobSpec, SpecError, load_spec
 from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
@@ -46,9 +48,7 @@ from service.models import (
     parse_time,
 )
 from service.settings import Settings, check_bind
-from service.spec import JobSpec, SpecError, load_spec
 from service.store import (
-    STATES,
     AlertUpdate,
     BadCursor,
     JobNotFound,
@@ -435,7 +435,7 @@ class JobStateCollector(Collector):
         )
         # Every state, 0 or 1, so a state change flips values instead of leaving a stale series.
         for job_id, state in self.store.current_states(time.time() - self.keep_ended_s):
-            for each in STATES:
+            for each in JOB_STATES:
                 current.add_metric([job_id, each], 1 if each == state else 0)
         yield current
 
@@ -609,7 +609,7 @@ def create_app(
             "or add a user with `gradwatch user add`"
         )
     if cluster is None:
-        cluster = RayCluster(settings.ray_address or "http://127.0.0.1:8265", ray_token(settings))
+        cluster = RayCluster(settings.ray_address or DEFAULT_RAY_DASHBOARD, ray_token(settings))
     launcher = Launcher(store, settings, cluster)
 
     @asynccontextmanager

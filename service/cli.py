@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from service.spec import SpecError, json_schema, load_spec
+from gradwatch.ids import new_job_id
+from gradwatch.spec import SpecError, json_schema, load_spec
+from gradwatch.status import event_line
 
 app = typer.Typer(
     name="gradwatch",
@@ -27,6 +29,8 @@ err = Console(stderr=True)
 
 
 def _load_or_exit(spec_file: Path, user_code: str = "import"):
+    if user_code == "import" and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # user code imports from here, as on the local Ray's workers
     try:
         return load_spec(spec_file, user_code=user_code)
     except SpecError as exc:
@@ -68,7 +72,7 @@ def run(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         _quiet_ray()
-    from workers.driver import ClusterTooSmall, new_job_id, run_job, stop_ray
+    from workers.driver import ClusterTooSmall, public_result, run_job, stop_ray
 
     job_id = job_id or new_job_id()
     display = RunDisplay(spec, job_id) if not as_json else None
@@ -88,9 +92,8 @@ def run(
         raise typer.Exit(1) from None
     finally:
         stop_ray()
-    public = {k: v for k, v in result.items() if k != "ranks"}
     if as_json:
-        typer.echo(json.dumps(public, default=str))
+        typer.echo(public_result(result).model_dump_json())
     else:
         _print_summary(result)
     if result["state"] != "succeeded" or result.get("warning"):
@@ -118,10 +121,7 @@ class RunDisplay:
 
     def update(self, update: dict[str, Any]) -> None:
         self.status = update["status"]
-        for e in update["events"]:
-            verb = "raised" if e.get("raised", True) else "cleared"
-            self.events.append(f"step {e.get('step')}: {e.get('kind')} {e.get('name')} {verb}"
-                               + (f" - {e['detail']}" if e.get("detail") else ""))
+        self.events += [event_line(e) for e in update["events"]]
         if self.live:
             self.live.update(self.render())
 
@@ -182,7 +182,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         err.print("  anomalies: " + ", ".join(f"{a['kind']}@{a['first_step']}" for a in result["anomalies"]))
     if result.get("restarts") or result.get("rollbacks"):
         err.print(f"  restarts {result.get('restarts', 0)}, rollbacks {result.get('rollbacks', 0)}")
-    err.print(f"  run directory: {result['storage_path']}")
+    err.print(f"  run directory: {result['run_dir']}")
     if not ok:
         err.print(f"[red]cause:[/] {result.get('error')}")
     elif result.get("warning"):
@@ -200,10 +200,6 @@ def _register_extensions() -> None:
 
 
 _register_extensions()
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

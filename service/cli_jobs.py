@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.client import TERMINAL_STATES, Client, GradwatchError
+from gradwatch.names import DEFAULT_RAY_DASHBOARD, DEFAULT_SERVICE_URL, TERMINAL_STATES
+from service.client import Client, GradwatchError
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -32,7 +33,7 @@ _print_lock = threading.Lock()
 
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--url", envvar="GRADWATCH_URL", help="Service URL.", show_default="http://127.0.0.1:8765"),
+    typer.Option("--url", envvar="GRADWATCH_URL", help="Service URL.", show_default=DEFAULT_SERVICE_URL),
 ]
 TokenOpt = Annotated[
     Path | None,

@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
 
 def _detector_spec(spec_file: Path | None, settings: list[str]):
     """The thresholds to replay with and the schedule's warm-up: the spec's, then each --set."""
+    from gradwatch.spec_telemetry import DetectorSpec
     from service.cli import _load_or_exit
-    from service.spec_telemetry import DetectorSpec
 
     values: dict = {}
     warmup = 0

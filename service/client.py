@@ -19,10 +19,8 @@ from typing import Any
 
 import httpx
 
-from service.spec import JobSpec
-
-DEFAULT_URL = "http://127.0.0.1:8765"
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+from gradwatch.names import DEFAULT_SERVICE_URL, TERMINAL_STATES
+from gradwatch.spec import JobSpec
 
 
 class GradwatchError(Exception):
@@ -49,7 +47,7 @@ def saved_token(data_dir: str | Path | None = None) -> str | None:
 
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0):
-        self.url = (url or os.environ.get("GRADWATCH_URL") or DEFAULT_URL).rstrip("/")
+        self.url = (url or os.environ.get("GRADWATCH_URL") or DEFAULT_SERVICE_URL).rstrip("/")
         self.token = token or os.environ.get("GRADWATCH_TOKEN") or saved_token()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
@@ -211,4 +209,4 @@ def _raise_for(response: httpx.Response) -> None:
     )
 
 
-__all__ = ["Client", "GradwatchError", "TERMINAL_STATES"]
+__all__ = ["Client", "GradwatchError"]

@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 import typer
 
+from gradwatch.names import DATASOURCE_UID
+
 REPO = Path(__file__).resolve().parents[1]
-DATASOURCE_UID = "gradwatch-prometheus"  # the uid dashboards and rules are written against
 DATASOURCE_NAME = "gradwatch-prometheus"  # its name, as deploy/grafana/provisioning/datasources names it
 ALERTING_FILE = Path("deploy/grafana/provisioning/alerting/gradwatch.yaml")
 

@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 import httpx
 
+from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
-from service.spec import DATA_ROOTS_ENV, SpecError, load_spec
 from service.store import Job, JobNotFound, Store, TransitionRefused
 
 log = logging.getLogger("gradwatch.launcher")

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gradwatch.names import DEFAULT_SERVICE_PORT
+
 
 def default_data_dir() -> Path:
     """~/.gradwatch, or ./.gradwatch where the home folder is not writable."""
@@ -31,7 +33,7 @@ class Settings(BaseSettings):
     )
     database_url: str = Field("", description="Any SQLAlchemy URL; default: a SQLite file in data_dir.")
     host: str = Field("127.0.0.1", description="Address the API binds; non-loopback needs a token.")
-    port: int = Field(8765, ge=0, le=65535)
+    port: int = Field(DEFAULT_SERVICE_PORT, ge=0, le=65535)
     token: str | None = Field(None, description="The operator's (admin) bearer token (GRADWATCH_TOKEN).")
     token_file: Path | None = Field(None, description="File with the admin token; default data_dir/token.")
     prometheus_token: str | None = Field(None, description="Prometheus' token (scope targets:read).")
@@ -58,7 +60,8 @@ class Settings(BaseSettings):
         ge=64 * 1024**2,
         description="Memory a worker may use: specs whose model and data are estimated above it are refused.",
     )
-    allow_user_code: bool = Field(False, description="Accept `module:factory` models and data in specs.")
+    allow_user_code: bool = Field(False, description="Accept user code in specs: `module:factory` models and data, "
+                                               "and `train.entrypoint` training functions.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     ray_address: str | None = Field(
         None,

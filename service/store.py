@@ -43,11 +43,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
 
+from gradwatch.ids import new_job_id
+from gradwatch.names import JOB_STATES, TERMINAL_STATES
+from gradwatch.spec import JobSpec
 from service.auth import new_token_text, split_token
-from service.spec import JobSpec
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 ALLOWED: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
     "running": frozenset({"succeeded", "failed", "cancelled", "timed_out"}),
@@ -123,7 +123,7 @@ class Job(Base):
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL
+        return self.state in TERMINAL_STATES
 
 
 class JobLabel(Base):
@@ -214,15 +214,10 @@ class AlertUpdate:
     generator_url: str | None = None
 
 
-def new_job_id() -> str:
-    return f"gw-{secrets.token_hex(6)}"
-
-
 def demand_of(spec: JobSpec) -> tuple[float, float]:
     """(CPUs, GPUs) the job's workers ask Ray for."""
-    scaling = spec.scaling
-    gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0
-    return scaling.num_workers * scaling.cpus_per_worker, gpus
+    demand = spec.scaling.demand()
+    return demand["CPU"], demand.get("GPU", 0.0)
 
 
 def encode_cursor(job: Job) -> str:
@@ -388,12 +383,12 @@ class Store:
         **fields: Any,
     ) -> Job:
         """Move a job to `to`, record why, and set `fields`; refused out of a terminal state."""
-        if to not in STATES:
+        if to not in JOB_STATES:
             raise ValueError(f"unknown state {to!r}")
         at = time.time() if now is None else now
         with self._write() as session:
             job = _job_for_update(session, job_id)
-            if job.state in TERMINAL:
+            if job.state in TERMINAL_STATES:
                 raise TransitionRefused(f"job {job_id} already ended {job.state}; it cannot become {to}")
             if expect is not None and job.state not in expect:
                 raise TransitionRefused(f"job {job_id} is {job.state}, not {' or '.join(sorted(expect))}")
@@ -403,7 +398,7 @@ class Store:
             job.state, job.reason = to, reason
             if to == "running":
                 job.started_at = at
-            if to in TERMINAL:
+            if to in TERMINAL_STATES:
                 job.ended_at = at
             for key, value in fields.items():
                 setattr(job, key, value)
@@ -457,7 +452,7 @@ class Store:
         final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
         with self._write() as session:
             job = _job_for_update(session, job_id)
-            if job.state in TERMINAL:
+            if job.state in TERMINAL_STATES:
                 raise TransitionRefused(f"job {job_id} already ended {job.state}")
             if job.state == "queued":
                 session.add(
@@ -479,7 +474,7 @@ class Store:
     def count_by_state(self) -> dict[str, int]:
         with self._read() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(JOB_STATES, 0)
         counts.update({state: n for state, n in rows})
         return counts
 
@@ -570,7 +565,7 @@ class Store:
                 return None
             if token.job_id is not None:
                 job = session.get(Job, token.job_id)
-                return token if job is not None and job.state not in TERMINAL else None
+                return token if job is not None and job.state not in TERMINAL_STATES else None
             user = session.get(User, token.user)
             return token if user is not None and user.revoked_at is None else None
 

@@ -113,7 +113,7 @@ def example_runs(tmp_path_factory):
 
     import ray
 
-    from service.spec import load_spec
+    from gradwatch.spec import load_spec
     from workers.driver import init_ray, run_job
 
     tmp = tmp_path_factory.mktemp("example-runs")
@@ -123,14 +123,14 @@ def example_runs(tmp_path_factory):
                           "--storage-path", str(tmp / "runs")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    made["digits-mlp"] = (Path(result["storage_path"]), result)
+    made["digits-mlp"] = (Path(result["run_dir"]), result)
     if ray.is_initialized():
         ray.shutdown()
     init_ray(quiet=True)
     try:
         for name in DYNAMICS_EXAMPLES:
             result = run_job(load_spec(example_spec_file(name, tmp)), storage_path=tmp / "runs")
-            made[name] = (Path(result["storage_path"]), {k: v for k, v in result.items() if k != "ranks"})
+            made[name] = (Path(result["run_dir"]), {k: v for k, v in result.items() if k != "ranks"})
     finally:
         ray.shutdown()
     return made

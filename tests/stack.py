@@ -22,12 +22,15 @@ from service.launcher import ray_token
 from tests.promstack import free_port, wait_for
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "integration-token"
 
 
 @contextmanager
 def ray_head(cpus: int = 2):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The checkout on the workers' path: jobs may name user code from it (tests/, examples/).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": path}
     if ray_token() is None:
         subprocess.run(
             [str(BIN / "ray"), "get-auth-token", "--generate"],

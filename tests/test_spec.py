@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from service.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_duration
+from gradwatch.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_duration
 from tests.conftest import EXAMPLES, small_spec
 
 

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_text
+from gradwatch.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_text
 from tests.conftest import EXAMPLES
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

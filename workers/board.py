@@ -2,7 +2,8 @@
 
 Under Ray it is a named actor (`gradwatch` namespace, one per job) owned by the
 driver, so it outlives worker-group restarts and dies with the driver. Without
-Ray, the same class is used directly. Workers post fire-and-forget.
+Ray, the same class is used directly. Workers post fire-and-forget through
+`BoardClient`'s typed methods.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class JobBoard:
         self.final: dict[str, Any] = {}
         self.starts = 0
         self.rollbacks = 0
-        self.stop_reason: str | None = None
         self.updated_at = time.time()
 
     # ---- written by workers
@@ -60,9 +60,6 @@ class JobBoard:
     def post_final(self, final: dict[str, Any]) -> None:
         self.final = final
 
-    def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
-
     # ---- read by the driver
     def snapshot(self, since_event: int = 0) -> dict[str, Any]:
         return {
@@ -78,19 +75,12 @@ class JobBoard:
             "updated_at": self.updated_at,
         }
 
-    def stop_requested(self) -> str | None:
-        return self.stop_reason
-
 
 class BoardClient:
-    """What a worker holds: posts to the actor (async) or to a local JobBoard (direct)."""
+    """What a worker holds: one typed method per board call, sent to the actor without waiting for it."""
 
     def __init__(self, target: Any, remote: bool):
         self._target, self._remote = target, remote
-
-    @classmethod
-    def local(cls, board: JobBoard) -> BoardClient:
-        return cls(board, remote=False)
 
     @classmethod
     def connect(cls, job_id: str) -> BoardClient | None:
@@ -101,18 +91,32 @@ class BoardClient:
         except ValueError:
             return None
 
-    def post(self, method: str, *args: Any) -> None:
+    def _send(self, method: str, *args: Any) -> None:
         if self._remote:
             getattr(self._target, method).remote(*args)
         else:
             getattr(self._target, method)(*args)
 
-    def ask(self, method: str, *args: Any) -> Any:
-        if self._remote:
-            import ray
+    def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
+        self._send("started", rank, resumed_step, node)
 
-            return ray.get(getattr(self._target, method).remote(*args), timeout=30)
-        return getattr(self._target, method)(*args)
+    def post_progress(self, progress: dict[str, Any]) -> None:
+        self._send("post_progress", progress)
+
+    def post_endpoint(self, rank: int, host: str, port: int, pid: int | None = None) -> None:
+        self._send("post_endpoint", rank, host, port, pid)
+
+    def drop_endpoint(self, rank: int) -> None:
+        self._send("drop_endpoint", rank)
+
+    def post_event(self, event: dict[str, Any]) -> None:
+        self._send("post_event", event)
+
+    def post_rank_report(self, rank: int, report: dict[str, Any]) -> None:
+        self._send("post_rank_report", rank, report)
+
+    def post_final(self, final: dict[str, Any]) -> None:
+        self._send("post_final", final)
 
 
 def create_board_actor(job_id: str):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from service.spec import DATA_ROOTS_ENV, MAX_CORPUS_CHARS
+from gradwatch.spec import DATA_ROOTS_ENV, MAX_CORPUS_CHARS
 
 Task = Literal["classification", "regression", "language_model"]
 

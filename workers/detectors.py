@@ -21,11 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from service.spec_telemetry import DetectorSpec
-
-PHASES: tuple[str, ...] = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
-ANOMALIES: tuple[str, ...] = ("nonfinite", "loss_spike", "divergence", "plateau", "overfitting",
-                              "vanishing_gradients", "exploding_gradients", "lr_too_low")
+from gradwatch.names import ANOMALIES
+from gradwatch.spec_telemetry import DetectorSpec
 
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation times this is a normal distribution's sigma
 _SPIKE_SCALE_FLOOR = 0.01  # in log space: a perfectly flat history still needs a 1 % x spike_z jump

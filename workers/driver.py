@@ -18,13 +18,24 @@ import signal
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.spec import JobSpec, SpecError, load_spec
+from gradwatch.ids import new_job_id
+from gradwatch.names import JobState
+from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.status import (
+    RESULT_FILE,
+    STATUS_FILE,
+    Endpoint,
+    RunResult,
+    RunStatus,
+    event_line,
+    target_groups,
+    write_atomic,
+    write_record,
+)
 from workers.board import BoardClient, create_board_actor
 from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
 from workers.push import Pusher
@@ -37,24 +48,12 @@ class ClusterTooSmall(RuntimeError):
     pass
 
 
-def new_job_id() -> str:
-    return f"gw-{uuid.uuid4().hex[:12]}"
-
-
-def needed_resources(spec: JobSpec) -> dict[str, float]:
-    n = spec.scaling.num_workers
-    need = {"CPU": n * spec.scaling.cpus_per_worker}
-    if spec.scaling.use_gpu:
-        need["GPU"] = n * spec.scaling.gpus_per_worker
-    return need
-
-
 def check_cluster(spec: JobSpec) -> None:
     """Fail at once when the cluster can never run the job (Ray would wait forever)."""
     import ray
 
     total = ray.cluster_resources()
-    for resource, amount in needed_resources(spec).items():
+    for resource, amount in spec.scaling.demand().items():
         have = total.get(resource, 0.0)
         if have < amount:
             what = "GPUs" if resource == "GPU" else "CPUs"
@@ -98,7 +97,7 @@ class JobWatch:
         self.n_events = 0
         self.snapshot: dict[str, Any] = {}
 
-    def poll(self, state: str = "running", notify: bool = True) -> dict[str, Any]:
+    def poll(self, state: JobState = "running", notify: bool = True) -> dict[str, Any]:
         import ray
 
         try:
@@ -109,49 +108,38 @@ class JobWatch:
         self.snapshot = snap
         if self.nodes:
             self.nodes.update(snap.get("nodes", {}), snap.get("progress", {}).get("step"), snap.get("restarts", 0))
-        status = {"job_id": self.job_id, "state": state, **_progress_fields(snap), **self.node_fields(),
-                  "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()}
         if notify:
-            self.publish(status, snap["events"])
+            self.publish(run_status(self.job_id, state, snap, self.node_fields()), snap["events"])
         return snap
 
     def node_fields(self) -> dict[str, Any]:
         return self.nodes.status() if self.nodes else {}
 
-    def publish(self, status: dict[str, Any], events: list[dict[str, Any]]) -> None:
-        write_json(self.run_dir / "status.json", status)
+    def publish(self, status: RunStatus, events: list[dict[str, Any]]) -> None:
+        write_record(self.run_dir / STATUS_FILE, status)
         if self.sd_file:
-            write_sd_file(self.sd_file, self.job_id, status["endpoints"])
+            write_sd_file(self.sd_file, self.job_id, status.endpoints)
         for listener in self.listeners:
-            listener({"status": status, "events": events})
+            listener({"status": status.model_dump(), "events": events})
 
 
-def _progress_fields(snap: dict[str, Any]) -> dict[str, Any]:
-    p = snap.get("progress", {})
-    keys = ("step", "max_steps", "epoch", "world_size", "train_loss", "loss_ema", "val_loss", "val_accuracy",
-            "grad_norm", "lr", "samples_per_second", "phase", "anomalies", "resumed_step")
-    return {**{k: p.get(k) for k in keys}, "restarts": snap.get("restarts", 0),
-            "rollbacks": snap.get("rollbacks", 0)}
+def run_status(job_id: str, state: JobState, snap: dict[str, Any], nodes: dict[str, Any] | None = None
+               ) -> RunStatus:
+    """status.json from a board snapshot: rank 0's progress, the restarts, the live endpoints and the nodes."""
+    return RunStatus.model_validate({
+        **snap.get("progress", {}), **(nodes or {}), "job_id": job_id, "state": state,
+        "restarts": snap.get("restarts", 0), "rollbacks": snap.get("rollbacks", 0),
+        "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()})
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Replace `path` atomically: readers (the service, Prometheus) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def write_sd_file(path: Path, job_id: str, endpoints: list[dict[str, Any]]) -> None:
+def write_sd_file(path: Path, job_id: str, endpoints: list[Endpoint]) -> None:
     """Prometheus file_sd: this job's live endpoints, keeping other jobs' entries in the same file."""
     try:
         groups = [g for g in json.loads(path.read_text()) if g.get("labels", {}).get("job_id") != job_id]
     except (OSError, ValueError):
         groups = []
-    groups += [{"targets": [f"{e['host']}:{e['port']}"],
-                "labels": {"job_id": job_id, "rank": str(e["rank"]), **({"node": e["node"]} if e.get("node") else {})}}
-               for e in endpoints]
-    write_json(path, groups)
+    groups += target_groups(job_id, endpoints)
+    write_atomic(path, json.dumps(groups, indent=1))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -171,88 +159,36 @@ def failure_reason(exc: BaseException) -> str:
 def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_file: Path | None = None,
             listeners: list[Listener] | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
     """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.loop import train_loop_per_worker
-
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
+    write_atomic(run_dir / "spec.json", spec.model_dump_json(indent=1))
     started = time.time()
-    result: dict[str, Any] = {"job_id": job_id, "state": "failed", "steps": 0,
-                              "world_size": spec.scaling.num_workers, "train_loss": None, "val_loss": None,
-                              "val_accuracy": None, "wall_seconds": 0.0, "storage_path": str(run_dir),
-                              "error": None, "warning": None}
     init_ray()
-    board = create_board_actor(job_id)
-    watch = JobWatch(job_id, run_dir, board, sd_file, listeners or [], NodeWatch(spec))
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            check_cluster(spec)
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": job_id,
-                                   "run_dir": str(run_dir), "serve_metrics": spec.telemetry.enabled},
-                torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                    placement_strategy=strategy(spec),
-                    resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                          **({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu
-                                             else {})}),
-                run_config=RunConfig(
-                    name=job_id, storage_path=str(storage_path),
-                    failure_config=FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
-            )
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # reported to the caller below, with its cause
-            outcome["error"] = exc
-            outcome["traceback"] = traceback.format_exc()
-
-    thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
-    thread.start()
-    deadline = started + spec.timeout if spec.timeout else None
-    try:
-        while thread.is_alive():
-            thread.join(poll_seconds)
-            watch.poll()
-            if deadline and time.time() > deadline:
-                result.update(state="timed_out", error=f"timeout: still running after {spec.timeout:g} s")
-                break
-    except KeyboardInterrupt:
-        result.update(state="cancelled", error="interrupted (Ctrl-C): workers stopped")
+    watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
+    fit = Fit(spec, job_id, run_dir, storage_path)
+    fit.start()
+    state, error = follow(fit, watch, spec, started, poll_seconds)
     snap = watch.poll(notify=False)
-    final = snap.get("final", {})
-    result.update(steps=final.get("steps", snap.get("progress", {}).get("step", 0)) or 0,
-                  train_loss=final.get("train_loss", snap.get("progress", {}).get("train_loss")),
-                  val_loss=final.get("val_loss"), val_accuracy=final.get("val_accuracy"),
-                  first_val_loss=final.get("first_val_loss"), restarts=snap.get("restarts", 0),
-                  rollbacks=snap.get("rollbacks", 0), phases=final.get("extra", {}).get("phases", []),
-                  anomalies=final.get("extra", {}).get("anomalies", []), ranks=snap.get("ranks", {}))
-    if not thread.is_alive():
-        if "error" in outcome:
-            if watch.nodes and lost_a_worker(outcome["error"]):
-                watch.nodes.confirm_loss(snap.get("progress", {}).get("step"), snap.get("restarts", 0))
-            reason = failure_reason(outcome["error"])
-            result.update(state="failed", error=watch.nodes.explain(reason) if watch.nodes else reason)
-        else:
-            result.update(state="succeeded", warning=unhealthy_ending(result, snap.get("progress", {})))
-    result["wall_seconds"] = round(time.time() - started, 3)
+    if not fit.is_alive():
+        state, error = ("failed", explain_failure(fit.error, watch, snap)) if fit.error else ("succeeded", None)
     node_fields = watch.node_fields()
-    result.update(nodes=node_fields.get("nodes", {}), lost_nodes=node_fields.get("lost_nodes", []),
-                  workers=[{"rank": int(r), "node": (snap.get("nodes") or {}).get(r), "steps": rep.get("steps"),
-                            "param_hash": rep.get("param_hash")} for r, rep in sorted(result["ranks"].items())])
-    status = {"job_id": job_id, "state": result["state"], **_progress_fields(snap), **node_fields,
-              "waiting": None, "endpoints": [], "warning": result.get("warning"), "updated_at": time.time()}
-    watch.publish(status, snap.get("events", []))
-    write_json(run_dir / "result.json", {k: v for k, v in result.items() if k != "ranks"})
-    return result
+    result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
+    if state == "succeeded":
+        result.warning = unhealthy_ending(result.model_dump(), snap.get("progress", {}))
+    watch.publish(run_status(job_id, state, snap, {**node_fields, "waiting": None, "warning": result.warning}),
+                  snap.get("events", []))
+    write_record(run_dir / RESULT_FILE, result)
+    return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
+
+
+def explain_failure(error: BaseException, watch: JobWatch, snap: dict[str, Any]) -> str:
+    """The cause, and when a worker's node went away, which node and where the run stood."""
+    if watch.nodes and lost_a_worker(error):
+        watch.nodes.confirm_loss(snap.get("progress", {}).get("step"), snap.get("restarts", 0))
+    reason = failure_reason(error)
+    return watch.nodes.explain(reason) if watch.nodes else reason
 
 
 def unhealthy_ending(result: dict[str, Any], progress: dict[str, Any]) -> str | None:
@@ -273,6 +209,85 @@ def lost_a_worker(exc: BaseException) -> bool:
                                          "Connection closed by peer", "died"))
 
 
+class Fit(threading.Thread):
+    """Ray Train's `fit()` of the job, in a thread of its own so the driver can watch it."""
+
+    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path):
+        super().__init__(name=f"fit-{job_id}", daemon=True)
+        self.spec, self.job_id, self.run_dir, self.storage_path = spec, job_id, run_dir, storage_path
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            check_cluster(self.spec)
+            self.trainer().fit()
+        except BaseException as exc:  # reported by run_job, with its cause
+            self.error = exc
+
+    def trainer(self) -> Any:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from gradwatch.spec import EntrypointTrain
+        from workers.entrypoint import train_function_per_worker
+        from workers.loop import train_loop_per_worker
+
+        spec = self.spec
+        per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
+        return TorchTrainer(
+            per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": self.job_id,
+                               "run_dir": str(self.run_dir), "serve_metrics": spec.telemetry.enabled},
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                         placement_strategy=strategy(spec),
+                                         resources_per_worker=spec.scaling.per_worker()),
+            run_config=RunConfig(name=self.job_id, storage_path=str(self.storage_path),
+                                 failure_config=FailureConfig(max_failures=spec.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+        )
+
+
+def follow(fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
+           ) -> tuple[JobState, str | None]:
+    """Watch the job until `fit` ends, its timeout passes or Ctrl-C; the state so far (the caller
+    settles it once fit has ended)."""
+    deadline = started + spec.timeout if spec.timeout else None
+    try:
+        while fit.is_alive():
+            fit.join(poll_seconds)
+            watch.poll()
+            if deadline and time.time() > deadline:
+                return "timed_out", f"timeout: still running after {spec.timeout:g} s"
+    except KeyboardInterrupt:
+        return "cancelled", "interrupted (Ctrl-C): workers stopped"
+    return "failed", None
+
+
+def public_result(result: dict[str, Any]) -> RunResult:
+    """What run_job returned, as result.json has it (the ranks' reports by rank, test details left out)."""
+    return RunResult.model_validate({**result, "ranks": [result["ranks"][r] for r in sorted(result["ranks"])]})
+
+
+def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], state: JobState, error: str | None,
+               seconds: float, node_fields: dict[str, Any] | None = None) -> RunResult:
+    """result.json from the board's last snapshot: rank 0's final report, else its last progress."""
+    final, progress, nodes = snap.get("final", {}), snap.get("progress", {}), node_fields or {}
+    extra = final.get("extra", {})
+    ranks = snap.get("ranks", {})
+    return RunResult(
+        job_id=job_id, state=state, error=error, world_size=spec.scaling.num_workers, run_dir=str(run_dir),
+        steps=final.get("steps", progress.get("step", 0)) or 0,
+        train_loss=final.get("train_loss", progress.get("train_loss")), val_loss=final.get("val_loss"),
+        val_accuracy=final.get("val_accuracy"), first_val_loss=final.get("first_val_loss"),
+        restarts=snap.get("restarts", 0), rollbacks=snap.get("rollbacks", 0), phases=extra.get("phases", []),
+        anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3),
+        ranks=[ranks[rank] for rank in sorted(ranks)], nodes=nodes.get("nodes", {}),
+        lost_nodes=nodes.get("lost_nodes", []),
+        workers=[{"rank": int(r), "node": (snap.get("nodes") or {}).get(r), "steps": rep.get("steps"),
+                  "param_hash": rep.get("param_hash")} for r, rep in sorted(ranks.items())])
+
+
 def stop_ray() -> None:
     import ray
 
@@ -283,9 +298,7 @@ def stop_ray() -> None:
 def _print_listener(update: dict[str, Any]) -> None:
     status = update["status"]
     for event in update["events"]:
-        print(f"[{status['job_id']}] step {event.get('step')}: {event.get('kind')} {event.get('name')} "
-              f"{'raised' if event.get('raised', True) else 'cleared'} {event.get('detail', '')}".rstrip(),
-              flush=True)
+        print(f"[{status['job_id']}] {event_line(event)}", flush=True)
     step = status.get("step")
     if step and step != getattr(_print_listener, "last", None):
         _print_listener.last = step  # type: ignore[attr-defined]
@@ -316,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                      listeners=[_print_listener, *([pusher.listener] if pusher else [])])
     if pusher and not pusher.finish(result):
         print(f"job {args.job_id}: could not report the result to the service; it is in "
-              f"{result['storage_path']}/result.json", file=sys.stderr, flush=True)
-    print(json.dumps({k: v for k, v in result.items() if k != "ranks"}), flush=True)
+              f"{result['run_dir']}/result.json", file=sys.stderr, flush=True)
+    print(public_result(result).model_dump_json(), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
         stop_ray()
@@ -332,4 +345,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["run_job", "check_cluster", "ClusterTooSmall", "new_job_id", "BoardClient"]
+__all__ = ["run_job", "check_cluster", "ClusterTooSmall", "BoardClient"]

@@ -1,18 +1,16 @@
-"""The training loop each worker runs: one screen for the step, components for the rest.
+"""The built-in training loop each worker runs: one screen for the step, the training API for the rest.
 
 `train_loop_per_worker` is what Ray Train's TorchTrainer calls on every rank;
-`Trainer` is constructible on its own (see tests) with a LocalSession.
+`Trainer` is constructible on its own (see tests) with a LocalSession. Telemetry,
+the update guard, rollbacks and checkpoints are those of `gradwatch.training.Run`,
+the API a user's own training function calls: one implementation for both.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
+import dataclasses
 import logging
-import math
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from service.spec import JobSpec
+from gradwatch.spec import JobSpec
+from gradwatch.training import DivergenceStop, Run
 from workers.board import BoardClient
-from workers.checkpoint import load_training_state, save_training_state
 from workers.data import build_data
 from workers.models import build_model, loss_and_correct
 from workers.optim import build_optimizer, build_scheduler
@@ -32,27 +30,15 @@ from workers.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.loop")
 
-
-# Applied updates in a row that end a stretch of skipped ones; fewer (a finite batch now and then
-# while the loss is inf) do not: the run has not recovered.
-RECOVERY_STEPS = 10
-
-
-class DivergenceStop(RuntimeError):
-    """on_divergence: stop, and the run diverged."""
+__all__ = ["DivergenceStop", "Outcome", "Position", "Trainer", "run_local", "train_loop_per_worker"]
 
 
 @dataclass
 class Position:
-    """Where training stands; saved in every checkpoint."""
+    """Where the built-in loop stands in its data (the step itself is the run's); saved in every checkpoint."""
 
-    step: int = 0
-    epoch: int = 0
     batch_in_epoch: int = 0
     samples: int = 0
-    rollbacks: int = 0
-    lr_scale: float = 1.0
-    skip_until_step: int = 0
 
 
 @dataclass
@@ -70,9 +56,9 @@ class Outcome:
 class Trainer:
     def __init__(self, spec: JobSpec, session: Session, *, job_id: str = "local", run_dir: Path | None = None,
                  board: BoardClient | None = None, serve_metrics: bool = False):
+        assert spec.model is not None and spec.data is not None, "the built-in loop needs a model and data"
         self.spec, self.session, self.job_id, self.board = spec, session, job_id, board
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
-        self.run_dir = Path(run_dir) if run_dir else None
         # Each rank gets its own stream for dropout etc.; data order comes from the sampler's seed.
         torch.manual_seed(spec.seed + 1_000_003 * self.rank)
 
@@ -89,21 +75,22 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if spec.precision == "bf16" else contextlib.nullcontext())
         self.pos = Position()
-        self.skipped_steps = 0
-        self.skipped_in_a_row, self.skipped_since, self.applied_in_a_row = 0, 0, 0
-        self.last_applied: tuple[int, float] | None = None  # (step, loss) of the last applied update
-        self.first_val_loss: float | None = None
-        self.last_val: tuple[float, float | None] | None = None
         self.seen_first_epoch: list[torch.Tensor] = []
-        # Skip decisions and detectors use the all-reduced loss, the same on every rank, so replicas agree.
-        self.global_loss = self.world_size > 1
-        history = self.run_dir / "history.jsonl" if self.run_dir else None
-        self.telemetry = Telemetry(spec, job_id, self.rank, self.world_size, self.model, self.device,
-                                   board=board, history_path=history)
-        self.serve_metrics = serve_metrics and spec.telemetry.enabled
-        self._good: tuple[Any, Any, Any, Position, str] | None = None
-        self._last_post = 0.0
-        self._t_start = time.time()
+        self.run = Run(session, spec, job_id=job_id, run_dir=run_dir, board=board,
+                       serve_metrics=serve_metrics and spec.telemetry.enabled)
+        self.run.max_steps = self.total_steps
+        self.run.watch(self.model, self.optimizer, self.scheduler, grad_clip=spec.grad_clip,
+                       batch_size=spec.batch_size)
+        self.run.on_rollback = self._rolled_back
+
+    @property
+    def telemetry(self) -> Telemetry:
+        assert self.run.telemetry is not None
+        return self.run.telemetry
+
+    @property
+    def step(self) -> int:
+        return self.run.step
 
     def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
         per_rank = len(dataset) // self.world_size
@@ -118,170 +105,52 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def train(self) -> Outcome:
-        resumed = self.restore()
-        if self.board:
-            self.board.post("started", self.rank, resumed, self.session.node_id())
-        if resumed is not None:
-            self.telemetry.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
-            log.warning("rank %d resumed from the checkpoint at step %d", self.rank, resumed)
-            self.telemetry.record_event({"step": resumed, "event": "restart"})
-        if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
-            self.telemetry.serve(self.session.node_address())
+        self.restore()
         batches = self.batches()
         loss = float("nan")
-        while self.pos.step < self.total_steps:
+        while self.step < self.total_steps:
             x, y, index = next(batches)
-            if self.pos.step < self.pos.skip_until_step:  # rollback: skip the offending batches
-                self.pos.step += 1
-                continue
             loss = self.train_step(x, y, index)
-            step = self.pos.step
+            step = self.step
             if step % self.spec.validation.every_steps == 0 or step == self.total_steps:
                 self.validate()
             if step % self.spec.checkpoint.every_steps == 0 or step == self.total_steps:
                 self.save_checkpoint()
-            self.post_progress(force=step == self.total_steps)
         return self.finish(loss)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> float:
-        step = self.pos.step + 1
-        t0 = time.perf_counter()
-        self.telemetry.begin_step(step)
         self.model.train()
         with self.autocast:
             logits = self.model(x)
         loss, _ = loss_and_correct(self.data.task, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        self.telemetry.before_backward(loss.detach() if self.global_loss else None)
-        loss.backward()
-        # A straggler makes every other rank wait here: step time counts this rank's own work only.
-        waited = self.telemetry.sync_wait_seconds(time.perf_counter())
-        param_norms = self.telemetry.grad_norms()  # before clipping, measured steps only
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        stats = torch.stack([loss.detach().float(), grad_norm.float()])
-        if self.global_loss:
-            mean = self.telemetry.mean_loss()  # carried by DDP's gradient all-reduce
-            if mean is None:  # no DDP hook: a collective of its own
-                mean = stats[:1].clone()
-                dist.all_reduce(mean)
-                mean /= self.world_size
-            stats = torch.cat([stats, mean.to(stats.dtype)])
-        # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
-        values = stats.tolist()
-        loss_value, norm_value = values[0], values[1]
-        global_loss = values[2] if self.global_loss else loss_value
-        applied = math.isfinite(norm_value) and math.isfinite(global_loss)
-        self.skipped_steps += not applied
-        if applied:  # non-finite gradients never reach the weights
-            if self.spec.grad_clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, grad_norm)
+        if self.run.backward(loss, samples=len(x)):  # non-finite gradients never reach the weights
             self.optimizer.step()
             self.scheduler.step()  # a skipped update does not use up the schedule
-        self.pos.step = step
+        self.run.end_step()  # recorded; a divergence is acted on before the next batch
         self.pos.samples += len(x)
-        lr = self.optimizer.param_groups[0]["lr"]
-        events = self.telemetry.end_step(step, self.pos.epoch, loss=loss_value, global_loss=global_loss,
-                                         grad_norm=norm_value, param_grad_norms=param_norms, lr=lr,
-                                         samples=len(x), seconds=time.perf_counter() - t0 - waited,
-                                         applied=applied)
-        if self.pos.epoch == 0 and len(self.seen_first_epoch) < 4096:
+        if self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:
             self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
-        self.guard(events)
-        self.check_skipped(applied, global_loss)
-        return loss_value
+        return self.telemetry.last.get("loss", float("nan"))
 
     def batches(self):
         """Endless batches; a resumed run continues its epoch where the checkpoint left it."""
         while True:
             sampler = getattr(self.train_loader, "sampler", None)
             if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(self.pos.epoch)
+                sampler.set_epoch(self.run.epoch)
             skip = self.pos.batch_in_epoch
             for i, batch in enumerate(self.train_loader):
                 if i < skip:
                     continue
                 self.pos.batch_in_epoch = i + 1
                 yield batch
-            self.pos.epoch += 1
+            self.run.epoch += 1
             self.pos.batch_in_epoch = 0
 
-    # ------------------------------------------------------- the guard
-    def guard(self, events: list[dict[str, Any]]) -> None:
-        mode = self.spec.on_divergence
-        if mode == "alert" or not self.telemetry.monitor.anomalies.get("divergence"):
-            return
-        if mode == "stop":
-            raise DivergenceStop(f"training diverged at step {self.pos.step} "
-                                 f"(loss EMA {self.telemetry.monitor.loss_ema:.4g}); on_divergence is stop")
-        self.rollback()
-
-    def check_skipped(self, applied: bool, loss: float) -> None:
-        """End the run once max_skipped_steps steps passed since an update was first skipped, with no
-        recovery (RECOVERY_STEPS applied updates in a row) in between: its weights no longer move."""
-        if self.pos.step < self.skipped_since:  # rolled back to before the stretch: judge afresh
-            self.skipped_in_a_row = 0
-        if self.skipped_in_a_row == 0:  # healthy so far
-            if applied:
-                self.last_applied = (self.pos.step, loss)
-                return
-            self.skipped_since, self.applied_in_a_row = self.pos.step, 0
-        self.skipped_in_a_row += not applied
-        self.applied_in_a_row = self.applied_in_a_row + 1 if applied else 0
-        if self.applied_in_a_row >= RECOVERY_STEPS:
-            self.skipped_in_a_row, self.last_applied = 0, (self.pos.step, loss)
-            return
-        steps = self.pos.step - self.skipped_since + 1
-        limit = self.spec.max_skipped_steps
-        if limit is None or steps < limit:
-            return
-        self.finish(loss)  # the result keeps the run's last step, phases and anomalies
-        since, all_skipped = self.skipped_since, self.skipped_in_a_row == steps
-        last = (f"last finite loss{'' if all_skipped else ' before them'} {self.last_applied[1]:.4g} at step "
-                f"{self.last_applied[0]}" if self.last_applied else "no finite loss before them")
-        if all_skipped:
-            raise DivergenceStop(f"diverged: {steps} consecutive non-finite steps since step {since}; {last}")
-        raise DivergenceStop(f"diverged: {self.skipped_in_a_row} of the {steps} steps since step {since} were "
-                             f"non-finite, never {RECOVERY_STEPS} finite in a row; {last}")
-
-    def rollback(self) -> None:
-        cfg = self.spec.rollback
-        if self.pos.rollbacks >= cfg.max_rollbacks:
-            raise DivergenceStop(f"training diverged again at step {self.pos.step} after "
-                                 f"{self.pos.rollbacks} rollbacks (rollback.max_rollbacks)")
-        bad_step, rollbacks, scale = self.pos.step, self.pos.rollbacks + 1, self.pos.lr_scale * cfg.lr_factor
-        if self._good is not None:
-            model_state, optim_state, sched_state, pos, _ = self._good
-            self._inner().load_state_dict(model_state)
-            self.optimizer.load_state_dict(optim_state)
-            self.scheduler.load_state_dict(sched_state)
-            self.pos = copy.deepcopy(pos)
-        else:  # no good checkpoint yet: restart from the initial weights
-            torch.manual_seed(self.spec.seed)
-            fresh = build_model(self.spec.model, self.data).to(self.device)
-            self._inner().load_state_dict(fresh.state_dict())
-            self.optimizer = build_optimizer(self.spec.optimizer, self.model.parameters())
-            self.scheduler = build_scheduler(self.spec.schedule, self.optimizer, self.total_steps)
-            self.pos = Position()
-        self.pos.rollbacks, self.pos.lr_scale = rollbacks, scale
-        self.pos.skip_until_step = self.pos.step + cfg.skip_batches
-        self._apply_lr_scale()
-        self.telemetry.restore_detectors(self._good[4] if self._good is not None else None)
-        self.telemetry.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
-        event = {"kind": "rollback", "name": "rollback", "step": bad_step, "to_step": self.pos.step,
-                 "lr_scale": scale, "detail": f"diverged at step {bad_step}; back to step {self.pos.step}, "
-                                              f"lr x{scale:g}"}
-        log.warning("rank %d: %s", self.rank, event["detail"])
-        self.telemetry.record_event({"step": bad_step, "event": "rollback", "to_step": self.pos.step,
-                                     "lr_scale": scale})
-        if self.board and self.rank == 0:
-            self.board.post("post_event", event)
-
-    def _apply_lr_scale(self) -> None:
-        scale = self.pos.lr_scale
-        self.scheduler.base_lrs = [self.spec.optimizer.lr * scale for _ in self.scheduler.base_lrs]
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=False):
-            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+    def _rolled_back(self, extra: dict[str, Any]) -> None:
+        """The run went back to its last good checkpoint: so does the loop's place in the data."""
+        self.pos = Position(**extra["position"]) if extra else Position()
 
     # --------------------------------------------------- validation
     @torch.no_grad()
@@ -303,11 +172,7 @@ class Trainer:
         loss_sum, correct_sum, count = totals.tolist()
         val_loss = loss_sum / max(count, 1)
         val_acc = correct_sum / max(count, 1) if self.data.task != "regression" else None
-        if self.first_val_loss is None:
-            self.first_val_loss = val_loss
-        self.last_val = (val_loss, val_acc)
-        self.telemetry.observe_validation(self.pos.step, val_loss, val_acc)
-        self.post_progress(force=True)
+        self.run.log_validation(val_loss, val_acc)  # already reduced over the ranks
         return val_loss, val_acc
 
     # --------------------------------------------------- checkpoints
@@ -315,88 +180,23 @@ class Trainer:
         return self.model.module if hasattr(self.model, "module") else self.model
 
     def save_checkpoint(self) -> None:
-        held = self.telemetry.monitor.anomalies
-        if not any(held.get(k) for k in ("divergence", "exploding_gradients", "loss_spike")):
-            # Every rank keeps the last good state in memory: a rollback must not wait on storage.
-            self._good = (copy.deepcopy(self._inner().state_dict()), copy.deepcopy(self.optimizer.state_dict()),
-                          copy.deepcopy(self.scheduler.state_dict()), copy.deepcopy(self.pos),
-                          self.telemetry.detector_state())
-        checkpoint_dir = None
-        if self.rank == 0:
-            checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
-            save_training_state(checkpoint_dir, self.model, self.optimizer, self.scheduler, self.pos,
-                                {"first_val_loss": self.first_val_loss,
-                                 "detectors": self.telemetry.detector_state()})
-        metrics = {"step": self.pos.step, "train_loss": self.telemetry.last.get("loss"),
-                   "val_loss": self.last_val[0] if self.last_val else None}
-        self.session.report(metrics, checkpoint_dir)
+        self.run.save_checkpoint({"position": dataclasses.asdict(self.pos)})
 
     def restore(self) -> int | None:
-        with self.session.latest_checkpoint_dir() as path:
-            if path is None:
-                return None
-            state = load_training_state(path, self.model, self.optimizer, self.scheduler, self.device)
-        self.pos = Position(**state["position"])
-        self.first_val_loss = state["extra"].get("first_val_loss")
-        self.telemetry.restore_detectors(state["extra"].get("detectors"))
-        self._apply_lr_scale()
-        torch.manual_seed(self.spec.seed + 1_000_003 * self.rank + self.pos.step)
-        return self.pos.step
-
-    # ------------------------------------------------------- progress
-    def post_progress(self, force: bool = False) -> None:
-        if self.rank != 0 or self.board is None:
-            return
-        now = time.time()
-        if not force and now - self._last_post < 0.5:
-            return
-        self._last_post = now
-        monitor = self.telemetry.monitor
-        last = self.telemetry.last
-        elapsed = max(now - self._t_start, 1e-9)
-        self.board.post("post_progress", {
-            "step": self.pos.step, "max_steps": self.total_steps, "epoch": self.pos.epoch,
-            "world_size": self.world_size, "train_loss": last.get("global_loss", last.get("loss")),
-            "loss_ema": monitor.loss_ema, "val_loss": self.last_val[0] if self.last_val else None,
-            "val_accuracy": self.last_val[1] if self.last_val else None,
-            "grad_norm": last.get("grad_norm"), "lr": last.get("lr"),
-            "samples_per_second": self.pos.samples * self.world_size / elapsed,
-            "phase": monitor.phase, "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
-            "rollbacks": self.pos.rollbacks,
-        })
+        """Resume from the latest checkpoint, if any; returns its step."""
+        extra = self.run.restore()
+        if extra is None:
+            return None
+        self.pos = Position(**extra["position"])
+        torch.manual_seed(self.spec.seed + 1_000_003 * self.rank + self.step)
+        return self.step
 
     def finish(self, loss: float) -> Outcome:
-        outcome = Outcome(
-            steps=self.pos.step,
-            train_loss=self.telemetry.last.get("global_loss", loss),
-            val_loss=self.last_val[0] if self.last_val else None,
-            val_accuracy=self.last_val[1] if self.last_val else None,
-            first_val_loss=self.first_val_loss,
-            rollbacks=self.pos.rollbacks,
-            skipped_steps=self.skipped_steps,
-            extra={"phases": [{"phase": p, "step": s} for p, s in self.telemetry.phases_entered],
-                   "anomalies": [{"kind": k, "first_step": s}
-                                 for k, s in self.telemetry.anomalies_raised.items()]},
-        )
-        if self.board:
-            self.board.post("post_rank_report", self.rank, self.rank_report())
-            if self.rank == 0:
-                self.post_progress(force=True)
-                self.board.post("post_final", outcome.__dict__)
-        return outcome
-
-    def rank_report(self) -> dict[str, Any]:
-        """What this rank saw and ended with: shards and a parameter fingerprint (for verification)."""
-        flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.model.parameters()])
-        registry, labels = self.telemetry.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
-        step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
-        step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
         seen = torch.cat(self.seen_first_epoch).cpu().tolist() if self.seen_first_epoch else []
-        return {"rank": self.rank, "first_epoch_indices": sorted(set(seen)),
-                "param_sum": float(flat.double().sum()),
-                "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.pos.step,
-                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
-                "mean_step_seconds": step_sum / step_count if step_count else None}
+        outcome = self.run.finish(report={"first_epoch_indices": sorted(set(seen))})
+        if outcome["train_loss"] is None:
+            outcome["train_loss"] = loss
+        return Outcome(**outcome)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -411,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         trainer.train()
     finally:
-        trainer.telemetry.close(spec.telemetry.grace_seconds if config.get("serve_metrics", True) else 0)
+        trainer.run.close()
 
 
 def run_local(spec: JobSpec, job_id: str = "local", run_dir: Path | None = None) -> Outcome:

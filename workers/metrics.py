@@ -1,4 +1,4 @@
-"""Every `gradwatch_*` metric a worker exports: the DESIGN.md metrics contract in one place.
+"""Every `gradwatch_*` metric a worker exports: the metrics contract (ARCHITECTURE.md) in one place.
 
 Each worker process owns one `WorkerMetrics` (its own CollectorRegistry), so
 tests can build several side by side and read them with `get_sample_value`.
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from workers.detectors import ANOMALIES, PHASES
+from gradwatch.names import ANOMALIES, NONFINITE_KINDS, PHASES
 
 # `*_created` series double the counters and histograms for nothing the rules or boards use.
 disable_created_metrics()
 
-NONFINITE_KINDS = ("loss", "grad")
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -126,3 +125,15 @@ class WorkerMetrics:
     def set_anomalies(self, held: dict[str, bool]) -> None:
         for kind in ANOMALIES:
             self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)
+
+    # ---- series named by user code (the training API): a bounded set, each family registered on first use
+    def named(self, kind: str, name: str):
+        """The gauge of a named loss term (`kind="term"`: `gradwatch_loss_term{term}`) or a custom scalar
+        (`kind="scalar"`: `gradwatch_scalar{name}`) on this rank."""
+        if not hasattr(self, "_named_families"):
+            self._named_families = {
+                "term": Gauge("gradwatch_loss_term", "A named part of the train loss, as the training code "
+                              "reported it (this rank's batch).", ["job_id", "rank", "term"], registry=self.registry),
+                "scalar": Gauge("gradwatch_scalar", "A custom scalar the training code reported.",
+                                ["job_id", "rank", "name"], registry=self.registry)}
+        return self._named_families[kind].labels(self.job_id, self.rank, name)

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from service.spec import JobSpec
+from gradwatch.spec import JobSpec
 
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 NODE_CHECK_SECONDS = 1.0  # how often the driver asks Ray which nodes are alive

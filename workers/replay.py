@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.spec_telemetry import DetectorSpec
+from gradwatch.spec_telemetry import DetectorSpec
 from workers.detectors import DynamicsMonitor, Event
 
 MAX_ROW_BYTES = 1 << 20  # one JSONL line or CSV row; a longer one is refused, not read whole

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from gradwatch.status import event_line
 from workers.board import BoardClient
 from workers.detectors import DynamicsMonitor
 from workers.gns import GradientNoiseScale, group_layers
@@ -84,10 +85,11 @@ class Telemetry:
         self.batch_size = spec.batch_size
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
-        self.metrics.set_info(spec.name, spec.owner or "", spec.model.name, world_size, spec.labels)
+        self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._gauges_stale = True
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
         # Each rank's own step time, one line per measured step (the history is rank 0's alone).
@@ -133,6 +135,7 @@ class Telemetry:
         phases, raised = self.monitor.phases_entered, self.monitor.anomalies_raised
         self.monitor.events()
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._gauges_stale = True  # a restored monitor may hold another phase than the gauges show
         if state:
             self.monitor.load_state_dict(json.loads(state))
         self.monitor.entered = phases if len(phases) > len(self.monitor.entered) else self.monitor.entered
@@ -154,7 +157,7 @@ class Telemetry:
         self._server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
         self.endpoint = (host, self._server.server_port)
         if self.board:
-            self.board.post("post_endpoint", self.rank, host, self.endpoint[1], os.getpid())
+            self.board.post_endpoint(self.rank, host, self.endpoint[1], os.getpid())
         return self.endpoint
 
     def close(self, grace_seconds: float) -> None:
@@ -168,7 +171,7 @@ class Telemetry:
             return
         time.sleep(grace_seconds)  # let Prometheus scrape the final values
         if self.board:
-            self.board.post("drop_endpoint", self.rank)
+            self.board.drop_endpoint(self.rank)
         self._server.shutdown()
         self._server.server_close()
         self._server = None
@@ -318,16 +321,16 @@ class Telemetry:
         m = self.metrics
         events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
         if m.rank0:
-            m.set_phase(self.monitor.phase)
-            m.set_anomalies(self.monitor.anomalies)
+            if events or self._gauges_stale:  # phase and anomalies change only with an event
+                m.set_phase(self.monitor.phase)
+                m.set_anomalies(self.monitor.anomalies)
+                self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
                     m.anomaly_raised.labels(m.job_id, event["name"]).inc()
-                log.warning("step %s: %s %s %s%s", event["step"], event["kind"], event["name"],
-                            "raised" if event.get("raised", True) else "cleared",
-                            f" ({event['detail']})" if event.get("detail") else "")
+                log.warning("%s", event_line(event))
                 if self.board:
-                    self.board.post("post_event", {**event, "job_rank": self.rank})
+                    self.board.post_event({**event, "job_rank": self.rank})
             if self.history and record is not None:
                 record = {**record, "phase": self.monitor.phase,
                           "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v)}

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from deploy.rules import source
+from gradwatch.names import DATASOURCE_UID
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_RULES = ROOT / "deploy/prometheus/rules/gradwatch.rules.yml"
@@ -82,10 +83,10 @@ def _grafana_rule(alert: source.AlertRule) -> dict[str, Any]:
             {
                 "refId": "A",
                 "relativeTimeRange": {"from": 600, "to": 0},
-                "datasourceUid": source.GRAFANA_DATASOURCE_UID,
+                "datasourceUid": DATASOURCE_UID,
                 "model": {
                     "refId": "A",
-                    "datasource": {"type": "prometheus", "uid": source.GRAFANA_DATASOURCE_UID},
+                    "datasource": {"type": "prometheus", "uid": DATASOURCE_UID},
                     "expr": alert.expr,
                     "instant": True,
                     "range": False,

@@ -18,7 +18,6 @@ GROUP = "gradwatch"
 # Matches Prometheus' default evaluation_interval in deploy/prometheus/prometheus.yml.
 INTERVAL = "15s"
 GRAFANA_FOLDER = "gradwatch"
-GRAFANA_DATASOURCE_UID = "gradwatch-prometheus"
 # The run board (dashboards/): relative, so it works behind whatever Grafana URL serves it.
 RUN_DASHBOARD_UID = "gradwatch-run"
 DASHBOARD_LINK = f"/d/{RUN_DASHBOARD_UID}?var-job_id={{{{ $labels.job_id }}}}"

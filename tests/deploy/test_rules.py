@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from deploy.rules import generate, source
+from gradwatch.names import DATASOURCE_UID
 from tests.promstack import PROMTOOL, require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +19,7 @@ RULES = REPO / "deploy/prometheus/rules/gradwatch.rules.yml"
 RULE_TESTS = REPO / "deploy/prometheus/rules/tests/gradwatch.test.yml"
 GRAFANA = REPO / "deploy/grafana/provisioning/alerting/gradwatch.yaml"
 
-# DESIGN.md, "Alerts contract"
+# The alerts contract (ARCHITECTURE.md, "Contracts")
 CONTRACT = {
     "TrainingLossNonFinite", "TrainingDiverging", "TrainingLossSpike", "TrainingStalled",
     "TrainingNoProgress", "TrainingOverfitting", "VanishingGradients", "ExplodingGradients",
@@ -126,8 +127,8 @@ def test_grafana_alerting_file_structure():
         refs = {node["refId"]: node for node in rule["data"]}
         assert rule["condition"] in refs, rule["title"]
         query = rule["data"][0]
-        assert query["datasourceUid"] == source.GRAFANA_DATASOURCE_UID, rule["title"]
-        assert query["model"]["datasource"]["uid"] == source.GRAFANA_DATASOURCE_UID, rule["title"]
+        assert query["datasourceUid"] == DATASOURCE_UID, rule["title"]
+        assert query["model"]["datasource"]["uid"] == DATASOURCE_UID, rule["title"]
         assert query["model"]["instant"] is True and query["relativeTimeRange"]["from"] > 0
         for node in rule["data"][1:]:
             assert node["datasourceUid"] == "__expr__", rule["title"]

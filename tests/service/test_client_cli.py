@@ -15,11 +15,11 @@ import uvicorn
 import yaml
 from typer.testing import CliRunner
 
+from gradwatch.spec import load_spec
 from service.api import create_app
 from service.cli import app as cli
 from service.client import Client, GradwatchError
 from service.settings import Settings
-from service.spec import load_spec
 from tests.promstack import free_port, wait_for
 from tests.service.fakes import FakeCluster, spec
 

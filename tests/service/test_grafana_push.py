@@ -308,4 +308,7 @@ def test_grafana_module_stays_light() -> None:
     third_party = {line.split()[1].split(".")[0] for line in top_level_imports} - {
         "__future__", "json", "re", "dataclasses", "pathlib", "typing",
     }  # fmt: skip
-    assert third_party == {"httpx", "typer"}
+    assert third_party == {"httpx", "typer", "gradwatch"}
+    assert [line for line in top_level_imports if "gradwatch" in line] == [
+        "from gradwatch.names import DATASOURCE_UID"
+    ]  # names only: the standard library

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from gradwatch.spec import load_spec
 from service.launcher import Launcher
 from service.settings import Settings
-from service.spec import load_spec
 from service.store import Store
 from tests.service.fakes import FakeCluster, spec
 

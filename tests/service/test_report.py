@@ -160,7 +160,7 @@ def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(exa
 
 
 def test_rollbacks_and_restarts_are_marked_where_the_loop_recorded_them(browser, tmp_path):
-    from service.spec import load_spec
+    from gradwatch.spec import load_spec
     from workers.loop import Trainer
     from workers.session import LocalSession
 

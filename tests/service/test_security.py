@@ -23,11 +23,11 @@ from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
+from gradwatch.spec import DATA_ROOTS_ENV, MAX_SPEC_NODES
 from service.api import JobReporter, create_app
 from service.auth import JOB_TOKEN_FILE_ENV, consumer_token, consumer_token_file
 from service.launcher import Launcher, ray_environment
 from service.settings import Settings
-from service.spec import DATA_ROOTS_ENV, MAX_SPEC_NODES
 from service.store import AlertUpdate
 from tests.service.fakes import FakeCluster, spec
 

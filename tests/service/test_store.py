@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from service.spec import SpecError, load_spec
+from gradwatch.spec import SpecError, load_spec
 from service.store import (
     AlertUpdate,
     BadCursor,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import small_spec
 from workers.driver import run_job
 

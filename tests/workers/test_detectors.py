@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from bench.corpus import HEALTHY, MEANT_FOR, UNHEALTHY, Curve
-from service.spec_telemetry import DetectorSpec, TelemetrySpec
+from gradwatch.names import ANOMALIES, PHASES
+from gradwatch.spec_telemetry import DetectorSpec, TelemetrySpec
 from workers.detectors import (
-    ANOMALIES,
-    PHASES,
     DynamicsMonitor,
     GradientDetector,
     Latch,

@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import DIVERGED, EXAMPLES
 from workers.driver import run_job
 

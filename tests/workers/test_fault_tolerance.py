@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import EXAMPLES, small_spec
 from tests.promstack import wait_for
 from workers.driver import run_job

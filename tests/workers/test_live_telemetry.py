@@ -153,11 +153,11 @@ def test_run_json_summary_and_history(live_run):
     result = live_run["result"]
     assert result["state"] == "succeeded" and result["steps"] == 1500 and result["world_size"] == 2
     assert result["val_accuracy"] >= 0.93
-    assert {"job_id", "train_loss", "val_loss", "wall_seconds", "storage_path", "phases", "anomalies"} <= set(result)
+    assert {"job_id", "train_loss", "val_loss", "wall_seconds", "run_dir", "phases", "anomalies"} <= set(result)
     assert [p["phase"] for p in result["phases"]][:2] == ["warmup", "rapid_learning"]
     assert result["anomalies"] == [], "a healthy run raised anomalies"
     assert live_run["after_end"] == [], "endpoints of a finished job stay in the file_sd file"
-    history = Path(result["storage_path"]) / "history.jsonl"
+    history = Path(result["run_dir"]) / "history.jsonl"
     records = [json.loads(line) for line in history.read_text().splitlines()]
     measured = [r for r in records if "layer_grad_norm" in r]
     assert len(measured) >= 1500 // 5 and measured[-1]["step"] == 1500

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import DIVERGED, EXAMPLES, small_spec
 from workers.driver import unhealthy_ending
 from workers.loop import DivergenceStop, Trainer

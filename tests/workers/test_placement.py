@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from service.spec import load_spec
+from gradwatch.spec import load_spec
 from tests.conftest import small_spec
 from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
 

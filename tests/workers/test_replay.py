@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from bench.corpus import UNHEALTHY
+from gradwatch.spec import load_spec
 from service.cli import app
-from service.spec import load_spec
 from tests.conftest import EXAMPLES
 from workers.loop import Trainer
 from workers.session import LocalSession

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from service.spec import DATA_ROOTS_ENV
-from workers.checkpoint import STATE_FILE, load_training_state, save_training_state
+from gradwatch.spec import DATA_ROOTS_ENV, JobSpec
+from gradwatch.training import STATE_FILE, Run
 from workers.data import CorpusRefused, build_data, read_corpus
+from workers.session import LocalSession
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -128,15 +129,21 @@ def parts():
     return model, optimizer, scheduler
 
 
-def test_checkpoints_round_trip_as_weights_only(tmp_path):
-    from workers.loop import Position
+def watched(session, model, optimizer, scheduler) -> Run:
+    spec = JobSpec.model_validate({"name": "t", "train": {"entrypoint": "mypkg.train:main"}, "max_steps": 10},
+                                  context={"user_code": "skip"})
+    run = Run(session, spec, job_id="t", serve_metrics=False)
+    run.watch(model, optimizer, scheduler)
+    return run
 
+
+def test_checkpoints_round_trip_as_weights_only(tmp_path):
+    session = LocalSession(tmp_path)
     model, optimizer, scheduler = parts()
-    position = Position(step=7, epoch=1)
-    save_training_state(tmp_path, model, optimizer, scheduler, position, {"first_val_loss": 2.5})
+    watched(session, model, optimizer, scheduler).save_checkpoint({"first_val_loss": 2.5, "cursor": [1, 2]})
     fresh_model, fresh_optimizer, fresh_scheduler = parts()
-    state = load_training_state(tmp_path, fresh_model, fresh_optimizer, fresh_scheduler, torch.device("cpu"))
-    assert Position(**state["position"]) == position and state["extra"] == {"first_val_loss": 2.5}
+    extra = watched(session, fresh_model, fresh_optimizer, fresh_scheduler).restore()
+    assert extra == {"first_val_loss": 2.5, "cursor": [1, 2]}
     for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
@@ -146,7 +153,11 @@ def test_a_checkpoint_that_holds_code_is_refused_unrun(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     monkeypatch.setenv("GRADWATCH_TEST_MARKER", str(marker))
     model, optimizer, scheduler = parts()
-    torch.save({"model": model.state_dict(), "payload": Boom()}, tmp_path / STATE_FILE)
+    session = LocalSession(tmp_path / "checkpoints")
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    torch.save({"model": model.state_dict(), "payload": Boom()}, tampered / STATE_FILE)
+    session.report({}, tampered)  # now the latest checkpoint of the run
     with pytest.raises(pickle.UnpicklingError):
-        load_training_state(tmp_path, model, optimizer, scheduler, torch.device("cpu"))
+        watched(session, model, optimizer, scheduler).restore()
     assert not marker.exists()

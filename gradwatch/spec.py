@@ -26,8 +26,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from service.spec_telemetry import TelemetrySpec
+from gradwatch.spec_telemetry import TelemetrySpec
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_SPEC_NODES = 4096  # keys, values and items together; a real spec has under 200
@@ -203,6 +204,38 @@ DataSpec = Annotated[
 ]
 
 
+# ------------------------------------------------------------ the trainer
+class BuiltinTrain(Strict):
+    """The built-in supervised loop over the spec's `model` and `data` (the default)."""
+
+    loop: Literal["builtin"] = "builtin"
+
+
+class EntrypointTrain(Strict):
+    """User code: your own training function, `package.module:function`, called on every rank as
+    function(config). It reports to gradwatch through `import gradwatch` (README: "Your own training loop")."""
+
+    entrypoint: str = Field(json_schema_extra={"pattern": _IMPORT_PATH.pattern},
+                            description="`package.module:function` of the training function.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Passed to the function as its argument.")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _importable(cls, value: str, info: ValidationInfo) -> str:
+        return check_import_path(value, info)
+
+
+def _train_tag(value: Any) -> str:
+    keys = value if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else {}
+    return "entrypoint" if "entrypoint" in keys else "builtin"
+
+
+TrainSpec = Annotated[
+    Annotated[BuiltinTrain, Tag("builtin")] | Annotated[EntrypointTrain, Tag("entrypoint")],
+    Discriminator(_train_tag),
+]
+
+
 # ------------------------------------------------------------------ training
 class OptimizerSpec(Strict):
     name: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -236,6 +269,14 @@ class ScalingSpec(Strict):
         "pack", description="How workers spread over Ray nodes (a placement group strategy): pack fills few "
         "nodes, spread prefers one worker per node, strict_spread demands it (as many nodes as workers).")
 
+    def per_worker(self) -> dict[str, float]:
+        """What each worker asks Ray for, in Ray's resource names."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def demand(self) -> dict[str, float]:
+        """What the whole job's workers ask Ray for (the driver and Ray Train's controller ask for none)."""
+        return {name: self.num_workers * amount for name, amount in self.per_worker().items()}
+
 
 class ValidationSpec(Strict):
     every_steps: int = Field(50, ge=1)
@@ -262,8 +303,13 @@ class JobSpec(Strict):
                  Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=16)
     owner: str | None = Field(None, max_length=128)
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first when the cluster is full.")
-    model: ModelSpec
-    data: DataSpec
+    train: TrainSpec = Field(default_factory=BuiltinTrain,
+                             description="The built-in loop (default), or `{entrypoint: 'pkg.mod:function', "
+                                         "config: {...}}` for your own training function.")
+    model: ModelSpec | None = Field(None, description="The built-in loop's model (required by it, unused by an "
+                                                      "entrypoint).")
+    data: DataSpec | None = Field(None, description="The built-in loop's data (required by it, unused by an "
+                                                    "entrypoint).")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Examples per worker per step.")
@@ -292,6 +338,19 @@ class JobSpec(Strict):
                                                  r"(\d+(\.\d+)?\s*)?$"},
                                      {"type": "null"}]})
 
+    @field_validator("model", "data")
+    @classmethod
+    def _builtin_needs_it(cls, value: Any, info: ValidationInfo) -> Any:
+        train = info.data.get("train")
+        if train is None:  # train itself was invalid: its own error says why
+            return value
+        if value is None and isinstance(train, BuiltinTrain):
+            raise PydanticCustomError("missing", "Field required")
+        if value is not None and isinstance(train, EntrypointTrain):
+            raise ValueError(f"a train.entrypoint job builds its own {info.field_name}: remove {info.field_name}, "
+                             "or pass what the function needs in train.config")
+        return value
+
     @field_validator("timeout", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
@@ -318,6 +377,8 @@ class JobSpec(Strict):
                              f"max_steps ({self.max_steps})")
         if self.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("precision bf16 needs scaling.use_gpu: true (CPU training runs in fp32)")
+        if self.model is None or self.data is None:
+            return self
         model_name, data_name = self.model.name, self.data.name
         if model_name == "char-transformer" and data_name not in ("text",) and ":" not in data_name:
             raise ValueError(f"model char-transformer needs data text, not {data_name}")
@@ -342,8 +403,18 @@ class JobSpec(Strict):
     def summary(self) -> str:
         steps = f"{self.max_steps} steps" if self.max_steps else f"{self.epochs} epochs"
         device = "GPU" if self.scaling.use_gpu else "CPU"
-        return (f"{self.name}: {self.model.name} on {self.data.name}, {self.scaling.num_workers} {device} "
-                f"workers x batch {self.batch_size}, {self.optimizer.name} lr {self.optimizer.lr:g}, {steps}")
+        if isinstance(self.train, EntrypointTrain):
+            return f"{self.name}: {self.train.entrypoint} on {self.scaling.num_workers} {device} workers, {steps}"
+        return (f"{self.name}: {self.model_name} on {self.data.name if self.data else '-'}, "
+                f"{self.scaling.num_workers} {device} workers x batch {self.batch_size}, {self.optimizer.name} lr "
+                f"{self.optimizer.lr:g}, {steps}")
+
+    @property
+    def model_name(self) -> str:
+        """What trains: the built-in model's name, or the entrypoint of a training function."""
+        if isinstance(self.train, EntrypointTrain):
+            return self.train.entrypoint
+        return self.model.name if self.model else "-"
 
 
 # ------------------------------------------------------------------- helpers
@@ -476,7 +547,7 @@ def check_import_path(value: str, info: ValidationInfo) -> str:
     mode = (info.context or {}).get("user_code", "import")
     if mode == "deny":
         raise ValueError(f"user code ({value}) is disabled on this server: use a built-in name, "
-                         "or ask the operator to start it with user code allowed")
+                         "or ask the operator to allow user code (GRADWATCH_ALLOW_USER_CODE=true)")
     if mode == "skip":
         return value
     module_name, attr = value.split(":")
@@ -563,10 +634,10 @@ def format_errors(error: ValidationError) -> list[str]:
 
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     # Tagged unions put the tag in the path (model.mlp.hidden): drop it, users never wrote it.
-    tags = set(BUILTIN_MODELS) | set(BUILTIN_DATA) | {"custom"}
+    tags = {"model": {*BUILTIN_MODELS, "custom"}, "data": {*BUILTIN_DATA, "custom"}, "train": {"builtin", "entrypoint"}}
     out: list[Any] = []
-    for part in loc:
-        if out and out[-1] in ("model", "data") and part in tags and len(out) == 1:
+    for i, part in enumerate(loc):
+        if i == 1 and part in tags.get(loc[0], ()):
             continue
         out.append(part)
     return out

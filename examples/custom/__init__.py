@@ -1,0 +1,1 @@
+"""Training functions of your own under gradwatch (README: "Your own training loop")."""

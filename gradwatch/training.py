@@ -1,0 +1,616 @@
+"""The training API: gradwatch's telemetry, guards and checkpoints for any PyTorch training loop.
+
+One object per rank, a `Run`, made by `gradwatch.start()`:
+
+    run = gradwatch.start()                            # in a gradwatch job: its id, rank and spec
+    optimizer = run.watch(model, optimizer)            # per-layer norms, update ratios, noise scale
+    state = run.restore()                              # after a restart: the last checkpoint's state
+    while run.step < run.max_steps:
+        loss = ...
+        optimizer.zero_grad()
+        run.backward(loss, losses={"recon": r, "reg": g}, samples=len(x))  # True when the update is safe
+        optimizer.step()                               # skips an unsafe update by itself
+        if run.step % 100 == 0:
+            run.save_checkpoint({"epoch": epoch})
+    run.finish()
+
+Whether an update is safe is decided on values that are identical on every rank (the all-reduced
+loss and gradient norm), so all ranks skip together and the replicas stay equal. The built-in
+loop (workers/loop.py) runs on this same API.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradwatch.ids import new_job_id
+from gradwatch.spec import EntrypointTrain, JobSpec, RollbackSpec
+from gradwatch.spec_telemetry import TelemetrySpec
+from workers.board import BoardClient
+from workers.session import LocalSession, RayTrainSession, Session
+from workers.telemetry import Telemetry
+
+log = logging.getLogger("gradwatch.training")
+
+STATE_FILE = "state.pt"
+MAX_NAMED_SERIES = 16  # named loss terms and custom scalars together, per rank: series stay bounded
+_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")
+# While one of these holds, the weights are suspect: a checkpoint is saved but not kept as the rollback target.
+_SUSPECT = ("divergence", "exploding_gradients", "loss_spike")
+
+
+# Applied updates in a row that end a stretch of skipped ones; fewer (a finite batch now and then
+# while the loss is inf) do not: the run has not recovered.
+RECOVERY_STEPS = 10
+
+
+class DivergenceStop(RuntimeError):
+    """on_divergence: stop, and the run diverged."""
+
+
+@dataclass
+class JobContext:
+    """What a gradwatch job hands the training function's ranks (set by the job's worker entry)."""
+
+    spec: JobSpec
+    job_id: str
+    run_dir: Path | None
+    board: BoardClient | None
+    serve_metrics: bool
+
+
+_job: JobContext | None = None
+_run: Run | None = None
+
+
+def enter_job(context: JobContext | None) -> None:
+    """Set (or clear, with None) the job this process's ranks belong to; `start()` picks it up."""
+    global _job, _run
+    _job, _run = context, None
+
+
+def current() -> Run | None:
+    """The run `start()` made in this process, if any."""
+    return _run
+
+
+def start(*, job_id: str | None = None, max_steps: int | None = None, name: str = "train",
+          telemetry: TelemetrySpec | dict[str, Any] | None = None, on_divergence: str = "alert",
+          serve_metrics: bool = True, sd_dir: str | Path | None = None, session: Session | None = None) -> Run:
+    """Attach this rank to gradwatch; returns its `Run` (the same one if called again).
+
+    Inside a gradwatch job every argument comes from the job (its id, spec and endpoints registry)
+    and the ones given here are ignored. Elsewhere - a plain Ray Train `train_func` or a single
+    process - the run uses them: `job_id` (default: a new `gw-` id; give every rank the same one),
+    `max_steps` (where `run.max_steps` stops), `telemetry` (the spec's `telemetry` section),
+    `on_divergence` (`alert`, `stop` or `rollback`). Each rank serves `/metrics` on a free port
+    unless `serve_metrics` is false; with `sd_dir`, each rank writes its endpoint there as a
+    Prometheus file_sd file (`<job_id>-<rank>.json`).
+    """
+    global _run
+    if _run is not None:
+        return _run
+    session = session or _default_session()
+    if _job is not None:
+        spec = _job.spec
+        _run = Run(session, spec, job_id=_job.job_id, run_dir=_job.run_dir, board=_job.board,
+                   serve_metrics=_job.serve_metrics and spec.telemetry.enabled)
+        return _run
+    if job_id is None and session.world_size > 1:
+        raise ValueError("gradwatch.start(): give every rank the same job_id (e.g. from the train_func's config); "
+                         "each rank would make up its own otherwise")
+    # The same settings a job spec would give: a training function's spec, checked by the same rules.
+    settings = {"name": name, "train": {"entrypoint": "__main__:train"}, "max_steps": max_steps or 100_000_000,
+                "scaling": {"num_workers": session.world_size}, "on_divergence": on_divergence,
+                "telemetry": telemetry.model_dump() if isinstance(telemetry, TelemetrySpec) else telemetry or {}}
+    spec = JobSpec.model_validate(settings, context={"user_code": "skip"})
+    _run = Run(session, spec, job_id=job_id or new_job_id(), serve_metrics=serve_metrics and spec.telemetry.enabled,
+               sd_dir=Path(sd_dir) if sd_dir else None)
+    _run.max_steps = max_steps
+    return _run
+
+
+def _default_session() -> Session:
+    try:
+        import ray.train
+
+        ray.train.get_context()
+    except (ImportError, RuntimeError):  # not inside a Ray Train worker: this process alone
+        return LocalSession()
+    return RayTrainSession()
+
+
+class GuardedOptimizer:
+    """The watched optimizer: `step()` applies the update only when the run said it is safe.
+
+    Everything else is the wrapped optimizer's (`param_groups`, `state_dict`, ...); a learning-rate
+    scheduler takes the wrapped one, `guarded.optimizer`.
+    """
+
+    def __init__(self, run: Run, optimizer: torch.optim.Optimizer):
+        self._run, self.optimizer = run, optimizer
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if not self._run.safe:
+            return None
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, state, state_dict, ...
+        return getattr(self.optimizer, name)
+
+
+@dataclass
+class _Pending:
+    """A reported step waiting for its optimizer update (to measure the update it made)."""
+
+    step: int
+    loss: float
+    global_loss: float
+    grad_norm: float
+    param_norms: list[torch.Tensor] | None
+    terms: dict[str, float]
+    samples: int
+    waited: float
+    lr: float
+    applied: bool
+
+
+class Run:
+    """One rank's view of a training run: what it measured, what it decided, where it stands."""
+
+    def __init__(self, session: Session, spec: JobSpec, *, job_id: str, run_dir: Path | None = None,
+                 board: BoardClient | None = None, serve_metrics: bool = True, sd_dir: Path | None = None):
+        self.session, self.spec, self.job_id = session, spec, job_id
+        self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
+        self.run_dir, self.board, self.sd_dir = run_dir, board, sd_dir
+        self.serve_metrics = serve_metrics
+        self.max_steps: int | None = spec.max_steps
+        self.step = 0
+        self.epoch = 0
+        self.safe = True
+        self.skipped_steps = 0
+        # a stretch of skipped updates: how many, since when, applied ones since, the last applied (step, loss)
+        self._skipped_in_a_row, self._skipped_since, self._applied_in_a_row = 0, 0, 0
+        self._last_applied: tuple[int, float] | None = None
+        self._stop_reason: str | None = None
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.skip_until_step = 0
+        self.first_val_loss: float | None = None
+        self.last_val: tuple[float, float | None] | None = None
+        self.telemetry: Telemetry | None = None
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.grad_clip: float | None = None
+        self.on_rollback: Callable[[dict[str, Any]], None] | None = None
+        self._pending: _Pending | None = None
+        self._guard_due = False
+        self._stale = False
+        self._initial_lrs: list[float] = []
+        self._params: list[torch.Tensor] = []
+        self._good: dict[str, Any] | None = None
+        self._named: dict[str, Any] = {}
+        self._begun = False
+        self._finished = False
+        self._resumed_step: int | None = None
+        self._samples = 0
+        self._t_start = time.time()
+        self._mark = time.perf_counter()
+        self._last_post = 0.0
+        self._sd_file: Path | None = None
+
+    # --------------------------------------------------------------- setup
+    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+              grad_clip: float | None = None, batch_size: int | None = None) -> GuardedOptimizer:
+        """Measure `model` and guard `optimizer` (and `scheduler`, restored with them on a rollback).
+
+        With a DDP model, the loss and the local gradient norms ride on DDP's own all-reduce (no extra
+        collective) when the step uses `run.backward(loss)`. `grad_clip` clips the global gradient norm
+        of safe updates. Returns the optimizer wrapped so that `step()` skips unsafe updates.
+        """
+        if self.telemetry is not None:
+            raise RuntimeError("run.watch() was called twice: gradwatch watches one model and optimizer per run")
+        inner = model.module if hasattr(model, "module") else model
+        peak_lr = max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
+        view = SimpleNamespace(telemetry=self.spec.telemetry, batch_size=batch_size or self.spec.batch_size,
+                               optimizer=SimpleNamespace(lr=peak_lr), schedule=self.spec.schedule,
+                               name=self.spec.name, owner=self.spec.owner,
+                               labels=self.spec.labels,
+                               model_name=(type(inner).__name__ if isinstance(self.spec.train, EntrypointTrain)
+                                           else self.spec.model_name))
+        history = self.run_dir / "history.jsonl" if self.run_dir else None
+        self.telemetry = Telemetry(view, self.job_id, self.rank, self.world_size, model, self.device,
+                                   board=self.board, history_path=history)
+        self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        optimizer.register_step_post_hook(lambda *_: self._updated())
+        self._good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
+        return GuardedOptimizer(self, optimizer)
+
+    def _begin(self) -> None:
+        """First contact of this rank with the job: post the start, count a restart, serve /metrics."""
+        if self._begun:
+            return
+        self._begun = True
+        tel = self._telemetry()
+        if self.board:
+            self.board.started(self.rank, self._resumed_step, self.session.node_id())
+        if self._resumed_step is not None:
+            tel.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
+            log.warning("rank %d resumed from the checkpoint at step %d", self.rank, self._resumed_step)
+            tel.record_event({"step": self._resumed_step, "event": "restart"})
+        if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
+            host, port = tel.serve(self.session.node_address())
+            if self.sd_dir is not None:
+                self._sd_file = self.sd_dir / f"{self.job_id}-{self.rank}.json"
+                from gradwatch.status import Endpoint, target_groups, write_atomic
+
+                groups = target_groups(self.job_id, [Endpoint(rank=self.rank, host=host, port=port)])
+                write_atomic(self._sd_file, json.dumps(groups))
+        self._mark = time.perf_counter()
+
+    def _telemetry(self) -> Telemetry:
+        if self.telemetry is None:
+            raise RuntimeError("call run.watch(model, optimizer) before reporting steps: gradwatch measures the "
+                               "model and guards the optimizer you give it")
+        return self.telemetry
+
+    # ---------------------------------------------------------------- steps
+    def backward(self, loss: torch.Tensor, *, losses: dict[str, torch.Tensor | float] | None = None,
+                 samples: int | None = None) -> bool:
+        """`loss.backward()` and `report()` in one: the loss mean rides on DDP's gradient all-reduce."""
+        tel = self._open_step()
+        tel.begin_step(self.step + 1)
+        tel.before_backward(loss.detach() if self.world_size > 1 else None)
+        loss.backward()
+        waited = tel.sync_wait_seconds(time.perf_counter())
+        return self._decide(loss, losses, samples, waited)
+
+    def report(self, loss: torch.Tensor | float, *, losses: dict[str, torch.Tensor | float] | None = None,
+               samples: int | None = None) -> bool:
+        """Report this step's loss after your own `backward()`, before `optimizer.step()`.
+
+        Returns whether the update is safe (loss and gradient norm finite on every rank), the same
+        answer on every rank. `losses` are named parts of the loss, exported per rank. Every rank
+        calls it every step (with more than one rank it joins a small all-reduce).
+        """
+        tel = self._open_step()
+        tel.begin_step(self.step + 1)
+        return self._decide(loss, losses, samples, 0.0)
+
+    def _open_step(self) -> Telemetry:
+        tel = self._telemetry()
+        self.end_step()
+        self._begin()
+        return tel
+
+    def _decide(self, loss: torch.Tensor | float, losses: dict[str, Any] | None, samples: int | None,
+                waited: float) -> bool:
+        tel = self._telemetry()
+        loss_t = torch.as_tensor(loss, dtype=torch.float32, device=self.device).detach().reshape(())
+        terms = dict(losses or {})
+        for term in terms:
+            self._check_name(term, "loss term")
+        param_norms = tel.grad_norms()  # before clipping, measured steps only
+        # One fused norm per parameter, then theirs (torch's get_total_norm costs more Python than the math here)
+        norms = param_norms if param_norms is not None else torch._foreach_norm(
+            [p.grad for p in self._params if p.grad is not None])
+        grad_norm = (torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) if norms
+                     else torch.zeros((), device=self.device))
+        local = [loss_t, grad_norm, *(torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                                      .reshape(()) for v in terms.values())]
+        stats = torch.stack(local)
+        if self.world_size > 1:
+            mean = tel.mean_loss()  # carried by DDP's gradient all-reduce
+            if mean is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
+                shared = torch.stack([loss_t, (~torch.isfinite(grad_norm)).float()])
+                dist.all_reduce(shared)
+                mean = torch.stack([shared[0] / self.world_size, shared[1]])
+            stats = torch.cat([stats, mean.float().reshape(-1)])
+        # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
+        values = stats.tolist()
+        loss_value, norm_value = values[0], values[1]
+        term_values = dict(zip(terms, values[2:2 + len(terms)], strict=True))
+        shared_values = values[2 + len(terms):]
+        global_loss = shared_values[0] if shared_values else loss_value
+        grads_finite = math.isfinite(norm_value) and (len(shared_values) < 2 or shared_values[1] == 0)
+        # After a rollback: this loss was computed on the weights just replaced, then rollback.skip_batches more.
+        rolled_back = self._stale or self.step < self.skip_until_step
+        self._stale = False
+        self.safe = grads_finite and math.isfinite(global_loss) and not rolled_back
+        if self.safe and self.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
+        n = samples or 0
+        if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
+            tel.batch_size = samples
+            if tel.metrics.rank0:
+                tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
+        self._pending = _Pending(self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n,
+                                 waited, lr, self.safe)
+        if not self.safe:
+            self.skipped_steps += 1
+            self.end_step()  # no update to wait for
+        return self.safe
+
+    def _updated(self) -> None:
+        """The optimizer's step post-hook: the update is made, so the step can be measured and recorded."""
+        if self._pending is not None and self._pending.applied:
+            self._record(self._pending)
+
+    def end_step(self) -> None:
+        """Record the reported step now (if its optimizer update never came) and apply the divergence guard.
+
+        Called by itself at the next gradwatch call; call it yourself to act on a divergence at once.
+        """
+        pending = self._pending
+        if pending is not None:
+            self._record(pending)
+        if self._guard_due:
+            self._guard_due = False
+            self._guard()
+        if self._stop_reason is not None:
+            reason, self._stop_reason = self._stop_reason, None
+            self.finish()  # the result keeps the run's last step, phases and anomalies
+            raise DivergenceStop(reason)
+
+    def _record(self, p: _Pending) -> None:
+        self._pending = None
+        tel = self._telemetry()
+        now = time.perf_counter()
+        seconds, self._mark = max(0.0, now - self._mark - p.waited), now
+        self.step = p.step
+        self._samples += p.samples
+        tel.end_step(p.step, self.epoch, loss=p.loss, global_loss=p.global_loss, grad_norm=p.grad_norm,
+                     param_grad_norms=p.param_norms, lr=p.lr, samples=p.samples, seconds=seconds,
+                     applied=p.applied)
+        for term, value in p.terms.items():
+            self._gauge("term", term).set(value)
+        self._guard_due = self.spec.on_divergence != "alert" and bool(tel.monitor.anomalies.get("divergence"))
+        self._stop_reason = self._check_skipped(p.applied, p.global_loss)
+        self.post_progress(force=self.max_steps is not None and p.step >= self.max_steps)
+
+    # -------------------------------------------------------- the guard
+    def _check_skipped(self, applied: bool, loss: float) -> str | None:
+        """Why the run must end, once max_skipped_steps steps passed since an update was first skipped with
+        no recovery (RECOVERY_STEPS applied updates in a row) in between: its weights no longer move."""
+        if self.step < self._skipped_since:  # rolled back to before the stretch: judge afresh
+            self._skipped_in_a_row = 0
+        if self._skipped_in_a_row == 0:  # healthy so far
+            if applied:
+                self._last_applied = (self.step, loss)
+                return None
+            self._skipped_since, self._applied_in_a_row = self.step, 0
+        self._skipped_in_a_row += not applied
+        self._applied_in_a_row = self._applied_in_a_row + 1 if applied else 0
+        if self._applied_in_a_row >= RECOVERY_STEPS:
+            self._skipped_in_a_row, self._last_applied = 0, (self.step, loss)
+            return None
+        steps = self.step - self._skipped_since + 1
+        limit = self.spec.max_skipped_steps
+        if limit is None or steps < limit:
+            return None
+        since, all_skipped = self._skipped_since, self._skipped_in_a_row == steps
+        last = (f"last finite loss{'' if all_skipped else ' before them'} {self._last_applied[1]:.4g} at step "
+                f"{self._last_applied[0]}" if self._last_applied else "no finite loss before them")
+        if all_skipped:
+            return f"diverged: {steps} consecutive non-finite steps since step {since}; {last}"
+        return (f"diverged: {self._skipped_in_a_row} of the {steps} steps since step {since} were non-finite, "
+                f"never {RECOVERY_STEPS} finite in a row; {last}")
+
+    def _guard(self) -> None:
+        tel = self._telemetry()
+        if self.spec.on_divergence == "stop":
+            raise DivergenceStop(f"training diverged at step {self.step} "
+                                 f"(loss EMA {tel.monitor.loss_ema:.4g}); on_divergence is stop")
+        self._rollback(self.spec.rollback)
+
+    def _rollback(self, cfg: RollbackSpec) -> None:
+        tel = self._telemetry()
+        if self.rollbacks >= cfg.max_rollbacks:
+            raise DivergenceStop(f"training diverged again at step {self.step} after {self.rollbacks} rollbacks "
+                                 "(rollback.max_rollbacks)")
+        assert self._good is not None and self.optimizer is not None
+        bad_step, good = self.step, self._good
+        self.rollbacks += 1
+        self.lr_scale *= cfg.lr_factor
+        self._load(good)
+        ratio = self.lr_scale / good["lr_scale"]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * self.lr_scale for lr in self._initial_lrs]
+        self.skip_until_step = self.step + cfg.skip_batches
+        self._stale = True
+        tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
+        detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"
+        log.warning("rank %d: %s", self.rank, detail)
+        tel.record_event({"step": bad_step, "event": "rollback", "to_step": self.step, "lr_scale": self.lr_scale})
+        if self.board and self.rank == 0:
+            self.board.post_event({"kind": "rollback", "name": "rollback", "step": bad_step,
+                                           "to_step": self.step, "lr_scale": self.lr_scale, "detail": detail})
+        if self.on_rollback is not None:
+            self.on_rollback(copy.deepcopy(good["extra"]))
+
+    # ------------------------------------------------------ validation
+    def log_validation(self, loss: float, accuracy: float | None = None, *, reduce: bool = False) -> None:
+        """A validation result at the current step. With `reduce`, every rank calls it and the mean over
+        ranks is what counts; else pass the same (already reduced) value on every rank."""
+        self.end_step()
+        tel = self._telemetry()
+        if reduce and self.world_size > 1:
+            values = torch.tensor([loss, -1.0 if accuracy is None else accuracy], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(values)
+            loss, acc = (values / self.world_size).tolist()
+            accuracy = None if accuracy is None else acc
+        if self.first_val_loss is None:
+            self.first_val_loss = loss
+        self.last_val = (loss, accuracy)
+        tel.observe_validation(self.step, loss, accuracy)
+        self.post_progress(force=True)
+
+    def log(self, **scalars: float) -> None:
+        """Custom scalars, one gauge each (`gradwatch_scalar{name}`), per rank; at most
+        MAX_NAMED_SERIES names with the loss terms."""
+        for name, value in scalars.items():
+            self._check_name(name, "scalar")
+            self._gauge("scalar", name).set(float(value))
+
+    def _check_name(self, name: str, what: str) -> None:
+        if name in self._named or f"term:{name}" in self._named or f"scalar:{name}" in self._named:
+            return
+        if not _NAME.match(name):
+            raise ValueError(f"{what} name {name!r}: use letters, digits and '_' (a Prometheus label value "
+                             "that reads well), at most 63 characters")
+        if len(self._named) >= MAX_NAMED_SERIES:
+            raise ValueError(f"{what} {name!r} would be named series number {len(self._named) + 1}: gradwatch keeps "
+                             f"at most {MAX_NAMED_SERIES} named losses and scalars per run so the series stay "
+                             f"bounded (have: {', '.join(sorted(self._named))})")
+
+    def _gauge(self, kind: str, name: str) -> Any:
+        key = f"{kind}:{name}"
+        if key not in self._named:
+            self._named[key] = self._telemetry().metrics.named(kind, name)
+        return self._named[key]
+
+    # ----------------------------------------------------- checkpoints
+    def _snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
+        assert self.model is not None and self.optimizer is not None
+        inner = self.model.module if hasattr(self.model, "module") else self.model
+        return {"model": copy.deepcopy(inner.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+                "step": self.step, "epoch": self.epoch, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                "skipped_steps": self.skipped_steps, "first_val_loss": self.first_val_loss,
+                "detectors": self.telemetry.detector_state() if self.telemetry else None,
+                "extra": copy.deepcopy(extra)}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        assert self.model is not None and self.optimizer is not None
+        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self._pending = None
+        if self.telemetry is not None:  # the detectors go on from the checkpoint's state, remembering since
+            self.telemetry.restore_detectors(state.get("detectors"))
+
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> None:
+        """Save the model, optimizer, scheduler, the run's position and your `extra` state through Ray Train
+        (rank 0 writes, every rank calls). Kept in memory as the rollback target unless the run is suspect."""
+        self.end_step()
+        tel = self._telemetry()
+        state = self._snapshot(extra or {})
+        if not any(tel.monitor.anomalies.get(k) for k in _SUSPECT):
+            self._good = state  # every rank keeps the last good state in memory: a rollback must not wait on storage
+        checkpoint_dir = None
+        if self.rank == 0:
+            checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
+            torch.save(state, checkpoint_dir / STATE_FILE)
+        metrics = {"step": self.step, "train_loss": tel.last.get("loss"),
+                   "val_loss": self.last_val[0] if self.last_val else None}
+        self.session.report(metrics, checkpoint_dir)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint (after a worker-group restart) into the watched model, optimizer and
+        scheduler; returns the `extra` state saved with it, or None when the run starts fresh."""
+        self._telemetry()
+        with self.session.latest_checkpoint_dir() as path:
+            if path is None:
+                self._begin()
+                return None
+            # weights_only: a checkpoint in shared storage is data, never code to unpickle.
+            state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
+        self._load(state)
+        self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
+        self.skipped_steps, self.first_val_loss = state["skipped_steps"], state["first_val_loss"]
+        self._good = state
+        self._resumed_step = self.step
+        self._begin()
+        return state["extra"]
+
+    # -------------------------------------------------------- progress
+    def post_progress(self, force: bool = False) -> None:
+        """Rank 0 tells the job's driver how far it got (at most twice a second unless forced)."""
+        if self.rank != 0 or self.board is None or self.telemetry is None:
+            return
+        now = time.time()
+        if not force and now - self._last_post < 0.5:
+            return
+        self._last_post = now
+        monitor, last = self.telemetry.monitor, self.telemetry.last
+        self.board.post_progress({
+            "step": self.step, "max_steps": self.max_steps, "epoch": self.epoch, "world_size": self.world_size,
+            "train_loss": last.get("global_loss", last.get("loss")), "loss_ema": monitor.loss_ema,
+            "val_loss": self.last_val[0] if self.last_val else None,
+            "val_accuracy": self.last_val[1] if self.last_val else None,
+            "grad_norm": last.get("grad_norm"), "lr": last.get("lr"),
+            "samples_per_second": self._samples * self.world_size / max(now - self._t_start, 1e-9),
+            "phase": monitor.phase, "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
+            "rollbacks": self.rollbacks,
+        })
+
+    # ------------------------------------------------------------ end
+    def finish(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run is over on this rank: post its outcome (rank 0) and this rank's report; returns the outcome."""
+        self.end_step()
+        tel = self._telemetry()
+        outcome = {
+            "steps": self.step, "train_loss": tel.last.get("global_loss", tel.last.get("loss")),
+            "val_loss": self.last_val[0] if self.last_val else None,
+            "val_accuracy": self.last_val[1] if self.last_val else None, "first_val_loss": self.first_val_loss,
+            "rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps,
+            "extra": {"phases": [{"phase": p, "step": s} for p, s in tel.phases_entered],
+                      "anomalies": [{"kind": k, "first_step": s} for k, s in tel.anomalies_raised.items()]},
+        }
+        if self.board and not self._finished:
+            self.board.post_rank_report(self.rank, {**self.rank_report(), **(report or {})})
+            if self.rank == 0:
+                self.post_progress(force=True)
+                self.board.post_final(outcome)
+        self._finished = True
+        return outcome
+
+    def rank_report(self) -> dict[str, Any]:
+        """What this rank ended with: a parameter fingerprint and its step times (for verification)."""
+        tel = self._telemetry()
+        flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self._params])
+        registry, labels = tel.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
+        step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
+        step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
+        return {"rank": self.rank, "param_sum": float(flat.double().sum()),
+                "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.step,
+                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
+                "mean_step_seconds": step_sum / step_count if step_count else None}
+
+    def close(self, grace_seconds: float | None = None) -> None:
+        """Stop serving /metrics (after `grace_seconds`, default the spec's, so the last values get scraped)."""
+        if self.telemetry is not None:
+            grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
+            self.telemetry.close(grace if self.serve_metrics else 0)
+        if self._sd_file is not None:
+            self._sd_file.unlink(missing_ok=True)
+            self._sd_file = None
+

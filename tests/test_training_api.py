@@ -1,0 +1,188 @@
+"""The training API in one process (no Ray): decisions, named series, checkpoints and the guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch import training
+from workers.session import LocalSession
+
+
+@pytest.fixture(autouse=True)
+def fresh_run():
+    training.enter_job(None)
+    yield
+    run = training.current()
+    if run is not None:
+        run.close(0)
+    training.enter_job(None)
+
+
+def sample(registry, metric, **labels):
+    return registry.get_sample_value(metric, labels)
+
+
+def tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+
+
+def start(session=None, **kwargs):
+    return gradwatch.start(max_steps=40, telemetry={"interval": 5, "grace_seconds": 0}, serve_metrics=False,
+                           session=session, **kwargs)
+
+
+def test_an_unsafe_update_is_skipped_by_the_guarded_optimizer_and_counted():
+    run = start()
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = data()
+    for step in range(1, 11):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step == 4:
+            loss = loss * float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        safe = run.backward(loss, samples=len(x))
+        optimizer.step()
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert safe is (step != 4) and unchanged is (step == 4), step
+    assert run.step == 10 and run.skipped_steps == 1
+    registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
+    assert sample(registry, "gradwatch_skipped_steps_total", **labels) == 1
+    assert sample(registry, "gradwatch_nonfinite_total", **labels, kind="loss") == 1
+    assert sample(registry, "gradwatch_step", **labels) == 10
+    assert sample(registry, "gradwatch_samples_total", **labels) == 10 * 32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_report_after_your_own_backward_measures_layers_and_updates():
+    run = start()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run.watch(model, optimizer)
+    x, y = data()
+    for _ in range(5):  # telemetry.interval 5: step 5 is measured
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if run.report(loss):
+            optimizer.step()
+    registry = run.telemetry.metrics.registry
+    for layer in ("0", "2"):
+        ratio = sample(registry, "gradwatch_layer_update_ratio", job_id=run.job_id, layer=layer)
+        assert 0 < ratio < 1, layer
+    assert sample(registry, "gradwatch_grad_norm", job_id=run.job_id) > 0
+    history = run.telemetry.last
+    assert history["step"] == 5 and history["layer_grad_norm"].keys() == {"0", "2"}
+
+
+def test_named_losses_and_scalars_are_gauges_and_their_number_is_bounded():
+    run = start()
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = data()
+    mse = torch.nn.functional.mse_loss(model(x), y)
+    reg = 0.01 * sum(p.abs().sum() for p in model.parameters())
+    optimizer.zero_grad()
+    run.backward(mse + reg, losses={"mse": mse, "l1": reg})
+    optimizer.step()
+    run.log(temperature=0.7)
+    registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
+    assert sample(registry, "gradwatch_loss_term", **labels, term="mse") == pytest.approx(mse.item())
+    assert sample(registry, "gradwatch_loss_term", **labels, term="l1") == pytest.approx(reg.item())
+    assert sample(registry, "gradwatch_scalar", **labels, name="temperature") == pytest.approx(0.7)
+
+    run.log(**{f"s{i}": float(i) for i in range(gradwatch.MAX_NAMED_SERIES - 3)})  # 16 names in all now
+    with pytest.raises(ValueError, match="at most 16 named losses and scalars"):
+        run.log(one_too_many=1.0)
+    with pytest.raises(ValueError, match="use letters, digits and '_'"):
+        run.log(**{"bad name": 1.0})
+
+
+def test_a_restart_restores_the_saved_state_and_returns_the_extra(tmp_path):
+    session = LocalSession(checkpoint_root=tmp_path)
+    run = start(session)
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    assert run.restore() is None  # a fresh run
+    x, y = data()
+    for _ in range(12):
+        optimizer.zero_grad()
+        run.backward(torch.nn.functional.mse_loss(model(x), y))
+        optimizer.step()
+    run.save_checkpoint({"epoch": 3, "cursor": 17})
+    saved = [p.detach().clone() for p in model.parameters()]
+    run.close(0)
+
+    training.enter_job(None)  # the worker group restarts: a new process, the same checkpoint storage
+    again = start(session)
+    fresh = tiny(seed=5)
+    again.watch(fresh, torch.optim.Adam(fresh.parameters(), lr=0.01))
+    assert again.restore() == {"epoch": 3, "cursor": 17}
+    assert again.step == 12
+    assert all(torch.equal(a, b) for a, b in zip(saved, fresh.parameters(), strict=True))
+    registry = again.telemetry.metrics.registry
+    assert sample(registry, "gradwatch_restarts_total", job_id=again.job_id, rank="0") == 1
+
+
+def exploding(run, model, optimizer, steps):
+    """Train normally, then make the loss blow up until the guard acts."""
+    x, y = data()
+    for step in range(1, steps + 1):
+        loss = torch.nn.functional.mse_loss(model(x), y) * (1.0 if step <= 30 else 10.0 ** (step - 30))
+        optimizer.zero_grad()
+        run.backward(loss)
+        optimizer.step()
+        if step == 25:
+            run.save_checkpoint({"at": 25})
+
+
+def test_on_divergence_stop_ends_the_run_with_a_reason():
+    run = start(on_divergence="stop")
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    with pytest.raises(gradwatch.DivergenceStop, match="on_divergence is stop"):
+        exploding(run, model, optimizer, 40)
+
+
+def test_on_divergence_rollback_returns_to_the_last_good_checkpoint_with_a_lower_lr():
+    run = start(on_divergence="rollback")
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    restored = []
+    run.on_rollback = restored.append
+    x, y = data()
+    for step in range(1, 41):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if 30 < step and not restored:
+            loss = loss * 10.0 ** (step - 30)
+        optimizer.zero_grad()
+        run.backward(loss)
+        optimizer.step()
+        run.end_step()  # act on a divergence now, not at the next step
+        if step == 25:
+            run.save_checkpoint({"at": 25})
+            good = [p.detach().clone() for p in model.parameters()]
+        if restored:
+            break
+    assert restored == [{"at": 25}] and run.rollbacks == 1
+    assert run.step == 25 and optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert all(torch.equal(a, b) for a, b in zip(good, model.parameters(), strict=True))
+
+
+def test_outside_a_job_several_ranks_need_one_job_id():
+    class TwoRanks(LocalSession):
+        world_size = 2
+
+    with pytest.raises(ValueError, match="give every rank the same job_id"):
+        gradwatch.start(session=TwoRanks())
+    with pytest.raises(RuntimeError, match=r"call run.watch\(model, optimizer\) before reporting"):
+        gradwatch.start(serve_metrics=False).report(1.0)
