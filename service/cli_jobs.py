@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gradwatch.names import DEFAULT_RAY_DASHBOARD, DEFAULT_SERVICE_URL, TERMINAL_STATES
+from gradwatch.names import DEFAULT_SERVICE_URL, TERMINAL_STATES
 from service.client import Client, GradwatchError
 
 console = Console(highlight=False)

@@ -133,7 +133,7 @@ def test_a_run_whose_updates_are_all_skipped_ends_failed_with_the_reason(tmp_pat
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     nonfinite = {r["step"] for r in history if r.get("nonfinite")}
     assert since == min(nonfinite)  # never 10 applied updates in a row since the first non-finite step
-    assert trainer.pos.step == since + 19 < 500  # stopped at once, long before max_steps
+    assert trainer.step == since + 19 < 500  # stopped at once, long before max_steps
     skipped = int(reason["skipped"] or reason["steps"])
     assert skipped == len(nonfinite & set(range(since, since + 20))) >= 10
     assert last_step == since - 1 and math.isfinite(float(reason["loss"]))
