@@ -1,4 +1,5 @@
-"""Every `gradwatch_*` metric a worker exports: the metrics contract (ARCHITECTURE.md) in one place.
+"""Every `gradwatch_*` metric a worker exports, in one place: the metrics contract of
+gradwatch/ARCHITECTURE.md.
 
 Each worker process owns one `WorkerMetrics` (its own CollectorRegistry), so
 tests can build several side by side and read them with `get_sample_value`.

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 BOARD_FILES = ["fleet.json", "run.json", "ranks.json"]
 DATASOURCE_UID = "gradwatch-prometheus"
 
-# The metrics contract (ARCHITECTURE.md, "Contracts"), written out by hand so that a dashboard
+# The metrics contract (gradwatch/ARCHITECTURE.md, "Contracts"), written out by hand so that a dashboard
 # cannot quietly start depending on a name nobody exports.
 CONTRACT_METRICS = {
     # per rank
@@ -52,7 +52,7 @@ CONTRACT_METRICS = {
     # service
     "gradwatch_jobs",
     "gradwatch_job_state",
-    # named by the Grafana issue and exported by workers/metrics.py, not yet listed in ARCHITECTURE.md
+    # exported by workers/metrics.py for the boards
     "gradwatch_global_batch_size",
     "gradwatch_restarts_total",
     "gradwatch_rollbacks_total",

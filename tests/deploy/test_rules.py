@@ -19,7 +19,7 @@ RULES = REPO / "deploy/prometheus/rules/gradwatch.rules.yml"
 RULE_TESTS = REPO / "deploy/prometheus/rules/tests/gradwatch.test.yml"
 GRAFANA = REPO / "deploy/grafana/provisioning/alerting/gradwatch.yaml"
 
-# The alerts contract (ARCHITECTURE.md, "Contracts")
+# The alerts contract (gradwatch/ARCHITECTURE.md, "Contracts")
 CONTRACT = {
     "TrainingLossNonFinite", "TrainingDiverging", "TrainingLossSpike", "TrainingStalled",
     "TrainingNoProgress", "TrainingOverfitting", "VanishingGradients", "ExplodingGradients",
