@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup tools lint generate check-generated clean bench
+.PHONY: demo test setup tools lint format generate check-generated clean bench
 
 setup: $(STAMP)
 
@@ -46,8 +46,15 @@ demo: setup
 test: setup tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+CODE := gradwatch service workers dashboards deploy tests bench examples
+
 lint: setup
-	$(VENV)/bin/ruff check gradwatch service workers dashboards deploy tests bench examples
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+
+format: setup
+	$(VENV)/bin/ruff format $(CODE)
+	$(VENV)/bin/ruff check --fix $(CODE)
 
 generate: setup
 	$(PY) -m deploy.rules.generate

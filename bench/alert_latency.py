@@ -60,8 +60,11 @@ def run(client, data_dir: Path, example: str, alert: str, onset_of) -> float:
     onset = onset_of(history(data_dir, job["id"]))
     client.cancel(job["id"])
     latency = arrived - onset
-    print(f"{example:10s} {alert:22s} onset {datetime.fromtimestamp(onset):%H:%M:%S.%f} "
-          f"alert received {datetime.fromtimestamp(arrived):%H:%M:%S.%f} -> {latency:.2f} s", flush=True)
+    print(
+        f"{example:10s} {alert:22s} onset {datetime.fromtimestamp(onset):%H:%M:%S.%f} "
+        f"alert received {datetime.fromtimestamp(arrived):%H:%M:%S.%f} -> {latency:.2f} s",
+        flush=True,
+    )
     return latency
 
 
@@ -84,12 +87,18 @@ def main() -> int:
         token_file = tmp / "token"
         token_file.write_text(TOKEN)
         try:
-            am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts", token_file=token_file,
-                                                   group_wait="1s", group_interval="1s")
+            am_config = render_alertmanager_config(
+                webhook_url=f"{svc.url}/v1/alerts", token_file=token_file, group_wait="1s", group_interval="1s"
+            )
             with start_alertmanager(am_config, tmp) as am:
-                prom_config = render_prometheus_config(service_url=svc.url, token_file=token_file,
-                                                       alertmanager_url=am.url, scrape_interval=SCRAPE,
-                                                       eval_interval=EVAL, sd_refresh_interval="1s")
+                prom_config = render_prometheus_config(
+                    service_url=svc.url,
+                    token_file=token_file,
+                    alertmanager_url=am.url,
+                    scrape_interval=SCRAPE,
+                    eval_interval=EVAL,
+                    sd_refresh_interval="1s",
+                )
                 with start_prometheus(prom_config, tmp):
                     nonfinite = run(svc.client, data_dir, "diverging", "TrainingLossNonFinite", first_nonfinite)
                     time.sleep(2)

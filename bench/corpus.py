@@ -53,8 +53,13 @@ def _val(rng: np.random.Generator, trend: np.ndarray, gap: float = 1.05, cv: flo
     return out
 
 
-def _rows(loss: np.ndarray, val: dict[int, float] | None = None, lr: np.ndarray | None = None,
-          update_ratio: np.ndarray | None = None, grad_norm: np.ndarray | None = None) -> list[dict]:
+def _rows(
+    loss: np.ndarray,
+    val: dict[int, float] | None = None,
+    lr: np.ndarray | None = None,
+    update_ratio: np.ndarray | None = None,
+    grad_norm: np.ndarray | None = None,
+) -> list[dict]:
     rows = []
     for i, value in enumerate(loss):
         step = i + 1
@@ -86,6 +91,7 @@ def power_law(cv: float) -> Callable[[int], Curve]:
         rng = np.random.default_rng(seed)
         trend = _power_law(rng, STEPS)
         return Curve(f"power_law_{round(cv * 100)}pct", seed, _rows(trend * _noise(rng, STEPS, cv), _val(rng, trend)))
+
     return make
 
 
@@ -141,6 +147,7 @@ def near_zero(cv: float) -> Callable[[int], Curve]:
         trend = start * np.exp(-t / rng.uniform(100, 400)) + start * 1e-4
         loss = trend * _noise(rng, STEPS, cv, skewed=True)
         return Curve(f"near_zero_cv{cv:g}", seed, _rows(loss, _val(rng, trend + start * 0.01, cv=0.05)))
+
     return make
 
 
@@ -232,7 +239,7 @@ def persistent_nan(seed: int) -> Curve:
     rng = np.random.default_rng(seed)
     trend, noise, onset = _healthy_base(rng)
     loss = trend * noise
-    loss[onset - 1:] = float("nan")
+    loss[onset - 1 :] = float("nan")
     return Curve("persistent_nan", seed, _rows(loss, _val(rng, trend)), onset)
 
 

@@ -41,8 +41,15 @@ from bench.corpus import HEALTHY, MEANT_FOR, UNHEALTHY, Curve  # noqa: E402
 from gradwatch.names import ANOMALIES  # noqa: E402
 from workers.replay import ReplayResult, replay_rows  # noqa: E402
 
-ALERTS = ("TrainingLossNonFinite", "TrainingDiverging", "TrainingLossSpike", "TrainingStalled",
-          "TrainingOverfitting", "VanishingGradients", "ExplodingGradients")
+ALERTS = (
+    "TrainingLossNonFinite",
+    "TrainingDiverging",
+    "TrainingLossSpike",
+    "TrainingStalled",
+    "TrainingOverfitting",
+    "VanishingGradients",
+    "ExplodingGradients",
+)
 ANCHORS = ("megatron", "olmo", "composer", "lightning", "rlrop")
 GOAL_FALSE_ALARM = 0.01
 GOAL_DETECTION = 0.95
@@ -56,10 +63,16 @@ def alerts_of(result: ReplayResult) -> dict[str, int]:
     def fire(alert: str, step: int) -> None:
         first[alert] = min(first.get(alert, step), step)
 
-    by_alert = {"nonfinite": "TrainingLossNonFinite", "divergence": "TrainingDiverging",
-                "loss_spike": "TrainingLossSpike", "plateau": "TrainingStalled", "lr_too_low": "TrainingStalled",
-                "overfitting": "TrainingOverfitting", "vanishing_gradients": "VanishingGradients",
-                "exploding_gradients": "ExplodingGradients"}
+    by_alert = {
+        "nonfinite": "TrainingLossNonFinite",
+        "divergence": "TrainingDiverging",
+        "loss_spike": "TrainingLossSpike",
+        "plateau": "TrainingStalled",
+        "lr_too_low": "TrainingStalled",
+        "overfitting": "TrainingOverfitting",
+        "vanishing_gradients": "VanishingGradients",
+        "exploding_gradients": "ExplodingGradients",
+    }
     for kind, step in result.anomalies.items():
         fire(by_alert[kind], step)
     for phase, step in result.phases:
@@ -160,8 +173,9 @@ def rate_rows(verdicts: dict[str, list[Verdict]]) -> dict[str, dict]:
             early = sum(name in v.fired and v.fired[name] < v.onset for v in runs)
             cell = {"rate": len(delays) / len(runs), "early": early / len(runs)}
             if delays:
-                cell.update(zip(("p10", "p50", "p90"), (float(x) for x in np.percentile(delays, [10, 50, 90])),
-                                strict=True))
+                cell.update(
+                    zip(("p10", "p50", "p90"), (float(x) for x in np.percentile(delays, [10, 50, 90])), strict=True)
+                )
             row[name] = cell
         table[family] = row
     return table
@@ -177,8 +191,11 @@ def print_tables(table: dict[str, dict], out=sys.stdout) -> list[str]:
     healthy = {f: r for f, r in table.items() if r["healthy"]}
     unhealthy = {f: r for f, r in table.items() if not r["healthy"]}
     cols = [*ANOMALIES, "alerts", *ANCHORS]
-    print("\nFalse alarms on healthy runs (share of runs where it fired at all; goal <= 1%, 0 for "
-          "divergence and nonfinite):", file=out)
+    print(
+        "\nFalse alarms on healthy runs (share of runs where it fired at all; goal <= 1%, 0 for "
+        "divergence and nonfinite):",
+        file=out,
+    )
     print(f"| family | runs | {' | '.join(cols)} |", file=out)
     print("|---|---:|" + "---:|" * len(cols), file=out)
     for family, row in healthy.items():
@@ -189,35 +206,52 @@ def print_tables(table: dict[str, dict], out=sys.stdout) -> list[str]:
             limit = 0.0 if kind in ("divergence", "nonfinite") else GOAL_FALSE_ALARM
             if row[kind]["rate"] > limit:
                 misses.append(f"{kind} fires on {_pct(row[kind]['rate'])} of {family} (goal <= {_pct(limit)})")
-    print("\nDetection on broken runs (caught at or after the onset; delay p10/p50/p90 in steps; "
-          "early = fired before the onset):", file=out)
+    print(
+        "\nDetection on broken runs (caught at or after the onset; delay p10/p50/p90 in steps; "
+        "early = fired before the onset):",
+        file=out,
+    )
     # An anchor "catches" a family when it finds >= 95% of it and stays under the false-alarm goal on
     # every healthy family; one that fires on most healthy runs catches everything and means nothing.
     usable = [a for a in ANCHORS if all(r[a]["rate"] <= GOAL_FALSE_ALARM for r in healthy.values())]
     print(f"(anchors under the false-alarm goal on every healthy family: {', '.join(usable) or 'none'})", file=out)
-    print("| family | runs | meant for | ours | delay | alert | first alert | " + " | ".join(ANCHORS)
-          + " | other anomalies |", file=out)
+    print(
+        "| family | runs | meant for | ours | delay | alert | first alert | "
+        + " | ".join(ANCHORS)
+        + " | other anomalies |",
+        file=out,
+    )
     print("|---|---:|---|---:|---|---:|---:|" + "---:|" * len(ANCHORS) + "---|", file=out)
     for family, row in unhealthy.items():
         kind, alert = MEANT_FOR[family]
         cell = row[kind]
         delay = "/".join(f"{cell[p]:.0f}" for p in ("p10", "p50", "p90")) if "p50" in cell else "-"
-        anchor_cells = [f"{_pct(row[a]['rate'])} ({row[a]['p50']:.0f})" if "p50" in row[a] else _pct(row[a]["rate"])
-                        for a in ANCHORS]
-        others = ", ".join(f"{k} {_pct(row[k]['rate'] + row[k]['early'])}" for k in ANOMALIES
-                           if k != kind and row[k]["rate"] + row[k]["early"] > 0.0)
+        anchor_cells = [
+            f"{_pct(row[a]['rate'])} ({row[a]['p50']:.0f})" if "p50" in row[a] else _pct(row[a]["rate"])
+            for a in ANCHORS
+        ]
+        others = ", ".join(
+            f"{k} {_pct(row[k]['rate'] + row[k]['early'])}"
+            for k in ANOMALIES
+            if k != kind and row[k]["rate"] + row[k]["early"] > 0.0
+        )
         first = row["first_alert"]
         first_cell = f"{first['p50']:.0f}" if "p50" in first else "-"
-        print(f"| {family} | {row['runs']} | {kind} | {_pct(cell['rate'])} | {delay} | "
-              f"{_pct(row[alert]['rate'])} | {first_cell} | {' | '.join(anchor_cells)} | {others or '-'} |", file=out)
+        print(
+            f"| {family} | {row['runs']} | {kind} | {_pct(cell['rate'])} | {delay} | "
+            f"{_pct(row[alert]['rate'])} | {first_cell} | {' | '.join(anchor_cells)} | {others or '-'} |",
+            file=out,
+        )
         if cell["rate"] < GOAL_DETECTION:
             misses.append(f"{kind} catches {_pct(cell['rate'])} of {family} (goal >= {_pct(GOAL_DETECTION)})")
         if cell["early"] > GOAL_FALSE_ALARM:
             misses.append(f"{kind} fires before the onset on {_pct(cell['early'])} of {family}")
         best = [row[a]["p50"] for a in usable if "p50" in row[a] and row[a]["rate"] >= GOAL_DETECTION]
         if best and first_cell != "-" and first["p50"] > min(best):
-            misses.append(f"{family}: first alert after a median {first['p50']:.0f} steps, the best anchor "
-                          f"that catches it after {min(best):.0f}")
+            misses.append(
+                f"{family}: first alert after a median {first['p50']:.0f} steps, the best anchor "
+                f"that catches it after {min(best):.0f}"
+            )
     return misses
 
 
@@ -225,34 +259,86 @@ def print_tables(table: dict[str, dict], out=sys.stdout) -> list[str]:
 def real_specs(count: int) -> list[tuple[str, dict, bool, str | None]]:
     """(family, spec, healthy, expected kind) for `count` healthy runs and the broken ones."""
     rng = np.random.default_rng(1234)
-    models = [{"name": "mlp", "hidden": [64]}, {"name": "mlp", "hidden": [128, 64]},
-              {"name": "mlp", "hidden": [64, 64], "activation": "tanh"}, {"name": "cnn", "channels": [8]}]
-    optimizers = [{"name": "sgd", "lr": 0.05, "momentum": 0.9}, {"name": "adam", "lr": 1e-3},
-                  {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01}, {"name": "sgd", "lr": 0.1}]
+    models = [
+        {"name": "mlp", "hidden": [64]},
+        {"name": "mlp", "hidden": [128, 64]},
+        {"name": "mlp", "hidden": [64, 64], "activation": "tanh"},
+        {"name": "cnn", "channels": [8]},
+    ]
+    optimizers = [
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        {"name": "adam", "lr": 1e-3},
+        {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+        {"name": "sgd", "lr": 0.1},
+    ]
     schedules = [{"name": "constant"}, {"name": "cosine", "warmup_steps": 30}, {"name": "step", "step_size": 200}]
     out = []
     for i in range(count):
         model = models[i % len(models)]
-        data = ({"name": "digits", "as_images": True} if model["name"] == "cnn" else
-                {"name": "digits"} if i % 3 else {"name": "synthetic-classification"})
-        spec = {"name": f"real-{i}", "model": model, "data": data,
-                "optimizer": optimizers[int(rng.integers(len(optimizers)))],
-                "schedule": schedules[int(rng.integers(len(schedules)))],
-                "batch_size": int(rng.choice([16, 32, 64, 128])), "max_steps": 600, "seed": i,
-                "validation": {"every_steps": 20}, "telemetry": {"interval": 10},
-                "checkpoint": {"every_steps": 600, "keep": 1}, "scaling": {"num_workers": 1}}
+        data = (
+            {"name": "digits", "as_images": True}
+            if model["name"] == "cnn"
+            else {"name": "digits"}
+            if i % 3
+            else {"name": "synthetic-classification"}
+        )
+        spec = {
+            "name": f"real-{i}",
+            "model": model,
+            "data": data,
+            "optimizer": optimizers[int(rng.integers(len(optimizers)))],
+            "schedule": schedules[int(rng.integers(len(schedules)))],
+            "batch_size": int(rng.choice([16, 32, 64, 128])),
+            "max_steps": 600,
+            "seed": i,
+            "validation": {"every_steps": 20},
+            "telemetry": {"interval": 10},
+            "checkpoint": {"every_steps": 600, "keep": 1},
+            "scaling": {"num_workers": 1},
+        }
         out.append(("real_healthy", spec, True, None))
-    base = {"model": {"name": "mlp", "hidden": [64]}, "data": {"name": "digits"}, "batch_size": 64,
-            "max_steps": 600, "validation": {"every_steps": 20}, "telemetry": {"interval": 10},
-            "checkpoint": {"every_steps": 600, "keep": 1}, "scaling": {"num_workers": 1}}
+    base = {
+        "model": {"name": "mlp", "hidden": [64]},
+        "data": {"name": "digits"},
+        "batch_size": 64,
+        "max_steps": 600,
+        "validation": {"every_steps": 20},
+        "telemetry": {"interval": 10},
+        "checkpoint": {"every_steps": 600, "keep": 1},
+        "scaling": {"num_workers": 1},
+    }
     for seed in range(max(3, count // 10)):
-        out.append(("real_lr_too_high", {**base, "name": "hi", "seed": seed,
-                                         "optimizer": {"name": "sgd", "lr": 8.0}}, False, "divergence|plateau"))
-        out.append(("real_lr_too_low", {**base, "name": "lo", "seed": seed,
-                                        "optimizer": {"name": "sgd", "lr": 1e-8}}, False, "lr_too_low"))
-        out.append(("real_deep_sigmoid", {**base, "name": "sig", "seed": seed, "max_steps": 300,
-                                          "model": {"name": "mlp", "hidden": [32] * 12, "activation": "sigmoid"},
-                                          "optimizer": {"name": "sgd", "lr": 0.01}}, False, "vanishing_gradients"))
+        out.append(
+            (
+                "real_lr_too_high",
+                {**base, "name": "hi", "seed": seed, "optimizer": {"name": "sgd", "lr": 8.0}},
+                False,
+                "divergence|plateau",
+            )
+        )
+        out.append(
+            (
+                "real_lr_too_low",
+                {**base, "name": "lo", "seed": seed, "optimizer": {"name": "sgd", "lr": 1e-8}},
+                False,
+                "lr_too_low",
+            )
+        )
+        out.append(
+            (
+                "real_deep_sigmoid",
+                {
+                    **base,
+                    "name": "sig",
+                    "seed": seed,
+                    "max_steps": 300,
+                    "model": {"name": "mlp", "hidden": [32] * 12, "activation": "sigmoid"},
+                    "optimizer": {"name": "sgd", "lr": 0.01},
+                },
+                False,
+                "vanishing_gradients",
+            )
+        )
     return out
 
 
@@ -304,15 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         real, meant = run_real(args.real, args.keep_runs)
         verdicts.update(real)
         for family, kind in meant.items():
-            alert = {"divergence|plateau": "TrainingDiverging|TrainingStalled", "lr_too_low": "TrainingStalled",
-                     "vanishing_gradients": "VanishingGradients"}[kind]
+            alert = {
+                "divergence|plateau": "TrainingDiverging|TrainingStalled",
+                "lr_too_low": "TrainingStalled",
+                "vanishing_gradients": "VanishingGradients",
+            }[kind]
             MEANT_FOR[family] = (kind, alert)
     table = rate_rows(verdicts)
     if args.json:
         print(json.dumps(table, indent=1, sort_keys=True))
         return 0
-    print(f"detector quality: {args.seeds} curves per synthetic family ({steps:,} steps), {args.real} healthy "
-          f"real runs of the trainer\nreplay speed: {replay_rate:,.0f} steps/s on one core (goal >= 50,000)")
+    print(
+        f"detector quality: {args.seeds} curves per synthetic family ({steps:,} steps), {args.real} healthy "
+        f"real runs of the trainer\nreplay speed: {replay_rate:,.0f} steps/s on one core (goal >= 50,000)"
+    )
     misses = print_tables(table)
     print("\ngoals missed:" if misses else "\nall goals met", *(f"  - {m}" for m in misses), sep="\n")
     return 0

@@ -81,12 +81,8 @@ def fill(store: Store, n: int) -> list[str]:
                     progress=progress,
                 )
             )
-            session.add_all(
-                JobLabel(job_id=job_id, key=k, value=v, created_at=created) for k, v in labels.items()
-            )
-            session.add(
-                Transition(job_id=job_id, from_state=None, to_state="queued", at=created, reason="submitted")
-            )
+            session.add_all(JobLabel(job_id=job_id, key=k, value=v, created_at=created) for k, v in labels.items())
+            session.add(Transition(job_id=job_id, from_state=None, to_state="queued", at=created, reason="submitted"))
             if state != "queued":
                 session.add(
                     Transition(
@@ -98,9 +94,7 @@ def fill(store: Store, n: int) -> list[str]:
                     )
                 )
             if ended:
-                session.add(
-                    Transition(job_id=job_id, from_state="running", to_state=state, at=ended, reason="bench")
-                )
+                session.add(Transition(job_id=job_id, from_state="running", to_state=state, at=ended, reason="bench"))
             ids.append(job_id)
     return ids
 

@@ -67,8 +67,7 @@ def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[s
 
 def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
     telemetry = {k: v for k, v in spec["telemetry"].items() if k not in ("enabled", "interval")}
-    return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **CONFIGS[name]}},
-                                  context={"user_code": "skip"})
+    return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **CONFIGS[name]}}, context={"user_code": "skip"})
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -106,8 +105,9 @@ class UserLoop:
         self.optimizer.step()
 
 
-def measure(spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str = "wall",
-            path: str = "builtin") -> dict[str, list[float]]:
+def measure(
+    spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str = "wall", path: str = "builtin"
+) -> dict[str, list[float]]:
     """Seconds of each config's step, `rounds - warmup` each, interleaved round by round.
 
     `path` builtin: the built-in loop's `Trainer.train_step`; user: a user's own loop (`UserLoop`).
@@ -175,8 +175,9 @@ def ray_sees_gpus(n: int) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= n
 
 
-def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_size: int, use_gpu: bool,
-            paths: list[str]) -> dict[str, list[dict[str, list[float]]]]:
+def run_ray(
+    spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_size: int, use_gpu: bool, paths: list[str]
+) -> dict[str, list[dict[str, list[float]]]]:
     start_ray()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -186,8 +187,11 @@ def run_ray(spec: dict[str, Any], rounds: int, warmup: int, clock: str, world_si
             ray_worker,
             train_loop_config={"spec": spec, "rounds": rounds, "warmup": warmup, "clock": clock, "paths": paths},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+            scaling_config=ScalingConfig(
+                num_workers=world_size,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+            ),
             run_config=RunConfig(name=f"telemetry-overhead-{uuid.uuid4().hex[:8]}", storage_path=storage),
         )
         result = trainer.fit()
@@ -202,15 +206,19 @@ def group_times(ranks: list[dict[str, list[float]]]) -> dict[str, list[float]]:
 
 def summarize(times: dict[str, list[float]], intervals: dict[str, str]) -> tuple[str, dict[str, float]]:
     off_median, off_mean = statistics.median(times["off"]), statistics.fmean(times["off"])
-    rows = [f"{'config':<11} {'telemetry':<12} {'median ms':>9} {'p90 ms':>8} {'mean ms':>8} "
-            f"{'ratio':>6} {'mean ratio':>10}"]
+    rows = [
+        f"{'config':<11} {'telemetry':<12} {'median ms':>9} {'p90 ms':>8} {'mean ms':>8} "
+        f"{'ratio':>6} {'mean ratio':>10}"
+    ]
     ratios = {}
     for name, ts in times.items():
         median, mean = statistics.median(ts), statistics.fmean(ts)
         p90 = statistics.quantiles(ts, n=10)[-1]
         ratios[name] = median / off_median
-        rows.append(f"{name:<11} {intervals[name]:<12} {median * 1e3:9.3f} {p90 * 1e3:8.3f} "
-                    f"{mean * 1e3:8.3f} {ratios[name]:6.3f} {mean / off_mean:10.3f}")
+        rows.append(
+            f"{name:<11} {intervals[name]:<12} {median * 1e3:9.3f} {p90 * 1e3:8.3f} "
+            f"{mean * 1e3:8.3f} {ratios[name]:6.3f} {mean / off_mean:10.3f}"
+        )
     return "\n".join(rows), ratios
 
 
@@ -221,15 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="measured steps per config")
     parser.add_argument("--warmup", type=int, default=12, help="rounds run first and not measured")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="cpu: this process's CPU time: blind to other load on a shared machine, "
-                             "and to time spent waiting for other ranks or a GPU")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU time: blind to other load on a shared machine, "
+        "and to time spent waiting for other ranks or a GPU",
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2 on CPU, 1 on cuda)")
-    parser.add_argument("--path", choices=("builtin", "user", "both"), default="both",
-                        help="builtin: the built-in loop against telemetry off; user: a user's own loop with the "
-                             "training API against the same loop in plain PyTorch")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="--local: torch threads (1, as in a Ray worker with 1 CPU)")
+    parser.add_argument(
+        "--path",
+        choices=("builtin", "user", "both"),
+        default="both",
+        help="builtin: the built-in loop against telemetry off; user: a user's own loop with the "
+        "training API against the same loop in plain PyTorch",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="--local: torch threads (1, as in a Ray worker with 1 CPU)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 10:
         parser.error("--steps must be at least 10")
@@ -263,16 +280,19 @@ def main(argv: list[str] | None = None) -> int:
         ranks = run_ray(spec, rounds, args.warmup, args.clock, world_size, use_gpu, paths)
         by_path = {p: group_times(ranks[p]) for p in paths}
         where = f"Ray Train, {world_size} workers, {'nccl' if use_gpu else 'gloo'}, {args.device}"
-    print(f"telemetry overhead: {args.model} ({EXAMPLE[args.model]}), {where}, {args.steps} steps per config "
-          f"interleaved, {args.clock} clock, {time.time() - started:.0f} s")
+    print(
+        f"telemetry overhead: {args.model} ({EXAMPLE[args.model]}), {where}, {args.steps} steps per config "
+        f"interleaved, {args.clock} clock, {time.time() - started:.0f} s"
+    )
     summary = []
     for path, times in by_path.items():
         table, ratios = summarize(times, intervals)
         against = "telemetry off" if path == "builtin" else "the same loop in plain PyTorch"
         print(f"{path} path (against {against}):\n{table}")
         prefix = "" if path == "builtin" else "user_"
-        summary.append(f"{prefix}overhead_default={ratios['default']:.3f} "
-                       f"{prefix}overhead_every_step={ratios['every_step']:.3f}")
+        summary.append(
+            f"{prefix}overhead_default={ratios['default']:.3f} {prefix}overhead_every_step={ratios['every_step']:.3f}"
+        )
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
     print(" ".join(summary))
     return 0

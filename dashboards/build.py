@@ -119,12 +119,8 @@ def substitute(expr: str, variables: Mapping[str, str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dashboards.build", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if a written dashboard is stale or missing"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=HERE, help="folder of the JSON files (default: dashboards/)"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a written dashboard is stale or missing")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder of the JSON files (default: dashboards/)")
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files(args.out)

@@ -74,18 +74,14 @@ def runs_table() -> table.Panel:
         promql(in_view("avg by (job_id) (gradwatch_loss_ema)"), ref_id="C", as_table=True),
         # Relative change of the smoothed loss per minute: negative is learning.
         promql(
-            in_view(
-                "avg by (job_id) (deriv(gradwatch_loss_ema[5m])) * 60 / avg by (job_id) (gradwatch_loss_ema)"
-            ),
+            in_view("avg by (job_id) (deriv(gradwatch_loss_ema[5m])) * 60 / avg by (job_id) (gradwatch_loss_ema)"),
             ref_id="D",
             as_table=True,
         ),
         promql(in_view("max by (job_id) (gradwatch_grad_norm)"), ref_id="E", as_table=True),
         promql(in_view("sum by (job_id) (rate(gradwatch_samples_total[1m]))"), ref_id="F", as_table=True),
         promql(
-            in_view(
-                'count by (job_id) (ALERTS{alertstate="firing"}) or 0 * max by (job_id) (gradwatch_job_info)'
-            ),
+            in_view('count by (job_id) (ALERTS{alertstate="firing"}) or 0 * max by (job_id) (gradwatch_job_info)'),
             ref_id="G",
             as_table=True,
         ),
@@ -113,9 +109,7 @@ def runs_table() -> table.Panel:
                 },
             )
         )
-        .override_by_name(
-            "job_id", [DynamicConfigValue(id_val="links", value=[run_link("${__value.raw}").build()])]
-        )
+        .override_by_name("job_id", [DynamicConfigValue(id_val="links", value=[run_link("${__value.raw}").build()])])
         .override_by_name(
             "phase",
             [
@@ -127,9 +121,7 @@ def runs_table() -> table.Panel:
             "loss trend /min",
             [
                 DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
-                DynamicConfigValue(
-                    id_val="thresholds", value=thresholds((None, "green"), (0, "orange")).build()
-                ),
+                DynamicConfigValue(id_val="thresholds", value=thresholds((None, "green"), (0, "orange")).build()),
                 DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
             ],
         )
@@ -137,9 +129,7 @@ def runs_table() -> table.Panel:
             "firing alerts",
             [
                 DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-background"}),
-                DynamicConfigValue(
-                    id_val="thresholds", value=thresholds((None, "green"), (1, "red")).build()
-                ),
+                DynamicConfigValue(id_val="thresholds", value=thresholds((None, "green"), (1, "red")).build()),
                 DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
             ],
         )
@@ -153,8 +143,7 @@ def runs_table() -> table.Panel:
 
 _PHASE_COLORS = ValueMap(
     options={
-        phase: ValueMappingResult(color=color, index=index)
-        for index, (phase, color) in enumerate(PHASE_COLORS.items())
+        phase: ValueMappingResult(color=color, index=index) for index, (phase, color) in enumerate(PHASE_COLORS.items())
     }
 )
 
@@ -163,8 +152,7 @@ def loss_per_run() -> timeseries.Panel:
     return (
         timeseries_panel(
             "Loss (EMA) per run",
-            "Smoothed training loss (gradwatch_loss_ema), averaged over a run's ranks. Click a line to "
-            "open the run.",
+            "Smoothed training loss (gradwatch_loss_ema), averaged over a run's ranks. Click a line to open the run.",
             "none",
             width=8,
         )
@@ -196,9 +184,7 @@ def throughput_per_run() -> timeseries.Panel:
             "suffix: samples/s",
             width=8,
         )
-        .with_target(
-            promql(in_view("sum by (job_id) (rate(gradwatch_samples_total[$__rate_interval]))"), "{{job_id}}")
-        )
+        .with_target(promql(in_view("sum by (job_id) (rate(gradwatch_samples_total[$__rate_interval]))"), "{{job_id}}"))
         .data_links([run_link("${__field.labels.job_id}")])
     )
 
@@ -219,19 +205,19 @@ def firing_alerts_timeline() -> statetimeline.Panel:
 
 def alert_list() -> dashboard.Panel:
     """Grafana's alert list, limited to the rules Prometheus evaluates (not Grafana-managed copies)."""
-    return alert_list_panel("Alert rules", "Firing and pending alerts from gradwatch's Prometheus rules, most "
-                            "important first.", max_items=50, height=8)
+    return alert_list_panel(
+        "Alert rules",
+        "Firing and pending alerts from gradwatch's Prometheus rules, most important first.",
+        max_items=50,
+        height=8,
+    )
 
 
 def fleet() -> dashboard.Dashboard:
     """The fleet board."""
     return (
-        new_dashboard(
-            FLEET_UID, "gradwatch / Fleet", "All gradwatch training runs: state, phase, loss, alerts."
-        )
-        .with_variable(
-            label_variable("team", "Team", "label_values(gradwatch_job_info, team)", include_all=True)
-        )
+        new_dashboard(FLEET_UID, "gradwatch / Fleet", "All gradwatch training runs: state, phase, loss, alerts.")
+        .with_variable(label_variable("team", "Team", "label_values(gradwatch_job_info, team)", include_all=True))
         .with_variable(
             label_variable(
                 "project",
@@ -240,9 +226,7 @@ def fleet() -> dashboard.Dashboard:
                 include_all=True,
             )
         )
-        .with_variable(
-            label_variable("state", "State", "label_values(gradwatch_jobs, state)", include_all=True)
-        )
+        .with_variable(label_variable("state", "State", "label_values(gradwatch_jobs, state)", include_all=True))
         .with_row(dashboard.Row("Overview"))
         .with_panel(jobs_by_state())
         .with_panel(runs_by_phase())

@@ -123,9 +123,7 @@ def straggler_ratio() -> timeseries.Panel:
             "none",
         )
         .thresholds(thresholds((None, "green"), (1.5, "orange"), (2, "red")))
-        .thresholds_style(
-            common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
-        )
+        .thresholds_style(common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
         .with_target(promql(f"({mean}) / on () group_left () quantile(0.5, {mean})", BY_RANK_NODE))
     )
 
@@ -140,9 +138,7 @@ def heartbeat_age() -> timeseries.Panel:
             "s",
         )
         .thresholds(thresholds((None, "green"), (60, "orange"), (300, "red")))
-        .thresholds_style(
-            common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
-        )
+        .thresholds_style(common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
         .with_target(
             promql(f"time() - max by (rank, node) (gradwatch_last_step_timestamp_seconds{{{JOB}}})", BY_RANK_NODE)
         )
@@ -152,12 +148,8 @@ def heartbeat_age() -> timeseries.Panel:
 def ranks() -> dashboard.Dashboard:
     """The ranks board."""
     return (
-        new_dashboard(
-            RANKS_UID, "gradwatch / Ranks", "The DDP ranks of one gradwatch run: speed, stragglers, hangs."
-        )
-        .with_variable(
-            label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False)
-        )
+        new_dashboard(RANKS_UID, "gradwatch / Ranks", "The DDP ranks of one gradwatch run: speed, stragglers, hangs.")
+        .with_variable(label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False))
         .with_row(dashboard.Row("Step time"))
         .with_panel(step_time_quantiles())
         .with_panel(mean_step_time())

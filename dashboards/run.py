@@ -50,9 +50,7 @@ def run_info() -> stat.Panel:
 
 
 def step_and_epoch() -> stat.Panel:
-    return stat_panel(
-        "Step and epoch", "Current optimizer step and epoch (most advanced rank).", "none"
-    ).targets(
+    return stat_panel("Step and epoch", "Current optimizer step and epoch (most advanced rank).", "none").targets(
         [
             promql(f"max(gradwatch_step{{{JOB}}})", "step", instant=True, ref_id="A"),
             promql(f"max(gradwatch_epoch{{{JOB}}})", "epoch", instant=True, ref_id="B"),
@@ -75,9 +73,7 @@ def restarts() -> stat.Panel:
             [
                 promql(f"max(gradwatch_restarts_total{{{JOB}}})", "restarts", instant=True, ref_id="A"),
                 promql(f"max(gradwatch_rollbacks_total{{{JOB}}})", "rollbacks", instant=True, ref_id="B"),
-                promql(
-                    f"max(gradwatch_skipped_steps_total{{{JOB}}})", "skipped steps", instant=True, ref_id="C"
-                ),
+                promql(f"max(gradwatch_skipped_steps_total{{{JOB}}})", "skipped steps", instant=True, ref_id="C"),
             ]
         )
     )
@@ -101,8 +97,7 @@ def accuracy() -> timeseries.Panel:
     return (
         timeseries_panel(
             "Accuracy",
-            "Accuracy by split, averaged over ranks (gradwatch_accuracy_ratio); empty for tasks without "
-            "accuracy.",
+            "Accuracy by split, averaged over ranks (gradwatch_accuracy_ratio); empty for tasks without accuracy.",
             "percentunit",
         )
         .min(0)
@@ -190,8 +185,7 @@ def layer_update_ratio() -> timeseries.Panel:
 def phase() -> statetimeline.Panel:
     return timeline_panel(
         "Phase",
-        "Training phase the phase detector assigns over time (gradwatch_phase{phase} is 1 for the current "
-        "one).",
+        "Training phase the phase detector assigns over time (gradwatch_phase{phase} is 1 for the current one).",
         states=PHASE_COLORS,
         height=6,
     ).with_target(promql(f"max by (phase) (gradwatch_phase{{{JOB}}})", "{{phase}}"))
@@ -207,8 +201,13 @@ def anomalies() -> statetimeline.Panel:
 
 
 def alert_list() -> dashboard.Panel:
-    return alert_list_panel("Alerts for this run", "Firing and pending alerts from gradwatch's Prometheus rules "
-                            "whose job_id is this run.", max_items=20, height=6, label_filter="{" + JOB + "}")
+    return alert_list_panel(
+        "Alerts for this run",
+        "Firing and pending alerts from gradwatch's Prometheus rules whose job_id is this run.",
+        max_items=20,
+        height=6,
+        label_filter="{" + JOB + "}",
+    )
 
 
 def alert_annotations() -> PrometheusAnnotation:
@@ -225,12 +224,8 @@ def alert_annotations() -> PrometheusAnnotation:
 def run() -> dashboard.Dashboard:
     """The run board."""
     return (
-        new_dashboard(
-            RUN_UID, "gradwatch / Run", "One gradwatch training run: loss, gradients, phase, anomalies."
-        )
-        .with_variable(
-            label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False)
-        )
+        new_dashboard(RUN_UID, "gradwatch / Run", "One gradwatch training run: loss, gradients, phase, anomalies.")
+        .with_variable(label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False))
         .annotation(Built(alert_annotations()))
         .with_row(dashboard.Row("Run"))
         .with_panel(run_info())

@@ -93,12 +93,7 @@ PanelT = TypeVar(
 def styled(panel: PanelT, title: str, description: str, unit: str, *, width: int, height: int) -> PanelT:
     """The one place that sets what every panel has: title, description, unit, datasource and size."""
     return (
-        panel.title(title)
-        .description(description)
-        .unit(unit)
-        .datasource(prometheus_ref())
-        .span(width)
-        .height(height)
+        panel.title(title).description(description).unit(unit).datasource(prometheus_ref()).span(width).height(height)
     )
 
 
@@ -120,9 +115,7 @@ def timeseries_panel(
             .show_legend(True)
         )
         .tooltip(
-            common_builder.VizTooltipOptions()
-            .mode(common.TooltipDisplayMode.MULTI)
-            .sort(common.SortOrder.DESCENDING)
+            common_builder.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
         )
     )
     if log_scale:
@@ -132,8 +125,9 @@ def timeseries_panel(
     return styled(panel, title, description, unit, width=width, height=height)
 
 
-def alert_list_panel(title: str, description: str, *, max_items: int, height: int,
-                     label_filter: str = "") -> dashboard.Panel:
+def alert_list_panel(
+    title: str, description: str, *, max_items: int, height: int, label_filter: str = ""
+) -> dashboard.Panel:
     """Grafana's alert list of the Prometheus datasource's rules (firing, pending, recovering, error)."""
     return styled(dashboard.Panel().type("alertlist"), title, description, "none", width=24, height=height).options(
         {
@@ -147,8 +141,14 @@ def alert_list_panel(title: str, description: str, *, max_items: int, height: in
             "alertInstanceLabelFilter": label_filter,
             "datasource": DATASOURCE_NAME,
             "showInactiveAlerts": False,
-            "stateFilter": {"firing": True, "pending": True, "recovering": True, "noData": False, "normal": False,
-                            "error": True},
+            "stateFilter": {
+                "firing": True,
+                "pending": True,
+                "recovering": True,
+                "noData": False,
+                "normal": False,
+                "error": True,
+            },
         }
     )
 
@@ -186,9 +186,7 @@ def timeline_panel(
         .fill_opacity(80)
         .line_width(0)
         .row_height(0.8)
-        .legend(
-            common_builder.VizLegendOptions().show_legend(False).display_mode(common.LegendDisplayMode.HIDDEN)
-        )
+        .legend(common_builder.VizLegendOptions().show_legend(False).display_mode(common.LegendDisplayMode.HIDDEN))
         .mappings([on_off_mapping(*on)])
     )
     for name, color in (states or {}).items():
@@ -277,9 +275,7 @@ class PrometheusAnnotation(AnnotationQuery):
     without which every event would show an empty title.
     """
 
-    def __init__(
-        self, name: str, expr: str, *, title_format: str, text_format: str, tag_keys: str, color: str
-    ):
+    def __init__(self, name: str, expr: str, *, title_format: str, text_format: str, tag_keys: str, color: str):
         super().__init__(name=name, datasource=prometheus_ref(), enable=True, icon_color=color, expr=expr)
         self.title_format = title_format
         self.text_format = text_format

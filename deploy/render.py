@@ -129,8 +129,11 @@ def render_alertmanager_config(
     _base(webhook_url, "webhook_url")
     config = _load(ALERTMANAGER_CONFIG)
     route = config["route"]
-    for key, value in (("group_wait", group_wait), ("group_interval", group_interval),
-                       ("repeat_interval", repeat_interval)):
+    for key, value in (
+        ("group_wait", group_wait),
+        ("group_interval", group_interval),
+        ("repeat_interval", repeat_interval),
+    ):
         if value is not None:
             route[key] = value
     if critical_repeat_interval is not None:

@@ -14,8 +14,16 @@ TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled",
 
 # ---- training dynamics (the detectors' vocabulary, exported as metric labels)
 PHASES: tuple[str, ...] = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
-ANOMALIES: tuple[str, ...] = ("nonfinite", "loss_spike", "divergence", "plateau", "overfitting",
-                              "vanishing_gradients", "exploding_gradients", "lr_too_low")
+ANOMALIES: tuple[str, ...] = (
+    "nonfinite",
+    "loss_spike",
+    "divergence",
+    "plateau",
+    "overfitting",
+    "vanishing_gradients",
+    "exploding_gradients",
+    "lr_too_low",
+)
 NONFINITE_KINDS: tuple[str, ...] = ("loss", "grad")
 
 # ---- where things are by default

@@ -42,8 +42,10 @@ DEFAULT_WORKER_MEMORY_BYTES = 8 * 1024**3
 # Any C0 control but tab and newline, DEL, and C1: ESC sequences would reach other people's terminals.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Whitespace only after a unit: four adjacent optional \s* made "1d" + spaces + "x" take O(spaces^4).
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
-                       r"(?:(\d+(?:\.\d+)?)\s*s)?$")
+_DURATION = re.compile(
+    r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
+    r"(?:(\d+(?:\.\d+)?)\s*s)?$"
+)
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -57,7 +59,8 @@ class MLPModel(Strict):
 
     name: Literal["mlp"]
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
-        default=[128, 64], min_length=1, max_length=64, description="Width of each hidden layer.")
+        default=[128, 64], min_length=1, max_length=64, description="Width of each hidden layer."
+    )
     activation: Literal["relu", "gelu", "tanh", "sigmoid", "silu"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init_gain: float = Field(1.0, gt=0.0, le=100.0, description="Scale of the initial weights.")
@@ -119,8 +122,10 @@ def _tag(builtins: tuple[str, ...]):
 
 
 def _unknown(kind: str, builtins: tuple[str, ...]) -> str:
-    return (f"unknown {kind} name: use one of {', '.join(builtins)}, "
-            f"or a 'package.module:factory' import path of your own code")
+    return (
+        f"unknown {kind} name: use one of {', '.join(builtins)}, "
+        f"or a 'package.module:factory' import path of your own code"
+    )
 
 
 ModelSpec = Annotated[
@@ -128,16 +133,16 @@ ModelSpec = Annotated[
     | Annotated[CNNModel, Tag("cnn")]
     | Annotated[CharTransformerModel, Tag("char-transformer")]
     | Annotated[CustomModel, Tag("custom")],
-    Discriminator(_tag(BUILTIN_MODELS), custom_error_type="unknown_name",
-                  custom_error_message=_unknown("model", BUILTIN_MODELS)),
+    Discriminator(
+        _tag(BUILTIN_MODELS), custom_error_type="unknown_name", custom_error_message=_unknown("model", BUILTIN_MODELS)
+    ),
 ]
 
 
 # ----------------------------------------------------------------------- data
 class _Split(Strict):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the examples held out for validation.")
-    train_fraction: float = Field(1.0, gt=0.0, le=1.0,
-                                  description="Share of the remaining examples used for training.")
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the remaining examples used for training.")
 
 
 class DigitsData(_Split):
@@ -167,12 +172,18 @@ class TextData(_Split):
 
     name: Literal["text"]
     path: str | None = Field(
-        None, max_length=4096,
+        None,
+        max_length=4096,
         description="UTF-8 text file; default is the bundled corpus. On a server without user code, "
-                    "only files under its data roots.")
+        "only files under its data roots.",
+    )
     block_size: int = Field(64, ge=2, le=4096, description="Characters per training example.")
-    max_chars: int | None = Field(None, ge=100, le=MAX_CORPUS_CHARS,
-                                  description=f"Read at most this many characters (at most {MAX_CORPUS_CHARS}).")
+    max_chars: int | None = Field(
+        None,
+        ge=100,
+        le=MAX_CORPUS_CHARS,
+        description=f"Read at most this many characters (at most {MAX_CORPUS_CHARS}).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -199,8 +210,9 @@ DataSpec = Annotated[
     | Annotated[SyntheticRegressionData, Tag("synthetic-regression")]
     | Annotated[TextData, Tag("text")]
     | Annotated[CustomData, Tag("custom")],
-    Discriminator(_tag(BUILTIN_DATA), custom_error_type="unknown_name",
-                  custom_error_message=_unknown("data", BUILTIN_DATA)),
+    Discriminator(
+        _tag(BUILTIN_DATA), custom_error_type="unknown_name", custom_error_message=_unknown("data", BUILTIN_DATA)
+    ),
 ]
 
 
@@ -215,8 +227,10 @@ class EntrypointTrain(Strict):
     """User code: your own training function, `package.module:function`, called on every rank as
     function(config). It reports to gradwatch through `import gradwatch` (README: "Your own training loop")."""
 
-    entrypoint: str = Field(json_schema_extra={"pattern": _IMPORT_PATH.pattern},
-                            description="`package.module:function` of the training function.")
+    entrypoint: str = Field(
+        json_schema_extra={"pattern": _IMPORT_PATH.pattern},
+        description="`package.module:function` of the training function.",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="Passed to the function as its argument.")
 
     @field_validator("entrypoint")
@@ -266,8 +280,10 @@ class ScalingSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
     gpus_per_worker: float = Field(1.0, gt=0.0, le=16, description="Used only when use_gpu is true.")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
-        "pack", description="How workers spread over Ray nodes (a placement group strategy): pack fills few "
-        "nodes, spread prefers one worker per node, strict_spread demands it (as many nodes as workers).")
+        "pack",
+        description="How workers spread over Ray nodes (a placement group strategy): pack fills few "
+        "nodes, spread prefers one worker per node, strict_spread demands it (as many nodes as workers).",
+    )
 
     def per_worker(self) -> dict[str, float]:
         """What each worker asks Ray for, in Ray's resource names."""
@@ -297,19 +313,26 @@ class RollbackSpec(Strict):
 class JobSpec(Strict):
     """One training job: what to train, on what, how, and on how many workers."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
-                      description="Lowercase letters, digits, '.', '_' and '-'; at most 63 characters.")
-    labels: dict[Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")],
-                 Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=16)
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Lowercase letters, digits, '.', '_' and '-'; at most 63 characters.",
+    )
+    labels: dict[
+        Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")], Annotated[str, Field(max_length=128)]
+    ] = Field(default_factory=dict, max_length=16)
     owner: str | None = Field(None, max_length=128)
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first when the cluster is full.")
-    train: TrainSpec = Field(default_factory=BuiltinTrain,
-                             description="The built-in loop (default), or `{entrypoint: 'pkg.mod:function', "
-                                         "config: {...}}` for your own training function.")
-    model: ModelSpec | None = Field(None, description="The built-in loop's model (required by it, unused by an "
-                                                      "entrypoint).")
-    data: DataSpec | None = Field(None, description="The built-in loop's data (required by it, unused by an "
-                                                    "entrypoint).")
+    train: TrainSpec = Field(
+        default_factory=BuiltinTrain,
+        description="The built-in loop (default), or `{entrypoint: 'pkg.mod:function', "
+        "config: {...}}` for your own training function.",
+    )
+    model: ModelSpec | None = Field(
+        None, description="The built-in loop's model (required by it, unused by an entrypoint)."
+    )
+    data: DataSpec | None = Field(
+        None, description="The built-in loop's data (required by it, unused by an entrypoint)."
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Examples per worker per step.")
@@ -325,18 +348,30 @@ class JobSpec(Strict):
     max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts allowed; -1 is unlimited.")
     on_divergence: Literal["alert", "stop", "rollback"] = "alert"
     max_skipped_steps: int | None = Field(
-        100, ge=1, le=100_000_000,
+        100,
+        ge=1,
+        le=100_000_000,
         description="End the run failed this many steps after an update was first skipped (non-finite "
-                    "loss or gradient) unless 10 updates in a row were applied since: weights that no "
-                    "update reaches cannot learn. null goes on to the end.")
+        "loss or gradient) unless 10 updates in a row were applied since: weights that no "
+        "update reaches cannot learn. null goes on to the end.",
+    )
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
     timeout: float | None = Field(
-        None, gt=0, description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.",
-        json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0},
-                                     {"type": "string",  # unambiguous, so no exponential backtracking
-                                      "pattern": r"^(?=\s*\d)\s*(\d+(\.\d+)?\s*[dhms]\s*)*"
-                                                 r"(\d+(\.\d+)?\s*)?$"},
-                                     {"type": "null"}]})
+        None,
+        gt=0,
+        description="Wall-clock limit, e.g. '2h', '30m', '90s' or seconds.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {
+                    "type": "string",  # unambiguous, so no exponential backtracking
+                    "pattern": r"^(?=\s*\d)\s*(\d+(\.\d+)?\s*[dhms]\s*)*"
+                    r"(\d+(\.\d+)?\s*)?$",
+                },
+                {"type": "null"},
+            ]
+        },
+    )
 
     @field_validator("model", "data")
     @classmethod
@@ -347,8 +382,10 @@ class JobSpec(Strict):
         if value is None and isinstance(train, BuiltinTrain):
             raise PydanticCustomError("missing", "Field required")
         if value is not None and isinstance(train, EntrypointTrain):
-            raise ValueError(f"a train.entrypoint job builds its own {info.field_name}: remove {info.field_name}, "
-                             "or pass what the function needs in train.config")
+            raise ValueError(
+                f"a train.entrypoint job builds its own {info.field_name}: remove {info.field_name}, "
+                "or pass what the function needs in train.config"
+            )
         return value
 
     @field_validator("timeout", mode="before")
@@ -362,8 +399,10 @@ class JobSpec(Strict):
         found = control_characters(data)
         if found:
             where = ", ".join(_printable(path) for path in found)
-            raise ValueError("control characters are not allowed in a spec (they would reach other people's "
-                             f"terminals): remove them from {where}")
+            raise ValueError(
+                "control characters are not allowed in a spec (they would reach other people's "
+                f"terminals): remove them from {where}"
+            )
         return data
 
     @model_validator(mode="after")
@@ -373,8 +412,9 @@ class JobSpec(Strict):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set max_steps or epochs, not both")
         if self.max_steps is not None and self.schedule.warmup_steps >= self.max_steps:
-            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be less than "
-                             f"max_steps ({self.max_steps})")
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be less than max_steps ({self.max_steps})"
+            )
         if self.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("precision bf16 needs scaling.use_gpu: true (CPU training runs in fp32)")
         if self.model is None or self.data is None:
@@ -397,7 +437,8 @@ class JobSpec(Strict):
                 f"the job needs about {_gib(estimate.total)} per worker ({estimate.parameters:,} parameters: "
                 f"{_gib(estimate.model_bytes)} with gradients and optimizer state; data {_gib(estimate.data_bytes)}; "
                 f"activations {_gib(estimate.activation_bytes)}) but a worker has {_gib(limit)}: use a smaller "
-                "model, fewer samples or features, or a smaller batch_size")
+                "model, fewer samples or features, or a smaller batch_size"
+            )
         return self
 
     def summary(self) -> str:
@@ -405,9 +446,11 @@ class JobSpec(Strict):
         device = "GPU" if self.scaling.use_gpu else "CPU"
         if isinstance(self.train, EntrypointTrain):
             return f"{self.name}: {self.train.entrypoint} on {self.scaling.num_workers} {device} workers, {steps}"
-        return (f"{self.name}: {self.model_name} on {self.data.name if self.data else '-'}, "
-                f"{self.scaling.num_workers} {device} workers x batch {self.batch_size}, {self.optimizer.name} lr "
-                f"{self.optimizer.lr:g}, {steps}")
+        return (
+            f"{self.name}: {self.model_name} on {self.data.name if self.data else '-'}, "
+            f"{self.scaling.num_workers} {device} workers x batch {self.batch_size}, {self.optimizer.name} lr "
+            f"{self.optimizer.lr:g}, {steps}"
+        )
 
     @property
     def model_name(self) -> str:
@@ -467,8 +510,9 @@ def estimate_worker_memory(spec: JobSpec) -> MemoryEstimate | None:
         activations = batch * t * (n * (16 * d + 2 * model.n_head * t) + 2 * outputs) * 4
     else:
         return None
-    return MemoryEstimate(parameters=parameters, model_bytes=parameters * 16, data_bytes=data_bytes,
-                          activation_bytes=activations)
+    return MemoryEstimate(
+        parameters=parameters, model_bytes=parameters * 16, data_bytes=data_bytes, activation_bytes=activations
+    )
 
 
 def _gib(n: int) -> str:
@@ -510,15 +554,19 @@ def check_data_path(value: str, info: ValidationInfo) -> str:
         return value  # user code may read any file anyway; local runs read what their user can
     roots = [str(r) for r in (info.context or {}).get("data_roots") or []]
     if not roots:
-        raise ValueError("this server reads no files named in specs (user code is off and no data roots are "
-                         "set): leave data.path out for the bundled corpus, or ask the operator to set "
-                         "GRADWATCH_DATA_ROOTS")
+        raise ValueError(
+            "this server reads no files named in specs (user code is off and no data roots are "
+            "set): leave data.path out for the bundled corpus, or ask the operator to set "
+            "GRADWATCH_DATA_ROOTS"
+        )
     if not value.startswith("/") or "\x00" in value:
         raise ValueError(f"write an absolute path under one of the data roots: {', '.join(roots)}")
     normal = posixpath.normpath(value)
     if ".." in value.split("/") or not any(normal == r or normal.startswith(r.rstrip("/") + "/") for r in roots):
-        raise ValueError(f"only files under the data roots ({', '.join(roots)}) may be read; write a path "
-                         "inside one of them, without '..'")
+        raise ValueError(
+            f"only files under the data roots ({', '.join(roots)}) may be read; write a path "
+            "inside one of them, without '..'"
+        )
     return normal
 
 
@@ -546,8 +594,10 @@ def check_import_path(value: str, info: ValidationInfo) -> str:
         raise ValueError(f"{value!r} is not an import path: write 'package.module:factory'")
     mode = (info.context or {}).get("user_code", "import")
     if mode == "deny":
-        raise ValueError(f"user code ({value}) is disabled on this server: use a built-in name, "
-                         "or ask the operator to allow user code (GRADWATCH_ALLOW_USER_CODE=true)")
+        raise ValueError(
+            f"user code ({value}) is disabled on this server: use a built-in name, "
+            "or ask the operator to allow user code (GRADWATCH_ALLOW_USER_CODE=true)"
+        )
     if mode == "skip":
         return value
     module_name, attr = value.split(":")
@@ -573,8 +623,9 @@ class _NoAliasLoader(yaml.SafeLoader):
         self.nodes += 1
         if self.nodes > MAX_SPEC_NODES:
             line = self.peek_event().start_mark.line + 1
-            raise SpecError([f"<spec>: more than {MAX_SPEC_NODES} keys and values (at line {line}); "
-                             "a spec needs a few dozen"])
+            raise SpecError(
+                [f"<spec>: more than {MAX_SPEC_NODES} keys and values (at line {line}); a spec needs a few dozen"]
+            )
         return super().compose_node(parent, index)
 
 
@@ -653,8 +704,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "import",
-              data_roots: list[str] | None = None, worker_memory_bytes: int | None = None) -> JobSpec:
+def load_spec(
+    source: str | Path | dict[str, Any] | bytes,
+    *,
+    user_code: str = "import",
+    data_roots: list[str] | None = None,
+    worker_memory_bytes: int | None = None,
+) -> JobSpec:
     """A path, YAML/JSON text or a mapping -> a valid JobSpec, or SpecError listing every problem.
 
     `user_code`: "import", "skip" or "deny" (see check_import_path); with "deny", `data.path` must lie
@@ -662,8 +718,9 @@ def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "
     """
     if not isinstance(source, (str, Path, dict, bytes)):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(source).__name__}"])
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and
-                                    source.endswith((".yaml", ".yml", ".json"))):
+    if isinstance(source, Path) or (
+        isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml", ".json"))
+    ):
         path = Path(source)
         try:
             size = path.stat().st_size
@@ -674,8 +731,14 @@ def load_spec(source: str | Path | dict[str, Any] | bytes, *, user_code: str = "
             raise SpecError([f"<spec>: cannot read {path}: {exc.strerror}"]) from None
     data = source if isinstance(source, dict) else parse_text(source)
     try:
-        return JobSpec.model_validate(data, context={"user_code": user_code, "data_roots": data_roots or [],
-                                                     "worker_memory_bytes": worker_memory_bytes})
+        return JobSpec.model_validate(
+            data,
+            context={
+                "user_code": user_code,
+                "data_roots": data_roots or [],
+                "worker_memory_bytes": worker_memory_bytes,
+            },
+        )
     except ValidationError as exc:
         raise SpecError(format_errors(exc)) from None
     except RecursionError:

@@ -79,8 +79,9 @@ class RunStatus(Progress):
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id of its latest start.")
     lost_nodes: list[dict[str, Any]] = Field(default_factory=list, description="Nodes lost while they ran ranks.")
     waiting: str | None = Field(None, description="Why the workers are not placed yet, while they are not.")
-    warning: str | None = Field(None, description="Set at the end: why a run that reached its last step is "
-                                                  "still no plain success.")
+    warning: str | None = Field(
+        None, description="Set at the end: why a run that reached its last step is still no plain success."
+    )
     updated_at: float
 
 
@@ -120,8 +121,11 @@ class RunResult(_Record):
     wall_seconds: float = 0.0
     run_dir: str = Field(description="Where the job's checkpoints, history, status and result are.")
     error: str | None = None
-    warning: str | None = Field(None, description="Why a run that reached its last step is still no plain "
-                                                  "success (a non-finite final loss, divergence still held).")
+    warning: str | None = Field(
+        None,
+        description="Why a run that reached its last step is still no plain "
+        "success (a non-finite final loss, divergence still held).",
+    )
     restarts: int = 0
     rollbacks: int = 0
     phases: list[PhaseEntered] = Field(default_factory=list)
@@ -129,8 +133,9 @@ class RunResult(_Record):
     ranks: list[RankReport] = Field(default_factory=list, description="Each rank's final report, by rank.")
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id it ended on.")
     lost_nodes: list[dict[str, Any]] = Field(default_factory=list)
-    workers: list[dict[str, Any]] = Field(default_factory=list, description="Each rank's node, steps and "
-                                                                             "parameter hash.")
+    workers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Each rank's node, steps and parameter hash."
+    )
 
     def summary(self) -> str:
         """One line for a person: steps, loss and time."""
@@ -178,9 +183,13 @@ def _read(path: Path, model: type[Any]) -> Any:
 def target_groups(job_id: str, endpoints: list[Endpoint]) -> list[dict[str, Any]]:
     """Prometheus service discovery (file_sd and HTTP SD alike): one group per live endpoint."""
     # the Ray node id too: several nodes may share one address
-    return [{"targets": [e.target], "labels": {"job_id": job_id, "rank": str(e.rank), **({"node": e.node} if e.node
-                                                                                        else {})}}
-            for e in endpoints]
+    return [
+        {
+            "targets": [e.target],
+            "labels": {"job_id": job_id, "rank": str(e.rank), **({"node": e.node} if e.node else {})},
+        }
+        for e in endpoints
+    ]
 
 
 def event_line(event: dict[str, Any]) -> str:

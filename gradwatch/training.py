@@ -89,9 +89,17 @@ def current() -> Run | None:
     return _run
 
 
-def start(*, job_id: str | None = None, max_steps: int | None = None, name: str = "train",
-          telemetry: TelemetrySpec | dict[str, Any] | None = None, on_divergence: str = "alert",
-          serve_metrics: bool = True, sd_dir: str | Path | None = None, session: Session | None = None) -> Run:
+def start(
+    *,
+    job_id: str | None = None,
+    max_steps: int | None = None,
+    name: str = "train",
+    telemetry: TelemetrySpec | dict[str, Any] | None = None,
+    on_divergence: str = "alert",
+    serve_metrics: bool = True,
+    sd_dir: str | Path | None = None,
+    session: Session | None = None,
+) -> Run:
     """Attach this rank to gradwatch; returns its `Run` (the same one if called again).
 
     Inside a gradwatch job every argument comes from the job (its id, spec and endpoints registry)
@@ -108,19 +116,37 @@ def start(*, job_id: str | None = None, max_steps: int | None = None, name: str 
     session = session or _default_session()
     if _job is not None:
         spec = _job.spec
-        _run = Run(session, spec, job_id=_job.job_id, run_dir=_job.run_dir, board=_job.board,
-                   serve_metrics=_job.serve_metrics and spec.telemetry.enabled)
+        _run = Run(
+            session,
+            spec,
+            job_id=_job.job_id,
+            run_dir=_job.run_dir,
+            board=_job.board,
+            serve_metrics=_job.serve_metrics and spec.telemetry.enabled,
+        )
         return _run
     if job_id is None and session.world_size > 1:
-        raise ValueError("gradwatch.start(): give every rank the same job_id (e.g. from the train_func's config); "
-                         "each rank would make up its own otherwise")
+        raise ValueError(
+            "gradwatch.start(): give every rank the same job_id (e.g. from the train_func's config); "
+            "each rank would make up its own otherwise"
+        )
     # The same settings a job spec would give: a training function's spec, checked by the same rules.
-    settings = {"name": name, "train": {"entrypoint": "__main__:train"}, "max_steps": max_steps or 100_000_000,
-                "scaling": {"num_workers": session.world_size}, "on_divergence": on_divergence,
-                "telemetry": telemetry.model_dump() if isinstance(telemetry, TelemetrySpec) else telemetry or {}}
+    settings = {
+        "name": name,
+        "train": {"entrypoint": "__main__:train"},
+        "max_steps": max_steps or 100_000_000,
+        "scaling": {"num_workers": session.world_size},
+        "on_divergence": on_divergence,
+        "telemetry": telemetry.model_dump() if isinstance(telemetry, TelemetrySpec) else telemetry or {},
+    }
     spec = JobSpec.model_validate(settings, context={"user_code": "skip"})
-    _run = Run(session, spec, job_id=job_id or new_job_id(), serve_metrics=serve_metrics and spec.telemetry.enabled,
-               sd_dir=Path(sd_dir) if sd_dir else None)
+    _run = Run(
+        session,
+        spec,
+        job_id=job_id or new_job_id(),
+        serve_metrics=serve_metrics and spec.telemetry.enabled,
+        sd_dir=Path(sd_dir) if sd_dir else None,
+    )
     _run.max_steps = max_steps
     return _run
 
@@ -176,8 +202,17 @@ class _Pending:
 class Run:
     """One rank's view of a training run: what it measured, what it decided, where it stands."""
 
-    def __init__(self, session: Session, spec: JobSpec, *, job_id: str, run_dir: Path | None = None,
-                 board: BoardClient | None = None, serve_metrics: bool = True, sd_dir: Path | None = None):
+    def __init__(
+        self,
+        session: Session,
+        spec: JobSpec,
+        *,
+        job_id: str,
+        run_dir: Path | None = None,
+        board: BoardClient | None = None,
+        serve_metrics: bool = True,
+        sd_dir: Path | None = None,
+    ):
         self.session, self.spec, self.job_id = session, spec, job_id
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
         self.run_dir, self.board, self.sd_dir = run_dir, board, sd_dir
@@ -219,8 +254,15 @@ class Run:
         self._sd_file: Path | None = None
 
     # --------------------------------------------------------------- setup
-    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
-              grad_clip: float | None = None, batch_size: int | None = None) -> GuardedOptimizer:
+    def watch(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        grad_clip: float | None = None,
+        batch_size: int | None = None,
+    ) -> GuardedOptimizer:
         """Measure `model` and guard `optimizer` (and `scheduler`, restored with them on a rollback).
 
         With a DDP model, the loss and the local gradient norms ride on DDP's own all-reduce (no extra
@@ -231,15 +273,20 @@ class Run:
             raise RuntimeError("run.watch() was called twice: gradwatch watches one model and optimizer per run")
         inner = model.module if hasattr(model, "module") else model
         peak_lr = max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
-        view = SimpleNamespace(telemetry=self.spec.telemetry, batch_size=batch_size or self.spec.batch_size,
-                               optimizer=SimpleNamespace(lr=peak_lr), schedule=self.spec.schedule,
-                               name=self.spec.name, owner=self.spec.owner,
-                               labels=self.spec.labels,
-                               model_name=(type(inner).__name__ if isinstance(self.spec.train, EntrypointTrain)
-                                           else self.spec.model_name))
+        view = SimpleNamespace(
+            telemetry=self.spec.telemetry,
+            batch_size=batch_size or self.spec.batch_size,
+            optimizer=SimpleNamespace(lr=peak_lr),
+            schedule=self.spec.schedule,
+            name=self.spec.name,
+            owner=self.spec.owner,
+            labels=self.spec.labels,
+            model_name=(type(inner).__name__ if isinstance(self.spec.train, EntrypointTrain) else self.spec.model_name),
+        )
         history = self.run_dir / "history.jsonl" if self.run_dir else None
-        self.telemetry = Telemetry(view, self.job_id, self.rank, self.world_size, model, self.device,
-                                   board=self.board, history_path=history)
+        self.telemetry = Telemetry(
+            view, self.job_id, self.rank, self.world_size, model, self.device, board=self.board, history_path=history
+        )
         self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
@@ -271,13 +318,16 @@ class Run:
 
     def _telemetry(self) -> Telemetry:
         if self.telemetry is None:
-            raise RuntimeError("call run.watch(model, optimizer) before reporting steps: gradwatch measures the "
-                               "model and guards the optimizer you give it")
+            raise RuntimeError(
+                "call run.watch(model, optimizer) before reporting steps: gradwatch measures the "
+                "model and guards the optimizer you give it"
+            )
         return self.telemetry
 
     # ---------------------------------------------------------------- steps
-    def backward(self, loss: torch.Tensor, *, losses: dict[str, torch.Tensor | float] | None = None,
-                 samples: int | None = None) -> bool:
+    def backward(
+        self, loss: torch.Tensor, *, losses: dict[str, torch.Tensor | float] | None = None, samples: int | None = None
+    ) -> bool:
         """`loss.backward()` and `report()` in one: the loss mean rides on DDP's gradient all-reduce."""
         tel = self._open_step()
         tel.begin_step(self.step + 1)
@@ -286,8 +336,13 @@ class Run:
         waited = tel.sync_wait_seconds(time.perf_counter())
         return self._decide(loss, losses, samples, waited)
 
-    def report(self, loss: torch.Tensor | float, *, losses: dict[str, torch.Tensor | float] | None = None,
-               samples: int | None = None) -> bool:
+    def report(
+        self,
+        loss: torch.Tensor | float,
+        *,
+        losses: dict[str, torch.Tensor | float] | None = None,
+        samples: int | None = None,
+    ) -> bool:
         """Report this step's loss after your own `backward()`, before `optimizer.step()`.
 
         Returns whether the update is safe (loss and gradient norm finite on every rank), the same
@@ -304,8 +359,9 @@ class Run:
         self._begin()
         return tel
 
-    def _decide(self, loss: torch.Tensor | float, losses: dict[str, Any] | None, samples: int | None,
-                waited: float) -> bool:
+    def _decide(
+        self, loss: torch.Tensor | float, losses: dict[str, Any] | None, samples: int | None, waited: float
+    ) -> bool:
         tel = self._telemetry()
         loss_t = torch.as_tensor(loss, dtype=torch.float32, device=self.device).detach().reshape(())
         terms = dict(losses or {})
@@ -313,12 +369,21 @@ class Run:
             self._check_name(term, "loss term")
         param_norms = tel.grad_norms()  # before clipping, measured steps only
         # One fused norm per parameter, then theirs (torch's get_total_norm costs more Python than the math here)
-        norms = param_norms if param_norms is not None else torch._foreach_norm(
-            [p.grad for p in self._params if p.grad is not None])
-        grad_norm = (torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) if norms
-                     else torch.zeros((), device=self.device))
-        local = [loss_t, grad_norm, *(torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
-                                      .reshape(()) for v in terms.values())]
+        norms = (
+            param_norms
+            if param_norms is not None
+            else torch._foreach_norm([p.grad for p in self._params if p.grad is not None])
+        )
+        grad_norm = (
+            torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            if norms
+            else torch.zeros((), device=self.device)
+        )
+        local = [
+            loss_t,
+            grad_norm,
+            *(torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(()) for v in terms.values()),
+        ]
         stats = torch.stack(local)
         if self.world_size > 1:
             mean = tel.mean_loss()  # carried by DDP's gradient all-reduce
@@ -330,8 +395,8 @@ class Run:
         # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
         values = stats.tolist()
         loss_value, norm_value = values[0], values[1]
-        term_values = dict(zip(terms, values[2:2 + len(terms)], strict=True))
-        shared_values = values[2 + len(terms):]
+        term_values = dict(zip(terms, values[2 : 2 + len(terms)], strict=True))
+        shared_values = values[2 + len(terms) :]
         global_loss = shared_values[0] if shared_values else loss_value
         grads_finite = math.isfinite(norm_value) and (len(shared_values) < 2 or shared_values[1] == 0)
         # After a rollback: this loss was computed on the weights just replaced, then rollback.skip_batches more.
@@ -346,8 +411,9 @@ class Run:
             tel.batch_size = samples
             if tel.metrics.rank0:
                 tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
-        self._pending = _Pending(self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n,
-                                 waited, lr, self.safe)
+        self._pending = _Pending(
+            self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n, waited, lr, self.safe
+        )
         if not self.safe:
             self.skipped_steps += 1
             self.end_step()  # no update to wait for
@@ -381,9 +447,18 @@ class Run:
         seconds, self._mark = max(0.0, now - self._mark - p.waited), now
         self.step = p.step
         self._samples += p.samples
-        tel.end_step(p.step, self.epoch, loss=p.loss, global_loss=p.global_loss, grad_norm=p.grad_norm,
-                     param_grad_norms=p.param_norms, lr=p.lr, samples=p.samples, seconds=seconds,
-                     applied=p.applied)
+        tel.end_step(
+            p.step,
+            self.epoch,
+            loss=p.loss,
+            global_loss=p.global_loss,
+            grad_norm=p.grad_norm,
+            param_grad_norms=p.param_norms,
+            lr=p.lr,
+            samples=p.samples,
+            seconds=seconds,
+            applied=p.applied,
+        )
         for term, value in p.terms.items():
             self._gauge("term", term).set(value)
         self._guard_due = self.spec.on_divergence != "alert" and bool(tel.monitor.anomalies.get("divergence"))
@@ -411,25 +486,33 @@ class Run:
         if limit is None or steps < limit:
             return None
         since, all_skipped = self._skipped_since, self._skipped_in_a_row == steps
-        last = (f"last finite loss{'' if all_skipped else ' before them'} {self._last_applied[1]:.4g} at step "
-                f"{self._last_applied[0]}" if self._last_applied else "no finite loss before them")
+        last = (
+            f"last finite loss{'' if all_skipped else ' before them'} {self._last_applied[1]:.4g} at step "
+            f"{self._last_applied[0]}"
+            if self._last_applied
+            else "no finite loss before them"
+        )
         if all_skipped:
             return f"diverged: {steps} consecutive non-finite steps since step {since}; {last}"
-        return (f"diverged: {self._skipped_in_a_row} of the {steps} steps since step {since} were non-finite, "
-                f"never {RECOVERY_STEPS} finite in a row; {last}")
+        return (
+            f"diverged: {self._skipped_in_a_row} of the {steps} steps since step {since} were non-finite, "
+            f"never {RECOVERY_STEPS} finite in a row; {last}"
+        )
 
     def _guard(self) -> None:
         tel = self._telemetry()
         if self.spec.on_divergence == "stop":
-            raise DivergenceStop(f"training diverged at step {self.step} "
-                                 f"(loss EMA {tel.monitor.loss_ema:.4g}); on_divergence is stop")
+            raise DivergenceStop(
+                f"training diverged at step {self.step} (loss EMA {tel.monitor.loss_ema:.4g}); on_divergence is stop"
+            )
         self._rollback(self.spec.rollback)
 
     def _rollback(self, cfg: RollbackSpec) -> None:
         tel = self._telemetry()
         if self.rollbacks >= cfg.max_rollbacks:
-            raise DivergenceStop(f"training diverged again at step {self.step} after {self.rollbacks} rollbacks "
-                                 "(rollback.max_rollbacks)")
+            raise DivergenceStop(
+                f"training diverged again at step {self.step} after {self.rollbacks} rollbacks (rollback.max_rollbacks)"
+            )
         assert self._good is not None and self.optimizer is not None
         bad_step, good = self.step, self._good
         self.rollbacks += 1
@@ -447,8 +530,16 @@ class Run:
         log.warning("rank %d: %s", self.rank, detail)
         tel.record_event({"step": bad_step, "event": "rollback", "to_step": self.step, "lr_scale": self.lr_scale})
         if self.board and self.rank == 0:
-            self.board.post_event({"kind": "rollback", "name": "rollback", "step": bad_step,
-                                           "to_step": self.step, "lr_scale": self.lr_scale, "detail": detail})
+            self.board.post_event(
+                {
+                    "kind": "rollback",
+                    "name": "rollback",
+                    "step": bad_step,
+                    "to_step": self.step,
+                    "lr_scale": self.lr_scale,
+                    "detail": detail,
+                }
+            )
         if self.on_rollback is not None:
             self.on_rollback(copy.deepcopy(good["extra"]))
 
@@ -459,8 +550,9 @@ class Run:
         self.end_step()
         tel = self._telemetry()
         if reduce and self.world_size > 1:
-            values = torch.tensor([loss, -1.0 if accuracy is None else accuracy], dtype=torch.float64,
-                                  device=self.device)
+            values = torch.tensor(
+                [loss, -1.0 if accuracy is None else accuracy], dtype=torch.float64, device=self.device
+            )
             dist.all_reduce(values)
             loss, acc = (values / self.world_size).tolist()
             accuracy = None if accuracy is None else acc
@@ -481,12 +573,16 @@ class Run:
         if name in self._named or f"term:{name}" in self._named or f"scalar:{name}" in self._named:
             return
         if not _NAME.match(name):
-            raise ValueError(f"{what} name {name!r}: use letters, digits and '_' (a Prometheus label value "
-                             "that reads well), at most 63 characters")
+            raise ValueError(
+                f"{what} name {name!r}: use letters, digits and '_' (a Prometheus label value "
+                "that reads well), at most 63 characters"
+            )
         if len(self._named) >= MAX_NAMED_SERIES:
-            raise ValueError(f"{what} {name!r} would be named series number {len(self._named) + 1}: gradwatch keeps "
-                             f"at most {MAX_NAMED_SERIES} named losses and scalars per run so the series stay "
-                             f"bounded (have: {', '.join(sorted(self._named))})")
+            raise ValueError(
+                f"{what} {name!r} would be named series number {len(self._named) + 1}: gradwatch keeps "
+                f"at most {MAX_NAMED_SERIES} named losses and scalars per run so the series stay "
+                f"bounded (have: {', '.join(sorted(self._named))})"
+            )
 
     def _gauge(self, kind: str, name: str) -> Any:
         key = f"{kind}:{name}"
@@ -498,12 +594,19 @@ class Run:
     def _snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.model is not None and self.optimizer is not None
         inner = self.model.module if hasattr(self.model, "module") else self.model
-        return {"model": copy.deepcopy(inner.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
-                "step": self.step, "epoch": self.epoch, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-                "skipped_steps": self.skipped_steps, "first_val_loss": self.first_val_loss,
-                "detectors": self.telemetry.detector_state() if self.telemetry else None,
-                "extra": copy.deepcopy(extra)}
+        return {
+            "model": copy.deepcopy(inner.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "skipped_steps": self.skipped_steps,
+            "first_val_loss": self.first_val_loss,
+            "detectors": self.telemetry.detector_state() if self.telemetry else None,
+            "extra": copy.deepcopy(extra),
+        }
 
     def _load(self, state: dict[str, Any]) -> None:
         assert self.model is not None and self.optimizer is not None
@@ -529,8 +632,11 @@ class Run:
         if self.rank == 0:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
             torch.save(state, checkpoint_dir / STATE_FILE)
-        metrics = {"step": self.step, "train_loss": tel.last.get("loss"),
-                   "val_loss": self.last_val[0] if self.last_val else None}
+        metrics = {
+            "step": self.step,
+            "train_loss": tel.last.get("loss"),
+            "val_loss": self.last_val[0] if self.last_val else None,
+        }
         self.session.report(metrics, checkpoint_dir)
 
     def restore(self) -> dict[str, Any] | None:
@@ -561,16 +667,24 @@ class Run:
             return
         self._last_post = now
         monitor, last = self.telemetry.monitor, self.telemetry.last
-        self.board.post_progress({
-            "step": self.step, "max_steps": self.max_steps, "epoch": self.epoch, "world_size": self.world_size,
-            "train_loss": last.get("global_loss", last.get("loss")), "loss_ema": monitor.loss_ema,
-            "val_loss": self.last_val[0] if self.last_val else None,
-            "val_accuracy": self.last_val[1] if self.last_val else None,
-            "grad_norm": last.get("grad_norm"), "lr": last.get("lr"),
-            "samples_per_second": self._samples * self.world_size / max(now - self._t_start, 1e-9),
-            "phase": monitor.phase, "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
-            "rollbacks": self.rollbacks,
-        })
+        self.board.post_progress(
+            {
+                "step": self.step,
+                "max_steps": self.max_steps,
+                "epoch": self.epoch,
+                "world_size": self.world_size,
+                "train_loss": last.get("global_loss", last.get("loss")),
+                "loss_ema": monitor.loss_ema,
+                "val_loss": self.last_val[0] if self.last_val else None,
+                "val_accuracy": self.last_val[1] if self.last_val else None,
+                "grad_norm": last.get("grad_norm"),
+                "lr": last.get("lr"),
+                "samples_per_second": self._samples * self.world_size / max(now - self._t_start, 1e-9),
+                "phase": monitor.phase,
+                "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
+                "rollbacks": self.rollbacks,
+            }
+        )
 
     # ------------------------------------------------------------ end
     def finish(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -578,12 +692,17 @@ class Run:
         self.end_step()
         tel = self._telemetry()
         outcome = {
-            "steps": self.step, "train_loss": tel.last.get("global_loss", tel.last.get("loss")),
+            "steps": self.step,
+            "train_loss": tel.last.get("global_loss", tel.last.get("loss")),
             "val_loss": self.last_val[0] if self.last_val else None,
-            "val_accuracy": self.last_val[1] if self.last_val else None, "first_val_loss": self.first_val_loss,
-            "rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps,
-            "extra": {"phases": [{"phase": p, "step": s} for p, s in tel.phases_entered],
-                      "anomalies": [{"kind": k, "first_step": s} for k, s in tel.anomalies_raised.items()]},
+            "val_accuracy": self.last_val[1] if self.last_val else None,
+            "first_val_loss": self.first_val_loss,
+            "rollbacks": self.rollbacks,
+            "skipped_steps": self.skipped_steps,
+            "extra": {
+                "phases": [{"phase": p, "step": s} for p, s in tel.phases_entered],
+                "anomalies": [{"kind": k, "first_step": s} for k, s in tel.anomalies_raised.items()],
+            },
         }
         if self.board and not self._finished:
             self.board.post_rank_report(self.rank, {**self.rank_report(), **(report or {})})
@@ -600,10 +719,15 @@ class Run:
         registry, labels = tel.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
         step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
         step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
-        return {"rank": self.rank, "param_sum": float(flat.double().sum()),
-                "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "steps": self.step,
-                "params_finite": bool(torch.isfinite(flat).all()), "skipped_steps": self.skipped_steps,
-                "mean_step_seconds": step_sum / step_count if step_count else None}
+        return {
+            "rank": self.rank,
+            "param_sum": float(flat.double().sum()),
+            "param_hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+            "steps": self.step,
+            "params_finite": bool(torch.isfinite(flat).all()),
+            "skipped_steps": self.skipped_steps,
+            "mean_step_seconds": step_sum / step_count if step_count else None,
+        }
 
     def close(self, grace_seconds: float | None = None) -> None:
         """Stop serving /metrics (after `grace_seconds`, default the spec's, so the last values get scraped)."""
@@ -613,4 +737,3 @@ class Run:
         if self._sd_file is not None:
             self._sd_file.unlink(missing_ok=True)
             self._sd_file = None
-

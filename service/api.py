@@ -194,8 +194,10 @@ async def submit_job(
         return _spec_errors(exc.errors)
     if spec.owner is not None and spec.owner != user.user:
         return _spec_errors(
-            [f"owner: a job belongs to the user of the token that submits it ({user.user}); "
-             f"leave owner out (got {spec.owner!r})"]
+            [
+                f"owner: a job belongs to the user of the token that submits it ({user.user}); "
+                f"leave owner out (got {spec.owner!r})"
+            ]
         )
     if spec.priority > settings.max_priority and not user.admin:
         raise HTTPException(
@@ -271,13 +273,9 @@ async def job_logs(
         return PlainTextResponse(await run_in_threadpool(launcher.logs, job))
     state = request.app.state
     if state.log_followers >= state.settings.max_log_followers:
-        raise HTTPException(
-            429, f"{state.log_followers} log streams are open, this server's limit: try again later"
-        )
+        raise HTTPException(429, f"{state.log_followers} log streams are open, this server's limit: try again later")
     state.log_followers += 1
-    return StreamingResponse(
-        _follow_logs(job_id, store, launcher, state), media_type="text/plain; charset=utf-8"
-    )
+    return StreamingResponse(_follow_logs(job_id, store, launcher, state), media_type="text/plain; charset=utf-8")
 
 
 async def _follow_logs(job_id: str, store: Store, launcher: Launcher, state: Any) -> AsyncIterator[str]:
@@ -319,9 +317,7 @@ async def job_report(job_id: str, request: Request, store: StoreDep, _: Reader) 
     return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
-@jobs.post(
-    "/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}, 403: {"model": ErrorOut}}
-)
+@jobs.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}, 403: {"model": ErrorOut}})
 def cancel_job(job_id: str, store: StoreDep, launcher: LauncherDep, user: Submitter) -> JobOut:
     """A queued job ends cancelled at once; a running one is stopped (`stopping` until Ray confirms).
     Only the job's owner or an admin may cancel it."""
@@ -404,9 +400,7 @@ def list_alerts(
     _: Reader,
     job_id: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[str | None, Query(pattern="^(firing|resolved)$")] = None,
-    since_id: Annotated[
-        int | None, Query(ge=0, le=2**62, description="Only alerts stored after this id.")
-    ] = None,
+    since_id: Annotated[int | None, Query(ge=0, le=2**62, description="Only alerts stored after this id.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AlertsPage:
     """Alerts, newest first."""
@@ -656,9 +650,7 @@ def create_app(
         """Liveness, without a token."""
         return {
             "status": "ok",
-            "scheduler": "running"
-            if launcher.running
-            else ("stopped" if settings.scheduler_enabled else "paused"),
+            "scheduler": "running" if launcher.running else ("stopped" if settings.scheduler_enabled else "paused"),
         }
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse, responses=ERRORS)
@@ -676,9 +668,7 @@ def create_app(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(spec_schema.pop("$defs", {}))

@@ -143,8 +143,6 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-
-
 # ------------------------------------------------------------ verification
 class Authenticator:
     """Turns a bearer token into a Principal: the consumers' tokens first, then the store's."""

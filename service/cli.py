@@ -56,10 +56,15 @@ def schema() -> None:
 def run(
     spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary at the end instead of a display."),
-    storage_path: Path = typer.Option(Path("runs"), "--storage-path", envvar="GRADWATCH_STORAGE_PATH",
-                                      help="Where checkpoints, history and status of the run are written."),
+    storage_path: Path = typer.Option(
+        Path("runs"),
+        "--storage-path",
+        envvar="GRADWATCH_STORAGE_PATH",
+        help="Where checkpoints, history and status of the run are written.",
+    ),
     prometheus_sd_file: Path | None = typer.Option(
-        None, "--prometheus-sd-file", help="Keep a Prometheus file_sd JSON of the live worker endpoints here."),
+        None, "--prometheus-sd-file", help="Keep a Prometheus file_sd JSON of the live worker endpoints here."
+    ),
     job_id: str | None = typer.Option(None, "--job-id", help="Run id (default: a new gw-<hex> id)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs."),
 ) -> None:
@@ -81,8 +86,13 @@ def run(
             err.print(f"[bold]gradwatch[/] {spec.summary()}\n  job {job_id}, starting Ray...")
             with Live(display.render(), console=err, refresh_per_second=4, transient=False) as live:
                 display.live = live
-                result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file,
-                                 listeners=[display.update])
+                result = run_job(
+                    spec,
+                    job_id=job_id,
+                    storage_path=storage_path,
+                    sd_file=prometheus_sd_file,
+                    listeners=[display.update],
+                )
                 live.update(display.render())
             err.print()
         else:
@@ -127,8 +137,9 @@ class RunDisplay:
 
     def render(self) -> Table:
         s = self.status
-        table = Table(title=f"{self.spec.name}  [dim]{self.job_id}[/]", show_header=False, box=None,
-                      title_justify="left")
+        table = Table(
+            title=f"{self.spec.name}  [dim]{self.job_id}[/]", show_header=False, box=None, title_justify="left"
+        )
         step, max_steps = s.get("step") or 0, s.get("max_steps") or self.spec.max_steps or 0
         elapsed = time.time() - self.started
         rate = s.get("samples_per_second")
@@ -147,8 +158,11 @@ class RunDisplay:
         table.add_row("anomalies", anomalies)
         if s.get("restarts") or s.get("rollbacks"):
             table.add_row("restarts/rollbacks", f"{s.get('restarts', 0)}/{s.get('rollbacks', 0)}")
-        table.add_row("workers", f"{self.spec.scaling.num_workers} x {'GPU' if self.spec.scaling.use_gpu else 'CPU'}"
-                      f"; metrics on {len(s.get('endpoints') or [])} endpoints")
+        table.add_row(
+            "workers",
+            f"{self.spec.scaling.num_workers} x {'GPU' if self.spec.scaling.use_gpu else 'CPU'}"
+            f"; metrics on {len(s.get('endpoints') or [])} endpoints",
+        )
         for line in self.events[-5:]:
             table.add_row("event", line)
         return table
@@ -172,10 +186,14 @@ def _fmt(value: Any, pct: bool = False, digits: int = 4) -> str:
 def _print_summary(result: dict[str, Any]) -> None:
     ok = result["state"] == "succeeded"
     color = ("yellow" if result.get("warning") else "green") if ok else "red"
-    err.print(f"[{color} bold]{result['state']}[/] {result['job_id']}: {result['steps']} steps on "
-              f"{result['world_size']} workers in {result['wall_seconds']:.1f}s")
-    err.print(f"  train loss {_fmt(result.get('train_loss'))}, val loss {_fmt(result.get('val_loss'))}, "
-              f"val accuracy {_fmt(result.get('val_accuracy'), pct=True)}")
+    err.print(
+        f"[{color} bold]{result['state']}[/] {result['job_id']}: {result['steps']} steps on "
+        f"{result['world_size']} workers in {result['wall_seconds']:.1f}s"
+    )
+    err.print(
+        f"  train loss {_fmt(result.get('train_loss'))}, val loss {_fmt(result.get('val_loss'))}, "
+        f"val accuracy {_fmt(result.get('val_accuracy'), pct=True)}"
+    )
     if result.get("phases"):
         err.print("  phases: " + ", ".join(f"{p['phase']}@{p['step']}" for p in result["phases"]))
     if result.get("anomalies"):

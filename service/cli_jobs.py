@@ -73,9 +73,7 @@ def up(
     data_dir: Annotated[
         Path | None, typer.Option(help="Store, logs, token and monitoring data (GRADWATCH_DATA_DIR).")
     ] = None,
-    num_cpus: Annotated[
-        int | None, typer.Option(help="Logical CPUs of the local Ray head it starts.")
-    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray head it starts.")] = None,
     ray_dashboard_port: Annotated[
         int, typer.Option(help="Dashboard port of the local Ray head: reused when it takes our token.")
     ] = 8265,
@@ -189,9 +187,7 @@ def submit(
     if json_out and not follow:
         _json(job)
         return
-    errors.print(
-        f"submitted [bold]{job['id']}[/bold] ({job['name']}): {_state(job['state'])}, {_e(job['reason'])}"
-    )
+    errors.print(f"submitted [bold]{job['id']}[/bold] ({job['name']}): {_state(job['state'])}, {_e(job['reason'])}")
     if follow:
         raise typer.Exit(_follow(client, job["id"], json_out))
 
@@ -348,9 +344,7 @@ def status(job_id: str, json_out: JsonOpt = False, url: UrlOpt = None, token: To
 
 def logs(
     job_id: str,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
-    ] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:

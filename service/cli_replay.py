@@ -31,8 +31,9 @@ def _detector_spec(spec_file: Path | None, settings: list[str]):
         key, sep, raw = item.partition("=")
         key = key.strip().removeprefix(_PREFIX)
         if not sep or not key or "." in key:
-            typer.echo(f"--set {item!r}: write telemetry.detectors.NAME=VALUE (for example "
-                       f"{_PREFIX}spike_z=6)", err=True)
+            typer.echo(
+                f"--set {item!r}: write telemetry.detectors.NAME=VALUE (for example {_PREFIX}spike_z=6)", err=True
+            )
             raise typer.Exit(2)
         try:
             values[key] = yaml.safe_load(raw)
@@ -48,16 +49,23 @@ def _detector_spec(spec_file: Path | None, settings: list[str]):
 
 
 def replay(
-    files: list[Path] = typer.Argument(..., help="history.jsonl of a run, or JSONL/CSV rows with step, loss and "
-                                                 "optionally val_loss, lr, grad_norm and per-layer values."),
-    spec_file: Path | None = typer.Option(None, "--spec", help="Take the detector thresholds (and the schedule's "
-                                                               "warm-up) from this job spec."),
-    settings: list[str] = typer.Option([], "--set", help="Try another threshold: telemetry.detectors.NAME=VALUE "
-                                                         "(repeatable; after --spec)."),
-    warmup_steps: int | None = typer.Option(None, "--warmup-steps", min=0,
-                                            help="The schedule's warm-up, when the rows carry no lr column."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per file: file, steps, events, "
-                                                       "anomalies, phases."),
+    files: list[Path] = typer.Argument(
+        ...,
+        help="history.jsonl of a run, or JSONL/CSV rows with step, loss and "
+        "optionally val_loss, lr, grad_norm and per-layer values.",
+    ),
+    spec_file: Path | None = typer.Option(
+        None, "--spec", help="Take the detector thresholds (and the schedule's warm-up) from this job spec."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Try another threshold: telemetry.detectors.NAME=VALUE (repeatable; after --spec)."
+    ),
+    warmup_steps: int | None = typer.Option(
+        None, "--warmup-steps", min=0, help="The schedule's warm-up, when the rows carry no lr column."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per file: file, steps, events, anomalies, phases."
+    ),
 ) -> None:
     """Replay recorded loss curves through the online detectors and print what would have fired.
 

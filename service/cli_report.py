@@ -20,14 +20,22 @@ def register(app: typer.Typer) -> None:
 
 
 def report(
-    target: Annotated[str, typer.Argument(
-        help="A run directory (runs/<job id>), or a job id: read from --storage-path when the run is there, "
-             "else fetched from the service.", show_default=False)],
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Where to write the page.", show_default="<job id>-report.html")] = None,
-    storage_path: Annotated[Path, typer.Option(
-        "--storage-path", envvar="GRADWATCH_STORAGE_PATH",
-        help="Where `gradwatch run` wrote its runs.")] = Path("runs"),
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (runs/<job id>), or a job id: read from --storage-path when the run is there, "
+            "else fetched from the service.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the page.", show_default="<job id>-report.html"),
+    ] = None,
+    storage_path: Annotated[
+        Path,
+        typer.Option("--storage-path", envvar="GRADWATCH_STORAGE_PATH", help="Where `gradwatch run` wrote its runs."),
+    ] = Path("runs"),
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -49,8 +57,10 @@ def report(
                 try:
                     page = client.report(target)
                 except GradwatchError as exc:
-                    _fail(f"no run directory {target} or {storage_path / target} here, and the service "
-                          f"could not give its report: {exc}")
+                    _fail(
+                        f"no run directory {target} or {storage_path / target} here, and the service "
+                        f"could not give its report: {exc}"
+                    )
     except ReportError as exc:
         _fail(str(exc))
     path = output or Path(f"{job_id}-report.html")

@@ -95,8 +95,12 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             "created_at": _iso(user.created_at),
             "revoked_at": _iso(user.revoked_at),
             "tokens": [
-                {"id": t.id, "scopes": t.scopes.split(), "created_at": _iso(t.created_at),
-                 "revoked_at": _iso(t.revoked_at)}
+                {
+                    "id": t.id,
+                    "scopes": t.scopes.split(),
+                    "created_at": _iso(t.created_at),
+                    "revoked_at": _iso(t.revoked_at),
+                }
                 for t in tokens
             ],
         }
@@ -110,8 +114,13 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         table.add_column(title, no_wrap=True)
     for row in rows:
         for t in row["tokens"] or [{"id": "", "scopes": [], "created_at": row["created_at"], "revoked_at": None}]:
-            table.add_row(row["name"], t["id"], " ".join(t["scopes"]), t["created_at"] or "",
-                          t["revoked_at"] or row["revoked_at"] or "")
+            table.add_row(
+                row["name"],
+                t["id"],
+                " ".join(t["scopes"]),
+                t["created_at"] or "",
+                t["revoked_at"] or row["revoked_at"] or "",
+            )
     console.print(table)
 
 

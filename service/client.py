@@ -90,9 +90,7 @@ class Client:
                 spec = Path(spec).read_text()
             except OSError as exc:
                 raise GradwatchError(f"cannot read spec file {spec}: {exc.strerror}") from None
-        return self._request(
-            "POST", "/v1/jobs", content=spec.encode(), headers={"Content-Type": "application/yaml"}
-        )
+        return self._request("POST", "/v1/jobs", content=spec.encode(), headers={"Content-Type": "application/yaml"})
 
     def jobs(
         self,
@@ -105,9 +103,7 @@ class Client:
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """Newest first. See `jobs_page` for the cursor to the next page."""
-        return self.jobs_page(state, name=name, labels=labels, limit=limit, cursor=cursor, offset=offset)[
-            "data"
-        ]
+        return self.jobs_page(state, name=name, labels=labels, limit=limit, cursor=cursor, offset=offset)["data"]
 
     def jobs_page(
         self,
@@ -204,9 +200,7 @@ def _raise_for(response: httpx.Response) -> None:
     if not isinstance(detail, str):
         detail = json.dumps(detail) if detail is not None else response.reason_phrase
     errors = body.get("errors") if isinstance(body, dict) and isinstance(body.get("errors"), list) else None
-    raise GradwatchError(
-        f"{detail} (HTTP {response.status_code})", status=response.status_code, errors=errors
-    )
+    raise GradwatchError(f"{detail} (HTTP {response.status_code})", status=response.status_code, errors=errors)
 
 
 __all__ = ["Client", "GradwatchError"]

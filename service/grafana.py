@@ -326,9 +326,7 @@ grafana_app = typer.Typer(
 
 @grafana_app.command("push")
 def push_command(
-    url: str = typer.Option(
-        ..., "--url", envvar="GRAFANA_URL", help="Grafana's address, e.g. http://localhost:3000."
-    ),
+    url: str = typer.Option(..., "--url", envvar="GRAFANA_URL", help="Grafana's address, e.g. http://localhost:3000."),
     token: str = typer.Option(
         ...,
         "--token",

@@ -47,8 +47,23 @@ RAY_SUBMIT_TIMEOUT_S = 120.0
 ORPHAN_WATCH_S = 2 * RAY_SUBMIT_TIMEOUT_S
 # What a local Ray head gets from the service's environment: what Ray, Python and the GPUs need,
 # never the service's own tokens.
-RAY_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TERM",
-                           "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS"})
+RAY_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "TZ",
+        "TMPDIR",
+        "TERM",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+        "OMP_NUM_THREADS",
+    }
+)
 RAY_ENV_PREFIXES = ("RAY_", "LC_", "CUDA_", "NVIDIA_", "NCCL_", "GLOO_", "TORCH_")
 
 
@@ -95,9 +110,7 @@ class Cluster(Protocol):
     def resources(self) -> tuple[Resources, Resources]:
         """(free, total)."""
 
-    def submit(
-        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
-    ) -> None: ...
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]) -> None: ...
 
     def status(self, submission_id: str) -> RayJob | None:
         """None when Ray has no such job."""
@@ -163,9 +176,7 @@ class RayCluster:
                 "set RAY_AUTH_TOKEN or put the cluster's token in ~/.ray/auth_token"
             )
         if response.status_code != 200:
-            raise ClusterUnavailable(
-                f"Ray answered {path} with {response.status_code}: {response.text[:200]}"
-            )
+            raise ClusterUnavailable(f"Ray answered {path} with {response.status_code}: {response.text[:200]}")
         return response.json()
 
     def resources(self) -> tuple[Resources, Resources]:
@@ -190,9 +201,7 @@ class RayCluster:
         except Exception as exc:  # requests' connection errors and the like
             raise ClusterUnavailable(f"Ray {method} failed: {type(exc).__name__}: {exc}") from None
 
-    def submit(
-        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
-    ) -> None:
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]) -> None:
         runtime_env = {"env_vars": env} if env else None
         self._call(
             "submit_job",
@@ -590,11 +599,13 @@ class Launcher:
         env = {JOB_TOKEN_FILE_ENV: str(token_file)}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
         # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
-        env.update({
-            "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
-            "GRADWATCH_PUSH_URL": self.settings.driver_url,
-            "GRADWATCH_PUSH_TOKEN": token,
-        })
+        env.update(
+            {
+                "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
+                "GRADWATCH_PUSH_URL": self.settings.driver_url,
+                "GRADWATCH_PUSH_TOKEN": token,
+            }
+        )
         if not self.settings.allow_user_code:
             env[DATA_ROOTS_ENV] = os.pathsep.join(str(r) for r in self.settings.data_root_paths)
         return env
@@ -604,7 +615,9 @@ class Launcher:
         if refused is not None:
             try:
                 self.store.transition(
-                    job.id, "failed", f"this server no longer runs the job's spec: {refused}"[:4000],
+                    job.id,
+                    "failed",
+                    f"this server no longer runs the job's spec: {refused}"[:4000],
                     expect={"queued"},
                 )
             except TransitionRefused:
@@ -628,9 +641,7 @@ class Launcher:
         except ClusterUnavailable as exc:
             if self.cluster_knows(job.id):
                 return True  # the submit landed; only its answer was lost
-            job = self.store.transition(
-                job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"}
-            )
+            job = self.store.transition(job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"})
             # Should the lost submit land after all, it must not run unseen: stopped now and on
             # every pass while Ray may still take it.
             self._orphans[job.id] = time.time()
@@ -721,11 +732,12 @@ def foreign_ray_error(where: str, answer: str = "", local: bool = True) -> str:
 
 def _ways_out(local: bool, address: str = "") -> str:
     use = f"RAY_ADDRESS={address} " if address else ""
-    ways = (f"reuse it: {use}RAY_AUTH_TOKEN=<its token> gradwatch up (or write its token to "
-            f"{ray_token_source()})")
+    ways = f"reuse it: {use}RAY_AUTH_TOKEN=<its token> gradwatch up (or write its token to {ray_token_source()})"
     if local:
-        ways += (", or stop it: `ray stop` (it ends every Ray cluster of this user on this machine), then "
-                 "`gradwatch up` starts a new one")
+        ways += (
+            ", or stop it: `ray stop` (it ends every Ray cluster of this user on this machine), then "
+            "`gradwatch up` starts a new one"
+        )
     return ways
 
 
@@ -778,7 +790,8 @@ def start_local_ray(
         if running:
             raise RuntimeError(
                 f"a Ray cluster already runs on this machine (GCS {running[1]}) without a dashboard at "
-                f"{address}. Either " + _ways_out(True, "http://127.0.0.1:<its dashboard port>"))
+                f"{address}. Either " + _ways_out(True, "http://127.0.0.1:<its dashboard port>")
+            )
         raise RuntimeError(f"`ray start` failed (exit {done.returncode}); see {log_file}")
     deadline = time.time() + wait_s
     while time.time() < deadline:

@@ -74,8 +74,11 @@ class JobOut(BaseModel):
     val_loss: float | None = None
     val_accuracy: float | None = None
     phase: str | None = None
-    warning: str | None = Field(None, description="Why a job that reached its last step is no plain "
-                                "success: a non-finite final loss, or divergence still held.")
+    warning: str | None = Field(
+        None,
+        description="Why a job that reached its last step is no plain "
+        "success: a non-finite final loss, or divergence still held.",
+    )
     stopping: bool = Field(False, description="A cancel or timeout was sent to Ray; the state follows.")
 
     @classmethod
@@ -198,7 +201,8 @@ class JobDetail(JobOut):
             endpoints=endpoints,
             nodes=_str_map(progress.get("nodes")),
             lost_nodes=_lost_nodes(progress.get("lost_nodes")),
-            waiting=progress.get("waiting") if job.state == "running" and isinstance(progress.get("waiting"), str)
+            waiting=progress.get("waiting")
+            if job.state == "running" and isinstance(progress.get("waiting"), str)
             else None,
             ray_submission_id=job.ray_submission_id,
             resources={"cpus": job.cpus, "gpus": job.gpus},
@@ -237,9 +241,7 @@ class AmAlert(BaseModel):
 
     status: Literal["firing", "resolved"]
     labels: dict[_Key, Annotated[str, Field(max_length=1024)]] = Field(default_factory=dict, max_length=32)
-    annotations: dict[_Key, Annotated[str, Field(max_length=8192)]] = Field(
-        default_factory=dict, max_length=16
-    )
+    annotations: dict[_Key, Annotated[str, Field(max_length=8192)]] = Field(default_factory=dict, max_length=16)
     startsAt: str = Field(max_length=64)
     endsAt: str | None = Field(None, max_length=64)
     generatorURL: str | None = Field(None, max_length=2048)

@@ -55,8 +55,9 @@ def find_binaries() -> tuple[str, str]:
     """Paths of Prometheus and Alertmanager on PATH; MonitoringUnavailable names what is missing."""
     prometheus = next((p for p in map(shutil.which, PROMETHEUS_NAMES) if p), None)
     alertmanager = next((p for p in map(shutil.which, ALERTMANAGER_NAMES) if p), None)
-    missing = [name for name, path in (("prometheus", prometheus), ("prometheus-alertmanager", alertmanager))
-               if path is None]
+    missing = [
+        name for name, path in (("prometheus", prometheus), ("prometheus-alertmanager", alertmanager)) if path is None
+    ]
     if missing:
         raise MonitoringUnavailable(f"{' and '.join(missing)} not found on PATH: {INSTALL_HINT}")
     assert prometheus and alertmanager
@@ -65,14 +66,24 @@ def find_binaries() -> tuple[str, str]:
 
 def prometheus_command(binary: str, config: Path, data: Path, port: int) -> list[str]:
     """Prometheus on 127.0.0.1:`port` with its TSDB in `data` and the reload endpoint on."""
-    return [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={data}", "--web.enable-lifecycle"]
+    return [
+        binary,
+        f"--config.file={config}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.tsdb.path={data}",
+        "--web.enable-lifecycle",
+    ]
 
 
 def alertmanager_command(binary: str, config: Path, data: Path, port: int) -> list[str]:
     """Alertmanager on 127.0.0.1:`port`, state in `data`, without cluster gossip (a single one)."""
-    return [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.path={data}", "--cluster.listen-address="]
+    return [
+        binary,
+        f"--config.file={config}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.path={data}",
+        "--cluster.listen-address=",
+    ]
 
 
 def monitoring_token_files(settings: Settings) -> tuple[Path, Path]:
@@ -111,8 +122,9 @@ def choose_port(requested: int | None, default: int, option: str) -> int:
     if requested == 0:
         return free_port()
     if not port_is_free(requested):
-        raise MonitoringUnavailable(f"port {requested} on 127.0.0.1 is in use ({option}): choose another, "
-                                    "or 0 for any free port")
+        raise MonitoringUnavailable(
+            f"port {requested} on 127.0.0.1 is in use ({option}): choose another, or 0 for any free port"
+        )
     return requested
 
 
@@ -136,8 +148,9 @@ class Child:
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
-            raise MonitoringUnavailable(f"{self.name} exited with {self.process.returncode} (log {self.log}):\n"
-                                        f"{self.log_tail()}")
+            raise MonitoringUnavailable(
+                f"{self.name} exited with {self.process.returncode} (log {self.log}):\n{self.log_tail()}"
+            )
         try:
             return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -147,8 +160,10 @@ class Child:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
-                raise MonitoringUnavailable(f"{self.name} did not answer {self.url}/-/ready within {timeout:.0f} s "
-                                            f"(log {self.log}):\n{self.log_tail()}")
+                raise MonitoringUnavailable(
+                    f"{self.name} did not answer {self.url}/-/ready within {timeout:.0f} s "
+                    f"(log {self.log}):\n{self.log_tail()}"
+                )
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -161,14 +176,20 @@ class Child:
                 self.process.wait()
 
 
-def start_child(name: str, command: list[str], port: int, log: Path, cwd: Path,
-                timeout: float = START_TIMEOUT_S) -> Child:
+def start_child(
+    name: str, command: list[str], port: int, log: Path, cwd: Path, timeout: float = START_TIMEOUT_S
+) -> Child:
     """Start `command`, a server on 127.0.0.1:`port`, and wait until it is ready; stopped if it is not."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                   start_new_session=True,  # Ctrl-C reaches the service, which stops them
-                                   preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,  # Ctrl-C reaches the service, which stops them
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
     child = Child(name, f"http://127.0.0.1:{port}", process, log)
     try:
         child.wait_ready(timeout)
@@ -187,8 +208,9 @@ class Monitoring:
     folder: Path
 
     @classmethod
-    def start(cls, settings: Settings, prometheus_port: int | None = None,
-              alertmanager_port: int | None = None) -> Monitoring:
+    def start(
+        cls, settings: Settings, prometheus_port: int | None = None, alertmanager_port: int | None = None
+    ) -> Monitoring:
         from deploy.render import render_alertmanager_config, render_prometheus_config
 
         prometheus_bin, alertmanager_bin = find_binaries()
@@ -198,22 +220,41 @@ class Monitoring:
         url = service_url(settings)
         am_port = choose_port(alertmanager_port, DEFAULT_ALERTMANAGER_PORT, "--alertmanager-port")
         am_config = folder / "alertmanager.yml"
-        am_config.write_text(render_alertmanager_config(
-            webhook_url=f"{url}/v1/alerts", token_file=alertmanager_token, group_wait=GROUP_WAIT,
-            group_interval=GROUP_INTERVAL))
-        alertmanager = start_child("alertmanager", alertmanager_command(
-            alertmanager_bin, am_config, folder / "alertmanager", am_port), am_port,
-            folder / "alertmanager.log", folder)
+        am_config.write_text(
+            render_alertmanager_config(
+                webhook_url=f"{url}/v1/alerts",
+                token_file=alertmanager_token,
+                group_wait=GROUP_WAIT,
+                group_interval=GROUP_INTERVAL,
+            )
+        )
+        alertmanager = start_child(
+            "alertmanager",
+            alertmanager_command(alertmanager_bin, am_config, folder / "alertmanager", am_port),
+            am_port,
+            folder / "alertmanager.log",
+            folder,
+        )
         try:
             prom_port = choose_port(prometheus_port, DEFAULT_PROMETHEUS_PORT, "--prometheus-port")
             prom_config = folder / "prometheus.yml"
-            prom_config.write_text(render_prometheus_config(
-                service_url=url, token_file=prometheus_token, alertmanager_url=alertmanager.url,
-                scrape_interval=SCRAPE_INTERVAL, eval_interval=EVAL_INTERVAL,
-                sd_refresh_interval=SD_REFRESH_INTERVAL))
-            prometheus = start_child("prometheus", prometheus_command(
-                prometheus_bin, prom_config, folder / "prometheus", prom_port), prom_port,
-                folder / "prometheus.log", folder)
+            prom_config.write_text(
+                render_prometheus_config(
+                    service_url=url,
+                    token_file=prometheus_token,
+                    alertmanager_url=alertmanager.url,
+                    scrape_interval=SCRAPE_INTERVAL,
+                    eval_interval=EVAL_INTERVAL,
+                    sd_refresh_interval=SD_REFRESH_INTERVAL,
+                )
+            )
+            prometheus = start_child(
+                "prometheus",
+                prometheus_command(prometheus_bin, prom_config, folder / "prometheus", prom_port),
+                prom_port,
+                folder / "prometheus.log",
+                folder,
+            )
         except BaseException:
             alertmanager.stop()
             raise

@@ -59,17 +59,18 @@ def router_for(reporter: Callable[..., Any]) -> APIRouter:
     """The push routes, each guarded by `reporter`: a dependency that lets in job {job_id}'s driver."""
     router = APIRouter(prefix="/v1/jobs", tags=["drivers"], dependencies=[Depends(reporter)])
 
-    @router.post("/{job_id}/progress", response_model=PushOut, responses={409: {}},
-                 openapi_extra=_body_schema(ProgressIn))
+    @router.post(
+        "/{job_id}/progress", response_model=PushOut, responses={409: {}}, openapi_extra=_body_schema(ProgressIn)
+    )
     async def push_progress(job_id: str, request: Request) -> PushOut:
         """A running job's driver reports its status (step, losses, phase, endpoints, nodes) and events."""
         body = await _read(request, ProgressIn)
-        job = await run_in_threadpool(_store(request).push_progress, job_id, body.status, body.events, None,
-                                      KEEP_EVENTS)
+        job = await run_in_threadpool(
+            _store(request).push_progress, job_id, body.status, body.events, None, KEEP_EVENTS
+        )
         return PushOut(state=job.state, stop_requested=job.stop_requested)
 
-    @router.post("/{job_id}/result", response_model=PushOut, responses={409: {}},
-                 openapi_extra=_body_schema(ResultIn))
+    @router.post("/{job_id}/result", response_model=PushOut, responses={409: {}}, openapi_extra=_body_schema(ResultIn))
     async def push_result(job_id: str, request: Request) -> PushOut:
         """The driver's result at the end of the job; the state follows when Ray reports the job ended."""
         body = await _read(request, ResultIn)

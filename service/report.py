@@ -40,39 +40,85 @@ PHASE_WORDS = {
     "rapid_learning": ("rapid initial learning", "the loss falls fast while the easy structure is learned"),
     "refinement": ("progressive refinement", "the loss still falls, more slowly, as the details are learned"),
     "converged": ("convergence", "the loss has flattened near its best"),
-    "stalled": ("stalled", "the loss has barely moved from where it started: usually a learning rate far too "
-                           "low, or dead units"),
+    "stalled": (
+        "stalled",
+        "the loss has barely moved from where it started: usually a learning rate far too low, or dead units",
+    ),
     "diverging": ("diverging", "the loss is climbing away from its best"),
 }
-PHASE_COLORS = {"warmup": "#9e9e9e", "rapid_learning": "#2ca02c", "refinement": "#1f77b4",
-                "converged": "#17becf", "stalled": "#ff9800", "diverging": "#d62728"}
-ANOMALY_WORDS = {
-    "nonfinite": ("non-finite values", "a loss or gradient was NaN or infinite and that update was skipped: a "
-                                       "learning rate too high, a bad batch, or a numerical overflow"),
-    "loss_spike": ("loss spike", "one loss far outside the recent range: a bad batch, or a learning rate at the "
-                                 "edge of stability (gradient clipping or warm-up help)"),
-    "divergence": ("divergence", "the loss rose far above its best or went non-finite: the learning rate is "
-                                 "usually too high; lower it, add warm-up or gradient clipping, or set "
-                                 "on_divergence: rollback"),
-    "plateau": ("plateau", "the loss stopped improving: lower the learning rate (or let a schedule do it), or "
-                           "stop the run"),
-    "overfitting": ("overfitting", "validation loss rising while training loss falls: the model memorises its "
-                                   "training data; more data, regularisation (weight decay, dropout) or early "
-                                   "stopping help"),
-    "vanishing_gradients": ("vanishing gradients", "the early layers' gradients shrink to almost nothing, so "
-                                                   "they stop learning: saturating activations (sigmoid, tanh) in "
-                                                   "deep stacks or a poor initialisation; ReLU-like activations, "
-                                                   "normalisation or residual connections help"),
-    "exploding_gradients": ("exploding gradients", "gradient norms or update ratios grew by orders of magnitude: "
-                                                   "clip gradients and lower the learning rate"),
-    "lr_too_low": ("learning rate too low", "the gradients are healthy but every layer's update is tiny against "
-                                            "its weights: raise the learning rate"),
+PHASE_COLORS = {
+    "warmup": "#9e9e9e",
+    "rapid_learning": "#2ca02c",
+    "refinement": "#1f77b4",
+    "converged": "#17becf",
+    "stalled": "#ff9800",
+    "diverging": "#d62728",
 }
-RANK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf")
-ANOMALY_COLORS = {"nonfinite": "#000000", "loss_spike": "#ff7f0e", "divergence": "#d62728",
-                  "plateau": "#8c564b", "overfitting": "#e377c2", "vanishing_gradients": "#7f7f7f",
-                  "exploding_gradients": "#bcbd22", "lr_too_low": "#17becf"}
+ANOMALY_WORDS = {
+    "nonfinite": (
+        "non-finite values",
+        "a loss or gradient was NaN or infinite and that update was skipped: a "
+        "learning rate too high, a bad batch, or a numerical overflow",
+    ),
+    "loss_spike": (
+        "loss spike",
+        "one loss far outside the recent range: a bad batch, or a learning rate at the "
+        "edge of stability (gradient clipping or warm-up help)",
+    ),
+    "divergence": (
+        "divergence",
+        "the loss rose far above its best or went non-finite: the learning rate is "
+        "usually too high; lower it, add warm-up or gradient clipping, or set "
+        "on_divergence: rollback",
+    ),
+    "plateau": (
+        "plateau",
+        "the loss stopped improving: lower the learning rate (or let a schedule do it), or stop the run",
+    ),
+    "overfitting": (
+        "overfitting",
+        "validation loss rising while training loss falls: the model memorises its "
+        "training data; more data, regularisation (weight decay, dropout) or early "
+        "stopping help",
+    ),
+    "vanishing_gradients": (
+        "vanishing gradients",
+        "the early layers' gradients shrink to almost nothing, so "
+        "they stop learning: saturating activations (sigmoid, tanh) in "
+        "deep stacks or a poor initialisation; ReLU-like activations, "
+        "normalisation or residual connections help",
+    ),
+    "exploding_gradients": (
+        "exploding gradients",
+        "gradient norms or update ratios grew by orders of magnitude: clip gradients and lower the learning rate",
+    ),
+    "lr_too_low": (
+        "learning rate too low",
+        "the gradients are healthy but every layer's update is tiny against its weights: raise the learning rate",
+    ),
+}
+RANK_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+ANOMALY_COLORS = {
+    "nonfinite": "#000000",
+    "loss_spike": "#ff7f0e",
+    "divergence": "#d62728",
+    "plateau": "#8c564b",
+    "overfitting": "#e377c2",
+    "vanishing_gradients": "#7f7f7f",
+    "exploding_gradients": "#bcbd22",
+    "lr_too_low": "#17becf",
+}
 
 
 class ReportError(ValueError):
@@ -140,8 +186,13 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def load_run(run_dir: str | Path, *, job_id: str | None = None, spec: dict[str, Any] | None = None,
-             status: dict[str, Any] | None = None) -> Run:
+def load_run(
+    run_dir: str | Path,
+    *,
+    job_id: str | None = None,
+    spec: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
+) -> Run:
     """Read a run directory. `spec` and `status` fill in what the directory does not have yet (the service
     knows a queued job's spec before its driver writes spec.json)."""
     run_dir = Path(run_dir)
@@ -150,12 +201,19 @@ def load_run(run_dir: str | Path, *, job_id: str | None = None, spec: dict[str, 
     history = run_dir / "history.jsonl"
     spec = _read_json(run_dir / "spec.json") or spec
     if spec is None and not history.exists():
-        raise ReportError(f"{run_dir} is not a gradwatch run directory: it has neither spec.json nor "
-                          "history.jsonl (`gradwatch run` writes them to runs/<job id>/)")
+        raise ReportError(
+            f"{run_dir} is not a gradwatch run directory: it has neither spec.json nor "
+            "history.jsonl (`gradwatch run` writes them to runs/<job id>/)"
+        )
     status = {**(_read_json(run_dir / "status.json") or {}), **(status or {})}
     result = _read_json(run_dir / "result.json")
-    run = Run(run_dir=run_dir, job_id=job_id or status.get("job_id") or (result or {}).get("job_id") or run_dir.name,
-              spec=spec or {}, status=status, result=result)
+    run = Run(
+        run_dir=run_dir,
+        job_id=job_id or status.get("job_id") or (result or {}).get("job_id") or run_dir.name,
+        spec=spec or {},
+        status=status,
+        result=result,
+    )
     if history.exists():
         lines = _count_lines(history)
         run.stride = max(1, math.ceil(lines / MAX_POINTS))
@@ -252,31 +310,44 @@ def diagnosis(run: Run) -> list[str]:
             parts.append(f"{PHASE_WORDS[phase][0]} from step {step}" + (f" (loss EMA {ema:.4g})" if ema else ""))
         current = run.status.get("phase") if run.state == "running" else None
         tail = f"; now in {PHASE_WORDS[current][0]}" if current in PHASE_WORDS else ""
-        lines.append("Phases: " + ", then ".join(parts) + tail + ". "
-                     + " ".join(f"{PHASE_WORDS[p][0].capitalize()}: {PHASE_WORDS[p][1]}."
-                                for p in dict.fromkeys(p for p, _ in entered)))
+        lines.append(
+            "Phases: "
+            + ", then ".join(parts)
+            + tail
+            + ". "
+            + " ".join(
+                f"{PHASE_WORDS[p][0].capitalize()}: {PHASE_WORDS[p][1]}." for p in dict.fromkeys(p for p, _ in entered)
+            )
+        )
     found = anomalies(run)
     if not found:
         names = [anomaly_name(kind) for kind in ANOMALY_WORDS]
-        lines.append(f"No anomalies detected (watched for: {', '.join(names)})." if run.steps
-                     else "No steps recorded yet.")
+        lines.append(
+            f"No anomalies detected (watched for: {', '.join(names)})." if run.steps else "No steps recorded yet."
+        )
     for kind, step in found:
         name, meaning = anomaly_name(kind), ANOMALY_WORDS.get(kind, ("", ""))[1]
-        lines.append(f"{name.capitalize()} first at step {step}" + (f": {meaning}." if meaning else ".")
-                     + _anomaly_detail(run, kind))
+        lines.append(
+            f"{name.capitalize()} first at step {step}"
+            + (f": {meaning}." if meaning else ".")
+            + _anomaly_detail(run, kind)
+        )
     restarts, rollbacks = _restarts(run), _rollbacks(run)
     if restarts or (run.result or run.status).get("restarts"):
         n = len(restarts) or (run.result or run.status).get("restarts")
         at = f" (resumed at step {', '.join(map(str, restarts))})" if restarts else ""
         lines.append(f"{n} restart{'s' if n != 1 else ''} of the worker group from a checkpoint{at}.")
     for r in rollbacks:
-        lines.append(f"Rollback at step {r['step']}: back to step {r.get('to_step')}, learning rate "
-                     f"x{_fmt(r.get('lr_scale'))}.")
+        lines.append(
+            f"Rollback at step {r['step']}: back to step {r.get('to_step')}, learning rate x{_fmt(r.get('lr_scale'))}."
+        )
     if run.nonfinite:
         steps = [r["step"] for r in run.nonfinite]
         shown = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
-        lines.append(f"{len(steps)} step{'s' if len(steps) != 1 else ''} with a non-finite loss or gradient, "
-                     f"update skipped (steps {shown}).")
+        lines.append(
+            f"{len(steps)} step{'s' if len(steps) != 1 else ''} with a non-finite loss or gradient, "
+            f"update skipped (steps {shown})."
+        )
     hint = _batch_hint(run)
     if hint:
         lines.append(hint)
@@ -288,8 +359,10 @@ def _anomaly_detail(run: Run, kind: str) -> str:
         finite = [v for v in run.vals if isinstance(v.get("val_loss"), float) and math.isfinite(v["val_loss"])]
         if finite:
             best = min(finite, key=lambda v: v["val_loss"])
-            return (f" Validation loss was lowest at step {best['step']} ({best['val_loss']:.4g}) and ended at "
-                    f"{finite[-1]['val_loss']:.4g}.")
+            return (
+                f" Validation loss was lowest at step {best['step']} ({best['val_loss']:.4g}) and ended at "
+                f"{finite[-1]['val_loss']:.4g}."
+            )
     if kind == "vanishing_gradients":
         last = next((r for r in reversed(run.steps) if r.get("layer_grad_norm")), None)
         if last:
@@ -299,8 +372,11 @@ def _anomaly_detail(run: Run, kind: str) -> str:
 
 
 def _batch_hint(run: Run) -> str:
-    noise = [r["gradient_noise_scale"] for r in run.steps[-20:]
-             if isinstance(r.get("gradient_noise_scale"), float) and r["gradient_noise_scale"] > 0]
+    noise = [
+        r["gradient_noise_scale"]
+        for r in run.steps[-20:]
+        if isinstance(r.get("gradient_noise_scale"), float) and r["gradient_noise_scale"] > 0
+    ]
     batch = _global_batch(run)
     if not noise or not batch:
         return ""
@@ -311,13 +387,18 @@ def _batch_hint(run: Run) -> str:
         verdict = "the batch is past the critical batch size: a smaller one would waste fewer samples"
     else:
         verdict = "the batch is near the critical batch size"
-    return (f"Gradient noise scale near the end about {b:.3g} against a global batch of {batch}: {verdict} "
-            "(McCandlish et al., 2018).")
+    return (
+        f"Gradient noise scale near the end about {b:.3g} against a global batch of {batch}: {verdict} "
+        "(McCandlish et al., 2018)."
+    )
 
 
 def _global_batch(run: Run) -> int | None:
-    workers = (run.result or {}).get("world_size") or run.status.get("world_size") or \
-        (run.spec.get("scaling") or {}).get("num_workers")
+    workers = (
+        (run.result or {}).get("world_size")
+        or run.status.get("world_size")
+        or (run.spec.get("scaling") or {}).get("num_workers")
+    )
     size = run.spec.get("batch_size")
     return int(size * workers) if size and workers else None
 
@@ -358,26 +439,41 @@ def _line(records: list[dict[str, Any]], key: str, *, positive: bool = False) ->
     return _typed(xs), _typed(ys)
 
 
-def _trace(records: list[dict[str, Any]], key: str, name: str, color: str, *, positive: bool = False,
-           **extra: Any) -> dict[str, Any] | None:
+def _trace(
+    records: list[dict[str, Any]], key: str, name: str, color: str, *, positive: bool = False, **extra: Any
+) -> dict[str, Any] | None:
     xy = _line(records, key, positive=positive)
     if xy is None:
         return None
-    return {"type": "scatter", "mode": "lines", "name": name, "x": xy[0], "y": xy[1],
-            "line": {"color": color, "width": 1.5}, "connectgaps": False, **extra}
+    return {
+        "type": "scatter",
+        "mode": "lines",
+        "name": name,
+        "x": xy[0],
+        "y": xy[1],
+        "line": {"color": color, "width": 1.5},
+        "connectgaps": False,
+        **extra,
+    }
 
 
 def _layout(title: str, ytitle: str, *, log: bool = False, height: int = 320, **extra: Any) -> dict[str, Any]:
     return {
         "title": {"text": title, "x": 0.01, "font": {"size": 15}},
-        "height": height, "margin": {"l": 70, "r": 20, "t": 56, "b": 45},
-        "paper_bgcolor": "#ffffff", "plot_bgcolor": "#ffffff",
+        "height": height,
+        "margin": {"l": 70, "r": 20, "t": 56, "b": 45},
+        "paper_bgcolor": "#ffffff",
+        "plot_bgcolor": "#ffffff",
         "font": {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12},
         "hovermode": "x unified",
         "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
         "xaxis": {"title": {"text": "step"}, "gridcolor": "#eeeeee", "zeroline": False},
-        "yaxis": {"title": {"text": ytitle}, "gridcolor": "#eeeeee", "zeroline": False,
-                  **({"type": "log", "exponentformat": "power"} if log else {})},
+        "yaxis": {
+            "title": {"text": ytitle},
+            "gridcolor": "#eeeeee",
+            "zeroline": False,
+            **({"type": "log", "exponentformat": "power"} if log else {}),
+        },
         **extra,
     }
 
@@ -403,35 +499,92 @@ def _markers(run: Run, y_of: Any, span: float) -> tuple[list[dict], list[dict], 
     traces, shapes, labels = [], [], []
     found = anomalies(run)
     if found:
-        traces.append({
-            "type": "scatter", "mode": "markers", "name": "anomalies", "meta": "anomalies",
-            "x": [s for _, s in found], "y": [y_of(s) for _, s in found], "text": [k for k, _ in found],
-            "customdata": [anomaly_name(k) for k, _ in found],
-            "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
-            "marker": {"symbol": "x", "size": 12, "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
-                       "line": {"width": 2}},
-        })
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "anomalies",
+                "meta": "anomalies",
+                "x": [s for _, s in found],
+                "y": [y_of(s) for _, s in found],
+                "text": [k for k, _ in found],
+                "customdata": [anomaly_name(k) for k, _ in found],
+                "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
+                "marker": {
+                    "symbol": "x",
+                    "size": 12,
+                    "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
+                    "line": {"width": 2},
+                },
+            }
+        )
         rows = _label_rows([s for _, s in found], [k for k, _ in found], span)
         for (kind, step), row in zip(found, rows, strict=True):
             color = ANOMALY_COLORS.get(kind, "#d62728")
-            shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0,
-                           "y1": 1, "line": {"color": color, "dash": "dot", "width": 1.5}})
-            labels.append({"x": step, "xref": "x", "y": 1 - 0.07 * row, "yref": "paper", "text": kind,
-                           "showarrow": False, "xanchor": "left", "yanchor": "top", "xshift": 2,
-                           "font": {"color": color, "size": 11}, "bgcolor": "rgba(255,255,255,0.7)"})
+            shapes.append(
+                {
+                    "type": "line",
+                    "xref": "x",
+                    "yref": "paper",
+                    "x0": step,
+                    "x1": step,
+                    "y0": 0,
+                    "y1": 1,
+                    "line": {"color": color, "dash": "dot", "width": 1.5},
+                }
+            )
+            labels.append(
+                {
+                    "x": step,
+                    "xref": "x",
+                    "y": 1 - 0.07 * row,
+                    "yref": "paper",
+                    "text": kind,
+                    "showarrow": False,
+                    "xanchor": "left",
+                    "yanchor": "top",
+                    "xshift": 2,
+                    "font": {"color": color, "size": 11},
+                    "bgcolor": "rgba(255,255,255,0.7)",
+                }
+            )
     for name, symbol, color, steps in (
-            ("restarts", "triangle-up", "#6a3d9a", _restarts(run)),
-            ("rollbacks", "triangle-left", "#b15928", [r["step"] for r in _rollbacks(run)]),
-            ("skipped steps", "x-thin-open", "#555555", [r["step"] for r in run.nonfinite])):
+        ("restarts", "triangle-up", "#6a3d9a", _restarts(run)),
+        ("rollbacks", "triangle-left", "#b15928", [r["step"] for r in _rollbacks(run)]),
+        ("skipped steps", "x-thin-open", "#555555", [r["step"] for r in run.nonfinite]),
+    ):
         if steps:
-            traces.append({"type": "scatter", "mode": "markers", "name": name, "meta": name,
-                           "x": steps, "y": [y_of(s) for s in steps],
-                           "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
-                           "marker": {"symbol": symbol, "size": 11 if name != "skipped steps" else 7,
-                                      "color": color, "line": {"width": 1.5, "color": color}}})
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": name,
+                    "meta": name,
+                    "x": steps,
+                    "y": [y_of(s) for s in steps],
+                    "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
+                    "marker": {
+                        "symbol": symbol,
+                        "size": 11 if name != "skipped steps" else 7,
+                        "color": color,
+                        "line": {"width": 1.5, "color": color},
+                    },
+                }
+            )
             if name != "skipped steps":
-                shapes += [{"type": "line", "xref": "x", "yref": "paper", "x0": s, "x1": s, "y0": 0, "y1": 1,
-                            "line": {"color": color, "width": 1}} for s in steps[:MAX_MARKER_LINES]]
+                shapes += [
+                    {
+                        "type": "line",
+                        "xref": "x",
+                        "yref": "paper",
+                        "x0": s,
+                        "x1": s,
+                        "y0": 0,
+                        "y1": 1,
+                        "line": {"color": color, "width": 1},
+                    }
+                    for s in steps[:MAX_MARKER_LINES]
+                ]
     return traces, shapes, labels
 
 
@@ -443,18 +596,37 @@ def _phase_bands(run: Run, end: int) -> list[dict[str, Any]]:
         if stop <= step:
             continue
         first = phase not in [p for p, _ in entered[:i]]
-        bands.append({"type": "rect", "xref": "x", "yref": "paper", "x0": step, "x1": stop, "y0": 0, "y1": 1,
-                      "fillcolor": PHASE_COLORS[phase], "opacity": 0.10, "line": {"width": 0}, "layer": "below",
-                      "name": PHASE_WORDS[phase][0], "showlegend": first, "legendgroup": phase})
+        bands.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": step,
+                "x1": stop,
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": PHASE_COLORS[phase],
+                "opacity": 0.10,
+                "line": {"width": 0},
+                "layer": "below",
+                "name": PHASE_WORDS[phase][0],
+                "showlegend": first,
+                "legendgroup": phase,
+            }
+        )
     return bands
 
 
 def loss_chart(run: Run) -> dict[str, Any] | None:
-    traces = [t for t in (
-        _trace(run.steps, "global_loss", "train loss (mean over ranks)", "#9ecae1"),
-        _trace(run.steps, "loss_ema", "train loss EMA", "#08519c", line={"color": "#08519c", "width": 2.5}),
-        _trace(run.vals, "val_loss", "val loss", "#e6550d", mode="lines+markers", marker={"size": 5}),
-    ) if t]
+    traces = [
+        t
+        for t in (
+            _trace(run.steps, "global_loss", "train loss (mean over ranks)", "#9ecae1"),
+            _trace(run.steps, "loss_ema", "train loss EMA", "#08519c", line={"color": "#08519c", "width": 2.5}),
+            _trace(run.vals, "val_loss", "val loss", "#e6550d", mode="lines+markers", marker={"size": 5}),
+        )
+        if t
+    ]
     if not traces:
         return None
 
@@ -464,13 +636,20 @@ def loss_chart(run: Run) -> dict[str, Any] | None:
 
     end = max([r["step"] for r in run.steps + run.vals] or [0])
     marker_traces, shapes, labels = _markers(run, y_of, end)
-    losses = [v for r in run.steps + run.vals for v in (_num(r.get("global_loss")), _num(r.get("val_loss")))
-              if math.isfinite(v) and v > 0]
+    losses = [
+        v
+        for r in run.steps + run.vals
+        for v in (_num(r.get("global_loss")), _num(r.get("val_loss")))
+        if math.isfinite(v) and v > 0
+    ]
     # A diverged loss spans many decades: on a linear axis everything before the blow-up is a flat line.
     log = bool(losses) and max(losses) > 1000 * min(losses)
-    return {"data": traces + marker_traces,
-            "layout": _layout("Loss", "loss", log=log, height=420, shapes=_phase_bands(run, end) + shapes,
-                              annotations=labels)}
+    return {
+        "data": traces + marker_traces,
+        "layout": _layout(
+            "Loss", "loss", log=log, height=420, shapes=_phase_bands(run, end) + shapes, annotations=labels
+        ),
+    }
 
 
 def lr_chart(run: Run) -> dict[str, Any] | None:
@@ -483,10 +662,17 @@ def lr_chart(run: Run) -> dict[str, Any] | None:
 
 
 def norms_chart(run: Run) -> dict[str, Any] | None:
-    traces = [t for t in (_trace(run.steps, "grad_norm", "gradient norm", "#d62728", positive=True),
-                          _trace(run.steps, "weight_norm", "weight norm", "#1f77b4", positive=True)) if t]
-    return {"data": traces, "layout": _layout("Global gradient and weight norms", "L2 norm", log=True)} \
-        if traces else None
+    traces = [
+        t
+        for t in (
+            _trace(run.steps, "grad_norm", "gradient norm", "#d62728", positive=True),
+            _trace(run.steps, "weight_norm", "weight norm", "#1f77b4", positive=True),
+        )
+        if t
+    ]
+    return (
+        {"data": traces, "layout": _layout("Global gradient and weight norms", "L2 norm", log=True)} if traces else None
+    )
 
 
 def _layer_matrix(run: Run, key: str) -> tuple[list[str], list[int], np.ndarray] | None:
@@ -517,10 +703,18 @@ def layer_grad_heatmap(run: Run) -> dict[str, Any] | None:
     finite = z[np.isfinite(z)]
     lo, hi = (math.floor(finite.min()), math.ceil(finite.max())) if finite.size else (-12, 0)
     ticks = list(range(lo, hi + 1, max(1, (hi - lo) // 8)))
-    trace = {"type": "heatmap", "name": "gradient norm", "x": _typed(steps), "y": layers, "z": _typed(z),
-             "colorscale": "Viridis", "zmin": lo, "zmax": hi,
-             "colorbar": {"title": {"text": "grad norm"}, "tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]},
-             "hovertemplate": "layer %{y}<br>step %{x}<br>log10 grad norm %{z:.2f}<extra></extra>"}
+    trace = {
+        "type": "heatmap",
+        "name": "gradient norm",
+        "x": _typed(steps),
+        "y": layers,
+        "z": _typed(z),
+        "colorscale": "Viridis",
+        "zmin": lo,
+        "zmax": hi,
+        "colorbar": {"title": {"text": "grad norm"}, "tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]},
+        "hovertemplate": "layer %{y}<br>step %{x}<br>log10 grad norm %{z:.2f}<extra></extra>",
+    }
     height = max(260, min(900, 80 + 18 * len(layers)))
     layout = _layout("Gradient norm per layer (log colour)", "layer", height=height, hovermode="closest")
     layout["yaxis"].update(autorange="reversed", type="category", automargin=True)
@@ -547,12 +741,25 @@ def update_ratio_chart(run: Run) -> dict[str, Any] | None:
     for i, name in enumerate(layers):
         row = np.clip(matrix[i], RATIO_FLOOR, None)  # an update of exactly zero (a dead layer) stays visible
         if np.isfinite(row).any():
-            traces.append({"type": "scatter", "mode": "lines", "name": name, "x": x, "y": _typed(row),
-                           "line": {"color": _depth_color(i, len(layers)), "width": 1.2}})
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "lines",
+                    "name": name,
+                    "x": x,
+                    "y": _typed(row),
+                    "line": {"color": _depth_color(i, len(layers)), "width": 1.2},
+                }
+            )
     if not traces:
         return None
-    layout = _layout(f"Update / weight ratio per layer (0 drawn at {RATIO_FLOOR:g})", "||Δw|| / ||w||", log=True,
-                     height=380, hovermode="closest")
+    layout = _layout(
+        f"Update / weight ratio per layer (0 drawn at {RATIO_FLOOR:g})",
+        "||Δw|| / ||w||",
+        log=True,
+        height=380,
+        hovermode="closest",
+    )
     layout["legend"] = {"orientation": "v", "x": 1.01, "y": 1, "yanchor": "top", "font": {"size": 11}}
     return {"data": traces, "layout": layout}
 
@@ -565,9 +772,16 @@ def noise_scale_chart(run: Run) -> dict[str, Any] | None:
     batch = _global_batch(run)
     steps = [r["step"] for r in run.steps]
     if batch and steps:
-        traces.append({"type": "scatter", "mode": "lines", "name": f"global batch size ({batch})",
-                       "x": [min(steps), max(steps)], "y": [batch, batch],
-                       "line": {"color": "#000000", "dash": "dash", "width": 1.5}})
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"global batch size ({batch})",
+                "x": [min(steps), max(steps)],
+                "y": [batch, batch],
+                "line": {"color": "#000000", "dash": "dash", "width": 1.5},
+            }
+        )
     return {"data": traces, "layout": _layout("Gradient noise scale and global batch size", "samples", log=True)}
 
 
@@ -645,15 +859,23 @@ def _spec_summary(spec: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{model.get('name')}" + (f" ({model_bits})" if model_bits else "")),
         ("data", f"{data.get('name')}"),
-        ("optimizer", f"{opt.get('name')} lr {_fmt(opt.get('lr'))}"
-                      + (f", weight decay {_fmt(opt.get('weight_decay'))}" if opt.get("weight_decay") else "")
-                      + (f", {schedule.get('name')} schedule" if schedule.get("name") else "")
-                      + (f", warm-up {schedule.get('warmup_steps')}" if schedule.get("warmup_steps") else "")),
-        ("training", f"{steps}, batch {spec.get('batch_size')} per worker x {scaling.get('num_workers')} "
-                     f"{'GPU' if scaling.get('use_gpu') else 'CPU'} workers"
-                     + (f", grad clip {spec['grad_clip']}" if spec.get("grad_clip") else "")),
-        ("telemetry", f"every {(spec.get('telemetry') or {}).get('interval')} steps; "
-                      f"on divergence: {spec.get('on_divergence')}"),
+        (
+            "optimizer",
+            f"{opt.get('name')} lr {_fmt(opt.get('lr'))}"
+            + (f", weight decay {_fmt(opt.get('weight_decay'))}" if opt.get("weight_decay") else "")
+            + (f", {schedule.get('name')} schedule" if schedule.get("name") else "")
+            + (f", warm-up {schedule.get('warmup_steps')}" if schedule.get("warmup_steps") else ""),
+        ),
+        (
+            "training",
+            f"{steps}, batch {spec.get('batch_size')} per worker x {scaling.get('num_workers')} "
+            f"{'GPU' if scaling.get('use_gpu') else 'CPU'} workers"
+            + (f", grad clip {spec['grad_clip']}" if spec.get("grad_clip") else ""),
+        ),
+        (
+            "telemetry",
+            f"every {(spec.get('telemetry') or {}).get('interval')} steps; on divergence: {spec.get('on_divergence')}",
+        ),
     ]
     if spec.get("labels"):
         rows.append(("labels", ", ".join(f"{k}={v}" for k, v in spec["labels"].items())))
@@ -696,8 +918,10 @@ def render_report(run: Run, *, reason: str | None = None) -> str:
     for chart_id, width, build in CHARTS:
         figure = build(run)
         if figure is None:
-            blocks.append(f'<section class="chart {width} empty" id="{chart_id}-empty">'
-                          f'<p>{html.escape(EMPTY_WHY[chart_id])}</p></section>')
+            blocks.append(
+                f'<section class="chart {width} empty" id="{chart_id}-empty">'
+                f"<p>{html.escape(EMPTY_WHY[chart_id])}</p></section>"
+            )
         else:
             figures[chart_id] = _clean(figure)
             blocks.append(f'<section class="chart {width}"><div class="gw-chart" id="{chart_id}"></div></section>')
@@ -707,21 +931,29 @@ def render_report(run: Run, *, reason: str | None = None) -> str:
     if run.unreadable_lines:
         notes.append(f"{run.unreadable_lines} unreadable history lines skipped")
     name = run.spec.get("name") or run.job_id
-    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                    for k, v in _spec_summary(run.spec))
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _spec_summary(run.spec))
     words = "".join(f"<li>{html.escape(line)}</li>" for line in diagnosis(run))
-    summary = {"job_id": run.job_id, "state": run.state,
-               "phases": [{"phase": p, "step": s} for p, s in phases(run)],
-               "anomalies": [{"kind": k, "first_step": s} for k, s in anomalies(run)]}
+    summary = {
+        "job_id": run.job_id,
+        "state": run.state,
+        "phases": [{"phase": p, "step": s} for p, s in phases(run)],
+        "anomalies": [{"kind": k, "first_step": s} for k, s in anomalies(run)],
+    }
     return Template(TEMPLATE.read_text()).substitute(
         title=html.escape(f"{name} {run.job_id} - gradwatch report"),
-        name=html.escape(name), job_id=html.escape(run.job_id),
-        state=html.escape(run.state), outcome=html.escape(_outcome(run, reason)),
-        facts=facts, diagnosis=words, charts="\n".join(blocks),
+        name=html.escape(name),
+        job_id=html.escape(run.job_id),
+        state=html.escape(run.state),
+        outcome=html.escape(_outcome(run, reason)),
+        facts=facts,
+        diagnosis=words,
+        charts="\n".join(blocks),
         notes=html.escape("; ".join(notes)),
         generated=html.escape(time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())),
         plotly_version=html.escape(plotly_version),
-        summary_json=_safe_json(summary), figures_json=_safe_json(figures), plotly_gz=packed,
+        summary_json=_safe_json(summary),
+        figures_json=_safe_json(figures),
+        plotly_gz=packed,
     )
 
 
@@ -744,5 +976,16 @@ def report_for_job(job: Any, runs_dir: Path) -> str:
     return render_report(run, reason=job.reason)
 
 
-__all__ = ["MAX_POINTS", "ReportError", "Run", "anomalies", "anomaly_name", "build_report", "diagnosis",
-           "load_run", "phases", "render_report", "report_for_job"]
+__all__ = [
+    "MAX_POINTS",
+    "ReportError",
+    "Run",
+    "anomalies",
+    "anomaly_name",
+    "build_report",
+    "diagnosis",
+    "load_run",
+    "phases",
+    "render_report",
+    "report_for_job",
+]

@@ -60,8 +60,11 @@ class Settings(BaseSettings):
         ge=64 * 1024**2,
         description="Memory a worker may use: specs whose model and data are estimated above it are refused.",
     )
-    allow_user_code: bool = Field(False, description="Accept user code in specs: `module:factory` models and data, "
-                                               "and `train.entrypoint` training functions.")
+    allow_user_code: bool = Field(
+        False,
+        description="Accept user code in specs: `module:factory` models and data, "
+        "and `train.entrypoint` training functions.",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     ray_address: str | None = Field(
         None,
@@ -142,15 +145,19 @@ class Settings(BaseSettings):
 
     def token_file_of(self, consumer: str) -> Path:
         """Where `consumer`'s (admin, prometheus, alertmanager) token file is."""
-        given = {"admin": self.token_file, "prometheus": self.prometheus_token_file,
-                 "alertmanager": self.alertmanager_token_file}[consumer]
+        given = {
+            "admin": self.token_file,
+            "prometheus": self.prometheus_token_file,
+            "alertmanager": self.alertmanager_token_file,
+        }[consumer]
         default = self.data_dir / ("token" if consumer == "admin" else f"{consumer}.token")
         return (given or default).expanduser()
 
     def token_of(self, consumer: str, *, read_file: bool = True) -> str | None:
         """`consumer`'s token: from the environment, else (read_file) from its token file."""
-        given = {"admin": self.token, "prometheus": self.prometheus_token,
-                 "alertmanager": self.alertmanager_token}[consumer]
+        given = {"admin": self.token, "prometheus": self.prometheus_token, "alertmanager": self.alertmanager_token}[
+            consumer
+        ]
         if given or not read_file:
             return given or None
         try:

@@ -244,9 +244,7 @@ class Store:
         self.engine = _make_engine(url)
         Base.metadata.create_all(self.engine)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
-        self._write_session = sessionmaker(
-            self.engine.execution_options(gw_write=True), expire_on_commit=False
-        )
+        self._write_session = sessionmaker(self.engine.execution_options(gw_write=True), expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -297,9 +295,7 @@ class Store:
                         JobLabel(job_id=job.id, key=k, value=v, created_at=at) for k, v in spec.labels.items()
                     )
                     session.add(
-                        Transition(
-                            job_id=job.id, from_state=None, to_state="queued", at=at, reason="submitted"
-                        )
+                        Transition(job_id=job.id, from_state=None, to_state="queued", at=at, reason="submitted")
                     )
                 return job
             except IntegrityError:  # an id collision (1 in 2**48 per pair): draw again
@@ -330,16 +326,12 @@ class Store:
         order: tuple[Any, Any] = (Job.created_at, Job.id)
         for n, (key, value) in enumerate(self._rarest_first(labels or {})):
             label = aliased(JobLabel)
-            query = query.join(label, and_(label.job_id == Job.id, label.key == key)).where(
-                label.value == value
-            )
+            query = query.join(label, and_(label.job_id == Job.id, label.key == key)).where(label.value == value)
             if n == 0:  # walk the rarest label's index newest first
                 order = (label.created_at, label.job_id)
         if state:
             states = [state] if isinstance(state, str) else list(state)
-            query = (
-                query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
-            )
+            query = query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
         if name:
             query = query.where(Job.name == name)
         if cursor:
@@ -439,9 +431,7 @@ class Store:
                 job.world_size = progress["world_size"]
         return job
 
-    def request_stop(
-        self, job_id: str, kind: str, reason: str, *, now: float | None = None
-    ) -> tuple[Job, bool]:
+    def request_stop(self, job_id: str, kind: str, reason: str, *, now: float | None = None) -> tuple[Job, bool]:
         """Cancel (kind "cancel") or time out ("timeout") a job.
 
         A queued job ends at once. A running one is marked; the launcher stops its
@@ -455,9 +445,7 @@ class Store:
             if job.state in TERMINAL_STATES:
                 raise TransitionRefused(f"job {job_id} already ended {job.state}")
             if job.state == "queued":
-                session.add(
-                    Transition(job_id=job_id, from_state="queued", to_state=final, at=at, reason=reason)
-                )
+                session.add(Transition(job_id=job_id, from_state="queued", to_state=final, at=at, reason=reason))
                 job.state, job.reason, job.ended_at = final, reason, at
                 return job, False
             if job.stop_requested is None:
@@ -467,9 +455,7 @@ class Store:
 
     def transitions(self, job_id: str) -> list[Transition]:
         with self._read() as session:
-            return list(
-                session.scalars(select(Transition).where(Transition.job_id == job_id).order_by(Transition.id))
-            )
+            return list(session.scalars(select(Transition).where(Transition.job_id == job_id).order_by(Transition.id)))
 
     def count_by_state(self) -> dict[str, int]:
         with self._read() as session:
@@ -480,9 +466,7 @@ class Store:
 
     def current_states(self, ended_since: float) -> list[tuple[str, str]]:
         """(job id, state) of every job not ended, or ended after `ended_since`."""
-        query = select(Job.id, Job.state).where(
-            or_(Job.state.in_(("queued", "running")), Job.ended_at >= ended_since)
-        )
+        query = select(Job.id, Job.state).where(or_(Job.state.in_(("queued", "running")), Job.ended_at >= ended_since))
         with self._read() as session:
             return [(job_id, state) for job_id, state in session.execute(query).all()]
 
@@ -504,9 +488,7 @@ class Store:
             raise UserExists(f"user {name!r} exists") from None
         return self.issue_token(name, scopes, now=at)
 
-    def issue_token(
-        self, user: str, scopes: list[str], *, job_id: str | None = None, now: float | None = None
-    ) -> str:
+    def issue_token(self, user: str, scopes: list[str], *, job_id: str | None = None, now: float | None = None) -> str:
         """A new token for `user`; `job_id` makes it good for that job only, until the job ends."""
         at = time.time() if now is None else now
         with self._write() as session:
@@ -518,8 +500,15 @@ class Store:
             text = new_token_text(token_id)
             _, secret = split_token(text) or ("", "")
             session.add(
-                Token(id=token_id, user=user, scopes=" ".join(scopes), digest=_digest(secret), job_id=job_id,
-                      created_at=at, revoked_at=None)
+                Token(
+                    id=token_id,
+                    user=user,
+                    scopes=" ".join(scopes),
+                    digest=_digest(secret),
+                    job_id=job_id,
+                    created_at=at,
+                    revoked_at=None,
+                )
             )
         return text
 
@@ -604,9 +593,7 @@ class Store:
         with self._write() as session:
             for item in items:
                 row = session.scalars(
-                    select(Alert).where(
-                        Alert.fingerprint == item.fingerprint, Alert.starts_at == item.starts_at
-                    )
+                    select(Alert).where(Alert.fingerprint == item.fingerprint, Alert.starts_at == item.starts_at)
                 ).first()
                 if row is None:
                     session.add(
@@ -730,9 +717,9 @@ def _check_queue_caps(session: Session, owner: str | None, per_owner: int | None
                 "try again when some have started"
             )
     if per_owner is not None and owner is not None:
-        mine = session.scalar(
-            select(func.count()).select_from(Job).where(Job.state == "queued", Job.owner == owner)
-        ) or 0
+        mine = (
+            session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued", Job.owner == owner)) or 0
+        )
         if mine >= per_owner:
             raise QueueFull(
                 f"{owner} already has {mine} jobs queued, the limit per user: wait for some to start, "

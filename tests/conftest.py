@@ -11,9 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 # The reason a run ends failed once its updates were skipped max_skipped_steps steps (workers/loop.py).
-DIVERGED = re.compile(r"diverged: (?:(?P<steps>\d+) consecutive non-finite steps|(?P<skipped>\d+) of the "
-                      r"(?P<of>\d+) steps) since step (?P<since>\d+)(?: were non-finite, never \d+ finite in a row)?; "
-                      r"last finite loss(?: before them)? (?P<loss>\S+) at step (?P<last>\d+)")
+DIVERGED = re.compile(
+    r"diverged: (?:(?P<steps>\d+) consecutive non-finite steps|(?P<skipped>\d+) of the "
+    r"(?P<of>\d+) steps) since step (?P<since>\d+)(?: were non-finite, never \d+ finite in a row)?; "
+    r"last finite loss(?: before them)? (?P<loss>\S+) at step (?P<last>\d+)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +121,19 @@ def example_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("example-runs")
     made = {}
     gradwatch = Path(sys.executable).parent / "gradwatch"
-    out = subprocess.run([str(gradwatch), "run", str(example_spec_file("digits-mlp", tmp)), "--json",
-                          "--storage-path", str(tmp / "runs")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            str(gradwatch),
+            "run",
+            str(example_spec_file("digits-mlp", tmp)),
+            "--json",
+            "--storage-path",
+            str(tmp / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     made["digits-mlp"] = (Path(result["run_dir"]), result)

@@ -86,13 +86,28 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster(bindir, root, free_port(), as_user)
     try:
         cluster.run(
-            "initdb", "-D", str(cluster.data), "-U", SYSTEM_USER, "--auth=trust", "--no-sync",
-            "--encoding=UTF8", "--locale=C",
+            "initdb",
+            "-D",
+            str(cluster.data),
+            "-U",
+            SYSTEM_USER,
+            "--auth=trust",
+            "--no-sync",
+            "--encoding=UTF8",
+            "--locale=C",
         )
         started = cluster.run(
-            "pg_ctl", "-D", str(cluster.data), "-l", str(root / "server.log"), "-w", "-t", "60", "start",
-            "-o", f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=200",
+            "pg_ctl",
+            "-D",
+            str(cluster.data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             check=False,
         )
         if started.returncode != 0:

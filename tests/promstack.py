@@ -28,8 +28,12 @@ PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 PROMTOOL = "/usr/bin/promtool"
 AMTOOL = "/usr/bin/amtool"
-PACKAGES = {PROMETHEUS: "prometheus", PROMTOOL: "prometheus", ALERTMANAGER: "prometheus-alertmanager",
-            AMTOOL: "prometheus-alertmanager"}
+PACKAGES = {
+    PROMETHEUS: "prometheus",
+    PROMTOOL: "prometheus",
+    ALERTMANAGER: "prometheus-alertmanager",
+    AMTOOL: "prometheus-alertmanager",
+}
 
 T = TypeVar("T")
 
@@ -66,8 +70,9 @@ def wait_for(fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, 
         if last and not isinstance(last, Exception):
             return last
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what or getattr(fn, '__name__', 'condition')}; "
-                               f"last result: {last!r}")
+            raise TimeoutError(
+                f"waited {timeout:.0f} s for {what or getattr(fn, '__name__', 'condition')}; last result: {last!r}"
+            )
         time.sleep(interval)
 
 
@@ -101,8 +106,14 @@ class Running:
 
 
 @contextmanager
-def _serve(name: str, binary: str, config_text: str, tmpdir: Path | str,
-           command: Callable[[str, Path, Path, int], list[str]], timeout: float) -> Iterator[Running]:
+def _serve(
+    name: str,
+    binary: str,
+    config_text: str,
+    tmpdir: Path | str,
+    command: Callable[[str, Path, Path, int], list[str]],
+    timeout: float,
+) -> Iterator[Running]:
     """Start it the way `gradwatch up` does (service/monitoring.py), in its own folder under `tmpdir`."""
     path = require(binary)
     workdir = Path(tmpdir) / name

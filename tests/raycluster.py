@@ -40,8 +40,9 @@ class MultiNodeRay:
         return {node.node_id: node for node in self.cluster.worker_nodes}
 
     def add_node(self) -> str:
-        node = self.cluster.add_node(num_cpus=self.cpus_per_node, dashboard_agent_listen_port=free_port(),
-                                     env_vars=NODE_ENV)
+        node = self.cluster.add_node(
+            num_cpus=self.cpus_per_node, dashboard_agent_listen_port=free_port(), env_vars=NODE_ENV
+        )
         self.wait_alive(len(self.worker_nodes) + 1)
         return node.node_id
 
@@ -55,6 +56,7 @@ class MultiNodeRay:
 
     def wait_alive(self, count: int, timeout: float = 60) -> set[str]:
         """Wait until exactly `count` nodes (the head included) are alive."""
+
         def alive() -> set[str] | None:
             now = self.alive_nodes()
             return now if len(now) == count else None

@@ -12,8 +12,9 @@ from tests.conftest import EXAMPLES, REPO, small_spec
 
 
 def gradwatch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def test_validate_ok():

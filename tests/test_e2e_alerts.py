@@ -41,14 +41,16 @@ def stack(ray_head, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     (tmp / "gradwatch").mkdir(exist_ok=True)
     prom_port, am_port = free_port(), free_port()
-    svc = Service(ray_head, tmp / "gradwatch",
-                  args=["--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port)])
+    svc = Service(
+        ray_head, tmp / "gradwatch", args=["--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port)]
+    )
     svc.start()  # healthy only after Prometheus and Alertmanager answer
     prom = SimpleNamespace(url=f"http://127.0.0.1:{prom_port}")
     printed = svc.log.read_text()
     assert f"Prometheus     {prom.url}" in printed and f"Alertmanager   http://127.0.0.1:{am_port}" in printed
-    yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, data_dir=tmp / "gradwatch",
-                          started=time.time(), jobs={})
+    yield SimpleNamespace(
+        svc=svc, client=svc.client, prom=prom, data_dir=tmp / "gradwatch", started=time.time(), jobs={}
+    )
     if svc.process and svc.process.poll() is None:
         for job in svc.client.jobs(state=["queued", "running"]):
             svc.client.cancel(job["id"])
@@ -90,8 +92,9 @@ def test_a_healthy_run_raises_no_alert(stack):
 
 def cli(stack, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "GRADWATCH_URL": stack.svc.url, "GRADWATCH_TOKEN": TOKEN, "COLUMNS": "200"}
-    return subprocess.Popen([str(BIN / "gradwatch"), *args], env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, **kwargs)
+    return subprocess.Popen(
+        [str(BIN / "gradwatch"), *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+    )
 
 
 def first_nonfinite(stack, job_id: str) -> dict | None:
@@ -113,19 +116,27 @@ def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    job_id = wait_for(lambda: next((m[1] for _, line in lines if (m := re.match(r"submitted (gw-\w+)", line))),
-                                   None), timeout=30, what="the submitted job id")
+    job_id = wait_for(
+        lambda: next((m[1] for _, line in lines if (m := re.match(r"submitted (gw-\w+)", line))), None),
+        timeout=30,
+        what="the submitted job id",
+    )
     stack.jobs["diverging"] = job_id
 
     def alert_listed() -> float | None:
-        out = subprocess.run([str(BIN / "gradwatch"), "alerts", job_id, "--json"], capture_output=True, text=True,
-                             env={**os.environ, "GRADWATCH_URL": stack.svc.url, "GRADWATCH_TOKEN": TOKEN})
+        out = subprocess.run(
+            [str(BIN / "gradwatch"), "alerts", job_id, "--json"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "GRADWATCH_URL": stack.svc.url, "GRADWATCH_TOKEN": TOKEN},
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         if "TrainingLossNonFinite" in {a["alertname"] for a in json.loads(out.stdout)}:
             return time.time()
         first = first_nonfinite(stack, job_id)
         assert not first or time.time() - first["time"] < ALERT_WITHIN_S + 5, (
-            f"no TrainingLossNonFinite {time.time() - first['time']:.0f} s after step {first['step']}")
+            f"no TrainingLossNonFinite {time.time() - first['time']:.0f} s after step {first['step']}"
+        )
         return None
 
     listed_at = wait_for(alert_listed, timeout=300, interval=0.5, what=f"TrainingLossNonFinite for {job_id}")
@@ -179,8 +190,11 @@ def test_every_dashboard_panel_returns_data(stack):
         board = json.loads(path.read_text())
         for title, expr in panel_queries(board):
             promql = substitute(expr, variables)
-            response = httpx.get(f"{stack.prom.url}/api/v1/query_range",
-                                 params={"query": promql, "start": start, "end": end, "step": 2}, timeout=30)
+            response = httpx.get(
+                f"{stack.prom.url}/api/v1/query_range",
+                params={"query": promql, "start": start, "end": end, "step": 2},
+                timeout=30,
+            )
             body = response.json()
             ran += 1
             if body.get("status") != "success":
@@ -198,8 +212,10 @@ def processes() -> dict[int, tuple[int, str]]:
         try:
             state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
             if state != "Z":
-                found[int(stat.parent.name)] = (int(ppid), (stat.parent / "cmdline").read_bytes()
-                                                .replace(b"\0", b" ").decode(errors="replace"))
+                found[int(stat.parent.name)] = (
+                    int(ppid),
+                    (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"),
+                )
         except (OSError, ValueError):
             continue
     return found
@@ -207,8 +223,11 @@ def processes() -> dict[int, tuple[int, str]]:
 
 def test_up_stops_its_prometheus_and_alertmanager(stack):
     binaries = (PROMETHEUS, ALERTMANAGER)
-    children = {pid: cmd for pid, (ppid, cmd) in processes().items()
-                if ppid == stack.svc.process.pid and cmd.split(" ")[0] in binaries}
+    children = {
+        pid: cmd
+        for pid, (ppid, cmd) in processes().items()
+        if ppid == stack.svc.process.pid and cmd.split(" ")[0] in binaries
+    }
     assert sorted(cmd.split(" ")[0] for cmd in children.values()) == sorted(binaries), children
     assert all(str(stack.data_dir / "monitoring") in cmd for cmd in children.values())
     stack.svc.stop()

@@ -36,16 +36,30 @@ def stack(ray_cluster, tmp_path_factory):
     svc.start()
     # Prometheus and Alertmanager each with their own narrow token, as deployed.
     settings = Settings(data_dir=tmp / "gradwatch")
-    am_config = render_alertmanager_config(webhook_url=f"{svc.url}/v1/alerts",
-                                           token_file=consumer_token_file(settings, "alertmanager"),
-                                           group_wait="1s", group_interval="1s")
+    am_config = render_alertmanager_config(
+        webhook_url=f"{svc.url}/v1/alerts",
+        token_file=consumer_token_file(settings, "alertmanager"),
+        group_wait="1s",
+        group_interval="1s",
+    )
     with start_alertmanager(am_config, tmp) as am:
-        config = render_prometheus_config(service_url=svc.url, token_file=consumer_token_file(settings, "prometheus"),
-                                          alertmanager_url=am.url, scrape_interval="1s", eval_interval="1s",
-                                          sd_refresh_interval="1s")
+        config = render_prometheus_config(
+            service_url=svc.url,
+            token_file=consumer_token_file(settings, "prometheus"),
+            alertmanager_url=am.url,
+            scrape_interval="1s",
+            eval_interval="1s",
+            sd_refresh_interval="1s",
+        )
         with start_prometheus(config, tmp) as prom:
-            yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, ray=ray_cluster, runs=tmp / "ray-nodes",
-                                  service_runs=tmp / "gradwatch" / "runs")
+            yield SimpleNamespace(
+                svc=svc,
+                client=svc.client,
+                prom=prom,
+                ray=ray_cluster,
+                runs=tmp / "ray-nodes",
+                service_runs=tmp / "gradwatch" / "runs",
+            )
     for job in svc.client.jobs(state=["queued", "running"]):
         svc.client.cancel(job["id"])
     svc.stop()
@@ -55,8 +69,9 @@ def stack(ray_cluster, tmp_path_factory):
 def paced_spec(name: str, **overrides) -> dict:
     # rank 1 sleeps 10 ms a step, so the job runs long enough, at the same pace on any machine, to be
     # looked at and to lose a node mid-interval
-    return small_spec(name=name, model={"name": "tests.workers.user_code:build", "options": {"delay": 0.01}},
-                      **overrides)
+    return small_spec(
+        name=name, model={"name": "tests.workers.user_code:build", "options": {"delay": 0.01}}, **overrides
+    )
 
 
 def running_on_both_nodes(stack, job_id: str, *, past: int = 0, every: int = 0):
@@ -92,8 +107,9 @@ def test_strict_spread_puts_one_rank_per_node_and_prometheus_sees_both_nodes(sta
 
     def scraped_on_both_nodes():
         series = query(stack.prom.url, f'gradwatch_step{{job_id="{job["id"]}"}}')
-        return series if {(s["metric"]["rank"], s["metric"].get("node")) for s in series} == set(nodes.items()) \
-            else None
+        return (
+            series if {(s["metric"]["rank"], s["metric"].get("node")) for s in series} == set(nodes.items()) else None
+        )
 
     series = wait_for(scraped_on_both_nodes, timeout=60, interval=1, what="both ranks scraped with node labels")
     assert all(float(s["value"][1]) > 0 for s in series)
@@ -104,25 +120,39 @@ def test_strict_spread_puts_one_rank_per_node_and_prometheus_sees_both_nodes(sta
     assert stack.client.wait(job["id"], timeout=120)["state"] == "cancelled"
 
     # three ranks cannot each have a node of their own on two nodes: refused before any worker starts
-    too_many = stack.client.submit(small_spec(name="spread-3", scaling={"num_workers": 3, "cpus_per_worker": 0.5,
-                                                                         "placement": "strict_spread"}))
+    too_many = stack.client.submit(
+        small_spec(name="spread-3", scaling={"num_workers": 3, "cpus_per_worker": 0.5, "placement": "strict_spread"})
+    )
     ended = stack.client.wait(too_many["id"], timeout=180)
     assert ended["state"] == "failed"
-    assert "strict_spread puts each of the 3 workers on a node of its own, but only 2 of the cluster's 3 alive " \
-           "nodes have room for one worker (0.5 CPUs)" in ended["reason"], ended["reason"]
+    assert (
+        "strict_spread puts each of the 3 workers on a node of its own, but only 2 of the cluster's 3 alive "
+        "nodes have room for one worker (0.5 CPUs)" in ended["reason"]
+    ), ended["reason"]
     assert not ended["nodes"]
 
 
 def gradwatch_status(stack, job_id: str) -> str:
-    done = subprocess.run([str(BIN / "gradwatch"), "status", job_id, "--url", stack.svc.url], capture_output=True,
-                          text=True, timeout=60, env={**stack.svc.env, "GRADWATCH_TOKEN": TOKEN, "COLUMNS": "300"})
+    done = subprocess.run(
+        [str(BIN / "gradwatch"), "status", job_id, "--url", stack.svc.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**stack.svc.env, "GRADWATCH_TOKEN": TOKEN, "COLUMNS": "300"},
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stack):
-    spec = paced_spec("node-loss", max_steps=1500, max_failures=2, checkpoint={"every_steps": 300, "keep": 2},
-                      validation={"every_steps": 500}, scaling={"placement": "strict_spread"})
+    spec = paced_spec(
+        "node-loss",
+        max_steps=1500,
+        max_failures=2,
+        checkpoint={"every_steps": 300, "keep": 2},
+        validation={"every_steps": 500},
+        scaling={"placement": "strict_spread"},
+    )
     job = stack.client.submit(spec)
     running = running_on_both_nodes(stack, job["id"], past=300, every=300)
     lost, kept = running["nodes"]["1"], running["nodes"]["0"]
@@ -133,8 +163,11 @@ def test_a_job_survives_losing_a_whole_node_and_resumes_from_its_checkpoint(stac
     def waiting():
         now = stack.client.get(job["id"])
         assert now["state"] == "running", now["reason"]
-        return now if (now.get("waiting") or "").startswith(f"cannot place the workers since node {lost} "
-                                                             "was lost") else None
+        return (
+            now
+            if (now.get("waiting") or "").startswith(f"cannot place the workers since node {lost} was lost")
+            else None
+        )
 
     waits = wait_for(waiting, timeout=120, interval=0.5, what="the job to say what it waits for")
     assert "only 1 of the cluster's 2 alive nodes have room for one worker" in waits["waiting"], waits["waiting"]
@@ -170,7 +203,10 @@ def test_without_failures_allowed_a_lost_node_fails_the_job_naming_it(stack):
     assert [n["node"] for n in done["lost_nodes"]] == [lost]
     stack.ray.restore(workers=2)
     # the service's failed state reaches Prometheus, the rule fires, Alertmanager sends it back
-    alert = wait_for(lambda: [a for a in stack.client.get(job["id"])["alerts"]
-                              if a["alertname"] == "TrainingJobFailed"],
-                     timeout=60, interval=1, what="TrainingJobFailed for the job")
+    alert = wait_for(
+        lambda: [a for a in stack.client.get(job["id"])["alerts"] if a["alertname"] == "TrainingJobFailed"],
+        timeout=60,
+        interval=1,
+        what="TrainingJobFailed for the job",
+    )
     assert alert[0]["status"] == "firing" and alert[0]["severity"] == "critical"

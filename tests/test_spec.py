@@ -43,8 +43,12 @@ def test_unknown_builtin_lists_the_valid_names():
 
 def test_nested_errors_have_full_paths():
     with pytest.raises(SpecError) as info:
-        load_spec(small_spec(model={"name": "mlp", "hidden": [16, 0], "activaton": "relu"},
-                             data={"name": "digits", "val_fraction": 1.5}))
+        load_spec(
+            small_spec(
+                model={"name": "mlp", "hidden": [16, 0], "activaton": "relu"},
+                data={"name": "digits", "val_fraction": 1.5},
+            )
+        )
     errors = info.value.errors
     assert any(e.startswith("model.hidden.1: ") for e in errors), errors
     assert any(e.startswith("model.activaton: unknown field") for e in errors), errors
@@ -58,8 +62,10 @@ def test_cross_field_rules():
         (small_spec(epochs=2), "not both"),
         (small_spec(precision="bf16"), "bf16 needs scaling.use_gpu"),
         (small_spec(model={"name": "char-transformer"}), "needs data text"),
-        (small_spec(model={"name": "char-transformer", "n_embd": 30, "n_head": 4}, data={"name": "text"}),
-         "multiple of n_head"),
+        (
+            small_spec(model={"name": "char-transformer", "n_embd": 30, "n_head": 4}, data={"name": "text"}),
+            "multiple of n_head",
+        ),
     ]
     for spec, needle in cases:
         with pytest.raises(SpecError) as info:

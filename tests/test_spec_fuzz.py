@@ -39,13 +39,21 @@ def outcome(source: Any, *, user_code: str = "skip") -> JobSpec | list[str]:
 
 
 # ---------------------------------------------------------------- strategies
-scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**30), max_value=10**30)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
-           | st.sampled_from(["mlp", "digits", "2h", "1d 2h", "a.b:c", "", "nan", "-1", "1e999"]))
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+    | st.sampled_from(["mlp", "digits", "2h", "1d 2h", "a.b:c", "", "nan", "-1", "1e999"])
+)
 keys = st.text(max_size=12) | st.sampled_from(
-    ["name", "model", "data", "optimizer", "scaling", "telemetry", "timeout", "hidden", "lr", "interval"])
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(keys, inner, max_size=4), max_leaves=20)
+    ["name", "model", "data", "optimizer", "scaling", "telemetry", "timeout", "hidden", "lr", "interval"]
+)
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=20
+)
 
 
 def paths(value: Any, prefix: tuple = ()) -> list[tuple]:
@@ -73,18 +81,19 @@ def mutate(data: st.DataObject, spec: dict[str, Any]) -> dict[str, Any]:
     containers = [p for p in paths(spec) if isinstance(get(spec, p), dict | list) and get(spec, p)]
     path = data.draw(st.sampled_from(containers), label="at")
     parent = get(spec, path)
-    key = data.draw(st.sampled_from(list(parent) if isinstance(parent, dict) else range(len(parent))),
-                    label="key")
+    key = data.draw(st.sampled_from(list(parent) if isinstance(parent, dict) else range(len(parent))), label="key")
     if kind == "drop":
         del parent[key]
     elif kind == "set":
         parent[key] = data.draw(json_values, label="value")
     elif kind == "nest":
-        parent[key] = data.draw(st.sampled_from([[parent[key]], {"value": parent[key]}, {key: parent[key]}]),
-                                label="nested")
+        parent[key] = data.draw(
+            st.sampled_from([[parent[key]], {"value": parent[key]}, {key: parent[key]}]), label="nested"
+        )
     elif isinstance(parent, dict):
-        new = data.draw(keys | st.sampled_from([f"{key}s", str(key).upper(), f"{key}_", str(key)[:-1]]),
-                        label="renamed")
+        new = data.draw(
+            keys | st.sampled_from([f"{key}s", str(key).upper(), f"{key}_", str(key)[:-1]]), label="renamed"
+        )
         parent[new] = parent.pop(key)
     else:
         parent.insert(0, parent.pop(key))
@@ -177,12 +186,16 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("bomb", [
-    billion_laughs(),
-    "name: &n x\nmodel: {name: mlp}\ndata: {name: digits}\nmax_steps: 10\nlabels: {a: *n}\n",
-    "base: &b {name: mlp}\nmodel:\n  <<: *b\n",
-    "a: &a [*a]\n",
-], ids=["billion-laughs", "one-alias", "merge-key", "self-reference"])
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        billion_laughs(),
+        "name: &n x\nmodel: {name: mlp}\ndata: {name: digits}\nmax_steps: 10\nlabels: {a: *n}\n",
+        "base: &b {name: mlp}\nmodel:\n  <<: *b\n",
+        "a: &a [*a]\n",
+    ],
+    ids=["billion-laughs", "one-alias", "merge-key", "self-reference"],
+)
 def test_yaml_aliases_and_bombs_are_refused_at_once(bomb):
     started = time.perf_counter()
     errors = outcome(bomb)
@@ -190,12 +203,16 @@ def test_yaml_aliases_and_bombs_are_refused_at_once(bomb):
     assert isinstance(errors, list) and any("aliases are not allowed" in e for e in errors)
 
 
-@pytest.mark.parametrize("text", [
-    "{a: " * 10_000 + "1" + "}" * 10_000,
-    "[" * 10_000 + "]" * 10_000,
-    "a: " + "[" * 10_000 + "]" * 10_000,
-    "".join(" " * i + f"k{i}:\n" for i in range(600)),
-], ids=["flow-mappings", "json-lists", "value", "block-mappings"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{a: " * 10_000 + "1" + "}" * 10_000,
+        "[" * 10_000 + "]" * 10_000,
+        "a: " + "[" * 10_000 + "]" * 10_000,
+        "".join(" " * i + f"k{i}:\n" for i in range(600)),
+    ],
+    ids=["flow-mappings", "json-lists", "value", "block-mappings"],
+)
 def test_deeply_nested_yaml_is_refused_cleanly(text):
     started = time.perf_counter()
     errors = outcome(text)
@@ -208,18 +225,21 @@ def test_deeply_nested_values_in_a_mapping_are_refused_or_kept_whole():
     for _ in range(10_000):
         deep = [deep]
     base = EXAMPLE_SPECS["digits-mlp.yaml"]
-    for spec in ({**base, "batch_size": deep}, {**base, "labels": {"team": deep}},
-                 {**base, "name": {"x": deep}}):
+    for spec in ({**base, "batch_size": deep}, {**base, "labels": {"team": deep}}, {**base, "name": {"x": deep}}):
         assert isinstance(outcome(spec), list)
     custom = {**base, "model": {"name": "mypkg.models:build", "options": {"layers": deep}}}
     assert isinstance(outcome(custom), JobSpec)  # options are the user's own business
 
 
-@pytest.mark.parametrize("make", [
-    lambda: "name: x\n" + "#" * MAX_SPEC_BYTES,
-    lambda: ("name: x\n" + "#" * MAX_SPEC_BYTES).encode(),
-    lambda: json.dumps({"name": "x", "labels": {"a": "b" * MAX_SPEC_BYTES}}).encode(),
-], ids=["text", "bytes", "json"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: "name: x\n" + "#" * MAX_SPEC_BYTES,
+        lambda: ("name: x\n" + "#" * MAX_SPEC_BYTES).encode(),
+        lambda: json.dumps({"name": "x", "labels": {"a": "b" * MAX_SPEC_BYTES}}).encode(),
+    ],
+    ids=["text", "bytes", "json"],
+)
 def test_oversized_specs_are_refused_before_parsing(make):
     started = time.perf_counter()
     errors = outcome(make())
@@ -244,7 +264,11 @@ def test_a_spec_that_is_not_a_mapping_is_refused(value):
 
 def test_odd_keys_and_values_still_give_one_line_each():
     base = EXAMPLE_SPECS["digits-mlp.yaml"]
-    for spec in ({**base, "labels": {"a\nb": "c"}}, {**base, "optimizer": {"lr\r\n": 1}},
-                 {**base, "name": 10**5000}, {**base, "name": {"when": "2001-01-01"}}):
+    for spec in (
+        {**base, "labels": {"a\nb": "c"}},
+        {**base, "optimizer": {"lr\r\n": 1}},
+        {**base, "name": 10**5000},
+        {**base, "name": {"when": "2001-01-01"}},
+    ):
         errors = outcome(spec)
         assert isinstance(errors, list) and len(errors) == 1, errors

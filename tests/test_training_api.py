@@ -35,8 +35,9 @@ def data():
 
 
 def start(session=None, **kwargs):
-    return gradwatch.start(max_steps=40, telemetry={"interval": 5, "grace_seconds": 0}, serve_metrics=False,
-                           session=session, **kwargs)
+    return gradwatch.start(
+        max_steps=40, telemetry={"interval": 5, "grace_seconds": 0}, serve_metrics=False, session=session, **kwargs
+    )
 
 
 def test_an_unsafe_update_is_skipped_by_the_guarded_optimizer_and_counted():

@@ -127,5 +127,6 @@ def create_board_actor(job_id: str):
     actor_cls = ray.remote(num_cpus=0)(JobBoard)
     # On the driver's node: the board must outlive the loss of any node that runs workers.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return actor_cls.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True,
-                             scheduling_strategy=here).remote(job_id)
+    return actor_cls.options(
+        name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True, scheduling_strategy=here
+    ).remote(job_id)

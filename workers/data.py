@@ -113,8 +113,6 @@ def default_corpus_path() -> Path:
     return Path(sklearn.datasets.__file__).parent / "descr"
 
 
-
-
 class CorpusRefused(ValueError):
     """A `data.path` that may not or cannot be read; the message never says whether the file exists."""
 
@@ -133,10 +131,12 @@ def read_corpus(path: str | None, max_chars: int | None, roots: list[str] | None
 def _read_regular_file(path: str, limit: int, roots: list[str] | None) -> str:
     refused = CorpusRefused(
         f"data.path {path!r}: cannot be used; it must be a readable regular UTF-8 file"
-        + (f" under the data roots ({', '.join(roots)})" if roots else ""))
+        + (f" under the data roots ({', '.join(roots)})" if roots else "")
+    )
     real = os.path.realpath(path)
-    if roots is not None and not any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep)
-                                     for r in roots):
+    if roots is not None and not any(
+        real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots
+    ):
         raise refused
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: `real` has no links left.
@@ -159,11 +159,14 @@ def _read_regular_file(path: str, limit: int, roots: list[str] | None) -> str:
 def _text(spec: Any, seed: int) -> DataBundle:
     # Set by the service for jobs of a server without user code: check data.path on this node too.
     roots = os.environ.get(DATA_ROOTS_ENV)
-    text = read_corpus(spec.path, spec.max_chars,
-                       [r for r in roots.split(os.pathsep) if r] if roots is not None else None)
+    text = read_corpus(
+        spec.path, spec.max_chars, [r for r in roots.split(os.pathsep) if r] if roots is not None else None
+    )
     if len(text) < spec.block_size * 4:
-        raise ValueError(f"data.path: corpus has {len(text)} characters; need at least {spec.block_size * 4} "
-                         f"for block_size {spec.block_size}")
+        raise ValueError(
+            f"data.path: corpus has {len(text)} characters; need at least {spec.block_size * 4} "
+            f"for block_size {spec.block_size}"
+        )
     vocab = "".join(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
@@ -192,10 +195,11 @@ def _custom(spec: Any, seed: int) -> DataBundle:
         train, val = result
         x0, _ = train[0][:2]
         ys = torch.as_tensor([int(train[i][1]) for i in range(len(train))])
-        return DataBundle(_WithIndex(train), _WithIndex(val), "classification", tuple(x0.shape),
-                          int(ys.max()) + 1)
-    raise TypeError(f"data factory {spec.name} must return a DataBundle or a (train, val) pair of datasets, "
-                    f"got {type(result).__name__}")
+        return DataBundle(_WithIndex(train), _WithIndex(val), "classification", tuple(x0.shape), int(ys.max()) + 1)
+    raise TypeError(
+        f"data factory {spec.name} must return a DataBundle or a (train, val) pair of datasets, "
+        f"got {type(result).__name__}"
+    )
 
 
 class _WithIndex(Dataset):

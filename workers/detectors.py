@@ -202,7 +202,8 @@ class LossTracker:
         if len(self.count_history) <= window:
             return 0.0
         share = _weight_share(self.alpha, self.count_history[-1 - window]) + _weight_share(
-            self.alpha, self.count_history[-1])
+            self.alpha, self.count_history[-1]
+        )
         return self.sigma * math.sqrt(share)
 
 
@@ -245,9 +246,12 @@ class SpikeDetector:
             self.ceiling = math.exp(min(bound, 700.0))
             if value > bound:
                 z = (value - median) / self.scale
-                finding = Finding(True, f"loss {loss:.4g} is {math.exp(value - median):.1f}x the median "
-                                        f"{math.exp(median):.4g} of the last {len(self.window)} losses "
-                                        f"({z:.1f} robust standard deviations in log scale)")
+                finding = Finding(
+                    True,
+                    f"loss {loss:.4g} is {math.exp(value - median):.1f}x the median "
+                    f"{math.exp(median):.4g} of the last {len(self.window)} losses "
+                    f"({z:.1f} robust standard deviations in log scale)",
+                )
         self.seen += 1
         self.window.add(value)
         return finding
@@ -279,8 +283,7 @@ class DivergenceDetector:
         if not finite_step:
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.nonfinite_limit:
-                return Finding(True, f"{self.nonfinite_run} non-finite steps in a row (last loss {loss})",
-                               urgent=True)
+                return Finding(True, f"{self.nonfinite_run} non-finite steps in a row (last loss {loss})", urgent=True)
             return _QUIET
         self.nonfinite_run = 0
         ema = tracker.ema
@@ -299,22 +302,30 @@ class DivergenceDetector:
             # a rise that is a sliver of where the run started (losses near zero) is not a divergence
             limit = max(self.factor * best, best + _MIN_RISE_OF_START * (tracker.initial or 0.0))
             if lower > limit:
-                return Finding(True, f"loss EMA {ema:.4g} is {ema / best:.1f}x its best level {best:.4g} "
-                                     f"(limit {self.factor:g}x)")
+                return Finding(
+                    True, f"loss EMA {ema:.4g} is {ema / best:.1f}x its best level {best:.4g} (limit {self.factor:g}x)"
+                )
             if len(self.recent) == self.recent.maxlen and well_measured:
                 median = _median_sorted(sorted(self.recent))
                 # the median of n losses: about 1.25 sigma / sqrt(n)
                 if median - self.sigmas * 1.25 * tracker.sigma / math.sqrt(len(self.recent)) > limit:
-                    return Finding(True, f"the last {len(self.recent)} losses (median {median:.4g}) are above "
-                                         f"{self.factor:g}x the best loss level {best:.4g}")
+                    return Finding(
+                        True,
+                        f"the last {len(self.recent)} losses (median {median:.4g}) are above "
+                        f"{self.factor:g}x the best loss level {best:.4g}",
+                    )
         start = tracker.initial
         if start is not None and start > 0.0 and len(self.recent) == self.recent.maxlen:
             # a blow-up outruns every noise estimate (the noise grows with it): judge it by size alone
             median = _median_sorted(sorted(self.recent))
             # the start's noise as measured over the first steps: a blow-up inflates every later estimate
             if median > _BLOWUP * max(start + self.sigmas * tracker.initial_sigma, best or 0.0):
-                return Finding(True, f"the last {len(self.recent)} losses (median {median:.4g}) are over "
-                                     f"{_BLOWUP:g}x where the run started ({start:.4g})", urgent=True)
+                return Finding(
+                    True,
+                    f"the last {len(self.recent)} losses (median {median:.4g}) are over "
+                    f"{_BLOWUP:g}x where the run started ({start:.4g})",
+                    urgent=True,
+                )
         if past_warmup and start is not None and start > 0.0:
             self.since_warmup.append(min(loss, tracker.ceiling) if tracker.ceiling is not None else loss)
             n = len(self.since_warmup)
@@ -323,8 +334,11 @@ class DivergenceDetector:
                 # 2 sigma, not noise_sigmas: healthy runs end far below their start, so this test has slack
                 start_upper = start + 2.0 * 1.25 * tracker.sigma / math.sqrt(len(tracker.first))
                 if mean - self.sigmas * tracker.sigma / math.sqrt(n) > (1.0 + self.rise) * start_upper:
-                    return Finding(True, f"the mean loss of the last {n} steps ({mean:.4g}) is above where the "
-                                         f"run started ({start:.4g}): it is getting worse, not learning")
+                    return Finding(
+                        True,
+                        f"the mean loss of the last {n} steps ({mean:.4g}) is above where the "
+                        f"run started ({start:.4g}): it is getting worse, not learning",
+                    )
         return _QUIET
 
 
@@ -362,8 +376,7 @@ class PlateauDetector:
         if self.converged_loss is not None:
             self.stalled = tracker.ema is not None and tracker.ema > self.converged_loss
             if self.stalled:
-                return Finding(True, f"loss EMA {tracker.ema:.4g} is flat above converged_loss "
-                                     f"{self.converged_loss:g}")
+                return Finding(True, f"loss EMA {tracker.ema:.4g} is flat above converged_loss {self.converged_loss:g}")
             return _QUIET
         learned = tracker.learned_at_most()
         if learned is None:
@@ -372,8 +385,11 @@ class PlateauDetector:
         self.stalled = at_most < self.stalled_improvement * abs(first)
         if not self.stalled:
             return _QUIET
-        return Finding(True, f"loss EMA {tracker.ema:.4g} is flat and has fallen at most {at_most / abs(first):.1%} "
-                             f"from its first {self.window} steps (mean {first:.4g}): the run is not learning")
+        return Finding(
+            True,
+            f"loss EMA {tracker.ema:.4g} is flat and has fallen at most {at_most / abs(first):.1%} "
+            f"from its first {self.window} steps (mean {first:.4g}): the run is not learning",
+        )
 
 
 class OverfittingDetector:
@@ -408,13 +424,15 @@ class OverfittingDetector:
         if self.best_upper is None or upper < self.best_upper:
             self.best_upper, self.train_at_best = upper, train_ema
         best = self.best_upper
-        train_falling = (train_ema is not None and self.train_at_best is not None
-                         and train_ema < self.train_at_best)
+        train_falling = train_ema is not None and self.train_at_best is not None and train_ema < self.train_at_best
         self.streak = self.streak + 1 if lower > best + self.min_rise * abs(best) and train_falling else 0
         if self.streak < self.evals:
             return _QUIET
-        return Finding(True, f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
-                             f"evaluations while the train loss kept falling")
+        return Finding(
+            True,
+            f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
+            f"evaluations while the train loss kept falling",
+        )
 
 
 class GradientDetector:
@@ -432,8 +450,9 @@ class GradientDetector:
         self.spec = spec
         self.tiny_updates = 0
 
-    def update(self, grad_norm: float, norms: Mapping[str, float],
-               ratios: Mapping[str, float] | None) -> tuple[Finding, Finding, Finding]:
+    def update(
+        self, grad_norm: float, norms: Mapping[str, float], ratios: Mapping[str, float] | None
+    ) -> tuple[Finding, Finding, Finding]:
         """Returns (vanishing, exploding, lr_too_low); `ratios` None: not judged (schedule tail)."""
         if not math.isfinite(grad_norm) or any(not math.isfinite(v) for v in norms.values()):
             return _QUIET, _QUIET, _QUIET
@@ -449,25 +468,35 @@ class GradientDetector:
             return _QUIET
         low = sorted((v, k) for k, v in positive.items() if v < spec.vanishing_grad_norm)
         if low:
-            return Finding(True, f"{len(low)} of {len(positive)} layers have grad norm below "
-                                 f"{spec.vanishing_grad_norm:g} (smallest: {low[0][1]} {low[0][0]:.3g})")
+            return Finding(
+                True,
+                f"{len(low)} of {len(positive)} layers have grad norm below "
+                f"{spec.vanishing_grad_norm:g} (smallest: {low[0][1]} {low[0][0]:.3g})",
+            )
         smallest = min(positive, key=positive.__getitem__)
         largest = max(positive, key=positive.__getitem__)
         if positive[smallest] < spec.vanishing_layer_ratio * positive[largest]:
-            return Finding(True, f"grad norm of {smallest} ({positive[smallest]:.3g}) is below "
-                                 f"{spec.vanishing_layer_ratio:g} of {largest}'s ({positive[largest]:.3g})")
+            return Finding(
+                True,
+                f"grad norm of {smallest} ({positive[smallest]:.3g}) is below "
+                f"{spec.vanishing_layer_ratio:g} of {largest}'s ({positive[largest]:.3g})",
+            )
         return _QUIET
 
     def _exploding(self, grad_norm: float, ratios: Mapping[str, float]) -> Finding:
         spec = self.spec
         if grad_norm > spec.exploding_grad_norm:
             return Finding(True, f"global grad norm {grad_norm:.4g} is above {spec.exploding_grad_norm:g}")
-        high = sorted(((v, k) for k, v in ratios.items() if math.isfinite(v) and v > spec.exploding_update_ratio),
-                      reverse=True)
+        high = sorted(
+            ((v, k) for k, v in ratios.items() if math.isfinite(v) and v > spec.exploding_update_ratio), reverse=True
+        )
         if high:
             value, layer = high[0]
-            return Finding(True, f"{len(high)} layers have update ratio above "
-                                 f"{spec.exploding_update_ratio:g} (largest: {layer} {value:.3g})")
+            return Finding(
+                True,
+                f"{len(high)} layers have update ratio above "
+                f"{spec.exploding_update_ratio:g} (largest: {layer} {value:.3g})",
+            )
         return _QUIET
 
     def _lr_too_low(self, vanishing: Finding, ratios: Mapping[str, float] | None) -> Finding:
@@ -482,8 +511,11 @@ class GradientDetector:
         self.tiny_updates = self.tiny_updates + 1 if median < limit else 0
         if self.tiny_updates < _LR_TOO_LOW_MEASUREMENTS:
             return _QUIET
-        return Finding(True, f"the weights barely move: median layer update ratio {median:.3g} is below "
-                             f"{limit:g} while the gradients are healthy; raise the learning rate")
+        return Finding(
+            True,
+            f"the weights barely move: median layer update ratio {median:.3g} is below "
+            f"{limit:g} while the gradients are healthy; raise the learning rate",
+        )
 
 
 class PhaseDetector:
@@ -505,8 +537,7 @@ class PhaseDetector:
         self.pending_count = 0
         self.phase: str | None = None
 
-    def classify(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool,
-                 stalled: bool) -> str:
+    def classify(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool, stalled: bool) -> str:
         """The phase this one observation points to, before debouncing."""
         fall = tracker.fall(self.window)
         significant = fall is not None and fall > self.sigmas * tracker.fall_noise(self.window)
@@ -519,8 +550,11 @@ class PhaseDetector:
         if flat:
             return "stalled" if stalled else "converged"
         rising = fall is not None and fall < -self.sigmas * tracker.fall_noise(self.window)
-        above_start = (tracker.ema is not None and tracker.initial is not None and tracker.ema
-                       - self.sigmas * tracker.ema_sigma() > tracker.initial + self.sigmas * tracker.initial_sigma)
+        above_start = (
+            tracker.ema is not None
+            and tracker.initial is not None
+            and tracker.ema - self.sigmas * tracker.ema_sigma() > tracker.initial + self.sigmas * tracker.initial_sigma
+        )
         if rising or above_start:
             return self.phase or "warmup"  # getting worse is not learning: no new phase until it is judged
         # entering rapid learning again takes a steeper slope than staying in it, so noise does not toggle it
@@ -529,10 +563,8 @@ class PhaseDetector:
             return "rapid_learning"
         return "refinement"
 
-    def update(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool,
-               stalled: bool) -> str:
-        candidate = self.classify(tracker, past_warmup=past_warmup, diverging=diverging, flat=flat,
-                                  stalled=stalled)
+    def update(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool, stalled: bool) -> str:
+        candidate = self.classify(tracker, past_warmup=past_warmup, diverging=diverging, flat=flat, stalled=stalled)
         if candidate == self.phase:
             self.pending, self.pending_count = None, 0
         elif self.phase is None or candidate == "diverging" or self.phase == "diverging":
@@ -599,8 +631,7 @@ class DynamicsMonitor:
         self.raise_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ observations
-    def observe_step(self, step: int, loss: float, *, lr: float | None = None,
-                     grad_norm: float | None = None) -> None:
+    def observe_step(self, step: int, loss: float, *, lr: float | None = None, grad_norm: float | None = None) -> None:
         loss = float(loss)
         if lr is not None and math.isfinite(lr):
             self.lr_rising = lr > self.lr_peak * (1.0 + 1e-9) and self.first_step is not None
@@ -620,18 +651,28 @@ class DynamicsMonitor:
         self._judge(step, "divergence", self.divergence.update(loss, finite, self.loss, past), past)
         diverging = self.latches["divergence"].held
         self._judge(step, "plateau", self.plateau.update(self.loss) if finite and not diverging else _QUIET, past)
-        phase = self.phases.update(self.loss, past_warmup=past, diverging=self.latches["divergence"].held,
-                                   flat=self.plateau.flat, stalled=self.plateau.stalled)
+        phase = self.phases.update(
+            self.loss,
+            past_warmup=past,
+            diverging=self.latches["divergence"].held,
+            flat=self.plateau.flat,
+            stalled=self.plateau.stalled,
+        )
         self._enter(step, phase)
 
-    def observe_gradients(self, step: int, grad_norm: float,
-                          layer_grad_norms: Mapping[str, float] | None = None,
-                          layer_update_ratios: Mapping[str, float] | None = None) -> None:
+    def observe_gradients(
+        self,
+        step: int,
+        grad_norm: float,
+        layer_grad_norms: Mapping[str, float] | None = None,
+        layer_update_ratios: Mapping[str, float] | None = None,
+    ) -> None:
         past = self._past_warmup(step)
         # Update ratios scale with the learning rate: in a schedule's tail they say nothing about gradients.
         in_tail = self.lr_rising or (self.lr_peak > 0.0 and self._last_lr_fraction() < _LR_TAIL)
-        vanishing, exploding, lr_low = self.gradients.update(float(grad_norm), layer_grad_norms or {},
-                                                             None if in_tail else (layer_update_ratios or {}))
+        vanishing, exploding, lr_low = self.gradients.update(
+            float(grad_norm), layer_grad_norms or {}, None if in_tail else (layer_update_ratios or {})
+        )
         self._judge(step, "vanishing_gradients", vanishing, past)
         self._judge(step, "exploding_gradients", exploding, past)
         self._judge(step, "lr_too_low", lr_low, past)
@@ -698,9 +739,15 @@ class DynamicsMonitor:
             self.raise_counts[kind] = self.raise_counts.get(kind, 0) + 1
             self.pending_events.append(Event(step, "anomaly", kind, True, finding.detail))
         else:
-            self.pending_events.append(Event(step, "anomaly", kind, False,
-                                             f"{kind} cleared: its condition has not held for "
-                                             f"{self.spec.anomaly_clear_steps} steps"))
+            self.pending_events.append(
+                Event(
+                    step,
+                    "anomaly",
+                    kind,
+                    False,
+                    f"{kind} cleared: its condition has not held for {self.spec.anomaly_clear_steps} steps",
+                )
+            )
 
     def _enter(self, step: int, phase: str) -> None:
         if self.entered and phase == self.current_phase:

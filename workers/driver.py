@@ -57,10 +57,15 @@ def check_cluster(spec: JobSpec) -> None:
         have = total.get(resource, 0.0)
         if have < amount:
             what = "GPUs" if resource == "GPU" else "CPUs"
-            hint = (" (scaling.use_gpu: true needs one GPU per worker; set use_gpu: false to train on CPUs)"
-                    if resource == "GPU" else " (lower scaling.num_workers or scaling.cpus_per_worker)")
-            raise ClusterTooSmall(f"the job needs {amount:g} {what} ({spec.scaling.num_workers} workers) but the "
-                                  f"Ray cluster has {have:g}{hint}")
+            hint = (
+                " (scaling.use_gpu: true needs one GPU per worker; set use_gpu: false to train on CPUs)"
+                if resource == "GPU"
+                else " (lower scaling.num_workers or scaling.cpus_per_worker)"
+            )
+            raise ClusterTooSmall(
+                f"the job needs {amount:g} {what} ({spec.scaling.num_workers} workers) but the "
+                f"Ray cluster has {have:g}{hint}"
+            )
     try:
         check_placement(spec, ray.nodes())
     except PlacementImpossible as exc:
@@ -77,8 +82,7 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
     # The controller registers a reported checkpoint at its next health check: poll often, so a crash
     # right after a checkpoint loses as little as possible (Ray's default is 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO,
-                              "log_to_driver": not quiet}
+    kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": not quiet}
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
@@ -89,8 +93,15 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
 class JobWatch:
     """Polls the job board, keeps status.json and the Prometheus file_sd up to date, and tells listeners."""
 
-    def __init__(self, job_id: str, run_dir: Path, board, sd_file: Path | None, listeners: list[Listener],
-                 nodes: NodeWatch | None = None):
+    def __init__(
+        self,
+        job_id: str,
+        run_dir: Path,
+        board,
+        sd_file: Path | None,
+        listeners: list[Listener],
+        nodes: NodeWatch | None = None,
+    ):
         self.job_id, self.run_dir, self.board = job_id, run_dir, board
         self.sd_file, self.listeners = sd_file, listeners
         self.nodes = nodes
@@ -123,13 +134,20 @@ class JobWatch:
             listener({"status": status.model_dump(), "events": events})
 
 
-def run_status(job_id: str, state: JobState, snap: dict[str, Any], nodes: dict[str, Any] | None = None
-               ) -> RunStatus:
+def run_status(job_id: str, state: JobState, snap: dict[str, Any], nodes: dict[str, Any] | None = None) -> RunStatus:
     """status.json from a board snapshot: rank 0's progress, the restarts, the live endpoints and the nodes."""
-    return RunStatus.model_validate({
-        **snap.get("progress", {}), **(nodes or {}), "job_id": job_id, "state": state,
-        "restarts": snap.get("restarts", 0), "rollbacks": snap.get("rollbacks", 0),
-        "endpoints": snap["endpoints"] if state == "running" else [], "updated_at": time.time()})
+    return RunStatus.model_validate(
+        {
+            **snap.get("progress", {}),
+            **(nodes or {}),
+            "job_id": job_id,
+            "state": state,
+            "restarts": snap.get("restarts", 0),
+            "rollbacks": snap.get("rollbacks", 0),
+            "endpoints": snap["endpoints"] if state == "running" else [],
+            "updated_at": time.time(),
+        }
+    )
 
 
 def write_sd_file(path: Path, job_id: str, endpoints: list[Endpoint]) -> None:
@@ -156,8 +174,15 @@ def failure_reason(exc: BaseException) -> str:
     return "\n".join(lines[-4:]) if lines else type(exc).__name__
 
 
-def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_file: Path | None = None,
-            listeners: list[Listener] | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
+def run_job(
+    spec: JobSpec,
+    *,
+    job_id: str | None = None,
+    storage_path: Path,
+    sd_file: Path | None = None,
+    listeners: list[Listener] | None = None,
+    poll_seconds: float = 0.5,
+) -> dict[str, Any]:
     """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
@@ -177,8 +202,10 @@ def run_job(spec: JobSpec, *, job_id: str | None = None, storage_path: Path, sd_
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
     if state == "succeeded":
         result.warning = unhealthy_ending(result.model_dump(), snap.get("progress", {}))
-    watch.publish(run_status(job_id, state, snap, {**node_fields, "waiting": None, "warning": result.warning}),
-                  snap.get("events", []))
+    watch.publish(
+        run_status(job_id, state, snap, {**node_fields, "waiting": None, "warning": result.warning}),
+        snap.get("events", []),
+    )
     write_record(run_dir / RESULT_FILE, result)
     return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
 
@@ -205,8 +232,17 @@ def unhealthy_ending(result: dict[str, Any], progress: dict[str, Any]) -> str | 
 def lost_a_worker(exc: BaseException) -> bool:
     """Whether a failure looks like a worker process or its node going away (not a bug in the loop)."""
     text = f"{type(exc).__name__}: {exc}"
-    return any(word in text for word in ("ActorDiedError", "ActorUnavailableError", "node", "Connection reset",
-                                         "Connection closed by peer", "died"))
+    return any(
+        word in text
+        for word in (
+            "ActorDiedError",
+            "ActorUnavailableError",
+            "node",
+            "Connection reset",
+            "Connection closed by peer",
+            "died",
+        )
+    )
 
 
 class Fit(threading.Thread):
@@ -236,20 +272,31 @@ class Fit(threading.Thread):
         per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
         return TorchTrainer(
             per_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json"), "job_id": self.job_id,
-                               "run_dir": str(self.run_dir), "serve_metrics": spec.telemetry.enabled},
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"),
+                "job_id": self.job_id,
+                "run_dir": str(self.run_dir),
+                "serve_metrics": spec.telemetry.enabled,
+            },
             torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                         placement_strategy=strategy(spec),
-                                         resources_per_worker=spec.scaling.per_worker()),
-            run_config=RunConfig(name=self.job_id, storage_path=str(self.storage_path),
-                                 failure_config=FailureConfig(max_failures=spec.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+            scaling_config=ScalingConfig(
+                num_workers=spec.scaling.num_workers,
+                use_gpu=spec.scaling.use_gpu,
+                placement_strategy=strategy(spec),
+                resources_per_worker=spec.scaling.per_worker(),
+            ),
+            run_config=RunConfig(
+                name=self.job_id,
+                storage_path=str(self.storage_path),
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            ),
         )
 
 
-def follow(fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
-           ) -> tuple[JobState, str | None]:
+def follow(
+    fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
+) -> tuple[JobState, str | None]:
     """Watch the job until `fit` ends, its timeout passes or Ctrl-C; the state so far (the caller
     settles it once fit has ended)."""
     deadline = started + spec.timeout if spec.timeout else None
@@ -269,23 +316,49 @@ def public_result(result: dict[str, Any]) -> RunResult:
     return RunResult.model_validate({**result, "ranks": [result["ranks"][r] for r in sorted(result["ranks"])]})
 
 
-def run_result(job_id: str, spec: JobSpec, run_dir: Path, snap: dict[str, Any], state: JobState, error: str | None,
-               seconds: float, node_fields: dict[str, Any] | None = None) -> RunResult:
+def run_result(
+    job_id: str,
+    spec: JobSpec,
+    run_dir: Path,
+    snap: dict[str, Any],
+    state: JobState,
+    error: str | None,
+    seconds: float,
+    node_fields: dict[str, Any] | None = None,
+) -> RunResult:
     """result.json from the board's last snapshot: rank 0's final report, else its last progress."""
     final, progress, nodes = snap.get("final", {}), snap.get("progress", {}), node_fields or {}
     extra = final.get("extra", {})
     ranks = snap.get("ranks", {})
     return RunResult(
-        job_id=job_id, state=state, error=error, world_size=spec.scaling.num_workers, run_dir=str(run_dir),
+        job_id=job_id,
+        state=state,
+        error=error,
+        world_size=spec.scaling.num_workers,
+        run_dir=str(run_dir),
         steps=final.get("steps", progress.get("step", 0)) or 0,
-        train_loss=final.get("train_loss", progress.get("train_loss")), val_loss=final.get("val_loss"),
-        val_accuracy=final.get("val_accuracy"), first_val_loss=final.get("first_val_loss"),
-        restarts=snap.get("restarts", 0), rollbacks=snap.get("rollbacks", 0), phases=extra.get("phases", []),
-        anomalies=extra.get("anomalies", []), wall_seconds=round(seconds, 3),
-        ranks=[ranks[rank] for rank in sorted(ranks)], nodes=nodes.get("nodes", {}),
+        train_loss=final.get("train_loss", progress.get("train_loss")),
+        val_loss=final.get("val_loss"),
+        val_accuracy=final.get("val_accuracy"),
+        first_val_loss=final.get("first_val_loss"),
+        restarts=snap.get("restarts", 0),
+        rollbacks=snap.get("rollbacks", 0),
+        phases=extra.get("phases", []),
+        anomalies=extra.get("anomalies", []),
+        wall_seconds=round(seconds, 3),
+        ranks=[ranks[rank] for rank in sorted(ranks)],
+        nodes=nodes.get("nodes", {}),
         lost_nodes=nodes.get("lost_nodes", []),
-        workers=[{"rank": int(r), "node": (snap.get("nodes") or {}).get(r), "steps": rep.get("steps"),
-                  "param_hash": rep.get("param_hash")} for r, rep in sorted(ranks.items())])
+        workers=[
+            {
+                "rank": int(r),
+                "node": (snap.get("nodes") or {}).get(r),
+                "steps": rep.get("steps"),
+                "param_hash": rep.get("param_hash"),
+            }
+            for r, rep in sorted(ranks.items())
+        ],
+    )
 
 
 def stop_ray() -> None:
@@ -303,8 +376,11 @@ def _print_listener(update: dict[str, Any]) -> None:
     if step and step != getattr(_print_listener, "last", None):
         _print_listener.last = step  # type: ignore[attr-defined]
         loss = status.get("train_loss")
-        print(f"[{status['job_id']}] step {step}/{status.get('max_steps')} loss "
-              f"{loss if loss is None else f'{loss:.4f}'} phase {status.get('phase')}", flush=True)
+        print(
+            f"[{status['job_id']}] step {step}/{status.get('max_steps')} loss "
+            f"{loss if loss is None else f'{loss:.4f}'} phase {status.get('phase')}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,11 +401,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
     pusher = Pusher.from_env(args.job_id)  # progress and result to the service over HTTP
-    result = run_job(spec, job_id=args.job_id, storage_path=args.storage_path, sd_file=args.prometheus_sd_file,
-                     listeners=[_print_listener, *([pusher.listener] if pusher else [])])
+    result = run_job(
+        spec,
+        job_id=args.job_id,
+        storage_path=args.storage_path,
+        sd_file=args.prometheus_sd_file,
+        listeners=[_print_listener, *([pusher.listener] if pusher else [])],
+    )
     if pusher and not pusher.finish(result):
-        print(f"job {args.job_id}: could not report the result to the service; it is in "
-              f"{result['run_dir']}/result.json", file=sys.stderr, flush=True)
+        print(
+            f"job {args.job_id}: could not report the result to the service; it is in {result['run_dir']}/result.json",
+            file=sys.stderr,
+            flush=True,
+        )
     print(public_result(result).model_dump_json(), flush=True)
     if result["state"] != "succeeded":
         print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)

@@ -22,16 +22,24 @@ def train_function_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"], context={"user_code": "skip"})
     assert isinstance(spec.train, EntrypointTrain)
     job_id = config["job_id"]
-    enter_job(JobContext(spec=spec, job_id=job_id, board=BoardClient.connect(job_id),
-                         run_dir=Path(config["run_dir"]) if config.get("run_dir") else None,
-                         serve_metrics=config.get("serve_metrics", True)))
+    enter_job(
+        JobContext(
+            spec=spec,
+            job_id=job_id,
+            board=BoardClient.connect(job_id),
+            run_dir=Path(config["run_dir"]) if config.get("run_dir") else None,
+            serve_metrics=config.get("serve_metrics", True),
+        )
+    )
     function = load_factory(spec.train.entrypoint)
     try:
         function(copy.deepcopy(spec.train.config))
         run = current()
         if run is None:
-            raise RuntimeError(f"{spec.train.entrypoint} returned without calling gradwatch.start(): a training "
-                               "function reports its steps through gradwatch (see README, 'Your own training loop')")
+            raise RuntimeError(
+                f"{spec.train.entrypoint} returned without calling gradwatch.start(): a training "
+                "function reports its steps through gradwatch (see README, 'Your own training loop')"
+            )
         run.finish()
     finally:
         run = current()

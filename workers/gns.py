@@ -18,8 +18,9 @@ OTHER_GROUP = "(other)"  # not a valid module name, so it cannot clash with one
 _WRAPPER_PREFIXES = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
-def noise_scale_estimates(local_sq_norm_mean: float, global_sq_norm: float, batch_small: int,
-                          batch_big: int) -> tuple[float, float]:
+def noise_scale_estimates(
+    local_sq_norm_mean: float, global_sq_norm: float, batch_small: int, batch_big: int
+) -> tuple[float, float]:
     """Unbiased single-step estimates of (|G|^2, tr(Sigma)).
 
     local_sq_norm_mean: |G_small|^2, the squared norm of a gradient averaged over `batch_small`
@@ -29,8 +30,7 @@ def noise_scale_estimates(local_sq_norm_mean: float, global_sq_norm: float, batc
     averages over many steps are meaningful.
     """
     if not batch_big > batch_small >= 1:
-        raise ValueError(f"need batch_big > batch_small >= 1, got batch_small={batch_small}, "
-                         f"batch_big={batch_big}")
+        raise ValueError(f"need batch_big > batch_small >= 1, got batch_small={batch_small}, batch_big={batch_big}")
     grad_sq = (batch_big * global_sq_norm - batch_small * local_sq_norm_mean) / (batch_big - batch_small)
     trace = (local_sq_norm_mean - global_sq_norm) / (1.0 / batch_small - 1.0 / batch_big)
     return grad_sq, trace
@@ -56,22 +56,25 @@ class GradientNoiseScale:
         self._decay_power = 1.0
         self.updates = 0
 
-    def update(self, local_sq_norm_mean: float, global_sq_norm: float, batch_small: int,
-               world_size: int) -> float | None:
+    def update(
+        self, local_sq_norm_mean: float, global_sq_norm: float, batch_small: int, world_size: int
+    ) -> float | None:
         """Take one step's squared norms; returns the current B_simple, or None while undefined.
 
         `batch_small` is the per-worker batch (examples behind each local gradient); B_big is
         world_size * batch_small. Non-finite norms (a skipped or overflowing step) are ignored.
         """
         if batch_small < 1 or world_size < 1:
-            raise ValueError(f"need batch_small >= 1 and world_size >= 1, got batch_small={batch_small}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"need batch_small >= 1 and world_size >= 1, got batch_small={batch_small}, world_size={world_size}"
+            )
         if world_size == 1:
             return None
         if not (math.isfinite(local_sq_norm_mean) and math.isfinite(global_sq_norm)):
             return self.value
-        grad_sq, trace = noise_scale_estimates(local_sq_norm_mean, global_sq_norm, batch_small,
-                                               world_size * batch_small)
+        grad_sq, trace = noise_scale_estimates(
+            local_sq_norm_mean, global_sq_norm, batch_small, world_size * batch_small
+        )
         if not (math.isfinite(grad_sq) and math.isfinite(trace)):
             return self.value
         beta = self.ema_decay
@@ -142,5 +145,5 @@ def group_layers(param_names: Iterable[str], max_layers: int) -> dict[str, str]:
     if max_layers == 1:
         return {name: "model" for name in modules}
     top = {name: path[0] for name, path in modules.items()}
-    kept = set(list(dict.fromkeys(top.values()))[:max_layers - 1])
+    kept = set(list(dict.fromkeys(top.values()))[: max_layers - 1])
     return {name: group if group in kept else OTHER_GROUP for name, group in top.items()}

@@ -54,8 +54,16 @@ class Outcome:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, session: Session, *, job_id: str = "local", run_dir: Path | None = None,
-                 board: BoardClient | None = None, serve_metrics: bool = False):
+    def __init__(
+        self,
+        spec: JobSpec,
+        session: Session,
+        *,
+        job_id: str = "local",
+        run_dir: Path | None = None,
+        board: BoardClient | None = None,
+        serve_metrics: bool = False,
+    ):
         assert spec.model is not None and spec.data is not None, "the built-in loop needs a model and data"
         self.spec, self.session, self.job_id, self.board = spec, session, job_id, board
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
@@ -72,15 +80,23 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.total_steps = spec.max_steps or spec.epochs * self.steps_per_epoch  # type: ignore[operator]
         self.scheduler = build_scheduler(spec.schedule, self.optimizer, self.total_steps)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if spec.precision == "bf16" else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if spec.precision == "bf16"
+            else contextlib.nullcontext()
+        )
         self.pos = Position()
         self.seen_first_epoch: list[torch.Tensor] = []
-        self.run = Run(session, spec, job_id=job_id, run_dir=run_dir, board=board,
-                       serve_metrics=serve_metrics and spec.telemetry.enabled)
+        self.run = Run(
+            session,
+            spec,
+            job_id=job_id,
+            run_dir=run_dir,
+            board=board,
+            serve_metrics=serve_metrics and spec.telemetry.enabled,
+        )
         self.run.max_steps = self.total_steps
-        self.run.watch(self.model, self.optimizer, self.scheduler, grad_clip=spec.grad_clip,
-                       batch_size=spec.batch_size)
+        self.run.watch(self.model, self.optimizer, self.scheduler, grad_clip=spec.grad_clip, batch_size=spec.batch_size)
         self.run.on_rollback = self._rolled_back
 
     @property
@@ -95,12 +111,26 @@ class Trainer:
     def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
         per_rank = len(dataset) // self.world_size
         drop_last = shuffle and per_rank >= self.spec.batch_size
-        sampler = (DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
-                                      seed=self.spec.seed, drop_last=shuffle)
-                   if self.world_size > 1 else None)
-        loader = DataLoader(dataset, batch_size=self.spec.batch_size, sampler=sampler,
-                            shuffle=shuffle and sampler is None, drop_last=drop_last,
-                            generator=torch.Generator().manual_seed(self.spec.seed))
+        sampler = (
+            DistributedSampler(
+                dataset,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=shuffle,
+                seed=self.spec.seed,
+                drop_last=shuffle,
+            )
+            if self.world_size > 1
+            else None
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.spec.batch_size,
+            sampler=sampler,
+            shuffle=shuffle and sampler is None,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(self.spec.seed),
+        )
         return self.session.prepare_loader(loader)
 
     # ------------------------------------------------------------------ run
@@ -165,8 +195,11 @@ class Trainer:
                 logits = model(x)
             loss, correct = loss_and_correct(self.data.task, logits, y)
             n = y.numel() if self.data.task == "language_model" else len(y)
-            totals += torch.tensor([loss.item() * n, float(correct) if correct is not None else 0.0, n],
-                                   dtype=torch.float64, device=self.device)
+            totals += torch.tensor(
+                [loss.item() * n, float(correct) if correct is not None else 0.0, n],
+                dtype=torch.float64,
+                device=self.device,
+            )
         if self.world_size > 1:
             dist.all_reduce(totals)
         loss_sum, correct_sum, count = totals.tolist()
@@ -206,8 +239,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = RayTrainSession()
     board = BoardClient.connect(config["job_id"])
     run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
-    trainer = Trainer(spec, session, job_id=config["job_id"], run_dir=run_dir, board=board,
-                      serve_metrics=config.get("serve_metrics", True))
+    trainer = Trainer(
+        spec,
+        session,
+        job_id=config["job_id"],
+        run_dir=run_dir,
+        board=board,
+        serve_metrics=config.get("serve_metrics", True),
+    )
     try:
         trainer.train()
     finally:
@@ -218,4 +257,3 @@ def run_local(spec: JobSpec, job_id: str = "local", run_dir: Path | None = None)
     """Train in this process alone (world size 1, no Ray)."""
     trainer = Trainer(spec, LocalSession(), job_id=job_id, run_dir=run_dir)
     return trainer.train()
-

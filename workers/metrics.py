@@ -27,8 +27,7 @@ def series_per_job(world_size: int, layers: int) -> int:
 
 
 class WorkerMetrics:
-    def __init__(self, job_id: str, rank: int, *, rank0: bool | None = None,
-                 registry: CollectorRegistry | None = None):
+    def __init__(self, job_id: str, rank: int, *, rank0: bool | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.job_id, self.rank = job_id, str(rank)
         self.rank0 = rank == 0 if rank0 is None else rank0
@@ -38,31 +37,43 @@ class WorkerMetrics:
         # ---- per rank
         self.step = Gauge("gradwatch_step", "Current optimizer step.", base, registry=r)
         self.epoch = Gauge("gradwatch_epoch", "Current epoch (0-based).", base, registry=r)
-        self.loss = Gauge("gradwatch_loss", "Last loss: train is this rank's batch, val the full evaluation.",
-                          [*base, "split"], registry=r)
-        self.loss_ema = Gauge("gradwatch_loss_ema", "Exponential moving average of the train loss.", base,
-                              registry=r)
-        self.accuracy = Gauge("gradwatch_accuracy_ratio", "Share of correct predictions (0-1).",
-                              [*base, "split"], registry=r)
-        self.local_grad_norm = Gauge("gradwatch_local_grad_norm",
-                                     "This rank's gradient L2 norm before the all-reduce.", base, registry=r)
-        self.step_duration = Histogram("gradwatch_step_duration_seconds",
-                                       "Time this rank spent on one optimizer step, not counting its wait for "
-                                       "slower ranks at the gradient all-reduce.",
-                                       base, buckets=STEP_BUCKETS, registry=r)
-        self.samples = Counter("gradwatch_samples", "Training examples processed by this rank.", base,
-                               registry=r)
-        self.nonfinite = Counter("gradwatch_nonfinite", "Steps with a non-finite loss or gradient.",
-                                 [*base, "kind"], registry=r)
-        self.heartbeat = Gauge("gradwatch_last_step_timestamp_seconds", "Unix time of the last finished step.",
-                               base, registry=r)
-        self.restarts = Counter("gradwatch_restarts", "Times the worker group restarted from a checkpoint.",
-                                base, registry=r)
-        self.rollbacks = Counter("gradwatch_rollbacks", "Rollbacks to the last good checkpoint after divergence.",
-                                 base, registry=r)
-        self.skipped_steps = Counter("gradwatch_skipped_steps",
-                                     "Optimizer steps skipped because the gradient was not finite.", base,
-                                     registry=r)
+        self.loss = Gauge(
+            "gradwatch_loss",
+            "Last loss: train is this rank's batch, val the full evaluation.",
+            [*base, "split"],
+            registry=r,
+        )
+        self.loss_ema = Gauge("gradwatch_loss_ema", "Exponential moving average of the train loss.", base, registry=r)
+        self.accuracy = Gauge(
+            "gradwatch_accuracy_ratio", "Share of correct predictions (0-1).", [*base, "split"], registry=r
+        )
+        self.local_grad_norm = Gauge(
+            "gradwatch_local_grad_norm", "This rank's gradient L2 norm before the all-reduce.", base, registry=r
+        )
+        self.step_duration = Histogram(
+            "gradwatch_step_duration_seconds",
+            "Time this rank spent on one optimizer step, not counting its wait for "
+            "slower ranks at the gradient all-reduce.",
+            base,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.samples = Counter("gradwatch_samples", "Training examples processed by this rank.", base, registry=r)
+        self.nonfinite = Counter(
+            "gradwatch_nonfinite", "Steps with a non-finite loss or gradient.", [*base, "kind"], registry=r
+        )
+        self.heartbeat = Gauge(
+            "gradwatch_last_step_timestamp_seconds", "Unix time of the last finished step.", base, registry=r
+        )
+        self.restarts = Counter(
+            "gradwatch_restarts", "Times the worker group restarted from a checkpoint.", base, registry=r
+        )
+        self.rollbacks = Counter(
+            "gradwatch_rollbacks", "Rollbacks to the last good checkpoint after divergence.", base, registry=r
+        )
+        self.skipped_steps = Counter(
+            "gradwatch_skipped_steps", "Optimizer steps skipped because the gradient was not finite.", base, registry=r
+        )
 
         self._base = (job_id, self.rank)
         for child in (self.step, self.epoch, self.loss_ema, self.local_grad_norm, self.heartbeat):
@@ -77,34 +88,52 @@ class WorkerMetrics:
         if not self.rank0:
             return
         # ---- rank 0 only: identical on every rank after the all-reduce
-        self.grad_norm = Gauge("gradwatch_grad_norm", "Global gradient L2 norm after the all-reduce, "
-                               "before clipping.", ["job_id"], registry=r)
-        self.weight_norm = Gauge("gradwatch_weight_norm", "Global L2 norm of the weights.", ["job_id"],
-                                 registry=r)
-        self.learning_rate = Gauge("gradwatch_learning_rate", "Learning rate of the last step.", ["job_id"],
-                                   registry=r)
-        self.layer_grad_norm = Gauge("gradwatch_layer_grad_norm", "Gradient L2 norm per layer.",
-                                     ["job_id", "layer"], registry=r)
-        self.layer_weight_norm = Gauge("gradwatch_layer_weight_norm", "Weight L2 norm per layer.",
-                                       ["job_id", "layer"], registry=r)
-        self.layer_update_ratio = Gauge("gradwatch_layer_update_ratio",
-                                        "||delta w|| / ||w|| of the last step, per layer.", ["job_id", "layer"],
-                                        registry=r)
-        self.noise_scale = Gauge("gradwatch_gradient_noise_scale",
-                                 "Simple gradient noise scale B_simple (McCandlish et al. 2018), in examples.",
-                                 ["job_id"], registry=r)
-        self.global_batch = Gauge("gradwatch_global_batch_size", "Examples per optimizer step, all ranks.",
-                                  ["job_id"], registry=r)
-        self.phase = Gauge("gradwatch_phase", "1 for the current training phase, 0 for the others.",
-                           ["job_id", "phase"], registry=r)
-        self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", ["job_id", "kind"],
-                             registry=r)
-        self.anomaly_raised = Counter("gradwatch_anomaly_raised",
-                                      "Times an online detector raised its anomaly (alerts use increase(): a "
-                                      "spike that clears between two scrapes still counts).", ["job_id", "kind"],
-                                      registry=r)
-        self.job_info = Gauge("gradwatch_job_info", "Constant 1, labelled with what the job is.",
-                              ["job_id", "name", "owner", "model", "world_size", "team", "project"], registry=r)
+        self.grad_norm = Gauge(
+            "gradwatch_grad_norm",
+            "Global gradient L2 norm after the all-reduce, before clipping.",
+            ["job_id"],
+            registry=r,
+        )
+        self.weight_norm = Gauge("gradwatch_weight_norm", "Global L2 norm of the weights.", ["job_id"], registry=r)
+        self.learning_rate = Gauge("gradwatch_learning_rate", "Learning rate of the last step.", ["job_id"], registry=r)
+        self.layer_grad_norm = Gauge(
+            "gradwatch_layer_grad_norm", "Gradient L2 norm per layer.", ["job_id", "layer"], registry=r
+        )
+        self.layer_weight_norm = Gauge(
+            "gradwatch_layer_weight_norm", "Weight L2 norm per layer.", ["job_id", "layer"], registry=r
+        )
+        self.layer_update_ratio = Gauge(
+            "gradwatch_layer_update_ratio",
+            "||delta w|| / ||w|| of the last step, per layer.",
+            ["job_id", "layer"],
+            registry=r,
+        )
+        self.noise_scale = Gauge(
+            "gradwatch_gradient_noise_scale",
+            "Simple gradient noise scale B_simple (McCandlish et al. 2018), in examples.",
+            ["job_id"],
+            registry=r,
+        )
+        self.global_batch = Gauge(
+            "gradwatch_global_batch_size", "Examples per optimizer step, all ranks.", ["job_id"], registry=r
+        )
+        self.phase = Gauge(
+            "gradwatch_phase", "1 for the current training phase, 0 for the others.", ["job_id", "phase"], registry=r
+        )
+        self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", ["job_id", "kind"], registry=r)
+        self.anomaly_raised = Counter(
+            "gradwatch_anomaly_raised",
+            "Times an online detector raised its anomaly (alerts use increase(): a "
+            "spike that clears between two scrapes still counts).",
+            ["job_id", "kind"],
+            registry=r,
+        )
+        self.job_info = Gauge(
+            "gradwatch_job_info",
+            "Constant 1, labelled with what the job is.",
+            ["job_id", "name", "owner", "model", "world_size", "team", "project"],
+            registry=r,
+        )
         for gauge in (self.grad_norm, self.weight_norm, self.learning_rate, self.global_batch):
             gauge.labels(job_id)
         for name in PHASES:
@@ -116,8 +145,9 @@ class WorkerMetrics:
     # ---- helpers the loop calls
     def set_info(self, name: str, owner: str, model: str, world_size: int, labels: dict[str, str]) -> None:
         if self.rank0:
-            self.job_info.labels(self.job_id, name, owner, model, str(world_size), labels.get("team", ""),
-                                 labels.get("project", "")).set(1)
+            self.job_info.labels(
+                self.job_id, name, owner, model, str(world_size), labels.get("team", ""), labels.get("project", "")
+            ).set(1)
 
     def set_phase(self, current: str) -> None:
         for name in PHASES:
@@ -133,8 +163,17 @@ class WorkerMetrics:
         (`kind="scalar"`: `gradwatch_scalar{name}`) on this rank."""
         if not hasattr(self, "_named_families"):
             self._named_families = {
-                "term": Gauge("gradwatch_loss_term", "A named part of the train loss, as the training code "
-                              "reported it (this rank's batch).", ["job_id", "rank", "term"], registry=self.registry),
-                "scalar": Gauge("gradwatch_scalar", "A custom scalar the training code reported.",
-                                ["job_id", "rank", "name"], registry=self.registry)}
+                "term": Gauge(
+                    "gradwatch_loss_term",
+                    "A named part of the train loss, as the training code reported it (this rank's batch).",
+                    ["job_id", "rank", "term"],
+                    registry=self.registry,
+                ),
+                "scalar": Gauge(
+                    "gradwatch_scalar",
+                    "A custom scalar the training code reported.",
+                    ["job_id", "rank", "name"],
+                    registry=self.registry,
+                ),
+            }
         return self._named_families[kind].labels(self.job_id, self.rank, name)

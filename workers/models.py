@@ -15,8 +15,15 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], out_features: int, activation: str = "relu",
-                 dropout: float = 0.0, init_gain: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        out_features: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        init_gain: float = 1.0,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -38,8 +45,15 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], channels: list[int], kernel_size: int, hidden: int,
-                 out_features: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        channels: list[int],
+        kernel_size: int,
+        hidden: int,
+        out_features: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         c, h, w = input_shape if len(input_shape) == 3 else (1, *input_shape)
         convs: list[nn.Module] = []
@@ -50,8 +64,9 @@ class CNN(nn.Module):
                 h, w = h // 2, w // 2
             c = out_c
         self.features = nn.Sequential(*convs)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, out_features))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_features)
+        )
         self._shape = (c, *input_shape[-2:]) if len(input_shape) == 3 else (1, *input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +81,9 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd)
         self.attn = nn.MultiheadAttention(n_embd, n_head, dropout=dropout, batch_first=True)
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
@@ -78,8 +94,7 @@ class Block(nn.Module):
 class CharTransformer(nn.Module):
     """A small GPT: token + position embeddings, pre-norm causal blocks, tied output head."""
 
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float = 0.0):
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float = 0.0):
         super().__init__()
         self.block_size = block_size
         self.tok = nn.Embedding(vocab_size, n_embd)
@@ -110,16 +125,16 @@ class CharTransformer(nn.Module):
 def build_model(spec: Any, data: DataBundle) -> nn.Module:
     """The spec's `model` section and the data's shape -> an nn.Module."""
     if spec.name == "mlp":
-        return MLP(math.prod(data.input_shape), spec.hidden, data.num_outputs, spec.activation, spec.dropout,
-                   spec.init_gain)
+        return MLP(
+            math.prod(data.input_shape), spec.hidden, data.num_outputs, spec.activation, spec.dropout, spec.init_gain
+        )
     if spec.name == "cnn":
         return CNN(data.input_shape, spec.channels, spec.kernel_size, spec.hidden, data.num_outputs, spec.dropout)
     if spec.name == "char-transformer":
         block = data.input_shape[0]
         if spec.block_size < block:
             raise ValueError(f"model.block_size ({spec.block_size}) is shorter than data.block_size ({block})")
-        return CharTransformer(data.num_outputs, spec.block_size, spec.n_layer, spec.n_head, spec.n_embd,
-                               spec.dropout)
+        return CharTransformer(data.num_outputs, spec.block_size, spec.n_layer, spec.n_head, spec.n_embd, spec.dropout)
     model = load_factory(spec.name)(**spec.options, data_info=data)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec.name} must return a torch.nn.Module, got {type(model).__name__}")

@@ -55,16 +55,19 @@ def check_placement(spec: JobSpec, nodes: list[dict[str, Any]]) -> None:
     if hosts == 0:
         raise PlacementImpossible(
             f"no node of the Ray cluster ({len(alive)} alive) has room for one worker ({_describe(bundle)}): "
-            "lower scaling.cpus_per_worker/gpus_per_worker, or add a larger node")
+            "lower scaling.cpus_per_worker/gpus_per_worker, or add a larger node"
+        )
     if spec.scaling.placement == "strict_spread" and hosts < workers:
         raise PlacementImpossible(
             f"scaling.placement strict_spread puts each of the {workers} workers on a node of its own, but only "
             f"{hosts} of the cluster's {len(alive)} alive nodes have room for one worker ({_describe(bundle)}): "
-            f"lower scaling.num_workers to {hosts}, use placement spread or pack, or add nodes")
+            f"lower scaling.num_workers to {hosts}, use placement spread or pack, or add nodes"
+        )
     if sum(room) < workers:
         raise PlacementImpossible(
             f"the cluster's {len(alive)} alive nodes hold {sum(room)} workers of {_describe(bundle)} each, "
-            f"the job needs {workers}: lower scaling.num_workers or resources per worker, or add nodes")
+            f"the job needs {workers}: lower scaling.num_workers or resources per worker, or add nodes"
+        )
 
 
 class NodeWatch:
@@ -100,9 +103,16 @@ class NodeWatch:
         lost_ids = {e["node"] for e in self.lost}
         for node, ranks in self.ranks_on.items():
             if node in gone and node not in lost_ids:
-                self.lost.append({"node": node, "address": self.addresses.get(node, ""),
-                                  "ranks": sorted(r for r, n in self.where.items() if n == node) or sorted(ranks),
-                                  "step": step, "at": time.time(), "restarts_before": restarts})
+                self.lost.append(
+                    {
+                        "node": node,
+                        "address": self.addresses.get(node, ""),
+                        "ranks": sorted(r for r, n in self.where.items() if n == node) or sorted(ranks),
+                        "step": step,
+                        "at": time.time(),
+                        "restarts_before": restarts,
+                    }
+                )
         self.waiting = None
         if self.lost and restarts <= self.lost[-1]["restarts_before"]:
             # The worker group is down and not back yet: say what it waits for, if it can be placed at all.
@@ -111,8 +121,9 @@ class NodeWatch:
                 check_placement(self.spec, [n for n in nodes if n["NodeID"] in alive])
                 self.waiting = f"restarting after node {last['node']} was lost"
             except PlacementImpossible as exc:
-                self.waiting = (f"cannot place the workers since node {last['node']} was lost ({exc}); "
-                                "waiting for a node to join")
+                self.waiting = (
+                    f"cannot place the workers since node {last['node']} was lost ({exc}); waiting for a node to join"
+                )
 
     def confirm_loss(self, step: int | None, restarts: int) -> None:
         """After a failure: record nodes that held ranks and are gone, before Ray's health checks say so.
@@ -131,14 +142,23 @@ class NodeWatch:
             info = nodes.get(node)
             if node in lost_ids or info is None or _listening(info):
                 continue
-            self.lost.append({"node": node, "address": info.get("NodeManagerAddress", ""),
-                              "ranks": sorted(r for r, n in self.where.items() if n == node),
-                              "step": step, "at": time.time(), "restarts_before": restarts})
+            self.lost.append(
+                {
+                    "node": node,
+                    "address": info.get("NodeManagerAddress", ""),
+                    "ranks": sorted(r for r, n in self.where.items() if n == node),
+                    "step": step,
+                    "at": time.time(),
+                    "restarts_before": restarts,
+                }
+            )
 
     def status(self) -> dict[str, Any]:
-        return {"nodes": {str(r): n for r, n in sorted(self.where.items())},
-                "lost_nodes": [{k: v for k, v in e.items() if k != "restarts_before"} for e in self.lost],
-                "waiting": self.waiting}
+        return {
+            "nodes": {str(r): n for r, n in sorted(self.where.items())},
+            "lost_nodes": [{k: v for k, v in e.items() if k != "restarts_before"} for e in self.lost],
+            "waiting": self.waiting,
+        }
 
     def explain(self, reason: str) -> str:
         """A failure's reason, led by the node loss that most likely caused it."""
@@ -147,8 +167,7 @@ class NodeWatch:
         last = self.lost[-1]
         ranks = ", ".join(str(r) for r in last["ranks"])
         where = f" ({last['address']})" if last["address"] else ""
-        return (f"node {last['node']}{where} was lost at step {last['step']} (it ran rank {ranks}); "
-                f"{reason}")
+        return f"node {last['node']}{where} was lost at step {last['step']} (it ran rank {ranks}); {reason}"
 
 
 def _listening(node: dict[str, Any], timeout: float = 2.0) -> bool:

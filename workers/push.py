@@ -25,8 +25,7 @@ MAX_PENDING_EVENTS = 10_000  # beyond this, the oldest undelivered events are dr
 
 
 class Pusher:
-    def __init__(self, url: str, token: str, job_id: str, timeout: float = 10.0,
-                 client: httpx.Client | None = None):
+    def __init__(self, url: str, token: str, job_id: str, timeout: float = 10.0, client: httpx.Client | None = None):
         self.job_id = job_id
         self._http = client or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         self._http.headers["Authorization"] = f"Bearer {token}"
@@ -77,7 +76,7 @@ class Pusher:
             return response.status_code in (401, 403, 404, 409, 422)  # retrying cannot help
         self.stop_requested = response.json().get("stop_requested")
         with self._lock:
-            del self._events[:len(events)]
+            del self._events[: len(events)]
             if self._status is status:
                 self._status = None  # sent; wait for the next one
         return True

@@ -40,8 +40,10 @@ class ReplayResult:
         return {
             "file": self.file,
             "steps": self.steps,
-            "events": [{"step": e.step, "kind": e.kind, "name": e.name, "raised": e.raised, "detail": e.detail}
-                       for e in self.events],
+            "events": [
+                {"step": e.step, "kind": e.kind, "name": e.name, "raised": e.raised, "detail": e.detail}
+                for e in self.events
+            ],
             "anomalies": [{"kind": k, "first_step": s} for k, s in sorted(self.anomalies.items(), key=lambda i: i[1])],
             "phases": [{"phase": p, "step": s} for p, s in self.phases],
         }
@@ -116,8 +118,13 @@ def _layers(row: Mapping[str, Any], key: str, where: str) -> dict[str, float] | 
     return {str(k): v for k, v in ((k, _number(v, where, f"{key}.{k}")) for k, v in values.items()) if v is not None}
 
 
-def replay_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], spec: DetectorSpec | None = None, *,
-                warmup_steps: int = 0, file: str = "-") -> ReplayResult:
+def replay_rows(
+    rows: Iterable[tuple[str, Mapping[str, Any]]],
+    spec: DetectorSpec | None = None,
+    *,
+    warmup_steps: int = 0,
+    file: str = "-",
+) -> ReplayResult:
     """Feed rows through a fresh `DynamicsMonitor` and collect what it reported."""
     monitor = DynamicsMonitor(spec, warmup_steps=warmup_steps)
     result = ReplayResult(file)
@@ -131,8 +138,12 @@ def replay_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], spec: DetectorSpe
         loss = _number(row.get("global_loss", row.get("loss")), where, "loss")
         if loss is not None or row.get("nonfinite"):
             grad_norm = _number(row.get("grad_norm"), where, "grad_norm")
-            monitor.observe_step(step, loss if loss is not None else math.nan,
-                                 lr=_number(row.get("lr"), where, "lr"), grad_norm=grad_norm)
+            monitor.observe_step(
+                step,
+                loss if loss is not None else math.nan,
+                lr=_number(row.get("lr"), where, "lr"),
+                grad_norm=grad_norm,
+            )
             result.steps += 1
             grads = _layers(row, "layer_grad_norm", where)
             ratios = _layers(row, "layer_update_ratio", where)

@@ -76,9 +76,19 @@ class LocalNormHook:
 
 
 class Telemetry:
-    def __init__(self, spec: Any, job_id: str, rank: int, world_size: int, model: torch.nn.Module,
-                 device: torch.device, *, board: BoardClient | None = None, history_path: Path | None = None,
-                 metrics: WorkerMetrics | None = None):
+    def __init__(
+        self,
+        spec: Any,
+        job_id: str,
+        rank: int,
+        world_size: int,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        board: BoardClient | None = None,
+        history_path: Path | None = None,
+        metrics: WorkerMetrics | None = None,
+    ):
         self.cfg = spec.telemetry
         self.enabled = self.cfg.enabled
         self.rank, self.world_size = rank, world_size
@@ -99,11 +109,17 @@ class Telemetry:
         m = self.metrics
         # The per-step series' labelled children, looked up once: the step path only sets values.
         self._children = SimpleNamespace(
-            step=m.step.labels(*labels), epoch=m.epoch.labels(*labels), loss=m.loss.labels(*labels, "train"),
-            samples=m.samples.labels(*labels), step_duration=m.step_duration.labels(*labels),
-            heartbeat=m.heartbeat.labels(*labels), loss_ema=m.loss_ema.labels(*labels),
-            nonfinite_loss=m.nonfinite.labels(*labels, "loss"), nonfinite_grad=m.nonfinite.labels(*labels, "grad"),
-            skipped=m.skipped_steps.labels(*labels))
+            step=m.step.labels(*labels),
+            epoch=m.epoch.labels(*labels),
+            loss=m.loss.labels(*labels, "train"),
+            samples=m.samples.labels(*labels),
+            step_duration=m.step_duration.labels(*labels),
+            heartbeat=m.heartbeat.labels(*labels),
+            loss_ema=m.loss_ema.labels(*labels),
+            nonfinite_loss=m.nonfinite.labels(*labels, "loss"),
+            nonfinite_grad=m.nonfinite.labels(*labels, "grad"),
+            skipped=m.skipped_steps.labels(*labels),
+        )
         self._server = None
         self.endpoint: tuple[str, int] | None = None
         self.last: dict[str, Any] = {}
@@ -210,9 +226,20 @@ class Telemetry:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return list(torch._foreach_norm(grads))
 
-    def end_step(self, step: int, epoch: int, *, loss: float, global_loss: float, grad_norm: float,
-                 param_grad_norms: list[torch.Tensor] | None, lr: float, samples: int, seconds: float,
-                 applied: bool) -> list[dict[str, Any]]:
+    def end_step(
+        self,
+        step: int,
+        epoch: int,
+        *,
+        loss: float,
+        global_loss: float,
+        grad_norm: float,
+        param_grad_norms: list[torch.Tensor] | None,
+        lr: float,
+        samples: int,
+        seconds: float,
+        applied: bool,
+    ) -> list[dict[str, Any]]:
         """Record one finished step; returns detector events that changed state."""
         c = self._children
         now = time.time()
@@ -231,17 +258,26 @@ class Telemetry:
         self._unlogged[0] += seconds
         self._unlogged[1] += 1
         if self.step_times and self.measuring:  # the mean over the interval, not the measured step alone
-            self.step_times.write(json.dumps({"step": step, "step_seconds": self._unlogged[0] / self._unlogged[1],
-                                              "time": now}) + "\n")
+            self.step_times.write(
+                json.dumps({"step": step, "step_seconds": self._unlogged[0] / self._unlogged[1], "time": now}) + "\n"
+            )
             self.step_times.flush()
             self._unlogged = [0.0, 0]
 
         self.monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
         if self.monitor.loss_ema is not None:
             c.loss_ema.set(self.monitor.loss_ema)
-        record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "global_loss": global_loss,
-                                  "loss_ema": self.monitor.loss_ema, "grad_norm": grad_norm, "lr": lr,
-                                  "step_seconds": seconds, "time": now}
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "global_loss": global_loss,
+            "loss_ema": self.monitor.loss_ema,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "step_seconds": seconds,
+            "time": now,
+        }
         if param_grad_norms is not None:
             record.update(self._measure(step, grad_norm, param_grad_norms, lr))
         self.last = record
@@ -250,8 +286,7 @@ class Telemetry:
         # Every step reaches the history, so `gradwatch replay` of it sees what the detectors saw.
         return self._publish(step, record)
 
-    def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor],
-                 lr: float) -> dict[str, Any]:
+    def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor], lr: float) -> dict[str, Any]:
         deltas = torch._foreach_sub(self.params, self._before) if self._before is not None else self.params
         weight_and_update_norms = torch._foreach_norm([*self.params, *deltas])  # one fused call for both
         self._before = None
@@ -265,15 +300,17 @@ class Telemetry:
         if self.hook is not None and self.hook.reduced is not None:
             parts.append(torch.stack([self.hook.local_sq, self.hook.reduced[1]]))
         values = torch.cat([p.reshape(-1) for p in parts]).cpu().tolist()  # the one host sync of this step
-        g_sq, w_sq, u_sq = (values[i * n_layers:(i + 1) * n_layers] for i in range(3))
+        g_sq, w_sq, u_sq = (values[i * n_layers : (i + 1) * n_layers] for i in range(3))
         if len(parts) > 1:
-            local_sq, mean_local_sq = values[3 * n_layers:3 * n_layers + 2]
+            local_sq, mean_local_sq = values[3 * n_layers : 3 * n_layers + 2]
         else:
             mean_local_sq = local_sq
         layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq, strict=False)}
         layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq, strict=False)}
-        layer_update = {name: math.sqrt(u) / math.sqrt(w) if w > 0 else 0.0
-                        for name, u, w in zip(self.layer_names, u_sq, w_sq, strict=False)}
+        layer_update = {
+            name: math.sqrt(u) / math.sqrt(w) if w > 0 else 0.0
+            for name, u, w in zip(self.layer_names, u_sq, w_sq, strict=False)
+        }
         weight_norm = math.sqrt(sum(w_sq))
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
@@ -289,18 +326,29 @@ class Telemetry:
             m.learning_rate.labels(job).set(lr)
             if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
                 self._layer_gauges = [
-                    (name, m.layer_grad_norm.labels(job, name), m.layer_weight_norm.labels(job, name),
-                     m.layer_update_ratio.labels(job, name)) for name in self.layer_names]
+                    (
+                        name,
+                        m.layer_grad_norm.labels(job, name),
+                        m.layer_weight_norm.labels(job, name),
+                        m.layer_update_ratio.labels(job, name),
+                    )
+                    for name in self.layer_names
+                ]
             for name, grad_gauge, weight_gauge, update_gauge in self._layer_gauges:
                 grad_gauge.set(layer_grad[name])
                 weight_gauge.set(layer_weight[name])
                 update_gauge.set(layer_update[name])
             if noise_scale is not None:
                 m.noise_scale.labels(job).set(noise_scale)
-        return {"weight_norm": weight_norm, "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
-                "gradient_noise_scale": noise_scale, "critical_batch_hint": self.gns.critical_batch_hint,
-                "layer_grad_norm": layer_grad, "layer_weight_norm": layer_weight,
-                "layer_update_ratio": layer_update}
+        return {
+            "weight_norm": weight_norm,
+            "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
+            "gradient_noise_scale": noise_scale,
+            "critical_batch_hint": self.gns.critical_batch_hint,
+            "layer_grad_norm": layer_grad,
+            "layer_weight_norm": layer_weight,
+            "layer_update_ratio": layer_update,
+        }
 
     def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None) -> list[dict[str, Any]]:
         m, labels = self.metrics, self._labels
@@ -308,8 +356,9 @@ class Telemetry:
         if val_accuracy is not None:
             m.accuracy.labels(*labels, "val").set(val_accuracy)
         self.monitor.observe_validation(step, val_loss)
-        return self._publish(step, {"step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
-                                    "time": time.time()})
+        return self._publish(
+            step, {"step": step, "val_loss": val_loss, "val_accuracy": val_accuracy, "time": time.time()}
+        )
 
     def record_event(self, event: dict[str, Any]) -> None:
         """A restart or rollback, into the run's history (rank 0), so a report can mark where it happened."""
@@ -332,8 +381,11 @@ class Telemetry:
                 if self.board:
                     self.board.post_event({**event, "job_rank": self.rank})
             if self.history and record is not None:
-                record = {**record, "phase": self.monitor.phase,
-                          "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v)}
+                record = {
+                    **record,
+                    "phase": self.monitor.phase,
+                    "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v),
+                }
                 self.history.write(json.dumps(record, default=str) + "\n")
                 self.history.flush()
         return events

@@ -1,7 +1,7 @@
 """Write the Prometheus rule file and Grafana's alert provisioning from deploy/rules/source.py.
 
-    python -m deploy.rules.generate           # rewrite the generated files
-    python -m deploy.rules.generate --check   # exit 1, naming each file that is stale
+python -m deploy.rules.generate           # rewrite the generated files
+python -m deploy.rules.generate --check   # exit 1, naming each file that is stale
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ def _dump(document: dict[str, Any]) -> str:
 def prometheus_rules() -> dict[str, Any]:
     rules: list[dict[str, Any]] = [{"record": r.record, "expr": r.expr} for r in source.RECORDING_RULES]
     rules += [
-        {"alert": a.alert, "expr": a.expr, "for": a.for_, "labels": a.all_labels,
-         "annotations": a.annotations}
+        {"alert": a.alert, "expr": a.expr, "for": a.for_, "labels": a.all_labels, "annotations": a.annotations}
         for a in source.ALERT_RULES
     ]
     # One group: Prometheus evaluates a group's rules in order, so alerts see this round's records.
@@ -96,15 +95,19 @@ def _grafana_rule(alert: source.AlertRule) -> dict[str, Any]:
                 "refId": "B",
                 "relativeTimeRange": {"from": 0, "to": 0},
                 "datasourceUid": "__expr__",
-                "model": {"refId": "B", "datasource": expr_source, "type": "math",
-                          "expression": GRAFANA_ANY_RESULT},
+                "model": {"refId": "B", "datasource": expr_source, "type": "math", "expression": GRAFANA_ANY_RESULT},
             },
             {
                 "refId": "C",
                 "relativeTimeRange": {"from": 0, "to": 0},
                 "datasourceUid": "__expr__",
-                "model": {"refId": "C", "datasource": expr_source, "type": "threshold", "expression": "B",
-                          "conditions": [{"evaluator": {"type": "gt", "params": [0]}}]},
+                "model": {
+                    "refId": "C",
+                    "datasource": expr_source,
+                    "type": "threshold",
+                    "expression": "B",
+                    "conditions": [{"evaluator": {"type": "gt", "params": [0]}}],
+                },
             },
         ],
         "for": alert.for_,
@@ -121,13 +124,15 @@ def grafana_alerting() -> dict[str, Any]:
     Prometheus behind `gradwatch-prometheus` must load gradwatch.rules.yml (the shipped config does)."""
     return {
         "apiVersion": 1,
-        "groups": [{
-            "orgId": 1,
-            "name": source.GROUP,
-            "folder": source.GRAFANA_FOLDER,
-            "interval": source.INTERVAL,
-            "rules": [_grafana_rule(alert) for alert in source.ALERT_RULES],
-        }],
+        "groups": [
+            {
+                "orgId": 1,
+                "name": source.GROUP,
+                "folder": source.GRAFANA_FOLDER,
+                "interval": source.INTERVAL,
+                "rules": [_grafana_rule(alert) for alert in source.ALERT_RULES],
+            }
+        ],
     }
 
 
@@ -141,10 +146,8 @@ def _shown(path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.rules.generate",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a generated file is stale")
+    parser = argparse.ArgumentParser(prog="python -m deploy.rules.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     args = parser.parse_args(argv)
     stale = []
     for path, text in rendered().items():
@@ -159,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {_shown(path)}")
     if stale:
         for path in stale:
-            print(f"stale: {path} (run `python -m deploy.rules.generate` and commit the result)",
-                  file=sys.stderr)
+            print(f"stale: {path} (run `python -m deploy.rules.generate` and commit the result)", file=sys.stderr)
         return 1
     return 0
 

@@ -62,13 +62,11 @@ RECORDING_RULES = [
     ),
     RecordingRule(
         "job_id_rank:gradwatch_step_duration_seconds:p50_rate2m",
-        "histogram_quantile(0.5,\n"
-        "  sum by (job_id, rank, le) (rate(gradwatch_step_duration_seconds_bucket[2m])))",
+        "histogram_quantile(0.5,\n  sum by (job_id, rank, le) (rate(gradwatch_step_duration_seconds_bucket[2m])))",
     ),
     RecordingRule(
         "job_id:gradwatch_step_duration_seconds:p50_rate2m",
-        "histogram_quantile(0.5,\n"
-        "  sum by (job_id, le) (rate(gradwatch_step_duration_seconds_bucket[2m])))",
+        "histogram_quantile(0.5,\n  sum by (job_id, le) (rate(gradwatch_step_duration_seconds_bucket[2m])))",
     ),
 ]
 
@@ -253,7 +251,7 @@ ALERT_RULES = [
         severity="warning",
         summary="Rank {{ $labels.rank }} of job {{ $labels.job_id }} is a straggler",
         description=(
-            "The median step time of rank {{ $labels.rank }} is {{ $value | printf \"%.1f\" }}x the "
+            'The median step time of rank {{ $labels.rank }} is {{ $value | printf "%.1f" }}x the '
             "median of job {{ $labels.job_id }}, and every rank waits for it at each all-reduce. Look for "
             "a busy or smaller node, CPU throttling or a slow data loader on that rank (ranks board)."
         ),

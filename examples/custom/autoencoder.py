@@ -22,10 +22,12 @@ import gradwatch
 class AutoEncoder(torch.nn.Module):
     def __init__(self, features: int = 64, code: int = 8, hidden: int = 32):
         super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(),
-                                           torch.nn.Linear(hidden, code))
-        self.decoder = torch.nn.Sequential(torch.nn.Linear(code, hidden), torch.nn.ReLU(),
-                                           torch.nn.Linear(hidden, features))
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, code)
+        )
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(code, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, features)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.encoder(x)
@@ -51,7 +53,8 @@ def train_func(config: dict) -> None:
     torch.manual_seed(config.get("seed", 0))  # the same initial weights on every rank
     train, val = digits(seed=config.get("seed", 0))
     loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train, batch_size=config.get("batch_size", 64), shuffle=True, drop_last=True))
+        DataLoader(train, batch_size=config.get("batch_size", 64), shuffle=True, drop_last=True)
+    )
     model = ray.train.torch.prepare_model(AutoEncoder(code=config.get("code", 8)))
     optimizer = run.watch(model, torch.optim.Adam(model.parameters(), lr=config.get("lr", 3e-3)))
     state = run.restore() or {"epoch": 0}
@@ -69,8 +72,9 @@ def train_func(config: dict) -> None:
             if delay and run.rank == 1:
                 time.sleep(delay)
             optimizer.zero_grad()
-            run.backward(loss, losses={"reconstruction": reconstruction, "regularisation": regularisation},
-                         samples=len(x))
+            run.backward(
+                loss, losses={"reconstruction": reconstruction, "regularisation": regularisation}, samples=len(x)
+            )
             optimizer.step()  # skipped by itself when the update was not safe
             if run.step % run.spec.validation.every_steps == 0 or run.step == run.max_steps:
                 run.log_validation(validate(model, val, sparsity), reduce=True)

@@ -20,11 +20,16 @@ import gradwatch  # gradwatch
 
 
 def train_func(config: dict) -> None:
-    run = gradwatch.start(job_id=config["job_id"], max_steps=config["steps"], sd_dir=config["sd_dir"],  # gradwatch
-                          telemetry={"interval": 5, "grace_seconds": config["grace"]})  # gradwatch
+    run = gradwatch.start(
+        job_id=config["job_id"],
+        max_steps=config["steps"],
+        sd_dir=config["sd_dir"],  # gradwatch
+        telemetry={"interval": 5, "grace_seconds": config["grace"]},
+    )  # gradwatch
     torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)))
+    model = ray.train.torch.prepare_model(
+        torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     optimizer = run.watch(model, optimizer)  # gradwatch
     generator = torch.Generator().manual_seed(1 + ray.train.get_context().get_world_rank())
@@ -54,8 +59,12 @@ def main() -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"job_id": args.job_id, "steps": args.steps, "sd_dir": args.sd_dir,
-                           "grace": args.grace_seconds},
+        train_loop_config={
+            "job_id": args.job_id,
+            "steps": args.steps,
+            "sd_dir": args.sd_dir,
+            "grace": args.grace_seconds,
+        },
         scaling_config=ScalingConfig(num_workers=args.workers),
         run_config=RunConfig(name=args.job_id, storage_path=args.storage_path),
     )

@@ -195,9 +195,7 @@ def test_every_query_uses_only_contract_metrics_and_labels(board: dict[str, Any]
         assert metrics, f"{title}: {expr}"
         assert metrics <= CONTRACT_METRICS | {"ALERTS"}, f"{title}: {metrics - CONTRACT_METRICS}"
         matchers = re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr)
-        grouping = [
-            label for group in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr) for label in group.split(",")
-        ]
+        grouping = [label for group in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr) for label in group.split(",")]
         labels = {label.strip() for label in matchers + grouping if label.strip()}
         assert labels <= CONTRACT_LABELS, f"{title}: {labels - CONTRACT_LABELS}"
         # Neither Prometheus's own job/instance labels nor an unknown function sneak in.

@@ -42,6 +42,7 @@ def token_file(tmp_path: Path) -> Path:
 
 # ---- static checks
 
+
 def test_amtool_accepts_the_shipped_config():
     result = _run(require(AMTOOL), "check-config", str(ALERTMANAGER_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -49,9 +50,16 @@ def test_amtool_accepts_the_shipped_config():
 
 def test_amtool_accepts_the_rendered_config(tmp_path, token_file):
     config = tmp_path / "alertmanager.yml"
-    config.write_text(render_alertmanager_config("http://127.0.0.1:18765/v1/alerts", token_file,
-                                                 group_wait="1s", group_interval="1s", repeat_interval="1m",
-                                                 critical_repeat_interval="30s"))
+    config.write_text(
+        render_alertmanager_config(
+            "http://127.0.0.1:18765/v1/alerts",
+            token_file,
+            group_wait="1s",
+            group_interval="1s",
+            repeat_interval="1m",
+            critical_repeat_interval="30s",
+        )
+    )
     result = _run(require(AMTOOL), "check-config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -61,9 +69,16 @@ def test_promtool_accepts_the_shipped_and_rendered_prometheus_config(tmp_path, t
     shipped = _run(require(PROMTOOL), "check", "config", "--syntax-only", str(PROMETHEUS_CONFIG))
     assert shipped.returncode == 0, shipped.stdout + shipped.stderr
     config = tmp_path / "prometheus.yml"
-    config.write_text(render_prometheus_config("http://127.0.0.1:18765", token_file, "http://127.0.0.1:19093",
-                                               scrape_interval="1s", eval_interval="1s",
-                                               sd_refresh_interval="1s"))
+    config.write_text(
+        render_prometheus_config(
+            "http://127.0.0.1:18765",
+            token_file,
+            "http://127.0.0.1:19093",
+            scrape_interval="1s",
+            eval_interval="1s",
+            sd_refresh_interval="1s",
+        )
+    )
     rendered = _run(require(PROMTOOL), "check", "config", str(config))
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
 
@@ -72,9 +87,11 @@ def test_rendering_overrides_only_addresses_paths_and_timings(token_file):
     import yaml
 
     shipped = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    rendered = yaml.safe_load(render_prometheus_config("https://svc:9000/gw", token_file, None,
-                                                       rule_files=["/r.yml"], scrape_interval="2s",
-                                                       eval_interval="3s"))
+    rendered = yaml.safe_load(
+        render_prometheus_config(
+            "https://svc:9000/gw", token_file, None, rule_files=["/r.yml"], scrape_interval="2s", eval_interval="3s"
+        )
+    )
     assert rendered["global"] == {"scrape_interval": "2s", "evaluation_interval": "3s"}
     assert rendered["rule_files"] == ["/r.yml"] and "alerting" not in rendered
     service, workers = rendered["scrape_configs"]
@@ -82,8 +99,7 @@ def test_rendering_overrides_only_addresses_paths_and_timings(token_file):
     assert service["metrics_path"] == "/gw/metrics"
     assert service["authorization"] == {"type": "Bearer", "credentials_file": str(token_file)}
     assert workers["http_sd_configs"][0]["url"] == "https://svc:9000/gw/v1/targets"
-    assert workers["http_sd_configs"][0]["authorization"] == {"type": "Bearer",
-                                                              "credentials_file": str(token_file)}
+    assert workers["http_sd_configs"][0]["authorization"] == {"type": "Bearer", "credentials_file": str(token_file)}
     assert workers["honor_labels"] is shipped["scrape_configs"][1]["honor_labels"] is True
 
     am = yaml.safe_load(render_alertmanager_config("http://svc/v1/alerts", None, group_wait="1s"))
@@ -174,23 +190,30 @@ def _alertmanager_post(url: str, alerts: list[dict]) -> None:
 @pytest.mark.prometheus
 def test_alertmanager_delivers_to_the_service_with_its_token(tmp_path, token_file):
     with serve({("POST", "/v1/alerts"): lambda r: (200, "text/plain", "ok")}) as (service_url, recorder):
-        config = render_alertmanager_config(f"{service_url}/v1/alerts", token_file, group_wait="1s",
-                                            group_interval="1s")
+        config = render_alertmanager_config(
+            f"{service_url}/v1/alerts", token_file, group_wait="1s", group_interval="1s"
+        )
         with start_alertmanager(config, tmp_path) as am:
             now = datetime.now(UTC)
-            alert = {"labels": {"alertname": "TrainingDiverging", "job_id": "j1", "severity": "critical"},
-                     "annotations": {"summary": "Job j1 is diverging",
-                                     "dashboard": "/d/gradwatch-run?var-job_id=j1"},
-                     "startsAt": now.isoformat()}
+            alert = {
+                "labels": {"alertname": "TrainingDiverging", "job_id": "j1", "severity": "critical"},
+                "annotations": {"summary": "Job j1 is diverging", "dashboard": "/d/gradwatch-run?var-job_id=j1"},
+                "startsAt": now.isoformat(),
+            }
             # A warning of the same job is inhibited by its critical alert; one of another job is not.
-            warning = {"labels": {"alertname": "TrainingLossSpike", "job_id": "j1", "severity": "warning"},
-                       "startsAt": now.isoformat()}
-            other = {"labels": {"alertname": "TrainingLossSpike", "job_id": "j2", "severity": "warning"},
-                     "startsAt": now.isoformat()}
+            warning = {
+                "labels": {"alertname": "TrainingLossSpike", "job_id": "j1", "severity": "warning"},
+                "startsAt": now.isoformat(),
+            }
+            other = {
+                "labels": {"alertname": "TrainingLossSpike", "job_id": "j2", "severity": "warning"},
+                "startsAt": now.isoformat(),
+            }
             _alertmanager_post(am.url, [alert, warning, other])
 
-            firing = wait_for(lambda: _webhooks(recorder, "firing", job_id="j1"), timeout=20,
-                              what="the firing notification")[0]
+            firing = wait_for(
+                lambda: _webhooks(recorder, "firing", job_id="j1"), timeout=20, what="the firing notification"
+            )[0]
             assert firing["_headers"]["Authorization"] == f"Bearer {TOKEN}"
             assert firing["groupLabels"] == {"alertname": "TrainingDiverging", "job_id": "j1"}
             assert firing["alerts"][0]["annotations"]["dashboard"] == "/d/gradwatch-run?var-job_id=j1"
@@ -198,8 +221,9 @@ def test_alertmanager_delivers_to_the_service_with_its_token(tmp_path, token_fil
             assert not _webhooks(recorder, alertname="TrainingLossSpike", job_id="j1"), "not inhibited"
 
             _alertmanager_post(am.url, [{**alert, "endsAt": datetime.now(UTC).isoformat()}])
-            resolved = wait_for(lambda: _webhooks(recorder, "resolved", job_id="j1"), timeout=20,
-                                what="the resolved notification")[0]
+            resolved = wait_for(
+                lambda: _webhooks(recorder, "resolved", job_id="j1"), timeout=20, what="the resolved notification"
+            )[0]
             assert resolved["alerts"][0]["labels"]["alertname"] == "TrainingDiverging"
 
 
@@ -223,48 +247,70 @@ def test_a_nan_loss_reaches_the_service_and_resolves_when_the_job_ends(tmp_path,
         return 200, "text/plain; version=0.0.4", WORKER_METRICS.format(ema=job["ema"], heartbeat=heartbeat)
 
     with serve({("GET", "/metrics"): worker_metrics}) as (worker_url, _):
+
         def targets(request):
             if request["headers"].get("Authorization") != f"Bearer {TOKEN}":
                 return 401, "application/json", '{"detail": "bearer token required"}'
-            live = [{"targets": [worker_url.removeprefix("http://")],
-                     "labels": {"job_id": "live", "rank": "0"}}]
+            live = [{"targets": [worker_url.removeprefix("http://")], "labels": {"job_id": "live", "rank": "0"}}]
             return 200, "application/json", json.dumps(live if job["running"] else [])
 
         def service_metrics(_request):
             running, succeeded = (1, 0) if job["running"] else (0, 1)
-            return 200, "text/plain; version=0.0.4", (
-                "# TYPE gradwatch_job_state gauge\n"
-                f'gradwatch_job_state{{job_id="live",state="running"}} {running}\n'
-                f'gradwatch_job_state{{job_id="live",state="succeeded"}} {succeeded}\n')
+            return (
+                200,
+                "text/plain; version=0.0.4",
+                (
+                    "# TYPE gradwatch_job_state gauge\n"
+                    f'gradwatch_job_state{{job_id="live",state="running"}} {running}\n'
+                    f'gradwatch_job_state{{job_id="live",state="succeeded"}} {succeeded}\n'
+                ),
+            )
 
-        routes = {("GET", "/metrics"): service_metrics, ("GET", "/v1/targets"): targets,
-                  ("POST", "/v1/alerts"): lambda r: (200, "text/plain", "ok")}
+        routes = {
+            ("GET", "/metrics"): service_metrics,
+            ("GET", "/v1/targets"): targets,
+            ("POST", "/v1/alerts"): lambda r: (200, "text/plain", "ok"),
+        }
         with serve(routes) as (service_url, service):
-            am_config = render_alertmanager_config(f"{service_url}/v1/alerts", token_file, group_wait="1s",
-                                                   group_interval="1s")
+            am_config = render_alertmanager_config(
+                f"{service_url}/v1/alerts", token_file, group_wait="1s", group_interval="1s"
+            )
             with start_alertmanager(am_config, tmp_path) as am:
-                prom_config = render_prometheus_config(service_url, token_file, am.url, scrape_interval="1s",
-                                                       eval_interval="1s", sd_refresh_interval="1s")
+                prom_config = render_prometheus_config(
+                    service_url, token_file, am.url, scrape_interval="1s", eval_interval="1s", sd_refresh_interval="1s"
+                )
                 with start_prometheus(prom_config, tmp_path) as prom:
-                    series = wait_for(lambda: query(prom.url, 'gradwatch_loss_ema{job_id="live"}'),
-                                      timeout=30, what="the worker's first scrape via HTTP SD")
+                    series = wait_for(
+                        lambda: query(prom.url, 'gradwatch_loss_ema{job_id="live"}'),
+                        timeout=30,
+                        what="the worker's first scrape via HTTP SD",
+                    )
                     labels = series[0]["metric"]
                     assert labels["job"] == "gradwatch-workers" and labels["rank"] == "0"
                     assert "exported_job_id" not in labels  # honor_labels keeps the worker's own job_id
                     assert not _webhooks(service)
 
                     job["ema"] = "NaN"
-                    firing = wait_for(lambda: _webhooks(service, "firing", job_id="live"), timeout=30,
-                                      what="TrainingLossNonFinite at the service")[0]
+                    firing = wait_for(
+                        lambda: _webhooks(service, "firing", job_id="live"),
+                        timeout=30,
+                        what="TrainingLossNonFinite at the service",
+                    )[0]
                     assert firing["_headers"]["Authorization"] == f"Bearer {TOKEN}"
                     alert = firing["alerts"][0]
-                    assert alert["labels"] == {"alertname": "TrainingLossNonFinite", "job_id": "live",
-                                               "severity": "critical"}
+                    assert alert["labels"] == {
+                        "alertname": "TrainingLossNonFinite",
+                        "job_id": "live",
+                        "severity": "critical",
+                    }
                     assert alert["annotations"]["dashboard"] == "/d/gradwatch-run?var-job_id=live"
 
                     job["running"] = False  # the job ends: state succeeded, endpoint leaves discovery
-                    wait_for(lambda: _webhooks(service, "resolved", job_id="live"), timeout=30,
-                             what="the alert to resolve once the job ended")
+                    wait_for(
+                        lambda: _webhooks(service, "resolved", job_id="live"),
+                        timeout=30,
+                        what="the alert to resolve once the job ended",
+                    )
                     assert not query(prom.url, 'ALERTS{alertstate="firing", job_id="live"}')
 
 

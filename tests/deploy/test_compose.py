@@ -79,9 +79,7 @@ def test_every_mounted_host_path_exists(compose: dict[str, Any]) -> None:
 
 def test_grafana_mounts_match_its_provisioning(compose: dict[str, Any]) -> None:
     grafana = {target: source for name, source, target in host_mounts(compose) if name == "grafana"}
-    assert (
-        COMPOSE.parent / grafana["/etc/grafana/provisioning"]
-    ).resolve() == DEPLOY / "grafana/provisioning"
+    assert (COMPOSE.parent / grafana["/etc/grafana/provisioning"]).resolve() == DEPLOY / "grafana/provisioning"
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/gradwatch.yaml").read_text())
     dashboards_target = provider["providers"][0]["options"]["path"]
     assert (COMPOSE.parent / grafana[dashboards_target]).resolve() == REPO / "dashboards"

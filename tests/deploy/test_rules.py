@@ -21,9 +21,16 @@ GRAFANA = REPO / "deploy/grafana/provisioning/alerting/gradwatch.yaml"
 
 # The alerts contract (gradwatch/ARCHITECTURE.md, "Contracts")
 CONTRACT = {
-    "TrainingLossNonFinite", "TrainingDiverging", "TrainingLossSpike", "TrainingStalled",
-    "TrainingNoProgress", "TrainingOverfitting", "VanishingGradients", "ExplodingGradients",
-    "TrainingStraggler", "TrainingJobFailed",
+    "TrainingLossNonFinite",
+    "TrainingDiverging",
+    "TrainingLossSpike",
+    "TrainingStalled",
+    "TrainingNoProgress",
+    "TrainingOverfitting",
+    "VanishingGradients",
+    "ExplodingGradients",
+    "TrainingStraggler",
+    "TrainingJobFailed",
 }
 DASHBOARD = "/d/gradwatch-run?var-job_id={{ $labels.job_id }}"
 
@@ -44,14 +51,14 @@ def test_promtool_check_rules_is_clean():
 
 
 def test_promtool_unit_tests_pass():
-    result = subprocess.run([require(PROMTOOL), "test", "rules", str(RULE_TESTS)], capture_output=True,
-                            text=True)
+    result = subprocess.run([require(PROMTOOL), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_generated_files_are_not_stale():
-    result = subprocess.run([sys.executable, "-m", "deploy.rules.generate", "--check"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.rules.generate", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, f"run `python -m deploy.rules.generate` and commit:\n{result.stderr}"
 
 
@@ -112,6 +119,7 @@ def test_healthy_runs_are_checked_for_every_alert():
 
 
 # ---- Grafana-managed copies (file provisioning, apiVersion 1)
+
 
 def test_grafana_alerting_file_structure():
     document = yaml.safe_load(GRAFANA.read_text())

@@ -64,9 +64,7 @@ class FakeCluster:
             self._check()
             return self.total - self._used(), self.total
 
-    def submit(
-        self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]
-    ) -> None:
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str], env: dict[str, str]) -> None:
         with self._lock:
             self._check()
             if submission_id in self.jobs:
@@ -124,9 +122,7 @@ class FakeCluster:
         with self._lock:
             for _ in range(steps):
                 for job in self.jobs.values():
-                    if job.status == "PENDING" and Resources(job.cpus, job.gpus).fits_in(
-                        self.total - self._used()
-                    ):
+                    if job.status == "PENDING" and Resources(job.cpus, job.gpus).fits_in(self.total - self._used()):
                         job.status, job.workers = "RUNNING", job.spec["scaling"]["num_workers"]
                     elif job.status == "RUNNING" and job.workers:
                         self._step(job)
@@ -208,9 +204,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def spec(
-    name: str = "job", *, workers: int = 1, steps: int = 3, priority: int = 0, **extra: Any
-) -> dict[str, Any]:
+def spec(name: str = "job", *, workers: int = 1, steps: int = 3, priority: int = 0, **extra: Any) -> dict[str, Any]:
     """A small valid spec."""
     return {
         "name": name,

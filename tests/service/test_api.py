@@ -90,15 +90,11 @@ def test_a_bad_spec_gets_every_error_and_nothing_is_stored(api, app):
 
 def test_user_code_is_refused_unless_the_server_allows_it(tmp_path, cluster):
     custom = spec("custom", model={"name": "mypkg.models:build"})
-    denied = create_app(
-        Settings(data_dir=tmp_path / "a", token=TOKEN, scheduler_enabled=False), cluster=cluster
-    )
+    denied = create_app(Settings(data_dir=tmp_path / "a", token=TOKEN, scheduler_enabled=False), cluster=cluster)
     with TestClient(denied, headers=AUTH) as api:
         response = api.post("/v1/jobs", json=custom)
         assert response.status_code == 422
-        assert response.json()["errors"][0].startswith(
-            "model.name: user code (mypkg.models:build) is disabled"
-        )
+        assert response.json()["errors"][0].startswith("model.name: user code (mypkg.models:build) is disabled")
     allowed = create_app(
         Settings(data_dir=tmp_path / "b", token=TOKEN, scheduler_enabled=False, allow_user_code=True),
         cluster=cluster,
@@ -157,9 +153,7 @@ def test_only_health_needs_no_token(app):
 
 # ------------------------------------------------------------ list and get
 def test_list_filters_and_pages_newest_first(api):
-    ids = [
-        submit(api, name=f"n{i % 2}", labels={"team": "vision" if i < 4 else "nlp"})["id"] for i in range(7)
-    ]
+    ids = [submit(api, name=f"n{i % 2}", labels={"team": "vision" if i < 4 else "nlp"})["id"] for i in range(7)]
     newest_first = ids[::-1]
     assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == newest_first
     assert [j["id"] for j in api.get("/v1/jobs?limit=2&offset=2").json()["data"]] == newest_first[2:4]
@@ -262,9 +256,7 @@ def test_targets_list_running_workers_for_prometheus(api, app, cluster):
 
 
 # ------------------------------------------------------------------- alerts
-def am_alert(
-    job_id, name, status, starts="2026-01-02T03:04:05Z", ends="0001-01-01T00:00:00Z", fingerprint=None
-):
+def am_alert(job_id, name, status, starts="2026-01-02T03:04:05Z", ends="0001-01-01T00:00:00Z", fingerprint=None):
     return {
         "status": status,
         "labels": {"alertname": name, "job_id": job_id, "severity": "warning"},
@@ -310,9 +302,7 @@ def test_alertmanager_webhook_stores_firing_then_resolved_once(api):
     )
     assert alert["starts_at"] == "2026-01-02T03:04:05.000Z" and alert["ends_at"] == "2026-01-02T03:09:05.000Z"
     assert alert["summary"] == "TrainingDiverging on gw-aaa"
-    assert [a["job_id"] for a in api.get("/v1/alerts", params={"status": "firing"}).json()["data"]] == [
-        "gw-bbb"
-    ]
+    assert [a["job_id"] for a in api.get("/v1/alerts", params={"status": "firing"}).json()["data"]] == ["gw-bbb"]
     assert len(api.get("/v1/alerts").json()["data"]) == 2
 
 
@@ -336,10 +326,7 @@ def test_metrics_count_jobs_by_state_and_requests_by_route(api, app):
     assert f'gradwatch_job_state{{job_id="{job["id"]}",state="queued"}} 0.0' in text
     assert text.count(f'job_id="{job["id"]}"') == 6
     assert 'gradwatch_api_requests_total{code="201",method="POST",route="/v1/jobs"} 2.0' in text
-    assert (
-        'gradwatch_api_request_duration_seconds_count{method="POST",route="/v1/jobs/{job_id}/cancel"} 1.0'
-        in text
-    )
+    assert 'gradwatch_api_request_duration_seconds_count{method="POST",route="/v1/jobs/{job_id}/cancel"} 1.0' in text
 
 
 def test_ended_jobs_leave_the_state_metric_after_a_while(tmp_path, cluster):

@@ -98,8 +98,9 @@ def test_other_peoples_text_reaches_no_terminal_as_control_sequences(server):
         "startsAt": "2026-01-02T03:04:05Z",
         "fingerprint": "fp-evil",
     }
-    stored = httpx.post(f"{url}/v1/alerts", json={"alerts": [alert]},
-                        headers={"Authorization": f"Bearer {alertmanager}"})
+    stored = httpx.post(
+        f"{url}/v1/alerts", json={"alerts": [alert]}, headers={"Authorization": f"Bearer {alertmanager}"}
+    )
     assert stored.status_code == 200
     # The alert is kept as sent (it is Alertmanager's data); the CLI shows it inert.
     raw = httpx.get(f"{url}/v1/alerts", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
@@ -126,7 +127,8 @@ def test_log_streams_are_capped_and_freed_when_a_follower_leaves(server):
             assert second.json()["detail"] == "1 log streams are open, this server's limit: try again later"
             assert client.get(follow).status_code == 200  # a plain read is no stream
     wait_for(lambda: app.state.log_followers == 0, timeout=10, what="the closed stream to be let go")
-    with httpx.Client(headers=headers, timeout=10) as client, client.stream(
-        "GET", follow, params={"follow": "true"}
-    ) as again:
+    with (
+        httpx.Client(headers=headers, timeout=10) as client,
+        client.stream("GET", follow, params={"follow": "true"}) as again,
+    ):
         assert again.status_code == 200

@@ -155,11 +155,7 @@ def test_cli_submit_follow_streams_logs_and_alerts_and_exits_with_the_outcome(en
     assert "step 60/60" in result.output
     assert "ALERT firing TrainingLossSpike (warning) gw-" in result.output
     assert "loss jumped 9 sigma" in result.output
-    assert (
-        result.output.rstrip()
-        .splitlines()[-1]
-        .endswith("succeeded: finished 60 steps, train loss 0.01667, in 2 s")
-    )
+    assert result.output.rstrip().splitlines()[-1].endswith("succeeded: finished 60 steps, train loss 0.01667, in 2 s")
 
 
 def test_cli_submit_follow_of_a_failing_job_exits_1(env, tmp_path):

@@ -39,8 +39,13 @@ def custom_spec() -> dict:
     spec = yaml.safe_load((EXAMPLES / "custom" / "autoencoder.yaml").read_text())
     # rank 1 sleeps 10 ms a step, so the run is paced on any machine; rank 1's loss is NaN at step 7
     spec["train"]["config"].update(nan_at_step=7, rank1_step_delay=0.01)
-    spec.update(max_steps=MAX_STEPS, max_failures=1, checkpoint={"every_steps": EVERY, "keep": 1},
-                validation={"every_steps": 100}, telemetry={"interval": 5, "grace_seconds": 2})
+    spec.update(
+        max_steps=MAX_STEPS,
+        max_failures=1,
+        checkpoint={"every_steps": EVERY, "keep": 1},
+        validation={"every_steps": 100},
+        telemetry={"interval": 5, "grace_seconds": 2},
+    )
     return spec
 
 
@@ -54,13 +59,15 @@ def test_the_custom_example_runs_through_the_service_with_the_contract_guards_an
         return job if len(job["endpoints"]) == 2 and (job["step"] or 0) >= 150 else None
 
     job = wait_for(running_past_validation, timeout=300, interval=0.5, what="the custom job at step 150")
-    texts = {str(e["rank"]): httpx.get(f"http://{e['host']}:{e['port']}/metrics", timeout=5).text
-             for e in job["endpoints"]}
+    texts = {
+        str(e["rank"]): httpx.get(f"http://{e['host']}:{e['port']}/metrics", timeout=5).text for e in job["endpoints"]
+    }
     fams = {rank: samples(text) for rank, text in texts.items()}
     for rank in ("0", "1"):
         for name in PER_RANK:
-            assert fams[rank].get(name) and all(s.labels["job_id"] == job_id and s.labels["rank"] == rank
-                                                for s in fams[rank][name]), (rank, name)
+            assert fams[rank].get(name) and all(
+                s.labels["job_id"] == job_id and s.labels["rank"] == rank for s in fams[rank][name]
+            ), (rank, name)
         terms = {s.labels["term"] for s in fams[rank]["gradwatch_loss_term"]}
         assert terms == {"reconstruction", "regularisation"}
         # the NaN on rank 1 at step 7 was skipped by both ranks
@@ -95,8 +102,12 @@ def test_the_custom_example_runs_through_the_service_with_the_contract_guards_an
     killed_at, pids = job["step"], {e["rank"]: e["pid"] for e in live["endpoints"]}
     os.kill(pids[1], signal.SIGKILL)  # rank 1's Ray Train worker
 
-    done = wait_for(lambda: (j := client.get(job_id))["state"] not in ("queued", "running") and j,
-                    timeout=400, interval=0.5, what="the job to end")
+    done = wait_for(
+        lambda: (j := client.get(job_id))["state"] not in ("queued", "running") and j,
+        timeout=400,
+        interval=0.5,
+        what="the job to end",
+    )
     assert done["state"] == "succeeded", done["reason"]
     assert done["step"] == MAX_STEPS and done["restarts"] == 1
     status = json.loads((run_dir / "status.json").read_text())

@@ -75,9 +75,7 @@ class FakeGrafana:
     token: str = TOKEN
     requests: list[Request] = field(default_factory=list)
     folders: dict[str, str] = field(default_factory=dict)  # uid -> title
-    dashboards: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # uid -> {dashboard, folderUid, version}
+    dashboards: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {dashboard, folderUid, version}
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)
     group_intervals: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -219,9 +217,7 @@ def test_pushes_the_generated_alerting_file_by_default(fake_grafana: FakeGrafana
     generated = REPO / "deploy/grafana/provisioning/alerting/gradwatch.yaml"
     if not generated.exists():
         pytest.skip("deploy/grafana/provisioning/alerting/gradwatch.yaml is not generated yet")
-    uids = [
-        rule["uid"] for group in yaml.safe_load(generated.read_text())["groups"] for rule in group["rules"]
-    ]
+    uids = [rule["uid"] for group in yaml.safe_load(generated.read_text())["groups"] for rule in group["rules"]]
     report = push_dashboards(fake_grafana.url, TOKEN)
     assert report.alerting_file == generated
     assert report.rules_created == uids and set(fake_grafana.rules) == set(uids)
@@ -234,9 +230,7 @@ def test_every_request_carries_the_token_and_rule_writes_disable_provenance(
     assert fake_grafana.requests
     assert all(r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in fake_grafana.requests)
     rule_writes = [
-        r
-        for r in fake_grafana.requests
-        if r.method in ("POST", "PUT") and r.path.startswith("/api/v1/provisioning")
+        r for r in fake_grafana.requests if r.method in ("POST", "PUT") and r.path.startswith("/api/v1/provisioning")
     ]
     assert rule_writes and all(r.headers.get("X-Disable-Provenance") == "true" for r in rule_writes)
 
@@ -264,9 +258,7 @@ def test_nothing_listening_names_the_url() -> None:
         push_dashboards(url, TOKEN, alert_rules=False)
 
 
-def test_datasource_uid_can_point_at_another_prometheus(
-    fake_grafana: FakeGrafana, alerting_file: Path
-) -> None:
+def test_datasource_uid_can_point_at_another_prometheus(fake_grafana: FakeGrafana, alerting_file: Path) -> None:
     push_dashboards(fake_grafana.url, TOKEN, alerting_file=alerting_file, datasource_uid="their-prom")
     pushed = json.dumps([fake_grafana.dashboards, fake_grafana.rules])
     assert "gradwatch-prometheus" not in pushed and "their-prom" in pushed
@@ -278,9 +270,7 @@ def test_another_folder_name_gets_its_own_uid(fake_grafana: FakeGrafana) -> None
     assert fake_grafana.folders == {"ml-training": "ML Training"}
 
 
-def test_cli_push_reads_url_and_token_from_the_environment(
-    fake_grafana: FakeGrafana, alerting_file: Path
-) -> None:
+def test_cli_push_reads_url_and_token_from_the_environment(fake_grafana: FakeGrafana, alerting_file: Path) -> None:
     app = typer.Typer()
     app.command("version")(lambda: None)  # a second command keeps `grafana` a sub-command
     grafana.register(app)
@@ -294,9 +284,7 @@ def test_cli_push_reads_url_and_token_from_the_environment(
     assert "dashboard gradwatch-run: saved" in result.output
     assert "2 created, 0 updated" in result.output
 
-    bad = CliRunner().invoke(
-        app, ["grafana", "push", "--url", fake_grafana.url, "--token", "nope", "--no-alert-rules"]
-    )
+    bad = CliRunner().invoke(app, ["grafana", "push", "--url", fake_grafana.url, "--token", "nope", "--no-alert-rules"])
     assert bad.exit_code == 1
     assert "401" in bad.output
 

@@ -72,7 +72,8 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
         assert sd["url"] == f"{settings.url}/v1/targets"
         assert sd["authorization"] == {"type": "Bearer", "credentials_file": str(token)}
         assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
-            monitoring.alertmanager.url.removeprefix("http://")]
+            monitoring.alertmanager.url.removeprefix("http://")
+        ]
         am = yaml.safe_load((folder / "alertmanager.yml").read_text())
         hook = am["receivers"][0]["webhook_configs"][0]
         assert hook["url"] == f"{settings.url}/v1/alerts"
@@ -80,8 +81,13 @@ def test_prometheus_and_alertmanager_run_the_shipped_configs_for_the_service(tmp
         # Prometheus loaded the shipped rules and knows its Alertmanager
         rules = httpx.get(f"{monitoring.prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         assert "TrainingLossNonFinite" in {r["name"] for g in rules for r in g["rules"]}
-        wait_for(lambda: httpx.get(f"{monitoring.prometheus.url}/api/v1/alertmanagers", timeout=5)
-                 .json()["data"]["activeAlertmanagers"], timeout=30, what="Prometheus to find its Alertmanager")
+        wait_for(
+            lambda: httpx.get(f"{monitoring.prometheus.url}/api/v1/alertmanagers", timeout=5).json()["data"][
+                "activeAlertmanagers"
+            ],
+            timeout=30,
+            what="Prometheus to find its Alertmanager",
+        )
         assert (folder / "prometheus").is_dir() and (folder / "alertmanager").is_dir()  # data under the data dir
     finally:
         monitoring.stop()
@@ -103,12 +109,14 @@ def alive(pid: int) -> bool:
 def test_they_die_with_a_killed_service(tmp_path):
     require(PROMETHEUS)
     require(ALERTMANAGER)
-    script = ("import sys, time\n"
-              "from service.monitoring import Monitoring\n"
-              "from service.settings import Settings\n"
-              f"m = Monitoring.start(Settings(data_dir={str(tmp_path)!r}, port={free_port()}, token='t'), 0, 0)\n"
-              "print(m.prometheus.process.pid, m.alertmanager.process.pid, flush=True)\n"
-              "time.sleep(600)\n")
+    script = (
+        "import sys, time\n"
+        "from service.monitoring import Monitoring\n"
+        "from service.settings import Settings\n"
+        f"m = Monitoring.start(Settings(data_dir={str(tmp_path)!r}, port={free_port()}, token='t'), 0, 0)\n"
+        "print(m.prometheus.process.pid, m.alertmanager.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
     service = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         children = [int(pid) for pid in service.stdout.readline().split()]

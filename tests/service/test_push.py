@@ -32,8 +32,13 @@ def cluster():
 
 @pytest.fixture
 def app(tmp_path, cluster):
-    settings = Settings(data_dir=tmp_path / "service", token=TOKEN, scheduler_enabled=False,
-                        ray_storage_path=str(tmp_path / "ray-nodes"), push_url="http://gradwatch.internal:8765")
+    settings = Settings(
+        data_dir=tmp_path / "service",
+        token=TOKEN,
+        scheduler_enabled=False,
+        ray_storage_path=str(tmp_path / "ray-nodes"),
+        push_url="http://gradwatch.internal:8765",
+    )
     return create_app(settings, cluster=cluster)
 
 
@@ -48,10 +53,21 @@ def as_driver(token: str) -> dict:
 
 
 def status(step: int, **extra) -> dict:
-    return {"state": "running", "step": step, "max_steps": 3, "world_size": 2, "train_loss": 0.25,
-            "phase": "rapid_learning", "restarts": 0, "nodes": {"0": "n-a", "1": "n-b"},
-            "endpoints": [{"rank": 0, "host": "10.1.0.1", "port": 9001, "node": "n-a"},
-                          {"rank": 1, "host": "10.1.0.2", "port": 9002, "node": "n-b"}], **extra}
+    return {
+        "state": "running",
+        "step": step,
+        "max_steps": 3,
+        "world_size": 2,
+        "train_loss": 0.25,
+        "phase": "rapid_learning",
+        "restarts": 0,
+        "nodes": {"0": "n-a", "1": "n-b"},
+        "endpoints": [
+            {"rank": 0, "host": "10.1.0.1", "port": 9001, "node": "n-a"},
+            {"rank": 1, "host": "10.1.0.2", "port": 9002, "node": "n-b"},
+        ],
+        **extra,
+    }
 
 
 def start_two(api, app, cluster) -> tuple[str, str]:
@@ -85,13 +101,14 @@ def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, c
     detail = api.get(f"/v1/jobs/{a}").json()
     assert (detail["step"], detail["train_loss"], detail["nodes"]) == (2, 0.25, {"0": "n-a", "1": "n-b"})
     assert [t["targets"] for t in api.get("/v1/targets").json() if t["labels"]["job_id"] == a] == [
-        ["10.1.0.1:9001"], ["10.1.0.2:9002"]]
+        ["10.1.0.1:9001"],
+        ["10.1.0.2:9002"],
+    ]
     app.state.launcher.tick()  # a pass with no status.json in reach keeps what was pushed
     assert api.get(f"/v1/jobs/{a}").json()["step"] == 2
     assert app.state.store.get_job(a).progress["events"] == [event]
 
-    result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.125, "wall_seconds": 9.0,
-              "error": None}
+    result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.125, "wall_seconds": 9.0, "error": None}
     assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(3)}, headers=driver).status_code == 200
     assert api.post(f"/v1/jobs/{a}/result", json={"result": result}, headers=driver).status_code == 200
     cluster.advance(5)  # Ray reports the job ended
@@ -114,9 +131,15 @@ def test_a_driver_token_cannot_read_or_change_another_job(api, app, cluster):
         other = anonymous.post(f"/v1/jobs/{b}/progress", json={"status": status(1)}, headers=driver)
         assert other.status_code == 403 and other.json()["detail"].startswith(f"only job {b}'s own token")
         assert anonymous.post(f"/v1/jobs/{b}/result", json={"result": {}}, headers=driver).status_code == 403
-        for method, path in (("GET", f"/v1/jobs/{b}"), ("GET", f"/v1/jobs/{a}"), ("GET", "/v1/jobs"),
-                             ("POST", f"/v1/jobs/{b}/cancel"), ("GET", "/v1/targets"), ("GET", "/v1/alerts"),
-                             ("GET", f"/v1/jobs/{b}/logs")):
+        for method, path in (
+            ("GET", f"/v1/jobs/{b}"),
+            ("GET", f"/v1/jobs/{a}"),
+            ("GET", "/v1/jobs"),
+            ("POST", f"/v1/jobs/{b}/cancel"),
+            ("GET", "/v1/targets"),
+            ("GET", "/v1/alerts"),
+            ("GET", f"/v1/jobs/{b}/logs"),
+        ):
             refused = anonymous.request(method, path, headers=driver)
             assert refused.status_code == 403 and "lacks scope" in refused.json()["detail"], (method, path)
         # no token gets nothing
@@ -147,8 +170,11 @@ def test_the_driver_side_keeps_events_through_an_outage_and_delivers_the_result(
     second = {"kind": "phase", "name": "refinement", "step": 2}
     pusher.listener({"status": status(1), "events": [first]})
     pusher.listener({"status": status(2), "events": [second]})
-    wait_for(lambda: (app.state.store.get_job(a).progress or {}).get("step") == 2, timeout=20,
-             what="the pushed status after the outage")
+    wait_for(
+        lambda: (app.state.store.get_job(a).progress or {}).get("step") == 2,
+        timeout=20,
+        what="the pushed status after the outage",
+    )
     assert app.state.store.get_job(a).progress["events"] == [first, second]  # none lost, none twice
     result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.5, "ranks": {"0": {"big": 1}}}
     assert pusher.finish(result)

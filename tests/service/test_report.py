@@ -34,10 +34,20 @@ from tests.service.fakes import FakeCluster, spec
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 # Headless Chromium as root on a closed network: no sandbox, no GPU, and no background traffic.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-DYNAMICS = {"diverging": "divergence", "stalled": "plateau", "overfitting": "overfitting",
-            "vanishing": "vanishing_gradients"}
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DYNAMICS = {
+    "diverging": "divergence",
+    "stalled": "plateau",
+    "overfitting": "overfitting",
+    "vanishing": "vanishing_gradients",
+}
 TOKEN = "report-token"
 
 # Runs in the page: every chart drew something (SVG lines or points, or a heatmap image) at a real size.
@@ -108,8 +118,13 @@ ALL_CHARTS = {"loss", "lr", "norms", "layer-grad", "update-ratio", "noise-scale"
 def test_the_demo_report_draws_every_chart_offline_in_chromium(example_runs, browser, tmp_path):
     run_dir, result = example_runs["digits-mlp"]
     path = tmp_path / "report.html"
-    out = subprocess.run([str(BIN / "gradwatch"), "report", str(run_dir), "-o", str(path)],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    out = subprocess.run(
+        [str(BIN / "gradwatch"), "report", str(run_dir), "-o", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert out.returncode == 0, out.stderr
     assert f"wrote {path}" in out.stderr
     page, problems, requests = open_report(browser, path)
@@ -151,8 +166,9 @@ def test_a_dynamics_report_shows_its_anomalies_at_the_steps_the_run_reported(exa
     assert sorted(zip(found["x"], found["text"], strict=True)) == reported
     assert sorted(found["drawn"]) == sorted(kind for _, kind in reported)  # the labels are on the chart
     for step, kind in reported:
-        assert any(line.startswith(f"{anomaly_name(kind).capitalize()} first at step {step}")
-                   for line in found["diagnosis"]), found["diagnosis"]
+        assert any(
+            line.startswith(f"{anomaly_name(kind).capitalize()} first at step {step}") for line in found["diagnosis"]
+        ), found["diagnosis"]
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     markers = page.evaluate(MARKERS)
     assert markers.get("skipped steps", []) == [r["step"] for r in history if r.get("nonfinite")]
@@ -194,30 +210,77 @@ def synthetic_run(run_dir: Path, steps: int = 10_000, layers: int = 32, interval
     rng = random.Random(0)
     run_dir.mkdir(parents=True)
     names = [f"blocks.{i}.mlp" for i in range(layers)]
-    spec_ = {"name": "long-run", "model": {"name": "char-transformer"}, "data": {"name": "text"},
-             "optimizer": {"name": "adamw", "lr": 3e-4}, "batch_size": 32, "max_steps": steps,
-             "scaling": {"num_workers": 2}, "telemetry": {"interval": interval}}
+    spec_ = {
+        "name": "long-run",
+        "model": {"name": "char-transformer"},
+        "data": {"name": "text"},
+        "optimizer": {"name": "adamw", "lr": 3e-4},
+        "batch_size": 32,
+        "max_steps": steps,
+        "scaling": {"num_workers": 2},
+        "telemetry": {"interval": interval},
+    }
     (run_dir / "spec.json").write_text(json.dumps(spec_))
-    with (run_dir / "history.jsonl").open("w") as history, \
-            (run_dir / "steps-rank0.jsonl").open("w") as rank0, (run_dir / "steps-rank1.jsonl").open("w") as rank1:
+    with (
+        (run_dir / "history.jsonl").open("w") as history,
+        (run_dir / "steps-rank0.jsonl").open("w") as rank0,
+        (run_dir / "steps-rank1.jsonl").open("w") as rank1,
+    ):
         for step in [1, *range(interval, steps + 1, interval)]:
             loss = 0.8 + 3.5 * math.exp(-step / 800) + rng.gauss(0, 0.05)
-            history.write(json.dumps({
-                "step": step, "loss": loss, "global_loss": loss, "loss_ema": loss, "grad_norm": 1 + rng.random(),
-                "lr": 3e-4, "step_seconds": 0.04, "weight_norm": 50.0, "gradient_noise_scale": 100 + step / 50,
-                "layer_grad_norm": {n: 10 ** (-i / 8 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
-                "layer_weight_norm": {n: 5.0 for n in names},
-                "layer_update_ratio": {n: 10 ** (-3 - i / 16 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
-                "phase": "refinement", "anomalies": []}) + "\n")
+            history.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "global_loss": loss,
+                        "loss_ema": loss,
+                        "grad_norm": 1 + rng.random(),
+                        "lr": 3e-4,
+                        "step_seconds": 0.04,
+                        "weight_norm": 50.0,
+                        "gradient_noise_scale": 100 + step / 50,
+                        "layer_grad_norm": {n: 10 ** (-i / 8 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
+                        "layer_weight_norm": {n: 5.0 for n in names},
+                        "layer_update_ratio": {n: 10 ** (-3 - i / 16 + rng.gauss(0, 0.1)) for i, n in enumerate(names)},
+                        "phase": "refinement",
+                        "anomalies": [],
+                    }
+                )
+                + "\n"
+            )
             if step % 50 == 0:
-                history.write(json.dumps({"step": step, "val_loss": loss + 0.1, "val_accuracy": None,
-                                          "phase": "refinement", "anomalies": []}) + "\n")
+                history.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "val_loss": loss + 0.1,
+                            "val_accuracy": None,
+                            "phase": "refinement",
+                            "anomalies": [],
+                        }
+                    )
+                    + "\n"
+                )
             for f in (rank0, rank1):
                 f.write(json.dumps({"step": step, "step_seconds": 0.04 + rng.random() / 100}) + "\n")
-    (run_dir / "result.json").write_text(json.dumps({
-        "job_id": "gw-long", "state": "succeeded", "steps": steps, "world_size": 2, "wall_seconds": 3600.0,
-        "phases": [{"phase": "warmup", "step": 1}, {"phase": "rapid_learning", "step": 30},
-                   {"phase": "refinement", "step": 900}], "anomalies": []}))
+    (run_dir / "result.json").write_text(
+        json.dumps(
+            {
+                "job_id": "gw-long",
+                "state": "succeeded",
+                "steps": steps,
+                "world_size": 2,
+                "wall_seconds": 3600.0,
+                "phases": [
+                    {"phase": "warmup", "step": 1},
+                    {"phase": "rapid_learning", "step": 30},
+                    {"phase": "refinement", "step": 900},
+                ],
+                "anomalies": [],
+            }
+        )
+    )
 
 
 def test_a_10000_step_32_layer_report_is_under_5_mb_in_under_5_s(browser, tmp_path):
@@ -250,8 +313,9 @@ def test_a_longer_history_is_thinned_but_keeps_every_validation_and_event(tmp_pa
         if step % 100 == 0:
             lines.append({"step": step, "val_loss": 1.0, "val_accuracy": None})
     lines.append({"step": 5000, "event": "rollback", "to_step": 4000, "lr_scale": 0.5})
-    lines.append({"step": 4001, "loss": float("nan"), "global_loss": float("nan"), "grad_norm": float("nan"),
-                  "nonfinite": True})
+    lines.append(
+        {"step": 4001, "loss": float("nan"), "global_loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True}
+    )
     (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4002, "lo')
     run = load_run(run_dir)
     assert run.stride == 4 and MAX_POINTS // 2 < len(run.steps) <= MAX_POINTS
@@ -330,8 +394,7 @@ def test_status_prints_the_report_url_and_report_fetches_it(server, tmp_path, mo
     monkeypatch.setenv("GRADWATCH_TOKEN", TOKEN)
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.chdir(tmp_path)
-    job = httpx.post(f"{server}/v1/jobs", json=spec("cli-report"),
-                     headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    job = httpx.post(f"{server}/v1/jobs", json=spec("cli-report"), headers={"Authorization": f"Bearer {TOKEN}"}).json()
     runner = CliRunner()
     status = runner.invoke(cli, ["status", job["id"]])
     assert status.exit_code == 0, status.output
@@ -357,4 +420,3 @@ def test_report_refuses_what_is_not_a_run(tmp_path, monkeypatch):
     out = runner.invoke(cli, ["report", "gw-elsewhere", "--storage-path", str(tmp_path)])
     assert out.exit_code == 1 and "cannot reach the gradwatch service" in out.output
     assert not any(tmp_path.glob("*.html"))
-

@@ -40,8 +40,13 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
-    values = {"data_dir": tmp_path / "data", "token": ADMIN, "allowed_hosts": "testserver",
-              "scheduler_enabled": False, **overrides}
+    values = {
+        "data_dir": tmp_path / "data",
+        "token": ADMIN,
+        "allowed_hosts": "testserver",
+        "scheduler_enabled": False,
+        **overrides,
+    }
     return Settings(**values)
 
 
@@ -100,9 +105,7 @@ def test_only_the_owner_or_an_admin_cancels(http, tokens):
     job = submit_as(http, tokens["alice"]).json()
     refused = http.post(f"/v1/jobs/{job['id']}/cancel", headers=bearer(tokens["bob"]))
     assert refused.status_code == 403
-    assert refused.json()["detail"] == (
-        f"job {job['id']} belongs to alice: only its owner or an admin may cancel it"
-    )
+    assert refused.json()["detail"] == (f"job {job['id']} belongs to alice: only its owner or an admin may cancel it")
     assert http.get(f"/v1/jobs/{job['id']}", headers=bearer(tokens["bob"])).json()["state"] == "queued"
     own = http.post(f"/v1/jobs/{job['id']}/cancel", headers=bearer(tokens["alice"]))
     assert own.status_code == 200 and own.json()["state"] == "cancelled"
@@ -225,8 +228,13 @@ def test_a_job_token_is_minted_at_launch_for_that_job_only(http, app, cluster, t
     assert ok.status_code == 200 and ok.json() == {"user": "alice", "job_id": mine["id"]}
     assert http.post(progress_route.format(other["id"]), headers=job_token).status_code == 403
     assert http.post(progress_route.format(mine["id"]), headers=bearer(tokens["alice"])).status_code == 403
-    for method, path in (("get", "/v1/jobs"), ("get", f"/v1/jobs/{mine['id']}"), ("get", "/v1/targets"),
-                         ("post", f"/v1/jobs/{mine['id']}/cancel"), ("get", "/metrics")):
+    for method, path in (
+        ("get", "/v1/jobs"),
+        ("get", f"/v1/jobs/{mine['id']}"),
+        ("get", "/v1/targets"),
+        ("post", f"/v1/jobs/{mine['id']}/cancel"),
+        ("get", "/metrics"),
+    ):
         assert getattr(http, method)(path, headers=job_token).status_code == 403, path
 
     http.post(f"/v1/jobs/{mine['id']}/cancel", headers=bearer(tokens["alice"]))
@@ -252,7 +260,11 @@ def test_uvicorn_factory_launch_refuses_without_a_token(tmp_path):
     env.update(GRADWATCH_DATA_DIR=str(tmp_path / "data"), RAY_ADDRESS="http://127.0.0.1:9")
     done = subprocess.run(
         [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--port", "0"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode != 0
     assert "refusing to start without authentication" in done.stderr
@@ -275,24 +287,31 @@ def test_uvicorn_factory_launch_refuses_without_a_token(tmp_path):
 )
 def test_what_a_web_page_could_send_is_refused(http, app, headers, code, detail):
     body = json.dumps(spec("drive-by"))
-    response = http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json",
-                                                             **bearer(ADMIN), **headers})
+    response = http.post(
+        "/v1/jobs", content=body, headers={"Content-Type": "application/json", **bearer(ADMIN), **headers}
+    )
     assert response.status_code == code and detail in response.json()["detail"], response.text
     assert sum(app.state.store.count_by_state().values()) == 0
 
 
 def test_a_page_cannot_cancel_a_job(http, app):
     job = http.post("/v1/jobs", json=spec("target"), headers=bearer(ADMIN)).json()
-    for headers in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site"},
-                    {"Host": "rebound.attacker.example"}):
+    for headers in (
+        {"Origin": "http://attacker.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Host": "rebound.attacker.example"},
+    ):
         response = http.post(f"/v1/jobs/{job['id']}/cancel", headers={**bearer(ADMIN), **headers})
         assert response.status_code == 403, headers
     assert app.state.store.get_job(job["id"]).state == "queued"
 
 
 def test_same_origin_requests_and_bodyless_posts_pass(http):
-    job = http.post("/v1/jobs", json=spec("ok"), headers={**bearer(ADMIN), "Origin": "http://testserver",
-                                                           "Sec-Fetch-Site": "same-origin"})
+    job = http.post(
+        "/v1/jobs",
+        json=spec("ok"),
+        headers={**bearer(ADMIN), "Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+    )
     assert job.status_code == 201
     cancelled = http.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=bearer(ADMIN))
     assert cancelled.status_code == 200
@@ -356,10 +375,14 @@ def test_the_launch_gives_workers_the_data_roots_to_check_again(tmp_path, cluste
     "overrides,words",
     [
         ({"model": {"name": "mlp", "hidden": [65536] * 64}}, "270,588,706,820 parameters"),
-        ({"data": {"name": "synthetic-classification", "n_samples": 10_000_000, "n_features": 100_000}},
-         "data 7450.7 GiB"),
-        ({"model": {"name": "char-transformer", "n_layer": 48, "n_embd": 4096},
-          "data": {"name": "text"}}, "parameters"),
+        (
+            {"data": {"name": "synthetic-classification", "n_samples": 10_000_000, "n_features": 100_000}},
+            "data 7450.7 GiB",
+        ),
+        (
+            {"model": {"name": "char-transformer", "n_layer": 48, "n_embd": 4096}, "data": {"name": "text"}},
+            "parameters",
+        ),
     ],
 )
 def test_jobs_too_big_for_a_worker_are_refused_up_front(http, app, overrides, words):
@@ -404,8 +427,17 @@ def test_the_webhook_writes_in_bounded_transactions(app):
         if connection.get_execution_options().get("gw_write"):
             writes.append(1)
 
-    updates = [AlertUpdate(fingerprint=f"fp{i}", status="firing", starts_at=1.0, ends_at=None,
-                           labels={"alertname": "A", "job_id": f"gw-{i}"}, annotations={}) for i in range(250)]
+    updates = [
+        AlertUpdate(
+            fingerprint=f"fp{i}",
+            status="firing",
+            starts_at=1.0,
+            ends_at=None,
+            labels={"alertname": "A", "job_id": f"gw-{i}"},
+            annotations={},
+        )
+        for i in range(250)
+    ]
     assert store.ingest_alerts(updates) == (250, 0)
     assert len(writes) == 3  # 100 + 100 + 50
 
@@ -419,7 +451,8 @@ def test_a_spec_with_thousands_of_keys_is_refused_quickly(http):
     response = http.post("/v1/jobs", content=body, headers={"Content-Type": "application/yaml", **bearer(ADMIN)})
     assert response.status_code == 422
     assert response.json()["errors"] == [
-        f"<spec>: more than {MAX_SPEC_NODES} keys and values (at line 1); a spec needs a few dozen"]
+        f"<spec>: more than {MAX_SPEC_NODES} keys and values (at line 1); a spec needs a few dozen"
+    ]
     assert time.perf_counter() - start < 2.0
 
 
@@ -437,7 +470,8 @@ def test_spec_parsing_runs_off_the_event_loop(http, monkeypatch):
     monkeypatch.setattr(service.api, "load_spec", slow_parse)
     result = {}
     submitter = threading.Thread(
-        target=lambda: result.update(r=http.post("/v1/jobs", json=spec("slow"), headers=bearer(ADMIN))))
+        target=lambda: result.update(r=http.post("/v1/jobs", json=spec("slow"), headers=bearer(ADMIN)))
+    )
     submitter.start()
     assert parsing.wait(10)
     start = time.perf_counter()
@@ -505,9 +539,18 @@ def test_the_data_directory_and_store_are_private(tmp_path, cluster):
 
 
 def test_the_local_ray_head_gets_no_service_secrets():
-    env = ray_environment({"PATH": "/bin", "HOME": "/root", "RAY_AUTH_MODE": "token", "LC_ALL": "C",
-                           "GRADWATCH_TOKEN": "s3cret", "GRADWATCH_ALERTMANAGER_TOKEN": "a",
-                           "AWS_SECRET_ACCESS_KEY": "k", "GRAFANA_TOKEN": "g"})
+    env = ray_environment(
+        {
+            "PATH": "/bin",
+            "HOME": "/root",
+            "RAY_AUTH_MODE": "token",
+            "LC_ALL": "C",
+            "GRADWATCH_TOKEN": "s3cret",
+            "GRADWATCH_ALERTMANAGER_TOKEN": "a",
+            "AWS_SECRET_ACCESS_KEY": "k",
+            "GRAFANA_TOKEN": "g",
+        }
+    )
     assert env == {"PATH": "/bin", "HOME": "/root", "RAY_AUTH_MODE": "token", "LC_ALL": "C"}
 
 
@@ -519,8 +562,12 @@ def test_a_lost_submit_that_lands_later_is_stopped(tmp_path, cluster, app, http)
     cluster.refuse_submits = False
     # The submit Ray never answered lands after all, and starts running.
     spec_file = app.state.settings.jobs_dir / job["id"] / "spec.json"
-    cluster.submit(job["id"], f"python -m workers.driver --spec-file {spec_file} --job-id {job['id']} "
-                   f"--storage-path {tmp_path}", {}, {})
+    cluster.submit(
+        job["id"],
+        f"python -m workers.driver --spec-file {spec_file} --job-id {job['id']} --storage-path {tmp_path}",
+        {},
+        {},
+    )
     cluster.advance()
     assert cluster.status(job["id"]).status == "RUNNING"
     app.state.launcher.tick()
@@ -542,4 +589,3 @@ def alert(job_id, status="firing", severity="warning", labels=None, annotations=
 
 def webhook(*alerts):
     return {"version": "4", "status": "firing", "receiver": "gradwatch", "alerts": list(alerts)}
-

@@ -25,7 +25,6 @@ from tests.stack import TOKEN, Service
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-
 def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
     return {
         "name": name,
@@ -100,9 +99,7 @@ scrape_configs:
 
         def both_training():
             jobs = {j["id"]: j for j in client.jobs(labels={"team": "it"}, limit=10)}
-            training = [
-                jobs[x["id"]]["state"] == "running" and (jobs[x["id"]]["step"] or 0) > 0 for x in (a, b)
-            ]
+            training = [jobs[x["id"]]["state"] == "running" and (jobs[x["id"]]["step"] or 0) > 0 for x in (a, b)]
             return all(training) and jobs
 
         jobs = wait_for(both_training, timeout=240, interval=0.5, what="both 1-worker jobs to train at once")
@@ -130,8 +127,9 @@ scrape_configs:
 
         at_start = wait_for(big_started, timeout=300, interval=0.3, what="the 2-worker job to start")
         # it waited: when it started, the jobs that held the CPUs were not both still training
-        still_training = [x for x in (a, b) if at_start[x["id"]]["state"] == "running"
-                          and (at_start[x["id"]]["step"] or 0) < 5000]
+        still_training = [
+            x for x in (a, b) if at_start[x["id"]]["state"] == "running" and (at_start[x["id"]]["step"] or 0) < 5000
+        ]
         assert len(still_training) < 2, at_start
         done_a = wait_state(client, a["id"], {"succeeded", "failed"}, timeout=300)
         done_b = wait_state(client, b["id"], {"succeeded", "failed"}, timeout=300)
@@ -148,9 +146,7 @@ scrape_configs:
 def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
     client = service.client
     job = client.submit(job_spec("to-cancel", steps=10_000_000))
-    wait_for(
-        lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train"
-    )
+    wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train")
     ray_job_id = httpx.get(
         f"{ray_head}/api/jobs/{job['id']}", timeout=10, headers={"Authorization": f"Bearer {ray_token()}"}
     ).json()["job_id"]
@@ -172,9 +168,7 @@ def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
 def test_a_restarted_service_keeps_tracking_its_job(service):
     client = service.client
     job = client.submit(job_spec("survivor", steps=10_000))
-    wait_for(
-        lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train"
-    )
+    wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train")
     service.kill()
     assert processes_mentioning(job["id"]), "the job must outlive the service"
     service.start()

@@ -281,8 +281,15 @@ def test_a_nul_byte_is_refused_in_specs_and_matches_nothing_in_filters(store):
 def test_a_non_finite_loss_in_progress_is_stored_on_every_backend(store):
     job = new_job(store)
     store.transition(job.id, "running", "go")
-    store.update_job(job.id, progress={"step": 3, "train_loss": float("nan"), "grad_norm": float("inf"),
-                                       "events": [{"loss": float("-inf")}]})
+    store.update_job(
+        job.id,
+        progress={
+            "step": 3,
+            "train_loss": float("nan"),
+            "grad_norm": float("inf"),
+            "events": [{"loss": float("-inf")}],
+        },
+    )
     progress = store.get_job(job.id).progress
     assert progress["step"] == 3
     # SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name

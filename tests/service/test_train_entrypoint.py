@@ -20,8 +20,12 @@ def testserver_is_an_allowed_host(monkeypatch):
 
 
 def entrypoint_spec() -> dict:
-    return {"name": "own-loop", "train": {"entrypoint": "mypkg.train:train_func", "config": {"lr": 0.1}},
-            "max_steps": 100, "scaling": {"num_workers": 2}}
+    return {
+        "name": "own-loop",
+        "train": {"entrypoint": "mypkg.train:train_func", "config": {"lr": 0.1}},
+        "max_steps": 100,
+        "scaling": {"num_workers": 2},
+    }
 
 
 def test_an_entrypoint_is_refused_with_a_clear_422_when_user_code_is_off(tmp_path):

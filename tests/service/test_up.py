@@ -22,8 +22,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def up(ray_head: str, data_dir: Path, *args: str, **env: str) -> tuple[list[str], dict[str, str]]:
-    command = [str(BIN / "gradwatch"), "up", "--data-dir", str(data_dir), "--port", str(free_port()),
-               "--ray-dashboard-port", str(urlsplit(ray_head).port), *args]
+    command = [
+        str(BIN / "gradwatch"),
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(free_port()),
+        "--ray-dashboard-port",
+        str(urlsplit(ray_head).port),
+        *args,
+    ]
     environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GRADWATCH_RAY_ADDRESS")}
     return command, {**environ, "RAY_USAGE_STATS_ENABLED": "0", **env}
 
@@ -48,8 +57,11 @@ def test_a_ray_head_that_takes_our_token_is_reused(ray_head, tmp_path):
     with open(tmp_path / "up.log", "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
-                 timeout=60, what="gradwatch up")
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
+            timeout=60,
+            what="gradwatch up",
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -26,19 +26,38 @@ def test_gradwatch_run_runs_the_custom_example_and_skips_a_nan_on_both_ranks(tmp
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     sd_file = tmp_path / "targets.json"
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "run", str(spec_file), "--json", "--prometheus-sd-file", str(sd_file),
-         "--storage-path", str(tmp_path / "runs")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "run",
+            str(spec_file),
+            "--json",
+            "--prometheus-sd-file",
+            str(sd_file),
+            "--storage-path",
+            str(tmp_path / "runs"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def both_ranks_past_validation():
             groups = json.loads(sd_file.read_text()) if sd_file.exists() else []
             if len(groups) != 2:
                 return None
-            texts = {g["labels"]["rank"]: httpx.get(f"http://{g['targets'][0]}/metrics", timeout=5).text
-                     for g in groups}
+            texts = {
+                g["labels"]["rank"]: httpx.get(f"http://{g['targets'][0]}/metrics", timeout=5).text for g in groups
+            }
             fams = {rank: samples(text) for rank, text in texts.items()}
             ok = all(value(f, "gradwatch_step") >= 100 for f in fams.values())
             return fams if ok else None

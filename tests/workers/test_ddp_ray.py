@@ -53,8 +53,13 @@ def test_a_job_larger_than_the_cluster_fails_at_once(local_ray, tmp_path):
 
 def test_a_slow_rank_shows_in_its_own_step_time(local_ray, tmp_path):
     """Step time leaves out the wait at the all-reduce, so the straggler, not its peers, looks slow."""
-    spec = load_spec(small_spec(model={"name": "tests.workers.user_code:build", "options": {"delay": 0.02}},
-                                max_steps=60, telemetry={"interval": 10, "grace_seconds": 0}))
+    spec = load_spec(
+        small_spec(
+            model={"name": "tests.workers.user_code:build", "options": {"delay": 0.02}},
+            max_steps=60,
+            telemetry={"interval": 10, "grace_seconds": 0},
+        )
+    )
     result = run_job(spec, storage_path=tmp_path)
     assert result["state"] == "succeeded", result["error"]
     fast, slow = (result["ranks"][r]["mean_step_seconds"] for r in (0, 1))
@@ -75,7 +80,8 @@ def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, mo
         "class Boom(torch.nn.Module):\n"
         "    def __init__(self):\n        super().__init__(); self.l = torch.nn.Linear(64, 10)\n"
         "    def forward(self, x):\n        raise ValueError('shape mismatch in my layer')\n"
-        "def build(data_info):\n    return Boom()\n")
+        "def build(data_info):\n    return Boom()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import ray
 

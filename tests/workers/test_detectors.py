@@ -30,13 +30,23 @@ from workers.replay import replay_rows
 INITIAL = 2.3  # cross-entropy of a 10-class guess
 SEEDS = range(3)
 # The most steps after its onset each failure may take to be caught (the bench's p90 with room).
-MAX_DELAY = {"slow_exponential_divergence": 250, "linear_divergence": 300, "persistent_3x_jump": 10,
-             "one_step_2x_spike": 0, "one_nan": 0, "persistent_nan": DetectorSpec().nonfinite_steps,
-             "validation_turns_up": 350, "flat_from_start": 300, "lr_far_too_high": 120, "lr_far_too_low": 60}
+MAX_DELAY = {
+    "slow_exponential_divergence": 250,
+    "linear_divergence": 300,
+    "persistent_3x_jump": 10,
+    "one_step_2x_spike": 0,
+    "one_nan": 0,
+    "persistent_nan": DetectorSpec().nonfinite_steps,
+    "validation_turns_up": 350,
+    "flat_from_start": 300,
+    "lr_far_too_high": 120,
+    "lr_far_too_low": 60,
+}
 
 
-def decaying_losses(n: int = 1500, seed: int = 0, tau: float = 100.0, floor: float = 0.05,
-                    noise: float = 0.03) -> np.ndarray:
+def decaying_losses(
+    n: int = 1500, seed: int = 0, tau: float = 100.0, floor: float = 0.05, noise: float = 0.03
+) -> np.ndarray:
     """A healthy run: exponential decay to a small floor with multiplicative batch noise."""
     rng = np.random.default_rng(seed)
     t = np.arange(n)
@@ -49,8 +59,7 @@ def feed(monitor: DynamicsMonitor, losses, start: int = 0) -> None:
 
 
 def replay(curve: Curve):
-    return replay_rows(((f"{curve.family}:{curve.seed}", row) for row in curve.rows),
-                       warmup_steps=curve.warmup_steps)
+    return replay_rows(((f"{curve.family}:{curve.seed}", row) for row in curve.rows), warmup_steps=curve.warmup_steps)
 
 
 # ---------------------------------------------------------------- the corpus
@@ -313,17 +322,31 @@ def test_spec_rejects_inconsistent_thresholds():
 
 # ---------------------------------------------------------------- never raises
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
-small_specs = st.builds(DetectorSpec, warmup_steps=st.integers(0, 5), spike_window=st.integers(8, 16),
-                        plateau_window=st.integers(4, 12), phase_window=st.integers(2, 6),
-                        phase_patience=st.integers(1, 3), anomaly_clear_steps=st.integers(0, 3),
-                        divergence_patience=st.integers(1, 8),
-                        ema_alpha=st.floats(0.01, 1.0))
+small_specs = st.builds(
+    DetectorSpec,
+    warmup_steps=st.integers(0, 5),
+    spike_window=st.integers(8, 16),
+    plateau_window=st.integers(4, 12),
+    phase_window=st.integers(2, 6),
+    phase_patience=st.integers(1, 3),
+    anomaly_clear_steps=st.integers(0, 3),
+    divergence_patience=st.integers(1, 8),
+    ema_alpha=st.floats(0.01, 1.0),
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(spec=small_specs, losses=st.lists(floats, max_size=60), val=st.lists(floats, max_size=10),
-       grads=st.lists(st.tuples(floats, st.dictionaries(st.sampled_from("abc"), floats),
-                                st.dictionaries(st.sampled_from("abc"), floats)), max_size=5))
+@given(
+    spec=small_specs,
+    losses=st.lists(floats, max_size=60),
+    val=st.lists(floats, max_size=10),
+    grads=st.lists(
+        st.tuples(
+            floats, st.dictionaries(st.sampled_from("abc"), floats), st.dictionaries(st.sampled_from("abc"), floats)
+        ),
+        max_size=5,
+    ),
+)
 def test_the_monitor_never_raises_on_any_floats(spec, losses, val, grads):
     monitor = DynamicsMonitor(spec)
     for step, loss in enumerate(losses):

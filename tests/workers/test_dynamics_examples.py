@@ -30,11 +30,14 @@ def phases(result) -> set[str]:
     return {p["phase"] for p in result["phases"]}
 
 
-@pytest.mark.parametrize("name,expect_anomaly,expect_phase", [
-    ("stalled", "plateau", "stalled"),
-    ("overfitting", "overfitting", None),
-    ("vanishing", "vanishing_gradients", None),
-])
+@pytest.mark.parametrize(
+    "name,expect_anomaly,expect_phase",
+    [
+        ("stalled", "plateau", "stalled"),
+        ("overfitting", "overfitting", None),
+        ("vanishing", "vanishing_gradients", None),
+    ],
+)
 def test_example_raises_what_it_shows(local_ray, tmp_path, name, expect_anomaly, expect_phase):
     # the examples run long enough for Prometheus alerts; the detectors need only the first steps
     overrides = {"max_steps": 400} if name == "stalled" else {}

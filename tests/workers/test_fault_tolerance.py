@@ -23,13 +23,21 @@ pytestmark = pytest.mark.ray
 
 def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     # rank 1 sleeps 10 ms a step, pacing the job at <= 100 steps/s on any machine, so the kill window is wide
-    spec = load_spec(small_spec(model={"name": "tests.workers.user_code:build", "options": {"delay": 0.01}},
-                                max_steps=2000, max_failures=2, checkpoint={"every_steps": 500},
-                                telemetry={"interval": 5, "grace_seconds": 4}, validation={"every_steps": 250}))
+    spec = load_spec(
+        small_spec(
+            model={"name": "tests.workers.user_code:build", "options": {"delay": 0.01}},
+            max_steps=2000,
+            max_failures=2,
+            checkpoint={"every_steps": 500},
+            telemetry={"interval": 5, "grace_seconds": 4},
+            validation={"every_steps": 250},
+        )
+    )
     updates: list[dict] = []
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(run_job(spec, storage_path=tmp_path,
-                                                                    listeners=[updates.append])))
+    thread = threading.Thread(
+        target=lambda: outcome.update(run_job(spec, storage_path=tmp_path, listeners=[updates.append]))
+    )
     thread.start()
     crossed: dict[int, float] = {}  # checkpoint step -> when the run was first seen past it
 

@@ -73,7 +73,8 @@ def test_undefined_until_both_estimates_are_positive():
     # the all-reduced norm far below the local one: |G|^2 estimate negative, noise dominates
     assert gns.update(10.0, 0.1, batch_small=8, world_size=2) is None
     assert gns.update(2.0, 1.5, batch_small=8, world_size=2) == pytest.approx(
-        ((2.0 - 1.5) / (1 / 8 - 1 / 16)) / ((16 * 1.5 - 8 * 2.0) / 8))
+        ((2.0 - 1.5) / (1 / 8 - 1 / 16)) / ((16 * 1.5 - 8 * 2.0) / 8)
+    )
 
 
 def test_non_finite_norms_are_skipped():
@@ -94,18 +95,27 @@ def test_bad_arguments_are_refused_with_the_reason():
 
 
 # ---------------------------------------------------------------- layer groups
-GPT = ["wte.weight", "wpe.weight"] + [
-    f"blocks.{i}.{module}.{leaf}"
-    for i in range(12)
-    for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-    for leaf in ("weight", "bias")
-] + ["ln_f.weight", "ln_f.bias", "lm_head.weight"]
+GPT = (
+    ["wte.weight", "wpe.weight"]
+    + [
+        f"blocks.{i}.{module}.{leaf}"
+        for i in range(12)
+        for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for leaf in ("weight", "bias")
+    ]
+    + ["ln_f.weight", "ln_f.bias", "lm_head.weight"]
+)
 
 
 def test_small_models_keep_their_full_module_names():
     names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight"]
     assert group_layers(names, 32) == {
-        "fc1.weight": "fc1", "fc1.bias": "fc1", "fc2.weight": "fc2", "fc2.bias": "fc2", "head.weight": "head"}
+        "fc1.weight": "fc1",
+        "fc1.bias": "fc1",
+        "fc2.weight": "fc2",
+        "fc2.bias": "fc2",
+        "head.weight": "head",
+    }
 
 
 def test_large_models_are_cut_to_shorter_module_paths_until_they_fit():
@@ -138,8 +148,9 @@ def test_wrapper_prefixes_and_root_parameters():
         group_layers(["a.weight"], 0)
 
 
-module_names = st.lists(st.sampled_from(["enc", "dec", "blocks", "0", "1", "2", "attn", "mlp", "q", "k"]),
-                        min_size=1, max_size=4).map(".".join)
+module_names = st.lists(
+    st.sampled_from(["enc", "dec", "blocks", "0", "1", "2", "attn", "mlp", "q", "k"]), min_size=1, max_size=4
+).map(".".join)
 
 
 @settings(max_examples=200, deadline=None)

@@ -19,12 +19,29 @@ from tests.promstack import PROMTOOL, query, require, start_prometheus, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
 
-PER_RANK = ["gradwatch_step", "gradwatch_epoch", "gradwatch_loss", "gradwatch_loss_ema",
-            "gradwatch_local_grad_norm", "gradwatch_step_duration_seconds", "gradwatch_samples",
-            "gradwatch_nonfinite", "gradwatch_last_step_timestamp_seconds"]
-RANK0_ONLY = ["gradwatch_grad_norm", "gradwatch_weight_norm", "gradwatch_learning_rate",
-              "gradwatch_layer_grad_norm", "gradwatch_layer_weight_norm", "gradwatch_layer_update_ratio",
-              "gradwatch_gradient_noise_scale", "gradwatch_phase", "gradwatch_anomaly", "gradwatch_job_info"]
+PER_RANK = [
+    "gradwatch_step",
+    "gradwatch_epoch",
+    "gradwatch_loss",
+    "gradwatch_loss_ema",
+    "gradwatch_local_grad_norm",
+    "gradwatch_step_duration_seconds",
+    "gradwatch_samples",
+    "gradwatch_nonfinite",
+    "gradwatch_last_step_timestamp_seconds",
+]
+RANK0_ONLY = [
+    "gradwatch_grad_norm",
+    "gradwatch_weight_norm",
+    "gradwatch_learning_rate",
+    "gradwatch_layer_grad_norm",
+    "gradwatch_layer_weight_norm",
+    "gradwatch_layer_update_ratio",
+    "gradwatch_gradient_noise_scale",
+    "gradwatch_phase",
+    "gradwatch_anomaly",
+    "gradwatch_job_info",
+]
 
 
 def samples(text: str) -> dict[str, list]:
@@ -49,15 +66,37 @@ def live_run(tmp_path_factory):
     spec_file.write_text(yaml.safe_dump(spec))
     sd_file = tmp / "targets.json"
     sd_file.write_text("[]")
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "gradwatch-workers", "scrape_interval": "1s",
-                                  "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}]}]}
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "gradwatch-workers",
+                "scrape_interval": "1s",
+                "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}],
+            }
+        ],
+    }
     with start_prometheus(yaml.safe_dump(config), tmp) as prom:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "run", str(spec_file), "--json", "--prometheus-sd-file",
-             str(sd_file), "--storage-path", str(tmp / "runs")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "run",
+                str(spec_file),
+                "--json",
+                "--prometheus-sd-file",
+                str(sd_file),
+                "--storage-path",
+                str(tmp / "runs"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
+
             def two_targets():
                 groups = json.loads(sd_file.read_text() or "[]")
                 return groups if len(groups) == 2 else None
@@ -68,22 +107,33 @@ def live_run(tmp_path_factory):
             def scraped_after_warmup():
                 texts = {rank: httpx.get(url, timeout=5).text for rank, url in urls.items()}
                 fams = samples(texts["0"])
-                ok = (value(fams, "gradwatch_step") >= 100 and "gradwatch_gradient_noise_scale" in fams
-                      and fams["gradwatch_gradient_noise_scale"] and
-                      any(s.labels.get("split") == "val" for s in fams["gradwatch_loss"]))
+                ok = (
+                    value(fams, "gradwatch_step") >= 100
+                    and "gradwatch_gradient_noise_scale" in fams
+                    and fams["gradwatch_gradient_noise_scale"]
+                    and any(s.labels.get("split") == "val" for s in fams["gradwatch_loss"])
+                )
                 return texts if ok else None
 
             texts = wait_for(scraped_after_warmup, timeout=120, interval=0.5, what="step 100 on rank 0")
-            in_prometheus = wait_for(lambda: len(query(prom.url, "gradwatch_step")) == 2 and
-                                     query(prom.url, "gradwatch_step"), timeout=30, what="both ranks scraped")
+            in_prometheus = wait_for(
+                lambda: len(query(prom.url, "gradwatch_step")) == 2 and query(prom.url, "gradwatch_step"),
+                timeout=30,
+                what="both ranks scraped",
+            )
             out, err = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0, err[-3000:]
         after_end = json.loads(sd_file.read_text())
-        yield {"texts": texts, "prometheus": in_prometheus, "result": json.loads(out.strip().splitlines()[-1]),
-               "after_end": after_end, "tmp": tmp}
+        yield {
+            "texts": texts,
+            "prometheus": in_prometheus,
+            "result": json.loads(out.strip().splitlines()[-1]),
+            "after_end": after_end,
+            "tmp": tmp,
+        }
 
 
 def test_both_ranks_export_the_per_rank_contract(live_run):
@@ -91,8 +141,9 @@ def test_both_ranks_export_the_per_rank_contract(live_run):
         fams = samples(text)
         for name in PER_RANK:
             assert name in fams and fams[name], f"rank {rank} lacks {name}"
-            assert all(s.labels["job_id"] == live_run["result"]["job_id"] and s.labels["rank"] == rank
-                       for s in fams[name]), name
+            assert all(
+                s.labels["job_id"] == live_run["result"]["job_id"] and s.labels["rank"] == rank for s in fams[name]
+            ), name
         assert math.isfinite(value(fams, "gradwatch_loss", split="train"))
         assert math.isfinite(value(fams, "gradwatch_loss_ema"))
         assert value(fams, "gradwatch_local_grad_norm") > 0

@@ -34,13 +34,18 @@ def test_learns_digits_and_writes_history(tmp_path):
     assert any("val_loss" in r for r in lines)
 
 
-@pytest.mark.parametrize("model,data", [
-    ({"name": "cnn", "channels": [8]}, {"name": "digits", "as_images": True}),
-    ({"name": "char-transformer", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-     {"name": "text", "block_size": 32, "max_chars": 20000}),
-    ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-regression", "n_samples": 512}),
-    ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-classification", "n_samples": 512}),
-])
+@pytest.mark.parametrize(
+    "model,data",
+    [
+        ({"name": "cnn", "channels": [8]}, {"name": "digits", "as_images": True}),
+        (
+            {"name": "char-transformer", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+            {"name": "text", "block_size": 32, "max_chars": 20000},
+        ),
+        ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-regression", "n_samples": 512}),
+        ({"name": "mlp", "hidden": [16]}, {"name": "synthetic-classification", "n_samples": 512}),
+    ],
+)
 def test_every_builtin_model_and_data_trains(tmp_path, model, data):
     trainer = local({"model": model, "data": data, "max_steps": 40, "validation": {"every_steps": 10}}, tmp_path)
     out = trainer.train()
@@ -52,9 +57,14 @@ def test_every_builtin_model_and_data_trains(tmp_path, model, data):
 @pytest.mark.parametrize("name", ["constant", "cosine", "step"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_optimizers_and_schedules(tmp_path, name, optimizer):
-    trainer = local({"optimizer": {"name": optimizer, "lr": 0.05 if optimizer == "sgd" else 0.005},
-                     "schedule": {"name": name, "warmup_steps": 5, "step_size": 10},
-                     "max_steps": 30}, tmp_path)
+    trainer = local(
+        {
+            "optimizer": {"name": optimizer, "lr": 0.05 if optimizer == "sgd" else 0.005},
+            "schedule": {"name": name, "warmup_steps": 5, "step_size": 10},
+            "max_steps": 30,
+        },
+        tmp_path,
+    )
     out = trainer.train()
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "history.jsonl").read_text().splitlines()) if "lr" in r]
     assert out.val_loss < out.first_val_loss
@@ -95,8 +105,9 @@ def test_nonfinite_gradients_never_reach_the_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=False))
     m = trainer.telemetry.metrics
     assert m.registry.get_sample_value("gradwatch_skipped_steps_total", {"job_id": "local", "rank": "0"}) == 1
-    assert m.registry.get_sample_value("gradwatch_nonfinite_total",
-                                       {"job_id": "local", "rank": "0", "kind": "loss"}) == 1
+    assert (
+        m.registry.get_sample_value("gradwatch_nonfinite_total", {"job_id": "local", "rank": "0", "kind": "loss"}) == 1
+    )
 
 
 def test_on_divergence_stop_fails_with_the_reason(tmp_path):
@@ -118,8 +129,12 @@ def test_on_divergence_rollback_recovers(tmp_path):
     assert out.rollbacks >= 1
     assert out.steps == 500
     assert math.isfinite(out.train_loss) and out.val_loss < out.first_val_loss
-    assert trainer.telemetry.metrics.registry.get_sample_value(
-        "gradwatch_rollbacks_total", {"job_id": "local", "rank": "0"}) == out.rollbacks
+    assert (
+        trainer.telemetry.metrics.registry.get_sample_value(
+            "gradwatch_rollbacks_total", {"job_id": "local", "rank": "0"}
+        )
+        == out.rollbacks
+    )
 
 
 def test_a_run_whose_updates_are_all_skipped_ends_failed_with_the_reason(tmp_path):
@@ -140,8 +155,7 @@ def test_a_run_whose_updates_are_all_skipped_ends_failed_with_the_reason(tmp_pat
 
 
 def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
-    trainer = Trainer(diverging(max_skipped_steps=None), LocalSession(tmp_path / "ckpt"),
-                      run_dir=tmp_path)
+    trainer = Trainer(diverging(max_skipped_steps=None), LocalSession(tmp_path / "ckpt"), run_dir=tmp_path)
     out = trainer.train()
     assert out.steps == 500
     assert not math.isfinite(out.train_loss)
@@ -149,16 +163,25 @@ def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
     # what the driver then reports beside "succeeded"
     held = {k: v for k, v in trainer.telemetry.monitor.anomalies.items() if v}
     assert unhealthy_ending({"train_loss": out.train_loss}, {"anomalies": held}) == (
-        "its final train loss is inf and it was still diverging at the end")
+        "its final train loss is inf and it was still diverging at the end"
+    )
     assert unhealthy_ending({"train_loss": 0.1}, {"anomalies": {}}) is None
 
 
 def test_a_long_healthy_sgd_run_on_digits_raises_nothing(tmp_path):
     # The run that used to page: SGD on digits well past convergence, its loss near zero and noisy,
     # its validation loss flat and noisy.
-    trainer = local({"max_steps": 1500, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-                     "model": {"name": "mlp", "hidden": [64]}, "validation": {"every_steps": 50},
-                     "telemetry": {"interval": 10}, "checkpoint": {"every_steps": 1500}}, tmp_path)
+    trainer = local(
+        {
+            "max_steps": 1500,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+            "model": {"name": "mlp", "hidden": [64]},
+            "validation": {"every_steps": 50},
+            "telemetry": {"interval": 10},
+            "checkpoint": {"every_steps": 1500},
+        },
+        tmp_path,
+    )
     out = trainer.train()
     assert out.val_accuracy > 0.9
     assert out.extra["anomalies"] == []

@@ -29,8 +29,13 @@ def diverged_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     data = yaml.safe_load((EXAMPLES / "diverging.yaml").read_text())
     # blows up early (a short warm-up) and runs on to its end through the non-finite steps
-    data.update(scaling={"num_workers": 1}, max_steps=200, max_skipped_steps=None, on_divergence="alert",
-                schedule={"name": "constant", "warmup_steps": 60})
+    data.update(
+        scaling={"num_workers": 1},
+        max_steps=200,
+        max_skipped_steps=None,
+        on_divergence="alert",
+        schedule={"name": "constant", "warmup_steps": 60},
+    )
     spec = load_spec(data)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(data))
     outcome = Trainer(spec, LocalSession(run_dir / "ckpt"), run_dir=run_dir).train()
@@ -53,8 +58,16 @@ def test_replaying_a_runs_history_gives_back_what_the_run_reported(diverged_run)
 
 def test_other_thresholds_change_what_fires(diverged_run):
     history, outcome = diverged_run
-    lenient = replay("--json", str(history), "--spec", str(history.parent / "spec.yaml"),
-                     "--set", "telemetry.detectors.spike_z=1000", "--set", "spike_min_ratio=1e30")
+    lenient = replay(
+        "--json",
+        str(history),
+        "--spec",
+        str(history.parent / "spec.yaml"),
+        "--set",
+        "telemetry.detectors.spike_z=1000",
+        "--set",
+        "spike_min_ratio=1e30",
+    )
     assert lenient.exit_code == 0, lenient.output
     kinds = {a["kind"] for a in json.loads(lenient.output)["anomalies"]}
     assert "loss_spike" not in kinds
@@ -67,12 +80,30 @@ def test_csv_rows_with_layer_columns_and_several_files(tmp_path):
     layers = sorted(next(r for r in curve.rows if "layer_update_ratio" in r)["layer_update_ratio"])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "loss", "val_loss", "lr", "grad_norm",
-                         *[f"layer_update_ratio/{n}" for n in layers], *[f"layer_grad_norm/{n}" for n in layers]])
+        writer.writerow(
+            [
+                "step",
+                "loss",
+                "val_loss",
+                "lr",
+                "grad_norm",
+                *[f"layer_update_ratio/{n}" for n in layers],
+                *[f"layer_grad_norm/{n}" for n in layers],
+            ]
+        )
         for r in curve.rows:
             ratios, grads = r.get("layer_update_ratio", {}), r.get("layer_grad_norm", {})
-            writer.writerow([r["step"], r["loss"], r.get("val_loss", ""), r["lr"], r.get("grad_norm", ""),
-                             *[ratios.get(n, "") for n in layers], *[grads.get(n, "") for n in layers]])
+            writer.writerow(
+                [
+                    r["step"],
+                    r["loss"],
+                    r.get("val_loss", ""),
+                    r["lr"],
+                    r.get("grad_norm", ""),
+                    *[ratios.get(n, "") for n in layers],
+                    *[grads.get(n, "") for n in layers],
+                ]
+            )
     spike = UNHEALTHY["one_step_2x_spike"](0)
     jsonl = tmp_path / "spike.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in spike.rows))
@@ -83,19 +114,23 @@ def test_csv_rows_with_layer_columns_and_several_files(tmp_path):
     assert low["file"] == str(path) and "lr_too_low" in {a["kind"] for a in low["anomalies"]}
     assert "vanishing_gradients" not in {a["kind"] for a in low["anomalies"]}
     assert [a for a in spiked["anomalies"] if a["kind"] == "loss_spike"] == [
-        {"kind": "loss_spike", "first_step": spike.onset}]
+        {"kind": "loss_spike", "first_step": spike.onset}
+    ]
 
     text = replay(str(jsonl))
     assert f"loss_spike@{spike.onset}" in text.output and f"step {spike.onset}: loss_spike" in text.output
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"step": 1, "loss": 2.0}\nnot json\n', ":2: not JSON"),
-    ('{"step": 1, "loss": "high"}\n', ":1: loss must be a number"),
-    ('{"loss": 2.0}\n', ":1: every row needs a `step`"),
-    ("loss,val_loss\n1.0,2.0\n", "must name a `step` column"),
-    ('[1, 2]\n', "each line must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"step": 1, "loss": 2.0}\nnot json\n', ":2: not JSON"),
+        ('{"step": 1, "loss": "high"}\n', ":1: loss must be a number"),
+        ('{"loss": 2.0}\n', ":1: every row needs a `step`"),
+        ("loss,val_loss\n1.0,2.0\n", "must name a `step` column"),
+        ("[1, 2]\n", "each line must be a JSON object"),
+    ],
+)
 def test_a_file_it_cannot_replay_is_named_with_its_line_and_exits_2(tmp_path, content, message):
     path = tmp_path / ("rows.csv" if content.startswith("loss,") else "rows.jsonl")
     path.write_text(content)

@@ -46,8 +46,9 @@ def test_outside_the_roots_nothing_is_said_about_the_file(root, tmp_path):
         refused(str(secret), [str(root)]).replace(str(secret), "P"),
         refused(str(tmp_path / "missing.txt"), [str(root)]).replace(str(tmp_path / "missing.txt"), "P"),
     }
-    assert messages == {f"data.path 'P': cannot be used; it must be a readable regular UTF-8 file under the "
-                        f"data roots ({root})"}
+    assert messages == {
+        f"data.path 'P': cannot be used; it must be a readable regular UTF-8 file under the data roots ({root})"
+    }
 
 
 def test_a_link_out_of_a_root_is_refused(root, tmp_path):
@@ -99,8 +100,9 @@ def test_a_multibyte_character_cut_by_the_limit_is_dropped(root):
 def test_workers_check_the_roots_the_launch_gave_them(root, tmp_path, monkeypatch):
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret " * 99)
-    data = SimpleNamespace(name="text", path=str(secret), max_chars=None, block_size=8, val_fraction=0.2,
-                           train_fraction=1.0)
+    data = SimpleNamespace(
+        name="text", path=str(secret), max_chars=None, block_size=8, val_fraction=0.2, train_fraction=1.0
+    )
     monkeypatch.setenv(DATA_ROOTS_ENV, str(root))
     with pytest.raises(CorpusRefused):
         build_data(data, seed=0)
@@ -130,8 +132,9 @@ def parts():
 
 
 def watched(session, model, optimizer, scheduler) -> Run:
-    spec = JobSpec.model_validate({"name": "t", "train": {"entrypoint": "mypkg.train:main"}, "max_steps": 10},
-                                  context={"user_code": "skip"})
+    spec = JobSpec.model_validate(
+        {"name": "t", "train": {"entrypoint": "mypkg.train:main"}, "max_steps": 10}, context={"user_code": "skip"}
+    )
     run = Run(session, spec, job_id="t", serve_metrics=False)
     run.watch(model, optimizer, scheduler)
     return run
