@@ -191,7 +191,8 @@ class _Pending:
     loss: float
     global_loss: float
     grad_norm: float
-    param_norms: list[torch.Tensor] | None
+    param_norms: list[float] | None
+    mean_local_sq: float | None
     terms: dict[str, float]
     samples: int
     waited: float
@@ -242,6 +243,7 @@ class Run:
         self._stale = False
         self._initial_lrs: list[float] = []
         self._params: list[torch.Tensor] = []
+        self._float_grads = True
         self._good: dict[str, Any] | None = None
         self._named: dict[str, Any] = {}
         self._begun = False
@@ -289,6 +291,7 @@ class Run:
         )
         self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._float_grads = all(p.dtype == torch.float32 for p in self._params)
         self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         optimizer.register_step_post_hook(lambda *_: self._updated())
         self._good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
@@ -363,48 +366,44 @@ class Run:
         self, loss: torch.Tensor | float, losses: dict[str, Any] | None, samples: int | None, waited: float
     ) -> bool:
         tel = self._telemetry()
-        loss_t = torch.as_tensor(loss, dtype=torch.float32, device=self.device).detach().reshape(())
-        terms = dict(losses or {})
+        loss_t = self._scalar(loss)
+        terms = losses or {}
         for term in terms:
             self._check_name(term, "loss term")
         param_norms = tel.grad_norms()  # before clipping, measured steps only
-        # One fused norm per parameter, then theirs (torch's get_total_norm costs more Python than the math here)
+        # One fused norm per parameter; their squares are summed on the host, where the values go anyway.
         norms = (
             param_norms
             if param_norms is not None
             else torch._foreach_norm([p.grad for p in self._params if p.grad is not None])
         )
-        grad_norm = (
-            torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-            if norms
-            else torch.zeros((), device=self.device)
-        )
-        local = [
-            loss_t,
-            grad_norm,
-            *(torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(()) for v in terms.values()),
-        ]
-        stats = torch.stack(local)
+        if not self._float_grads:
+            norms = [n.float() for n in norms]
+        stats = torch.stack([loss_t, *norms, *(self._scalar(v) for v in terms.values())])
+        k, n_terms = 1 + len(norms), len(terms)
+        flagged = False  # whether a rank's non-finite gradient comes as a count (no DDP hook)
         if self.world_size > 1:
-            mean = tel.mean_loss()  # carried by DDP's gradient all-reduce
-            if mean is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
-                shared = torch.stack([loss_t, (~torch.isfinite(grad_norm)).float()])
+            shared = tel.mean_loss()  # [mean loss, ...] over the ranks, carried by DDP's gradient all-reduce
+            if shared is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
+                norm = torch.linalg.vector_norm(stats[1:k])
+                shared = torch.stack([loss_t / self.world_size, (~torch.isfinite(norm)).float()])
                 dist.all_reduce(shared)
-                mean = torch.stack([shared[0] / self.world_size, shared[1]])
-            stats = torch.cat([stats, mean.float().reshape(-1)])
+                flagged = True
+            stats = torch.cat([stats, shared])
         # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
         values = stats.tolist()
-        loss_value, norm_value = values[0], values[1]
-        term_values = dict(zip(terms, values[2 : 2 + len(terms)], strict=True))
-        shared_values = values[2 + len(terms) :]
+        loss_value = values[0]
+        norm_value = math.sqrt(sum(v * v for v in values[1:k]))
+        term_values = dict(zip(terms, values[k : k + n_terms], strict=True))
+        shared_values = values[k + n_terms :]
         global_loss = shared_values[0] if shared_values else loss_value
-        grads_finite = math.isfinite(norm_value) and (len(shared_values) < 2 or shared_values[1] == 0)
-        # After a rollback: this loss was computed on the weights just replaced, then rollback.skip_batches more.
+        grads_finite = math.isfinite(norm_value) and not (flagged and shared_values[1])
         rolled_back = self._stale or self.step < self.skip_until_step
         self._stale = False
         self.safe = grads_finite and math.isfinite(global_loss) and not rolled_back
         if self.safe and self.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm)
+            total = torch.linalg.vector_norm(stats[1:k])  # on the device: no copy back for the clip
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, total)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
         n = samples or 0
         if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
@@ -412,12 +411,28 @@ class Run:
             if tel.metrics.rank0:
                 tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
         self._pending = _Pending(
-            self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n, waited, lr, self.safe
+            self.step + 1,
+            loss_value,
+            global_loss,
+            norm_value,
+            values[1:k] if param_norms is not None else None,
+            None if flagged or len(shared_values) < 2 else shared_values[1],  # the hook's mean |G_small|^2
+            term_values,
+            n,
+            waited,
+            lr,
+            self.safe,
         )
         if not self.safe:
             self.skipped_steps += 1
             self.end_step()  # no update to wait for
         return self.safe
+
+    def _scalar(self, value: torch.Tensor | float) -> torch.Tensor:
+        """`value` as a float32 scalar tensor on the run's device, detached (no copy when it already is one)."""
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device == self.device:
+            return value.detach().reshape(())
+        return torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
 
     def _updated(self) -> None:
         """The optimizer's step post-hook: the update is made, so the step can be measured and recorded."""
@@ -454,6 +469,7 @@ class Run:
             global_loss=p.global_loss,
             grad_norm=p.grad_norm,
             param_grad_norms=p.param_norms,
+            mean_local_sq=p.mean_local_sq,
             lr=p.lr,
             samples=p.samples,
             seconds=seconds,

@@ -30,6 +30,14 @@ from workers.metrics import WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
 
+# The detectors take a healthy run's steps in batches: their Python runs warm, several steps at a
+# time, instead of cold after every step's tensor work (a third of their cost on a small model).
+# They fall behind by at most this many steps or seconds; a non-finite step, and anything that reads
+# the detectors (`Telemetry.monitor`: the divergence guard, checkpoints, progress, the end), catches
+# them up first, so every decision still sees every step.
+DETECTOR_BATCH_STEPS = 16
+DETECTOR_BATCH_SECONDS = 0.25
+
 
 class LocalNormHook:
     """DDP comm hook: the gradient all-reduce, carrying the loss and |G_small|^2 along for free.
@@ -48,23 +56,38 @@ class LocalNormHook:
         self.last_ready = 0.0  # when this rank's last bucket was ready: after it, the rank only waits
 
     @staticmethod
-    def hook(state: LocalNormHook, bucket):
+    def hook(state: LocalNormHook, bucket):  # no annotations: DDP checks them, and these would be strings
         buffer = bucket.buffer()
         if state.armed:
-            state.local_sq += buffer.detach().float().pow(2).sum()
-        if bucket.is_last():
-            state.last_ready = time.perf_counter()
-        if not bucket.is_last() or (state.loss is None and not state.armed):
+            state.local_sq += buffer.float().pow(2).sum()
+        if not bucket.is_last():
             return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
-        loss = state.loss if state.loss is not None else torch.zeros((), device=buffer.device)
-        riders = torch.stack([loss.float().reshape(()), state.local_sq]).to(buffer.dtype)
+        state.last_ready = time.perf_counter()
+        if state.loss is None and not state.armed:
+            return default_hooks.allreduce_hook(None, bucket)
+        loss = state.loss if state.loss is not None else state.local_sq.new_zeros(())
+        # As few tensor ops as can be: every step pays for them (views for the riders, one cat, one div).
+        loss_rider, sq_rider = loss.reshape(1), state.local_sq.reshape(1)
+        if loss_rider.dtype != buffer.dtype:
+            loss_rider = loss_rider.to(buffer.dtype)
+        if sq_rider.dtype != buffer.dtype:
+            sq_rider = sq_rider.to(buffer.dtype)
         n = buffer.numel()
-        packed = torch.cat([buffer, riders]).div_(state.world_size)
+        packed = torch.cat([buffer, loss_rider, sq_rider]).div_(state.world_size)
+        if buffer.device.type == "cpu":
+            # The last bucket has nothing left to overlap with: reduce it here and hand DDP a finished
+            # future, which spares a Python callback on the communication thread (on CPU, a thread switch
+            # and a GIL hand-over in every step).
+            dist.all_reduce(packed)
+            state.reduced = packed[n:]
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(packed[:n])
+            return done
         future = dist.all_reduce(packed, async_op=True).get_future()
 
         def unpack(fut):
             reduced = fut.value()[0]
-            state.reduced = reduced[n:].float().clone()
+            state.reduced = reduced[n:]  # a view: nothing else writes to `packed`
             return reduced[:n]
 
         return future.then(unpack)
@@ -98,7 +121,11 @@ class Telemetry:
         self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
-        self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        # Recorded steps the detectors have not taken yet: (step, global loss, lr, gradient norm, the
+        # measured step's per-layer norms and update ratios or None, its history record).
+        self._queued: list[tuple[int, float, float, float, tuple[Any, Any] | None, dict[str, Any]]] = []
+        self._queued_since = 0.0
         self._gauges_stale = True
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
         self.history = history_path.open("a") if history_path and rank == 0 else None
@@ -119,7 +146,9 @@ class Telemetry:
             nonfinite_loss=m.nonfinite.labels(*labels, "loss"),
             nonfinite_grad=m.nonfinite.labels(*labels, "grad"),
             skipped=m.skipped_steps.labels(*labels),
+            local_grad_norm=m.local_grad_norm.labels(*labels),
         )
+        self._rank0_gauges: SimpleNamespace | None = None
         self._server = None
         self.endpoint: tuple[str, int] | None = None
         self.last: dict[str, Any] = {}
@@ -129,9 +158,9 @@ class Telemetry:
         self.params = [p for _, p in named]
         groups = group_layers([n for n, _ in named], self.cfg.max_layers)
         self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
-        self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
+        self._layer_of = [self.layer_names.index(groups[n]) for n, _ in named]  # each parameter's layer
+        self._float_params = all(p.dtype == torch.float32 for p in self.params)
         self._before: list[torch.Tensor] | None = None
-        self._layer_gauges: list[tuple[str, Any, Any, Any]] | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             self.hook = LocalNormHook(device, world_size)
@@ -141,6 +170,28 @@ class Telemetry:
             self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
 
     # ------------------------------------------------------------ detectors
+    @property
+    def monitor(self) -> DynamicsMonitor:
+        """The detectors, caught up with every recorded step."""
+        if self._queued:
+            self._catch_up()
+        return self._monitor
+
+    def _catch_up(self) -> None:
+        """Feed the detectors the steps they have not taken yet, in order, publishing as each step would have."""
+        queued, self._queued = self._queued, []
+        monitor = self._monitor
+        for step, global_loss, lr, grad_norm, layers, record in queued:
+            monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
+            if layers is not None:
+                monitor.observe_gradients(step, grad_norm, *layers)
+            record["loss_ema"] = monitor.loss_ema
+            self._publish(step, record, flush=False)
+        if monitor.loss_ema is not None:
+            self._children.loss_ema.set(monitor.loss_ema)
+        if self.history:
+            self.history.flush()
+
     def detector_state(self) -> str:
         """The detectors' whole state (references, EMAs, latches, what was raised), for a checkpoint."""
         return json.dumps(self.monitor.state_dict())
@@ -149,14 +200,14 @@ class Telemetry:
         """After a resume or a rollback: the detectors continue from the checkpoint's state (fresh when
         it has none), remembering every phase and anomaly the run went through since."""
         phases, raised = self.monitor.phases_entered, self.monitor.anomalies_raised
-        self.monitor.events()
-        self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._monitor.events()
+        monitor = self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
         self._gauges_stale = True  # a restored monitor may hold another phase than the gauges show
         if state:
-            self.monitor.load_state_dict(json.loads(state))
-        self.monitor.entered = phases if len(phases) > len(self.monitor.entered) else self.monitor.entered
+            monitor.load_state_dict(json.loads(state))
+        monitor.entered = phases if len(phases) > len(monitor.entered) else monitor.entered
         for kind, step in raised.items():
-            self.monitor.raised.setdefault(kind, step)
+            monitor.raised.setdefault(kind, step)
 
     @property
     def phases_entered(self) -> list[tuple[str, int]]:
@@ -177,6 +228,7 @@ class Telemetry:
         return self.endpoint
 
     def close(self, grace_seconds: float) -> None:
+        self._catch_up()  # the last steps reach the gauges and the history
         if self.history:
             self.history.close()
             self.history = None
@@ -214,10 +266,11 @@ class Telemetry:
         return max(0.0, backward_done - self.hook.last_ready)
 
     def mean_loss(self) -> torch.Tensor | None:
-        """The loss averaged over ranks by the gradient all-reduce, or None without the DDP hook."""
+        """[loss, |G_small|^2] averaged over ranks by the gradient all-reduce (the loss first), or None
+        without the DDP hook."""
         if self.hook is None or self.hook.reduced is None or self.hook.loss is None:
             return None
-        return self.hook.reduced[:1]
+        return self.hook.reduced
 
     def grad_norms(self) -> list[torch.Tensor] | None:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
@@ -234,13 +287,14 @@ class Telemetry:
         loss: float,
         global_loss: float,
         grad_norm: float,
-        param_grad_norms: list[torch.Tensor] | None,
+        param_grad_norms: list[float] | None,
+        mean_local_sq: float | None = None,
         lr: float,
         samples: int,
         seconds: float,
         applied: bool,
-    ) -> list[dict[str, Any]]:
-        """Record one finished step; returns detector events that changed state."""
+    ) -> None:
+        """Record one finished step."""
         c = self._children
         now = time.time()
         c.step.set(step)
@@ -264,47 +318,67 @@ class Telemetry:
             self.step_times.flush()
             self._unlogged = [0.0, 0]
 
-        self.monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
-        if self.monitor.loss_ema is not None:
-            c.loss_ema.set(self.monitor.loss_ema)
         record: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
             "loss": loss,
             "global_loss": global_loss,
-            "loss_ema": self.monitor.loss_ema,
+            "loss_ema": None,  # the detectors' EMA after this step, once they have taken it
             "grad_norm": grad_norm,
             "lr": lr,
             "step_seconds": seconds,
             "time": now,
         }
+        layers = None
         if param_grad_norms is not None:
-            record.update(self._measure(step, grad_norm, param_grad_norms, lr))
+            stats, layers = self._measure(grad_norm, param_grad_norms, mean_local_sq, lr)
+            record.update(stats)
         self.last = record
-        if not (math.isfinite(global_loss) and math.isfinite(grad_norm)):
+        finite = math.isfinite(global_loss) and math.isfinite(grad_norm)
+        if not finite:
             record["nonfinite"] = True
-        # Every step reaches the history, so `gradwatch replay` of it sees what the detectors saw.
-        return self._publish(step, record)
+        # Every step reaches the detectors and the history (with what the detectors made of it), so
+        # `gradwatch replay` of the history sees what the detectors saw.
+        if not self._queued:
+            self._queued_since = now
+        self._queued.append((step, global_loss, lr, grad_norm, layers, record))
+        if (
+            not finite
+            or len(self._queued) >= DETECTOR_BATCH_STEPS
+            or now - self._queued_since >= DETECTOR_BATCH_SECONDS
+        ):
+            self._catch_up()
 
-    def _measure(self, step: int, grad_norm: float, param_grad_norms: list[torch.Tensor], lr: float) -> dict[str, Any]:
+    def _measure(
+        self, grad_norm: float, param_grad_norms: list[float], mean_local_sq: float | None, lr: float
+    ) -> tuple[dict[str, Any], tuple[dict[str, float], dict[str, float]]]:
+        """A measured step's per-layer statistics: exported now; returns them for the history and, with the
+        per-layer gradient norms and update ratios, for the detectors.
+
+        `param_grad_norms` are the parameters' gradient norms (already on the host: the update guard
+        fetched them), `mean_local_sq` the mean over ranks of |G_small|^2 (from the DDP hook).
+        """
         deltas = torch._foreach_sub(self.params, self._before) if self._before is not None else self.params
-        weight_and_update_norms = torch._foreach_norm([*self.params, *deltas])  # one fused call for both
+        norms = list(torch._foreach_norm([*self.params, *deltas]))  # one fused call for weights and updates
         self._before = None
-        n_layers = len(self.layer_names)
-        # Rows: gradient, weight, update; squared norms summed per layer with one index_add (few tiny ops:
-        # on a small model their dispatch, not the math, is the cost of a measured step).
-        sq = torch.stack([t.float() for t in (*param_grad_norms, *weight_and_update_norms)]).pow(2)
-        by_layer = torch.zeros(3, n_layers, device=sq.device).index_add_(1, self._group_index, sq.view(3, -1))
-        parts = [by_layer]
-        local_sq = grad_norm**2
-        if self.hook is not None and self.hook.reduced is not None:
-            parts.append(torch.stack([self.hook.local_sq, self.hook.reduced[1]]))
-        values = torch.cat([p.reshape(-1) for p in parts]).cpu().tolist()  # the one host sync of this step
-        g_sq, w_sq, u_sq = (values[i * n_layers : (i + 1) * n_layers] for i in range(3))
-        if len(parts) > 1:
-            local_sq, mean_local_sq = values[3 * n_layers : 3 * n_layers + 2]
+        if not self._float_params:
+            norms = [t.float() for t in norms]
+        hook = self.hook if mean_local_sq is not None else None  # this rank's |G_small|^2, from the hook
+        if hook is not None:
+            norms.append(hook.local_sq)
+        # Few tiny ops (on a small model their dispatch, not the math, is the cost of a measured step):
+        # the norms come over in one piece and are summed per layer on the host.
+        values = torch.stack(norms).tolist()  # the one host sync of the measurement
+        n_params, n_layers = len(self.params), len(self.layer_names)
+        g_sq, w_sq, u_sq = [0.0] * n_layers, [0.0] * n_layers, [0.0] * n_layers
+        for i, layer in enumerate(self._layer_of):
+            g_sq[layer] += param_grad_norms[i] ** 2
+            w_sq[layer] += values[i] ** 2
+            u_sq[layer] += values[n_params + i] ** 2
+        if hook is None or mean_local_sq is None:  # no DDP hook: this rank's gradient is the global one
+            local_sq = mean_local_sq = grad_norm**2
         else:
-            mean_local_sq = local_sq
+            local_sq = values[-1]
         layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq, strict=False)}
         layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq, strict=False)}
         layer_update = {
@@ -315,32 +389,23 @@ class Telemetry:
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
-        self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update)
 
-        m, labels = self.metrics, self._labels
-        m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
-        if m.rank0:
-            job = labels[0]
-            m.grad_norm.labels(job).set(grad_norm)
-            m.weight_norm.labels(job).set(weight_norm)
-            m.learning_rate.labels(job).set(lr)
-            if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
-                self._layer_gauges = [
-                    (
-                        name,
-                        m.layer_grad_norm.labels(job, name),
-                        m.layer_weight_norm.labels(job, name),
-                        m.layer_update_ratio.labels(job, name),
-                    )
-                    for name in self.layer_names
-                ]
-            for name, grad_gauge, weight_gauge, update_gauge in self._layer_gauges:
+        c = self._children
+        c.local_grad_norm.set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
+        if self.metrics.rank0:
+            g = self._global_gauges()
+            g.grad_norm.set(grad_norm)
+            g.weight_norm.set(weight_norm)
+            g.learning_rate.set(lr)
+            for name, grad_gauge, weight_gauge, update_gauge in g.layers:
                 grad_gauge.set(layer_grad[name])
                 weight_gauge.set(layer_weight[name])
                 update_gauge.set(layer_update[name])
             if noise_scale is not None:
-                m.noise_scale.labels(job).set(noise_scale)
-        return {
+                if g.noise_scale is None:  # exported from its first estimate on, never as a made-up 0
+                    g.noise_scale = self.metrics.noise_scale.labels(self._labels[0])
+                g.noise_scale.set(noise_scale)
+        stats = {
             "weight_norm": weight_norm,
             "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
             "gradient_noise_scale": noise_scale,
@@ -349,6 +414,28 @@ class Telemetry:
             "layer_weight_norm": layer_weight,
             "layer_update_ratio": layer_update,
         }
+        return stats, (layer_grad, layer_update)
+
+    def _global_gauges(self) -> SimpleNamespace:
+        """Rank 0's series of the measured steps, labelled children looked up once (at the first one)."""
+        if self._rank0_gauges is None:
+            m, job = self.metrics, self._labels[0]
+            self._rank0_gauges = SimpleNamespace(
+                grad_norm=m.grad_norm.labels(job),
+                weight_norm=m.weight_norm.labels(job),
+                learning_rate=m.learning_rate.labels(job),
+                noise_scale=None,
+                layers=[
+                    (
+                        name,
+                        m.layer_grad_norm.labels(job, name),
+                        m.layer_weight_norm.labels(job, name),
+                        m.layer_update_ratio.labels(job, name),
+                    )
+                    for name in self.layer_names
+                ],
+            )
+        return self._rank0_gauges
 
     def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None) -> list[dict[str, Any]]:
         m, labels = self.metrics, self._labels
@@ -362,17 +449,21 @@ class Telemetry:
 
     def record_event(self, event: dict[str, Any]) -> None:
         """A restart or rollback, into the run's history (rank 0), so a report can mark where it happened."""
+        if self._queued:
+            self._catch_up()  # the steps before it come first
         if self.history:
             self.history.write(json.dumps({**event, "time": time.time()}, default=str) + "\n")
             self.history.flush()
 
-    def _publish(self, step: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _publish(self, step: int, record: dict[str, Any] | None, *, flush: bool = True) -> list[dict[str, Any]]:
         m = self.metrics
-        events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
+        if not self._monitor.pending_events and (not m.rank0 or (not self._gauges_stale and self.history is None)):
+            return []  # most steps: nothing changed, nothing to write
+        events = [e if isinstance(e, dict) else e.__dict__ for e in self._monitor.events()]
         if m.rank0:
             if events or self._gauges_stale:  # phase and anomalies change only with an event
-                m.set_phase(self.monitor.phase)
-                m.set_anomalies(self.monitor.anomalies)
+                m.set_phase(self._monitor.phase)
+                m.set_anomalies(self._monitor.anomalies)
                 self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
@@ -383,9 +474,10 @@ class Telemetry:
             if self.history and record is not None:
                 record = {
                     **record,
-                    "phase": self.monitor.phase,
-                    "anomalies": sorted(k for k, v in self.monitor.anomalies.items() if v),
+                    "phase": self._monitor.phase,
+                    "anomalies": sorted(k for k, v in self._monitor.anomalies.items() if v),
                 }
                 self.history.write(json.dumps(record, default=str) + "\n")
-                self.history.flush()
+                if flush:
+                    self.history.flush()
         return events
