@@ -32,3 +32,8 @@ DEFAULT_SERVICE_PORT = 8765
 DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
 DEFAULT_RAY_DASHBOARD_PORT = 8265
 DATASOURCE_UID = "gradwatch-prometheus"  # the Grafana datasource uid that dashboards and rules are written against
+
+# ---- the test hook: with this set to 1 in the workers' environment each rank's final report also
+# carries a fingerprint of its parameters and the built-in loop the sample indices of its first epoch
+# (gradwatch.training.reports_for_tests), so the tests can check DDP's replicas and shards
+TEST_REPORTS_ENV = "GRADWATCH_TEST_REPORTS"

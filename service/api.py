@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.status import target_groups
 from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
@@ -336,19 +337,12 @@ targets = APIRouter(tags=["prometheus"], responses=ERRORS)
 @targets.get("/v1/targets", response_model=list[TargetGroup])
 def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:read")]) -> list[TargetGroup]:
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
-    groups = []
-    for job in store.jobs_in("running"):
-        for endpoint in (job.progress or {}).get("endpoints") or []:
-            try:
-                host, port, rank = str(endpoint["host"]), int(endpoint["port"]), int(endpoint["rank"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            host = f"[{host}]" if ":" in host else host
-            labels = {"job_id": job.id, "rank": str(rank)}
-            if endpoint.get("node"):
-                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
-            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
-    return groups
+    return [
+        TargetGroup.model_validate(group)
+        for job in store.jobs_in("running")
+        if (status := job.last_status()) is not None
+        for group in target_groups(job.id, status.endpoints)
+    ]
 
 
 # ------------------------------------------------------------------- alerts

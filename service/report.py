@@ -966,7 +966,7 @@ def report_for_job(job: Any, runs_dir: Path) -> str:
     """The page of a job the service knows (a store row): its run directory where the driver has written one,
     else the spec and state alone (a queued job). The store's state and reason win over status.json."""
     run_dir = Path(runs_dir) / job.id
-    status = {**(job.progress or {}), "job_id": job.id, "state": job.state}
+    status = {**(job.run_status or {}), "job_id": job.id, "state": job.state}
     if run_dir.is_dir():
         run = load_run(run_dir, job_id=job.id, spec=job.spec, status=status)
         if run.result:  # the service's state is the last word (a cancel or a timeout ends after the driver)

@@ -46,6 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, map
 from gradwatch.ids import new_job_id
 from gradwatch.names import JOB_STATES, TERMINAL_STATES
 from gradwatch.spec import JobSpec
+from gradwatch.status import RunResult, RunStatus
 from service.auth import new_token_text, split_token
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -108,8 +109,11 @@ class Job(Base):
     max_steps: Mapped[int | None] = mapped_column(Integer)
     cpus: Mapped[float]
     gpus: Mapped[float]
-    # Last status.json snapshot the driver wrote (step, losses, phase, endpoints, ...).
-    progress: Mapped[dict[str, Any] | None]
+    # What the driver last reported (gradwatch.status): its RunStatus, its newest events and, at the
+    # end, its RunResult, each as JSON; read them through last_status() and final_result().
+    run_status: Mapped[dict[str, Any] | None]
+    events: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    run_result: Mapped[dict[str, Any] | None]
     # "cancel" or "timeout" once the service asked Ray to stop the job; the state follows when Ray confirms.
     stop_requested: Mapped[str | None] = mapped_column(String(16))
     stop_requested_at: Mapped[float | None]
@@ -124,6 +128,14 @@ class Job(Base):
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def last_status(self) -> RunStatus | None:
+        """The driver's last status, or None before its first report."""
+        return RunStatus.model_validate(self.run_status) if self.run_status else None
+
+    def final_result(self) -> RunResult | None:
+        """The driver's result, or None until it reported one."""
+        return RunResult.model_validate(self.run_result) if self.run_result else None
 
 
 class JobLabel(Base):
@@ -397,7 +409,7 @@ class Store:
         return job
 
     def update_job(self, job_id: str, **fields: Any) -> Job:
-        """Change bookkeeping fields (progress, reason, world size); never the state."""
+        """Change bookkeeping fields (the driver's status, reason, world size); never the state."""
         if "state" in fields:
             raise ValueError("use transition() to change a job's state")
         with self._write() as session:
@@ -409,26 +421,24 @@ class Store:
     def push_progress(
         self,
         job_id: str,
-        status: dict[str, Any] | None,
+        status: RunStatus | None,
         events: list[dict[str, Any]],
-        result: dict[str, Any] | None = None,
+        result: RunResult | None = None,
         keep_events: int = 200,
     ) -> Job:
-        """A driver's report of a running job: its status replaces the progress, events are appended
+        """A driver's report of a running job: its status replaces the last one, events are appended
         (the newest `keep_events` kept) and a result is kept beside them. Refused once the job ended."""
         with self._write() as session:
             job = _job_for_update(session, job_id)
             if job.state != "running":
                 raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
-            old = job.progress if (job.progress or {}).get("source") == "push" else {}
-            progress = dict(status) if status is not None else dict(old or {})
-            progress["source"] = "push"
-            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
-            if result is not None or (old or {}).get("result") is not None:
-                progress["result"] = result if result is not None else old["result"]
-            job.progress = progress
-            if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
-                job.world_size = progress["world_size"]
+            if status is not None:
+                job.run_status = status.model_dump(mode="json")
+                job.world_size = status.world_size or job.world_size
+            if events:
+                job.events = [*(job.events or []), *events][-keep_events:]
+            if result is not None:
+                job.run_result = result.model_dump(mode="json")
         return job
 
     def request_stop(self, job_id: str, kind: str, reason: str, *, now: float | None = None) -> tuple[Job, bool]:
