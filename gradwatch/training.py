@@ -417,8 +417,8 @@ class Run:
         n = samples or 0
         if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
             tel.batch_size = samples
-            if tel.metrics.rank0:
-                tel.metrics.global_batch.labels(self.job_id).set(samples * self.world_size)
+            if tel.metrics.job is not None:
+                tel.metrics.job.global_batch.labels(self.job_id).set(samples * self.world_size)
         self._pending = _Pending(
             self.step + 1, loss_value, global_loss, norm_value, param_norms, term_values, n, waited, lr, self.safe
         )

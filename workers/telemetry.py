@@ -95,7 +95,8 @@ class Telemetry:
         self.batch_size = spec.batch_size
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
-        self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
+        if self.metrics.job is not None:
+            self.metrics.job.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
@@ -137,8 +138,8 @@ class Telemetry:
             self.hook = LocalNormHook(device, world_size)
             model.register_comm_hook(self.hook, LocalNormHook.hook)
         self.measuring = False
-        if self.metrics.rank0:
-            self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
+        if self.metrics.job is not None:
+            self.metrics.job.global_batch.labels(job_id).set(spec.batch_size * world_size)
 
     # ------------------------------------------------------------ detectors
     def detector_state(self) -> str:
@@ -319,18 +320,18 @@ class Telemetry:
 
         m, labels = self.metrics, self._labels
         m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
-        if m.rank0:
-            job = labels[0]
-            m.grad_norm.labels(job).set(grad_norm)
-            m.weight_norm.labels(job).set(weight_norm)
-            m.learning_rate.labels(job).set(lr)
+        if m.job is not None:
+            job, series = labels[0], m.job
+            series.grad_norm.labels(job).set(grad_norm)
+            series.weight_norm.labels(job).set(weight_norm)
+            series.learning_rate.labels(job).set(lr)
             if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
                 self._layer_gauges = [
                     (
                         name,
-                        m.layer_grad_norm.labels(job, name),
-                        m.layer_weight_norm.labels(job, name),
-                        m.layer_update_ratio.labels(job, name),
+                        series.layer_grad_norm.labels(job, name),
+                        series.layer_weight_norm.labels(job, name),
+                        series.layer_update_ratio.labels(job, name),
                     )
                     for name in self.layer_names
                 ]
@@ -339,7 +340,7 @@ class Telemetry:
                 weight_gauge.set(layer_weight[name])
                 update_gauge.set(layer_update[name])
             if noise_scale is not None:
-                m.noise_scale.labels(job).set(noise_scale)
+                series.noise_scale.labels(job).set(noise_scale)
         return {
             "weight_norm": weight_norm,
             "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
@@ -369,14 +370,14 @@ class Telemetry:
     def _publish(self, step: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
         m = self.metrics
         events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
-        if m.rank0:
+        if m.job is not None:
             if events or self._gauges_stale:  # phase and anomalies change only with an event
-                m.set_phase(self.monitor.phase)
-                m.set_anomalies(self.monitor.anomalies)
+                m.job.set_phase(self.monitor.phase)
+                m.job.set_anomalies(self.monitor.anomalies)
                 self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
-                    m.anomaly_raised.labels(m.job_id, event["name"]).inc()
+                    m.job.anomaly_raised.labels(m.job_id, event["name"]).inc()
                 log.warning("%s", event_line(event))
                 if self.board:
                     self.board.post_event({**event, "job_rank": self.rank})
