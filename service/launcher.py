@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
+from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec, overran
 from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
@@ -427,11 +428,9 @@ class Launcher:
             if now - self._stop_sent_at.get(job.id, 0.0) > RESTOP_INTERVAL_S:
                 self._send_stop(job)
             return
-        timeout = job.spec.get("timeout")
-        if timeout and job.started_at and now - job.started_at > timeout:
-            job, needs_stop = self.store.request_stop(
-                job.id, "timeout", f"ran longer than its timeout of {_duration(timeout)}"
-            )
+        reason = overran(job.spec.get("timeout"), now - (job.started_at or now))
+        if reason is not None:
+            job, needs_stop = self.store.request_stop(job.id, "timeout", reason)
             if needs_stop:
                 self._send_stop(job)
 
@@ -589,9 +588,7 @@ class Launcher:
         roots the workers check `data.path` against when user code is off."""
         token_file = self.settings.jobs_dir / job.id / "job.token"
         token = self.store.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_atomic(token_file, token + "\n", mode=0o600)
         env = {JOB_TOKEN_FILE_ENV: str(token_file)}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
         # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
@@ -655,14 +652,6 @@ class Launcher:
 
 
 # ----------------------------------------------------------------- helpers
-def _duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
 def _last_lines(text: str, n: int = 3) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-n:])[-2000:]
@@ -716,8 +705,17 @@ def ray_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in RAY_ENV_NAMES or k.startswith(RAY_ENV_PREFIXES)}
 
 
+def local_ray_address(dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT) -> str:
+    """The dashboard address of a Ray head on this machine."""
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
 def start_local_ray(
-    log_file: Path, *, dashboard_port: int = 8265, num_cpus: int | None = None, wait_s: float = 90.0
+    log_file: Path,
+    *,
+    dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT,
+    num_cpus: int | None = None,
+    wait_s: float = 90.0,
 ) -> str:
     """`ray start --head` on this machine with token auth; returns the dashboard address.
 
@@ -725,7 +723,7 @@ def start_local_ray(
     """
     import sys
 
-    address = f"http://127.0.0.1:{dashboard_port}"
+    address = local_ray_address(dashboard_port)
     env = {**ray_environment(os.environ), "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     if ray_token() is None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from gradwatch.ids import new_job_id
 from gradwatch.names import JobState
-from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.spec import JobSpec, SpecError, load_spec, overran
 from gradwatch.status import (
     RESULT_FILE,
     STATUS_FILE,
@@ -41,6 +41,7 @@ from workers.placement import NodeWatch, PlacementImpossible, check_placement, s
 from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
+STOP_WAIT_S = 30.0  # how long a job cut short waits for Ray Train's fit() to return once Ray is shut down
 # Told each status as it is written and the job's events since the last one.
 Listener = Callable[[RunStatus, list[dict[str, Any]]], None]
 
@@ -183,8 +184,14 @@ def run_job(
     sd_file: Path | None = None,
     listeners: list[Listener] | None = None,
     poll_seconds: float = 0.5,
+    own_timeout: bool = True,
 ) -> RunResult:
-    """Run one job to the end on the connected (or a new local) Ray; returns its result (result.json)."""
+    """Run one job to the end on the connected (or a new local) Ray; returns its result (result.json).
+
+    `own_timeout`: this driver ends the job at the spec's timeout (False under the service, whose
+    launcher times jobs out on its own clock). A job cut short (timeout, Ctrl-C) leaves no worker
+    behind: Ray is shut down before the result is written, the trainer's actors with it.
+    """
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / job_id
@@ -195,9 +202,12 @@ def run_job(
     watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
     fit = Fit(spec, job_id, run_dir, storage_path)
     fit.start()
-    state, error = follow(fit, watch, spec, started, poll_seconds)
+    state, error = follow(fit, watch, spec.timeout if own_timeout else None, started, poll_seconds)
     snap = watch.poll(notify=False)
-    if not fit.is_alive():
+    if fit.is_alive():  # cut short: the trainer's workers must not train on unseen
+        stop_ray()
+        fit.join(STOP_WAIT_S)
+    else:
         state, error = ("failed", explain_failure(fit.error, watch, snap)) if fit.error else ("succeeded", None)
     node_fields = watch.node_fields()
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
@@ -297,17 +307,17 @@ class Fit(threading.Thread):
 
 
 def follow(
-    fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
+    fit: Fit, watch: JobWatch, timeout: float | None, started: float, poll_seconds: float
 ) -> tuple[JobState, str | None]:
-    """Watch the job until `fit` ends, its timeout passes or Ctrl-C; the state so far (the caller
+    """Watch the job until `fit` ends, `timeout` passes or Ctrl-C; the state so far (the caller
     settles it once fit has ended)."""
-    deadline = started + spec.timeout if spec.timeout else None
     try:
         while fit.is_alive():
             fit.join(poll_seconds)
             watch.poll()
-            if deadline and time.time() > deadline:
-                return "timed_out", f"timeout: still running after {spec.timeout:g} s"
+            reason = overran(timeout, time.time() - started)
+            if reason is not None:
+                return "timed_out", reason
     except KeyboardInterrupt:
         return "cancelled", "interrupted (Ctrl-C): workers stopped"
     return "failed", None
@@ -398,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         storage_path=args.storage_path,
         sd_file=args.prometheus_sd_file,
         listeners=[_print_listener, *([pusher.listener] if pusher else [])],
+        own_timeout=False,  # the service's launcher times its jobs out
     )
     if pusher and not pusher.finish(result):
         print(
