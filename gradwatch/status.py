@@ -166,11 +166,13 @@ STATUS_FILE = "status.json"
 RESULT_FILE = "result.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` at once: readers (the service, Prometheus) never see half a file."""
+def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
+    """Replace `path` at once: readers (the service, Prometheus) never see half a file. `mode`
+    (less the umask) from the start: a private file (0o600) is never readable by others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gradwatch.names import DEFAULT_SERVICE_URL, TERMINAL_STATES
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, DEFAULT_SERVICE_URL, TERMINAL_STATES
 from service.client import Client, GradwatchError
 
 console = Console(highlight=False)
@@ -76,7 +76,7 @@ def up(
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray head it starts.")] = None,
     ray_dashboard_port: Annotated[
         int, typer.Option(help="Dashboard port of the local Ray head: reused when it takes our token.")
-    ] = 8265,
+    ] = DEFAULT_RAY_DASHBOARD_PORT,
     no_monitoring: Annotated[
         bool, typer.Option("--no-monitoring", help="Start without Prometheus and Alertmanager (no alerts).")
     ] = False,
@@ -93,7 +93,7 @@ def up(
     Alertmanager (from PATH) with gradwatch's rules. Ray stays up after the service stops; Prometheus
     and Alertmanager stop with it."""
     from service.auth import consumer_token
-    from service.launcher import foreign_ray_error, probe_dashboard, ray_token, start_local_ray
+    from service.launcher import foreign_ray_error, local_ray_address, probe_dashboard, ray_token, start_local_ray
     from service.main import serve
     from service.settings import Settings, check_bind
 
@@ -112,7 +112,7 @@ def up(
         if found == "foreign":
             _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
     else:
-        address = f"http://127.0.0.1:{ray_dashboard_port}"
+        address = local_ray_address(ray_dashboard_port)
         found, answer = probe_dashboard(address, ray_token())
         if found == "ours":
             errors.print(f"using the Ray cluster already running at {address}")

@@ -51,7 +51,7 @@ from service.auth import new_token_text, split_token
 
 ALLOWED: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelled", "timed_out"}),
+    "running": TERMINAL_STATES,
 }
 
 

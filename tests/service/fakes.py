@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.names import JobState
+from gradwatch.spec import ScalingSpec
 from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
 from service.launcher import ClusterUnavailable, RayJob, Resources
 
@@ -75,15 +76,14 @@ class FakeCluster:
                 raise ClusterUnavailable("Ray submit_job failed: ReadTimeout")
             args = shlex.split(entrypoint)
             spec = json.loads(Path(args[args.index("--spec-file") + 1]).read_text())
-            scaling = spec["scaling"]
-            n = scaling["num_workers"]
+            demand = ScalingSpec.model_validate(spec["scaling"]).demand()  # what the driver asks Ray for
             self.jobs[submission_id] = FakeJob(
                 sid=submission_id,
                 job_id=args[args.index("--job-id") + 1],
                 spec=spec,
                 storage=Path(args[args.index("--storage-path") + 1]),
-                cpus=n * scaling["cpus_per_worker"],
-                gpus=n * scaling["gpus_per_worker"] if scaling["use_gpu"] else 0.0,
+                cpus=demand["CPU"],
+                gpus=demand.get("GPU", 0.0),
                 log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
                 env=dict(env),
             )
