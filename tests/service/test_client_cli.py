@@ -6,7 +6,6 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -232,10 +231,13 @@ def test_cli_jobs_status_logs_cancel_alerts(env, server, client):
 def test_cli_uses_the_token_up_saved(server, monkeypatch, tmp_path):
     data = tmp_path / "home-data"
     data.mkdir()
-    (data / "token").write_text(TOKEN + "\n")
     monkeypatch.delenv("GRADWATCH_TOKEN", raising=False)
     monkeypatch.setenv("GRADWATCH_DATA_DIR", str(data))
     monkeypatch.setenv("GRADWATCH_URL", server.url)
+    (data / "token").write_text("not-the-token\n")  # a saved token the server does not know: refused
+    refused = CliRunner().invoke(cli, ["jobs", "--json"])
+    assert refused.exit_code == 1 and "(HTTP 401)" in refused.output, refused.output
+    (data / "token").write_text(TOKEN + "\n")  # the one `gradwatch up` saved: let in
     result = CliRunner().invoke(cli, ["jobs", "--json"])
     assert result.exit_code == 0, result.output
-    assert Path(data / "token").exists()
+    assert isinstance(json.loads(result.output), list)
