@@ -93,7 +93,6 @@ def up(
     Alertmanager (from PATH) with gradwatch's rules. Ray stays up after the service stops; Prometheus
     and Alertmanager stop with it."""
     from service.auth import consumer_token
-    from service.launcher import foreign_ray_error, local_ray_address, probe_dashboard, ray_token, start_local_ray
     from service.main import serve
     from service.settings import Settings, check_bind
 
@@ -107,26 +106,7 @@ def up(
         check_bind(settings)
     except ValueError as exc:
         _fail(str(exc))
-    if settings.ray_address:
-        found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
-        if found == "foreign":
-            _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
-    else:
-        address = local_ray_address(ray_dashboard_port)
-        found, answer = probe_dashboard(address, ray_token())
-        if found == "ours":
-            errors.print(f"using the Ray cluster already running at {address}")
-        elif found == "foreign":
-            _fail(foreign_ray_error(f"at {address}", answer))
-        else:
-            log_file = settings.data_dir / "ray.log"
-            errors.print(f"starting a local Ray head (log: {log_file}) ...")
-            try:
-                address = start_local_ray(log_file, dashboard_port=ray_dashboard_port, num_cpus=num_cpus)
-            except (RuntimeError, OSError) as exc:
-                _fail(str(exc))
-            errors.print("Ray stays up when the service stops (`ray stop` ends it)")
-        settings.ray_address = address
+    settings.ray_address = _ray_cluster(settings, ray_dashboard_port, num_cpus)
     # uvicorn hands a stop signal back once it has shut down: leave through `finally`, which stops
     # Prometheus and Alertmanager (should the service be killed instead, PR_SET_PDEATHSIG ends them).
     signal.signal(signal.SIGTERM, _exit_quietly)
@@ -148,6 +128,33 @@ def up(
     finally:
         if monitoring:
             monitoring.stop()
+
+
+def _ray_cluster(settings: Any, dashboard_port: int, num_cpus: int | None) -> str:
+    """The Ray cluster's dashboard address: RAY_ADDRESS's, else a local head's (the one running on
+    `dashboard_port` when it takes our token, or a new one)."""
+    from service.launcher import foreign_ray_error, local_ray_address, probe_dashboard, ray_token, start_local_ray
+
+    if settings.ray_address:
+        found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
+        if found == "foreign":
+            _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
+        return settings.ray_address
+    address = local_ray_address(dashboard_port)
+    found, answer = probe_dashboard(address, ray_token())
+    if found == "ours":
+        errors.print(f"using the Ray cluster already running at {address}")
+        return address
+    if found == "foreign":
+        _fail(foreign_ray_error(f"at {address}", answer))
+    log_file = settings.data_dir / "ray.log"
+    errors.print(f"starting a local Ray head (log: {log_file}) ...")
+    try:
+        address = start_local_ray(log_file, dashboard_port=dashboard_port, num_cpus=num_cpus)
+    except (RuntimeError, OSError) as exc:
+        _fail(str(exc))
+    errors.print("Ray stays up when the service stops (`ray stop` ends it)")
+    return address
 
 
 def _exit_quietly(signum: int, frame: Any) -> None:
