@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -95,3 +96,23 @@ def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, mo
     result = run_job(spec, storage_path=tmp_path / "runs")
     assert result.state == "failed"
     assert "ValueError: shape mismatch in my layer" in result.error
+
+
+def test_a_timeout_ends_the_job_and_leaves_no_worker_training(local_ray, tmp_path):
+    # rank 1 sleeps 50 ms a step: 100,000 steps would take hours
+    spec = load_spec(
+        small_spec(
+            model={"name": "tests.workers.user_code:build", "options": {"delay": 0.05}},
+            max_steps=100_000,
+            timeout="20s",
+            telemetry={"grace_seconds": 0},
+        )
+    )
+    result = run_job(spec, storage_path=tmp_path)
+    assert result.state == "timed_out" and result.error == "ran longer than its timeout of 20s"
+    assert 20 <= result.wall_seconds and result.steps < spec.max_steps
+    # the trainer was stopped before the result was written: no fit thread, no Ray left running
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fit-") and t.is_alive()]
+    assert not local_ray.is_initialized()
+    status = json.loads((tmp_path / result.job_id / "status.json").read_text())
+    assert status["state"] == "timed_out" and status["endpoints"] == []
