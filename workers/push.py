@@ -37,7 +37,6 @@ class Pusher:
         self._status: dict[str, Any] | None = None
         self._events: list[dict[str, Any]] = []
         self.dropped_events = 0
-        self.stop_requested: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"push-{job_id}", daemon=True)
         self._thread.start()
 
@@ -76,7 +75,6 @@ class Pusher:
         if response.status_code != 200:
             log.warning("the service refused progress (%s): %s", response.status_code, response.text[:300])
             return response.status_code in (401, 403, 404, 409, 422)  # retrying cannot help
-        self.stop_requested = response.json().get("stop_requested")
         with self._lock:
             del self._events[: len(events)]
             if self._status is status:
