@@ -3,8 +3,11 @@ every table elsewhere that gives them words or colours covers those names and no
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from dashboards import run, style
-from gradwatch.names import ANOMALIES, JOB_STATES, PHASES, TERMINAL_STATES
+from gradwatch.names import ANOMALIES, JOB_STATES, NONFINITE_KINDS, PHASES, TERMINAL_STATES
 from service import cli_jobs, report, store
 from workers import detectors
 
@@ -25,3 +28,15 @@ def test_the_detectors_hold_every_anomaly_kind_and_no_other():
     monitor = detectors.DynamicsMonitor()
     assert set(monitor.latches) == set(ANOMALIES)
     assert monitor.current_phase in PHASES
+
+
+def test_the_rules_and_boards_name_only_shared_phases_and_kinds():
+    repo = Path(__file__).resolve().parents[1]
+    texts = [(repo / "deploy/prometheus/rules/gradwatch.rules.yml").read_text()]
+    texts += [path.read_text() for path in sorted((repo / "dashboards").glob("*.json"))]
+    text = "\n".join(texts).replace('\\"', '"')
+    kinds = set(re.findall(r'kind="(\w+)"', text))
+    phases = set(re.findall(r'phase="(\w+)"', text))
+    assert kinds and phases
+    assert kinds <= set(ANOMALIES) | set(NONFINITE_KINDS), kinds - set(ANOMALIES)
+    assert phases <= set(PHASES), phases - set(PHASES)
