@@ -35,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     or_,
     select,
     tuple_,
@@ -255,6 +256,7 @@ class Store:
         self.url = url
         self.engine = _make_engine(url)
         Base.metadata.create_all(self.engine)
+        _check_columns(self.engine, url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_session = sessionmaker(self.engine.execution_options(gw_write=True), expire_on_commit=False)
 
@@ -771,6 +773,20 @@ def _make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _check_columns(engine: Engine, url: str) -> None:
+    """Refuse a store whose tables an older gradwatch made (create_all adds tables, never columns)."""
+    found = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in found.get_columns(table.name)}
+        missing = [c.name for c in table.columns if c.name not in have]
+        if missing:
+            where = engine.url.render_as_string(hide_password=True)
+            raise StoreError(
+                f"the store at {where} was made by another gradwatch version: its {table.name} table lacks "
+                f"{', '.join(missing)}. Point GRADWATCH_DATABASE_URL at a new database, or move this one aside"
+            )
 
 
 def _job_for_update(session: Session, job_id: str) -> Job:

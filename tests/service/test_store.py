@@ -14,6 +14,7 @@ from service.store import (
     BadCursor,
     JobNotFound,
     Store,
+    StoreError,
     TransitionRefused,
 )
 from tests.service.fakes import spec
@@ -296,3 +297,15 @@ def test_a_non_finite_loss_in_a_drivers_report_is_stored_on_every_backend(store)
     )
     # events keep theirs: SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name
     assert str(stored.events[0]["loss"]).lower() in ("-inf", "-infinity")
+
+
+def test_a_store_an_older_version_made_is_refused_naming_what_it_lacks(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # a jobs table from before the driver's report had columns of its own
+        db.execute("CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, name VARCHAR(63), progress JSON)")
+    with pytest.raises(StoreError) as info:
+        Store(f"sqlite:///{path}")
+    message = str(info.value)
+    assert "its jobs table lacks" in message and "run_status" in message and "GRADWATCH_DATABASE_URL" in message
