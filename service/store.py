@@ -8,12 +8,11 @@ a transition out of one is refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Collection, Iterable, Iterator
@@ -233,20 +232,19 @@ def demand_of(spec: JobSpec) -> tuple[float, float]:
     return demand["CPU"], demand.get("GPU", 0.0)
 
 
+# A page's end: the last job's creation time and id. Any text of this form is a place in the list.
+CURSOR = r"^[0-9]{1,17}(\.[0-9]{1,17})?(e[-+][0-9]{2})?~[A-Za-z0-9._-]{1,64}$"
+
+
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at, job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{job.created_at!r}~{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        if not isinstance(job_id, str) or not isinstance(created_at, int | float):
-            raise ValueError
-        return float(created_at), job_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it") from None
+    if not re.fullmatch(CURSOR, cursor):
+        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it")
+    created_at, job_id = cursor.split("~", 1)
+    return float(created_at), job_id
 
 
 class Store:
@@ -348,7 +346,7 @@ class Store:
             query = query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
         if name:
             query = query.where(Job.name == name)
-        if cursor:
+        if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             query = query.where(tuple_(*order) < tuple_(created_at, job_id))
         query = query.order_by(order[0].desc(), order[1].desc()).offset(offset).limit(limit + 1)
