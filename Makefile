@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup tools lint format generate check-generated clean bench
+.PHONY: demo test setup tools lint typecheck format generate check-generated clean bench
 
 setup: $(STAMP)
 
@@ -48,9 +48,13 @@ test: setup tools
 
 CODE := gradwatch service workers dashboards deploy tests bench examples
 
-lint: setup
+lint: setup typecheck
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
+
+# mypy over the packages named in pyproject.toml [tool.mypy].
+typecheck: setup
+	$(PY) -m mypy
 
 format: setup
 	$(VENV)/bin/ruff format $(CODE)
@@ -67,4 +71,4 @@ bench: setup
 	$(PY) bench/service_load.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache

@@ -354,6 +354,7 @@ class Store:
                 (k, v): session.scalar(
                     select(func.count()).where(JobLabel.key == k, JobLabel.value == v).select_from(JobLabel)
                 )
+                or 0
                 for k, v in items
             }
         return sorted(items, key=lambda item: counts[item])
@@ -420,11 +421,12 @@ class Store:
             job = _job_for_update(session, job_id)
             if job.state != "running":
                 raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
-            old = job.progress if (job.progress or {}).get("source") == "push" else {}
-            progress = dict(status) if status is not None else dict(old or {})
+            current = job.progress or {}
+            old = current if current.get("source") == "push" else {}
+            progress = dict(status) if status is not None else dict(old)
             progress["source"] = "push"
-            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
-            if result is not None or (old or {}).get("result") is not None:
+            progress["events"] = [*(old.get("events") or []), *events][-keep_events:]
+            if result is not None or old.get("result") is not None:
                 progress["result"] = result if result is not None else old["result"]
             job.progress = progress
             if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
@@ -460,7 +462,7 @@ class Store:
     def count_by_state(self) -> dict[str, int]:
         with self._read() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
         counts.update({state: n for state, n in rows})
         return counts
 
