@@ -2,8 +2,6 @@
 
 from grafana_foundation_sdk.builders import common as common_builder
 from grafana_foundation_sdk.builders import dashboard, stat, statetimeline, table, timeseries
-from grafana_foundation_sdk.cog.builder import Builder
-from grafana_foundation_sdk.cog.variants import Dataquery
 from grafana_foundation_sdk.models.dashboard import (
     DataTransformerConfig,
     DynamicConfigValue,
@@ -70,7 +68,7 @@ _RUN_COLUMNS = {
 
 def runs_table() -> table.Panel:
     """One row per run; job_id links to the run board."""
-    targets: list[Builder[Dataquery]] = [
+    targets = [
         promql(in_view("max by (job_id, name, owner) (gradwatch_job_info)"), ref_id="A", as_table=True),
         promql(in_view("max by (job_id, phase) (gradwatch_phase == 1)"), ref_id="B", as_table=True),
         promql(in_view("avg by (job_id) (gradwatch_loss_ema)"), ref_id="C", as_table=True),

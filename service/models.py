@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.store import Alert, Job, Transition
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
+
+
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 
 
 def iso(ts: float | None) -> str | None:

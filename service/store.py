@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
 
 from gradwatch.ids import new_job_id
-from gradwatch.names import JOB_STATES, TERMINAL_STATES
+from gradwatch.names import JOB_STATES, TERMINAL_STATES, AlertStatus, JobState
 from gradwatch.spec import JobSpec
 from service.auth import new_token_text, split_token
 
@@ -98,7 +98,7 @@ class Job(Base):
     labels: Mapped[dict[str, Any]]
     priority: Mapped[int] = mapped_column(Integer)
     spec: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float]
     started_at: Mapped[float | None]
@@ -144,8 +144,8 @@ class Transition(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[JobState | None] = mapped_column(String(16))
+    to_state: Mapped[JobState] = mapped_column(String(16))
     at: Mapped[float]
     reason: Mapped[str | None] = mapped_column(Text)
 
@@ -157,7 +157,7 @@ class Alert(Base):
     job_id: Mapped[str | None] = mapped_column(String(64))  # no foreign key: alerts may name unknown jobs
     alertname: Mapped[str] = mapped_column(String(200))
     severity: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AlertStatus] = mapped_column(String(16))
     starts_at: Mapped[float]
     ends_at: Mapped[float | None]
     summary: Mapped[str | None] = mapped_column(Text)
@@ -206,7 +206,7 @@ class AlertUpdate:
     """One alert of an Alertmanager notification, already parsed."""
 
     fingerprint: str
-    status: str
+    status: AlertStatus
     starts_at: float
     ends_at: float | None
     labels: dict[str, str]
@@ -421,12 +421,11 @@ class Store:
             job = _job_for_update(session, job_id)
             if job.state != "running":
                 raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
-            current = job.progress or {}
-            old = current if current.get("source") == "push" else {}
-            progress = dict(status) if status is not None else dict(old)
+            old = job.progress if (job.progress or {}).get("source") == "push" else {}
+            progress = dict(status) if status is not None else dict(old or {})
             progress["source"] = "push"
-            progress["events"] = [*(old.get("events") or []), *events][-keep_events:]
-            if result is not None or old.get("result") is not None:
+            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
+            if result is not None or (old or {}).get("result") is not None:
                 progress["result"] = result if result is not None else old["result"]
             job.progress = progress
             if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
@@ -441,7 +440,8 @@ class Store:
         its Ray job needs a stop.
         """
         at = time.time() if now is None else now
-        final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
+        finals: dict[str, JobState] = {"cancel": "cancelled", "timeout": "timed_out"}
+        final = finals[kind]
         with self._write() as session:
             job = _job_for_update(session, job_id)
             if job.state in TERMINAL_STATES:

@@ -368,16 +368,13 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-_printed_step: dict[str, int] = {}  # job id -> the step of its last progress line
-
-
 def _print_listener(update: dict[str, Any]) -> None:
     status = update["status"]
     for event in update["events"]:
         print(f"[{status['job_id']}] {event_line(event)}", flush=True)
     step = status.get("step")
-    if step and step != _printed_step.get(status["job_id"]):
-        _printed_step[status["job_id"]] = step
+    if step and step != getattr(_print_listener, "last", None):
+        _print_listener.last = step  # type: ignore[attr-defined]
         loss = status.get("train_loss")
         print(
             f"[{status['job_id']}] step {step}/{status.get('max_steps')} loss "
