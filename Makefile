@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup tools lint typecheck format generate check-generated clean bench
+.PHONY: demo test setup tools lint format generate check-generated clean bench
 
 setup: $(STAMP)
 
@@ -53,6 +53,7 @@ lint: setup typecheck
 	$(VENV)/bin/ruff format --check $(CODE)
 
 # mypy over the packages named in pyproject.toml [tool.mypy].
+.PHONY: typecheck
 typecheck: setup
 	$(PY) -m mypy
 
