@@ -12,7 +12,7 @@ import asyncio
 import codecs
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError, WithJsonSchema
 
@@ -178,7 +178,7 @@ _SPEC_BODY = {
 )
 async def submit_job(
     request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter, _: JsonOrYaml
-) -> JobDetail:
+) -> JobDetail | JSONResponse:
     """Validate a spec and queue the job as the token's user; a bad spec is refused with every error
     and nothing is stored."""
     settings: Settings = request.app.state.settings
@@ -418,7 +418,7 @@ class JobStateCollector(Collector):
         self.store = store
         self.keep_ended_s = keep_ended_s
 
-    def collect(self):  # type: ignore[override]
+    def collect(self) -> Iterator[Metric]:
         jobs_by_state = GaugeMetricFamily("gradwatch_jobs", "Jobs in the store by state.", labels=["state"])
         for state, n in self.store.count_by_state().items():
             jobs_by_state.add_metric([state], n)
