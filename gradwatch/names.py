@@ -12,6 +12,9 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "tim
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 TERMINAL_STATES: frozenset[str] = frozenset(JOB_STATES) - {"queued", "running"}
 
+# ---- alerts (Alertmanager's statuses)
+AlertStatus = Literal["firing", "resolved"]
+
 # ---- training dynamics (the detectors' vocabulary, exported as metric labels)
 PHASES: tuple[str, ...] = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
 ANOMALIES: tuple[str, ...] = (

@@ -636,7 +636,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     nodes = 0
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])
@@ -679,6 +679,30 @@ def parse_text(text: str | bytes) -> dict[str, Any]:
         raise SpecError([f"<spec>: a value YAML cannot read: {exc}".replace("\n", " ")]) from None
     if not isinstance(data, dict):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(data).__name__}"])
+    return _join_surrogates(data)
+
+
+def _join_surrogates(data: Any) -> Any:
+    """YAML reads the JSON escape of a character beyond U+FFFF (`\\ud83d\\ude00`) as two lone surrogates:
+    join each such pair into its character, as a JSON parser does. Iterative, like control_characters."""
+
+    def joined(text: Any) -> Any:
+        if not isinstance(text, str) or not any("\ud800" <= c <= "\udfff" for c in text):
+            return text
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            value.clear()
+            for key, item in items:
+                value[joined(key)] = joined(item)
+                stack.append(item)
+        elif isinstance(value, list):
+            value[:] = [joined(item) for item in value]
+            stack.extend(value)
     return data
 
 

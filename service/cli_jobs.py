@@ -17,7 +17,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -426,7 +426,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(str(exc))
 
 
-def _fail(message: str) -> Any:
+def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {_e(message)}")
     raise typer.Exit(1)
 

@@ -153,7 +153,7 @@ class RayCluster:
             if self._client is None:
                 from ray.job_submission import JobSubmissionClient  # imports ray: only when used
 
-                class _Client(JobSubmissionClient):  # type: ignore[misc]
+                class _Client(JobSubmissionClient):
                     # The SDK sets no timeout: a draining dashboard would hang the scheduler.
                     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
                         slow = method == "POST" and endpoint == "/api/jobs/"

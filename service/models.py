@@ -4,7 +4,7 @@ status and result, which these answers show, in gradwatch/status.py)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -13,6 +13,12 @@ from gradwatch.status import Endpoint, LostNode, RunStatus
 from service.store import Alert, Job, Transition
 
 State = JobState
+
+
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 
 
 def iso(ts: float | None) -> str | None:

@@ -8,12 +8,11 @@ a transition out of one is refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Collection, Iterable, Iterator
@@ -45,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
 
 from gradwatch.ids import new_job_id
-from gradwatch.names import JOB_STATES, TERMINAL_STATES
+from gradwatch.names import JOB_STATES, TERMINAL_STATES, AlertStatus, JobState
 from gradwatch.spec import JobSpec
 from gradwatch.status import RunResult, RunStatus
 from service.auth import new_token_text, split_token
@@ -100,7 +99,7 @@ class Job(Base):
     labels: Mapped[dict[str, Any]]
     priority: Mapped[int] = mapped_column(Integer)
     spec: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float]
     started_at: Mapped[float | None]
@@ -157,8 +156,8 @@ class Transition(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[JobState | None] = mapped_column(String(16))
+    to_state: Mapped[JobState] = mapped_column(String(16))
     at: Mapped[float]
     reason: Mapped[str | None] = mapped_column(Text)
 
@@ -170,7 +169,7 @@ class Alert(Base):
     job_id: Mapped[str | None] = mapped_column(String(64))  # no foreign key: alerts may name unknown jobs
     alertname: Mapped[str] = mapped_column(String(200))
     severity: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AlertStatus] = mapped_column(String(16))
     starts_at: Mapped[float]
     ends_at: Mapped[float | None]
     summary: Mapped[str | None] = mapped_column(Text)
@@ -219,7 +218,7 @@ class AlertUpdate:
     """One alert of an Alertmanager notification, already parsed."""
 
     fingerprint: str
-    status: str
+    status: AlertStatus
     starts_at: float
     ends_at: float | None
     labels: dict[str, str]
@@ -233,20 +232,19 @@ def demand_of(spec: JobSpec) -> tuple[float, float]:
     return demand["CPU"], demand.get("GPU", 0.0)
 
 
+# A page's end: the last job's creation time and id. Any text of this form is a place in the list.
+CURSOR = r"^[0-9]{1,17}(\.[0-9]{1,17})?(e[-+][0-9]{2})?~[A-Za-z0-9._-]{1,64}$"
+
+
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at, job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{job.created_at!r}~{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        if not isinstance(job_id, str) or not isinstance(created_at, int | float):
-            raise ValueError
-        return float(created_at), job_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it") from None
+    if not re.fullmatch(CURSOR, cursor):
+        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it")
+    created_at, job_id = cursor.split("~", 1)
+    return float(created_at), job_id
 
 
 class Store:
@@ -348,7 +346,7 @@ class Store:
             query = query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
         if name:
             query = query.where(Job.name == name)
-        if cursor:
+        if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             query = query.where(tuple_(*order) < tuple_(created_at, job_id))
         query = query.order_by(order[0].desc(), order[1].desc()).offset(offset).limit(limit + 1)
@@ -368,6 +366,7 @@ class Store:
                 (k, v): session.scalar(
                     select(func.count()).where(JobLabel.key == k, JobLabel.value == v).select_from(JobLabel)
                 )
+                or 0
                 for k, v in items
             }
         return sorted(items, key=lambda item: counts[item])
@@ -451,7 +450,8 @@ class Store:
         its Ray job needs a stop.
         """
         at = time.time() if now is None else now
-        final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
+        finals: dict[str, JobState] = {"cancel": "cancelled", "timeout": "timed_out"}
+        final = finals[kind]
         with self._write() as session:
             job = _job_for_update(session, job_id)
             if job.state in TERMINAL_STATES:
@@ -472,7 +472,7 @@ class Store:
     def count_by_state(self) -> dict[str, int]:
         with self._read() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
         counts.update({state: n for state, n in rows})
         return counts
 

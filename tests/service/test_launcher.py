@@ -217,7 +217,7 @@ def test_an_unreachable_cluster_keeps_jobs_as_they_are(settings, store):
 
 
 def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
-    import time
+    from tests.promstack import wait_for
 
     cluster = FakeCluster()
     launcher = Launcher(store, settings, cluster)
@@ -225,11 +225,12 @@ def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
     try:
         job = submit(store, "threaded", steps=2)
         launcher.wake()
-        deadline = time.time() + 10
-        while state(store, job) != "succeeded" and time.time() < deadline:
-            cluster.advance()
-            time.sleep(0.05)
-        assert state(store, job) == "succeeded"
+
+        def succeeded() -> bool:
+            cluster.advance()  # the fake Ray's clock: one step each time the condition is polled
+            return state(store, job) == "succeeded"
+
+        wait_for(succeeded, timeout=10, interval=0.05, what="the threaded job to succeed")
     finally:
         launcher.shutdown()
     assert not launcher.running
