@@ -364,9 +364,11 @@ class JobSpec(Strict):
             "anyOf": [
                 {"type": "number", "exclusiveMinimum": 0},
                 {
-                    "type": "string",  # unambiguous, so no exponential backtracking
-                    "pattern": r"^(?=\s*\d)\s*(\d+(\.\d+)?\s*[dhms]\s*)*"
-                    r"(\d+(\.\d+)?\s*)?$",
+                    # what parse_duration reads: a number, or d, h, m, s each at most once and in that
+                    # order; unambiguous (each part starts with a digit), so no exponential backtracking
+                    "type": "string",
+                    "pattern": r"^(?=\s*\d)(?:\s*\d+(\.\d+)?\s*|\s*(\d+(\.\d+)?\s*d\s*)?(\d+(\.\d+)?\s*h\s*)?"
+                    r"(\d+(\.\d+)?\s*m\s*)?(\d+(\.\d+)?\s*s\s*)?)$",
                 },
                 {"type": "null"},
             ]
