@@ -584,6 +584,26 @@ def parse_duration(text: str) -> float:
     return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds in the largest whole unit: 7200 -> '2h', 1800 -> '30m', 90 -> '90s'."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def overran(timeout: float | None, elapsed: float) -> str | None:
+    """Why a job that has run `elapsed` seconds must stop for its `timeout`; None while it may go on.
+
+    One clock per job: under the service the launcher's, from the submit to Ray (the job's
+    `started_at`); under `gradwatch run` the driver's, from its start.
+    """
+    if timeout is None or elapsed <= timeout:
+        return None
+    return f"ran longer than its timeout of {format_duration(timeout)}"
+
+
 def check_import_path(value: str, info: ValidationInfo) -> str:
     """Validate a `module:factory` path; import it unless the caller said not to.
 
@@ -616,7 +636,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     nodes = 0
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])
@@ -659,6 +679,30 @@ def parse_text(text: str | bytes) -> dict[str, Any]:
         raise SpecError([f"<spec>: a value YAML cannot read: {exc}".replace("\n", " ")]) from None
     if not isinstance(data, dict):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(data).__name__}"])
+    return _join_surrogates(data)
+
+
+def _join_surrogates(data: Any) -> Any:
+    """YAML reads the JSON escape of a character beyond U+FFFF (`\\ud83d\\ude00`) as two lone surrogates:
+    join each such pair into its character, as a JSON parser does. Iterative, like control_characters."""
+
+    def joined(text: Any) -> Any:
+        if not isinstance(text, str) or not any("\ud800" <= c <= "\udfff" for c in text):
+            return text
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            value.clear()
+            for key, item in items:
+                value[joined(key)] = joined(item)
+                stack.append(item)
+        elif isinstance(value, list):
+            value[:] = [joined(item) for item in value]
+            stack.extend(value)
     return data
 
 
