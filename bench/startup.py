@@ -76,7 +76,7 @@ def plain_train(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     from sklearn.datasets import load_digits
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     rank = ray.train.get_context().get_world_rank()
     digits = load_digits()
@@ -105,7 +105,8 @@ def plain_train(config: dict[str, Any]) -> None:
     if log and checkpoint is not None:  # as gradwatch's history marks a restart
         log.write(json.dumps({"step": step, "event": "restart", "time": time.time()}) + "\n")
     while step < config["max_steps"]:
-        loader.sampler.set_epoch(epoch)
+        if isinstance(loader.sampler, DistributedSampler):  # prepare_data_loader's, with 2 workers
+            loader.sampler.set_epoch(epoch)
         for xb, yb in loader:
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
             optimizer.zero_grad()
@@ -245,6 +246,13 @@ class Bench:
         os.kill(pid, signal.SIGKILL)
         return killed
 
+    def ray_job_start(self, submission_id: str) -> float:
+        """When Ray started the job (its own record), as a Unix time."""
+        started = self.jobs.get_job_info(submission_id).start_time
+        if started is None:
+            raise RuntimeError(f"Ray has no start time for job {submission_id}")
+        return started / 1000
+
     # ---- one run of either kind
     def measure(
         self, steps_file: Path, run_dir: Path, submitted: float, ray_job_id: Any, running: Any
@@ -279,9 +287,9 @@ class Bench:
         submitted = time.time()
         job = client.submit(SPEC)
         run_dir = self.runs_dir / job["id"]
-        ray_job = {}
+        ray_job: dict[str, str | None] = {}
 
-        def ray_job_id() -> str:
+        def ray_job_id() -> str | None:
             if "id" not in ray_job:
                 ray_job["id"] = self.jobs.get_job_info(job["id"]).job_id
             return ray_job["id"]
@@ -290,7 +298,7 @@ class Bench:
             return client.get(job["id"])["state"] in ("queued", "running")
 
         figures = self.measure(run_dir / "history.jsonl", run_dir, submitted, ray_job_id, running)
-        figures["ray_job_start_s"] = self.jobs.get_job_info(job["id"]).start_time / 1000 - submitted
+        figures["ray_job_start_s"] = self.ray_job_start(job["id"]) - submitted
         ended = client.wait(job["id"], timeout=600, poll=0.5)
         if ended["state"] != "succeeded":
             raise RuntimeError(f"gradwatch job {job['id']} ended {ended['state']}: {ended.get('reason')}")
@@ -330,7 +338,7 @@ class Bench:
         figures = self.measure(
             Path(config["steps_file"]), run_dir, submitted, lambda: self.jobs.get_job_info(sid).job_id, running
         )
-        figures["ray_job_start_s"] = self.jobs.get_job_info(sid).start_time / 1000 - submitted
+        figures["ray_job_start_s"] = self.ray_job_start(sid) - submitted
         from tests.promstack import wait_for
 
         wait_for(lambda: not running(), timeout=600, interval=0.5, what=f"plain job {sid} to end")
