@@ -26,7 +26,7 @@ after the run, so no polling delay enters a figure.
   names one), the newest live `RayTrainWorker` process of the run (Ray's state API) gets SIGKILL;
   from the kill to the end of the first step after it.
 
-    .venv/bin/python bench/startup.py                   # 3 repeats: 8-13 minutes on a busy 2-core machine
+    .venv/bin/python bench/startup.py                   # 3 repeats: 7-14 minutes on a shared 2-core machine
     .venv/bin/python bench/startup.py --repeats 5 --json
 
 Goals: start-up <= plain + 2 s and resume <= plain + 2 s (medians). The last line is
