@@ -146,9 +146,6 @@ def job_spec_schema(settings: Settings) -> dict[str, Any]:
         "description": "Set by the service: the user of the token that submits the job. A spec may repeat "
         "that name; any other is refused.",
     }
-    for alternative in schema["properties"]["timeout"]["anyOf"]:
-        if "pattern" in alternative:  # a duration of 0 is refused like the number 0
-            alternative["pattern"] = alternative["pattern"].replace("^", "^(?=[^1-9]*[1-9])", 1)
     _plain_text(schema)
     schema["allOf"] = _cross_field(user_code)
     memory = settings.worker_memory_bytes or DEFAULT_WORKER_MEMORY_BYTES
