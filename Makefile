@@ -56,9 +56,14 @@ test-alone: setup tools
 
 CODE := gradwatch service workers dashboards deploy tests bench examples
 
-lint: setup
+lint: setup typecheck
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
+
+# mypy over the packages named in pyproject.toml [tool.mypy].
+.PHONY: typecheck
+typecheck: setup
+	$(PY) -m mypy
 
 format: setup
 	$(VENV)/bin/ruff format $(CODE)
@@ -75,4 +80,4 @@ bench: setup
 	$(PY) bench/service_load.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache

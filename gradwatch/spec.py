@@ -585,6 +585,26 @@ def parse_duration(text: str) -> float:
     return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds in the largest whole unit: 7200 -> '2h', 1800 -> '30m', 90 -> '90s'."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def overran(timeout: float | None, elapsed: float) -> str | None:
+    """Why a job that has run `elapsed` seconds must stop for its `timeout`; None while it may go on.
+
+    One clock per job: under the service the launcher's, from the submit to Ray (the job's
+    `started_at`); under `gradwatch run` the driver's, from its start.
+    """
+    if timeout is None or elapsed <= timeout:
+        return None
+    return f"ran longer than its timeout of {format_duration(timeout)}"
+
+
 def check_import_path(value: str, info: ValidationInfo) -> str:
     """Validate a `module:factory` path; import it unless the caller said not to.
 
@@ -617,7 +637,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     nodes = 0
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])

@@ -12,7 +12,7 @@ import asyncio
 import codecs
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -23,12 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError, WithJsonSchema
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import SpecError, load_spec
+from gradwatch.status import target_groups
 from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
@@ -177,7 +178,7 @@ _SPEC_BODY = {
 )
 async def submit_job(
     request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter, _: JsonOrYaml
-) -> JobDetail:
+) -> JobDetail | JSONResponse:
     """Validate a spec and queue the job as the token's user; a bad spec is refused with every error
     and nothing is stored."""
     settings: Settings = request.app.state.settings
@@ -344,19 +345,12 @@ targets = APIRouter(tags=["prometheus"], responses=ERRORS)
 @targets.get("/v1/targets", response_model=list[TargetGroup])
 def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:read")]) -> list[TargetGroup]:
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
-    groups = []
-    for job in store.jobs_in("running"):
-        for endpoint in (job.progress or {}).get("endpoints") or []:
-            try:
-                host, port, rank = str(endpoint["host"]), int(endpoint["port"]), int(endpoint["rank"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            host = f"[{host}]" if ":" in host else host
-            labels = {"job_id": job.id, "rank": str(rank)}
-            if endpoint.get("node"):
-                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
-            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
-    return groups
+    return [
+        TargetGroup.model_validate(group)
+        for job in store.jobs_in("running")
+        if (status := job.last_status()) is not None
+        for group in target_groups(job.id, status.endpoints)
+    ]
 
 
 # ------------------------------------------------------------------- alerts
@@ -424,7 +418,7 @@ class JobStateCollector(Collector):
         self.store = store
         self.keep_ended_s = keep_ended_s
 
-    def collect(self):  # type: ignore[override]
+    def collect(self) -> Iterator[Metric]:
         jobs_by_state = GaugeMetricFamily("gradwatch_jobs", "Jobs in the store by state.", labels=["state"])
         for state, n in self.store.count_by_state().items():
             jobs_by_state.add_metric([state], n)

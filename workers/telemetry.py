@@ -26,7 +26,7 @@ from gradwatch.status import event_line
 from workers.board import BoardClient
 from workers.detectors import DynamicsMonitor
 from workers.gns import GradientNoiseScale, group_layers
-from workers.metrics import WorkerMetrics
+from workers.metrics import JobSeries, WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
 
@@ -95,7 +95,8 @@ class Telemetry:
         self.batch_size = spec.batch_size
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
-        self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
+        if self.metrics.job is not None:
+            self.metrics.job.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self.monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
@@ -105,10 +106,26 @@ class Telemetry:
         # Each rank's own step time, one line per measured step (the history is rank 0's alone).
         self.step_times = history_path.with_name(f"steps-rank{rank}.jsonl").open("a") if history_path else None
         self._unlogged = [0.0, 0]  # step seconds and steps since the last line of step_times
-        self._labels = labels = (job_id, str(rank))
-        m = self.metrics
-        # The per-step series' labelled children, looked up once: the step path only sets values.
-        self._children = SimpleNamespace(
+        self._labels = (job_id, str(rank))
+        self._children = self._step_children()
+        self._server = None
+        self.endpoint: tuple[str, int] | None = None
+        self.last: dict[str, Any] = {}
+        self._group_layers(model, device)
+        self._before: list[torch.Tensor] | None = None
+        self._layer_gauges: list[tuple[str, Any, Any, Any]] | None = None
+        self.hook: LocalNormHook | None = None
+        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            self.hook = LocalNormHook(device, world_size)
+            model.register_comm_hook(self.hook, LocalNormHook.hook)
+        self.measuring = False
+        if self.metrics.job is not None:
+            self.metrics.job.global_batch.labels(job_id).set(spec.batch_size * world_size)
+
+    def _step_children(self) -> SimpleNamespace:
+        """The per-step series' labelled children, looked up once: the step path only sets values."""
+        m, labels = self.metrics, self._labels
+        return SimpleNamespace(
             step=m.step.labels(*labels),
             epoch=m.epoch.labels(*labels),
             loss=m.loss.labels(*labels, "train"),
@@ -120,25 +137,15 @@ class Telemetry:
             nonfinite_grad=m.nonfinite.labels(*labels, "grad"),
             skipped=m.skipped_steps.labels(*labels),
         )
-        self._server = None
-        self.endpoint: tuple[str, int] | None = None
-        self.last: dict[str, Any] = {}
 
+    def _group_layers(self, model: torch.nn.Module, device: torch.device) -> None:
+        """The trained parameters, and the at most `max_layers` layer groups their norms are reported by."""
         inner = model.module if hasattr(model, "module") else model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         groups = group_layers([n for n, _ in named], self.cfg.max_layers)
         self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
         self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
-        self._before: list[torch.Tensor] | None = None
-        self._layer_gauges: list[tuple[str, Any, Any, Any]] | None = None
-        self.hook: LocalNormHook | None = None
-        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.hook = LocalNormHook(device, world_size)
-            model.register_comm_hook(self.hook, LocalNormHook.hook)
-        self.measuring = False
-        if self.metrics.rank0:
-            self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
 
     # ------------------------------------------------------------ detectors
     def detector_state(self) -> str:
@@ -317,30 +324,8 @@ class Telemetry:
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
         self.monitor.observe_gradients(step, grad_norm, layer_grad, layer_update)
 
-        m, labels = self.metrics, self._labels
-        m.local_grad_norm.labels(*labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
-        if m.rank0:
-            job = labels[0]
-            m.grad_norm.labels(job).set(grad_norm)
-            m.weight_norm.labels(job).set(weight_norm)
-            m.learning_rate.labels(job).set(lr)
-            if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
-                self._layer_gauges = [
-                    (
-                        name,
-                        m.layer_grad_norm.labels(job, name),
-                        m.layer_weight_norm.labels(job, name),
-                        m.layer_update_ratio.labels(job, name),
-                    )
-                    for name in self.layer_names
-                ]
-            for name, grad_gauge, weight_gauge, update_gauge in self._layer_gauges:
-                grad_gauge.set(layer_grad[name])
-                weight_gauge.set(layer_weight[name])
-                update_gauge.set(layer_update[name])
-            if noise_scale is not None:
-                m.noise_scale.labels(job).set(noise_scale)
-        return {
+        self.metrics.local_grad_norm.labels(*self._labels).set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
+        measured = {
             "weight_norm": weight_norm,
             "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
             "gradient_noise_scale": noise_scale,
@@ -349,6 +334,32 @@ class Telemetry:
             "layer_weight_norm": layer_weight,
             "layer_update_ratio": layer_update,
         }
+        if self.metrics.job is not None:
+            self._set_job_gauges(self.metrics.job, grad_norm, lr, measured)
+        return measured
+
+    def _set_job_gauges(self, series: JobSeries, grad_norm: float, lr: float, measured: dict[str, Any]) -> None:
+        """Rank 0: the global norms, learning rate, per-layer norms and noise scale of a measured step."""
+        job = self._labels[0]
+        series.grad_norm.labels(job).set(grad_norm)
+        series.weight_norm.labels(job).set(measured["weight_norm"])
+        series.learning_rate.labels(job).set(lr)
+        if self._layer_gauges is None:  # look the labelled children up once, at the first measured step
+            self._layer_gauges = [
+                (
+                    name,
+                    series.layer_grad_norm.labels(job, name),
+                    series.layer_weight_norm.labels(job, name),
+                    series.layer_update_ratio.labels(job, name),
+                )
+                for name in self.layer_names
+            ]
+        for name, grad_gauge, weight_gauge, update_gauge in self._layer_gauges:
+            grad_gauge.set(measured["layer_grad_norm"][name])
+            weight_gauge.set(measured["layer_weight_norm"][name])
+            update_gauge.set(measured["layer_update_ratio"][name])
+        if measured["gradient_noise_scale"] is not None:
+            series.noise_scale.labels(job).set(measured["gradient_noise_scale"])
 
     def observe_validation(self, step: int, val_loss: float, val_accuracy: float | None) -> list[dict[str, Any]]:
         m, labels = self.metrics, self._labels
@@ -369,14 +380,14 @@ class Telemetry:
     def _publish(self, step: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
         m = self.metrics
         events = [e if isinstance(e, dict) else e.__dict__ for e in self.monitor.events()]
-        if m.rank0:
+        if m.job is not None:
             if events or self._gauges_stale:  # phase and anomalies change only with an event
-                m.set_phase(self.monitor.phase)
-                m.set_anomalies(self.monitor.anomalies)
+                m.job.set_phase(self.monitor.phase)
+                m.job.set_anomalies(self.monitor.anomalies)
                 self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
-                    m.anomaly_raised.labels(m.job_id, event["name"]).inc()
+                    m.job.anomaly_raised.labels(m.job_id, event["name"]).inc()
                 log.warning("%s", event_line(event))
                 if self.board:
                     self.board.post_event({**event, "job_rank": self.rank})

@@ -48,12 +48,12 @@ def test_a_job_runs_to_success_with_its_progress_logs_and_spec_file(settings, st
     cluster.advance(2)  # placed, step 1
     launcher.tick()
     running = store.get_job(job.id)
-    assert running.progress["step"] == 1 and len(running.progress["endpoints"]) == 2
+    assert running.last_status().step == 1 and len(running.last_status().endpoints) == 2
     cluster.advance(3)
     launcher.tick()
     done = store.get_job(job.id)
     assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
-    assert done.progress["endpoints"] == []
+    assert done.last_status().endpoints == [] and done.last_status().state == "succeeded"
     assert "step 3/3" in launcher.logs(done)
     assert (settings.jobs_dir / job.id / "driver.log").exists()
 
