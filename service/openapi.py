@@ -215,6 +215,7 @@ def _cross_field(user_code: bool) -> list[dict[str, Any]]:
         has(
             model=name_in("cnn"),
             data={
+                "type": "object",
                 "properties": {"name": {"const": "digits"}, "as_images": {"const": True}},
                 "required": ["name", "as_images"],
             },

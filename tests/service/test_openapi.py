@@ -62,6 +62,7 @@ def test_the_spec_schema_states_the_rules_between_fields(api):
     assert not valid({**base, "max_steps": 10, "precision": "bf16"})
     assert not valid({**base, "max_steps": 10, "model": {"name": "cnn"}})  # digits as images only
     assert not valid({"name": "ok", "max_steps": 10, "model": {"name": "mlp"}})  # no data
+    assert not valid({"name": "ok", "max_steps": 10, "model": {"name": "cnn"}, "data": None})
     assert not valid({**base, "max_steps": 10, "model": {"name": "pkg.mod:factory"}})  # user code is off here
     assert not valid({**base, "max_steps": 10, "labels": {"team": "a\x1bb"}})
     assert api.post("/v1/jobs", json=base, headers=AUTH).status_code == 422
