@@ -64,7 +64,31 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in item.items():
             if method in METHODS:
                 _errors_of(path, operation, settings)
+                for media in operation.get("requestBody", {}).get("content", {}).values():
+                    _hoist_defs(media.get("schema", {}), components)
     return schema
+
+
+def _hoist_defs(body: dict[str, Any], components: dict[str, Any]) -> None:
+    """A request body given as a model's own JSON schema: its `$defs` move to the components, where its
+    `#/$defs/...` references (relative to a root the document does not have) can reach them."""
+    for name, definition in body.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    _point_refs(body, components)
+    for name in list(components):
+        _point_refs(components[name], components)
+
+
+def _point_refs(node: Any, components: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node["$ref"] = "#/components/schemas/" + ref.removeprefix("#/$defs/")
+        for value in node.values():
+            _point_refs(value, components)
+    elif isinstance(node, list):
+        for value in node:
+            _point_refs(value, components)
 
 
 def allowed_methods(schema: dict[str, Any], path: str) -> list[str]:
