@@ -271,7 +271,7 @@ def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
 @jobs.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 429: {"model": ErrorOut}},
 )
 async def job_logs(
     job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, _: Reader, follow: bool = False
