@@ -46,6 +46,13 @@ _DURATION = re.compile(
     r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
     r"(?:(\d+(?:\.\d+)?)\s*s)?$"
 )
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+# What parse_duration reads, as one pattern for the JSON schema: a number of seconds or the units in
+# order, with a digit other than 0 somewhere (a timeout of 0 is refused). Unambiguous, so linear time.
+DURATION_PATTERN = (
+    r"^(?=[^1-9]*[1-9])\s*(?:\d+(?:\.\d+)?|(?:\d+(?:\.\d+)?\s*d\s*)?(?:\d+(?:\.\d+)?\s*h\s*)?"
+    r"(?:\d+(?:\.\d+)?\s*m\s*)?(?:\d+(?:\.\d+)?\s*s)?)\s*$"
+)
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -363,13 +370,7 @@ class JobSpec(Strict):
         json_schema_extra={
             "anyOf": [
                 {"type": "number", "exclusiveMinimum": 0},
-                {
-                    # what parse_duration reads: a number, or d, h, m, s each at most once and in that
-                    # order; unambiguous (each part starts with a digit), so no exponential backtracking
-                    "type": "string",
-                    "pattern": r"^(?=\s*\d)(?:\s*\d+(\.\d+)?\s*|\s*(\d+(\.\d+)?\s*d\s*)?(\d+(\.\d+)?\s*h\s*)?"
-                    r"(\d+(\.\d+)?\s*m\s*)?(\d+(\.\d+)?\s*s\s*)?)$",
-                },
+                {"type": "string", "pattern": DURATION_PATTERN},
                 {"type": "null"},
             ]
         },
@@ -575,10 +576,8 @@ def check_data_path(value: str, info: ValidationInfo) -> str:
 def parse_duration(text: str) -> float:
     """'2h', '1h30m', '45s', '90' -> seconds."""
     text = text.strip()
-    try:
+    if _NUMBER.match(text):
         return float(text)
-    except ValueError:
-        pass
     match = _DURATION.match(text)
     if not text or not match or not any(match.groups()):
         raise ValueError(f"not a duration: use e.g. '90s', '30m', '2h' or '1h30m', got {text!r}")

@@ -271,7 +271,7 @@ def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
 @jobs.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 429: {"model": ErrorOut}},
 )
 async def job_logs(
     job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, _: Reader, follow: bool = False
@@ -617,7 +617,7 @@ def create_app(
         finally:
             launcher.shutdown()
 
-    app = FastAPI(
+    app = _App(
         title="gradwatch",
         version="0.1.0",
         lifespan=lifespan,
@@ -674,11 +674,13 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestGuard, host_names=settings.host_names)
     app.add_middleware(RequestMetrics, registry=registry)
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = openapi_document(app, settings)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class _App(FastAPI):
+    """The service's app: its OpenAPI document is service/openapi.py's, for the settings it runs with."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = openapi_document(self, self.state.settings)
+        return self.openapi_schema

@@ -166,6 +166,10 @@ class RayCluster:
                     raise ClusterUnavailable(f"cannot reach Ray at {self.address}: {exc}") from None
             return self._client
 
+    def connect(self) -> None:
+        """Build the Jobs client now (it imports Ray: seconds on a busy host) rather than at the first submit."""
+        self._jobs()
+
     def _get(self, path: str, **params: Any) -> Any:
         try:
             response = self._http.get(path, params=params)
@@ -293,6 +297,12 @@ class Launcher:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        connect = getattr(self.cluster, "connect", None)
+        if connect is not None:  # so the first job does not wait for it
+            try:
+                connect()
+            except ClusterUnavailable:
+                pass  # the first submit tries again
         # The first pass is the reconciliation: jobs the store says are running are looked up in Ray.
         while not self._stop_event.is_set():
             try:

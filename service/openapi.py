@@ -25,8 +25,9 @@ from service.settings import Settings
 # and no lone surrogate (no UTF-8 text holds one). The range's ends are the characters themselves.
 PLAIN_TEXT = "^[\\t\\n -~\u00a0-\ud7ff\ue000-\U0010ffff]*$"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-# The relations between fields no JSON schema can state; the service refuses a spec that breaks one
-# with 422, and its error line begins with the words quoted here.
+# The rules between fields this document says in words only: no JSON schema states the last three, and
+# n_embd's (one alternative per head count) is past what generators of test data can read. The service
+# refuses a spec that breaks one with 422 and an error line that says which.
 UNSTATED_RULES = (
     "model.n_embd must be a multiple of model.n_head",
     "schedule.warmup_steps must be less than max_steps",
@@ -35,7 +36,7 @@ UNSTATED_RULES = (
     "activations) must fit this server's worker memory",
 )
 ERROR_TEXT = {
-    400: "A Content-Length that is not a number.",
+    400: "A Content-Length header that is not a number.",
     401: "No bearer token, or one this server does not know (`WWW-Authenticate: Bearer`).",
     403: "The token lacks the route's scope, or the request came with a Host this server does not answer "
     "to, a cross-site Sec-Fetch-Site or a foreign Origin.",
@@ -62,8 +63,32 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             if method in METHODS:
-                _errors_of(path, method, operation, settings)
+                _errors_of(path, operation, settings)
+                for media in operation.get("requestBody", {}).get("content", {}).values():
+                    _hoist_defs(media.get("schema", {}), components)
     return schema
+
+
+def _hoist_defs(body: dict[str, Any], components: dict[str, Any]) -> None:
+    """A request body given as a model's own JSON schema: its `$defs` move to the components, where its
+    `#/$defs/...` references (relative to a root the document does not have) can reach them."""
+    for name, definition in body.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    _point_refs(body, components)
+    for name in list(components):
+        _point_refs(components[name], components)
+
+
+def _point_refs(node: Any, components: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node["$ref"] = "#/components/schemas/" + ref.removeprefix("#/$defs/")
+        for value in node.values():
+            _point_refs(value, components)
+    elif isinstance(node, list):
+        for value in node:
+            _point_refs(value, components)
 
 
 def allowed_methods(schema: dict[str, Any], path: str) -> list[str]:
@@ -89,17 +114,17 @@ def _add_model(components: dict[str, Any], name: str, model_schema: dict[str, An
     components[name] = model_schema
 
 
-def _errors_of(path: str, method: str, operation: dict[str, Any], settings: Settings) -> None:
+def _errors_of(path: str, operation: dict[str, Any], settings: Settings) -> None:
     """Every error code `operation` can answer, each with its real body, as JSON."""
     responses = operation.setdefault("responses", {})
     codes = {int(code) for code in responses if code.isdigit() and int(code) >= 400}
-    codes.add(403)  # the Host/Origin guard answers before any route
+    codes |= {400, 403}  # the body limit and the Host/Origin guard answer before any route
     if "security" in operation:
         codes |= {401, 403}
     if "{job_id}" in path:
         codes.add(404)
     if "requestBody" in operation:
-        codes |= {400, 413, 422}
+        codes |= {413, 422}
     for code in sorted(codes):
         body = "RequestErrorsOut" if code == 422 else "ErrorOut"
         text = ERROR_TEXT.get(code, "Refused.")
@@ -122,17 +147,16 @@ def job_spec_schema(settings: Settings) -> dict[str, Any]:
             defs.pop(name)
         _drop_refs(schema, {"CustomModel", "CustomData", "EntrypointTrain"})
     text_path = defs["TextData"]["properties"]["path"]
-    roots = [str(root).rstrip("/") or "/" for root in settings.data_root_paths]
-    if user_code:
-        pass
-    elif not roots:
+    roots = [str(root).rstrip("/") for root in settings.data_root_paths]
+    if not user_code and not roots:
         text_path["anyOf"] = [{"type": "null"}]
         text_path["description"] = "This server reads no files named in specs: leave it out for the bundled corpus."
-    else:
-        # An absolute path under a root, no `..` segment (`.` and `//` are normalised away).
-        segment = r"(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+|\.|)"
+    elif not user_code:
+        # An absolute path under a root, no `..` segment (`.` and `//` are normalised away), plain text.
+        char, not_dot = PLAIN_TEXT[1:-2].replace(" -~", " -.0-~"), PLAIN_TEXT[1:-2].replace(" -~", " -\\-0-~")
+        segment = f"(?:{not_dot}{char}*|\\.{not_dot}{char}*|\\.\\.{char}+|\\.|)"
         under = "|".join(re.escape(root) for root in roots)
-        text_path["anyOf"][0]["pattern"] = f"^(?:{under})(?:/{segment})*$"
+        text_path["anyOf"][0]["pattern"] = f"^(?:{under})(?:/{segment}){'+' if '' in roots else '*'}$"
     defs["OptimizerSpec"]["properties"]["betas"]["prefixItems"] = [
         {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
     ] * 2
@@ -146,9 +170,6 @@ def job_spec_schema(settings: Settings) -> dict[str, Any]:
         "description": "Set by the service: the user of the token that submits the job. A spec may repeat "
         "that name; any other is refused.",
     }
-    for alternative in schema["properties"]["timeout"]["anyOf"]:
-        if "pattern" in alternative:  # a duration of 0 is refused like the number 0
-            alternative["pattern"] = alternative["pattern"].replace("^", "^(?=[^1-9]*[1-9])", 1)
     _plain_text(schema)
     schema["allOf"] = _cross_field(user_code)
     memory = settings.worker_memory_bytes or DEFAULT_WORKER_MEMORY_BYTES

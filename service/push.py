@@ -45,26 +45,7 @@ def _store(request: Request) -> Store:
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = _inline(model.model_json_schema())
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema with its `$defs` written in place: a `#/$defs/...` reference means nothing inside
-    the OpenAPI document, whose root is not this schema's."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(value) for value in node]
-        return node
-
-    return resolve(schema)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 async def _read(request: Request, model: type[BaseModel]) -> Any:

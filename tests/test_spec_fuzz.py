@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gradwatch.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_text
+from gradwatch.spec import MAX_SPEC_BYTES, JobSpec, SpecError, json_schema, load_spec, parse_duration, parse_text
 from tests.conftest import EXAMPLES
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,6 +180,19 @@ def test_the_published_timeout_pattern_matches_in_linear_time():
     for hostile in ("1" * 5000 + "x", "1h" * 5000 + "x", "1 " * 5000 + "x", " " * 5000 + "x"):
         assert not pattern.search(hostile)
     assert time.perf_counter() - started < QUICK_S
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=" \t\n1234567890.dhmsx:-e+_", max_size=24))
+@example("0100d0d0d")
+@example("0.0s")
+def test_the_published_timeout_pattern_admits_exactly_the_timeouts_read(text):
+    pattern = re.compile(json_schema()["properties"]["timeout"]["anyOf"][1]["pattern"])
+    try:
+        read = parse_duration(text) > 0
+    except ValueError:
+        read = False
+    assert bool(pattern.search(text)) == read, (text, read)
 
 
 # ------------------------------------------------------ hostile inputs

@@ -375,11 +375,14 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+_printed_step: dict[str, int] = {}  # job id -> the step of its last progress line
+
+
 def _print_listener(status: RunStatus, events: list[dict[str, Any]]) -> None:
     for event in events:
         print(f"[{status.job_id}] {event_line(event)}", flush=True)
-    if status.step and status.step != getattr(_print_listener, "last", None):
-        _print_listener.last = status.step  # type: ignore[attr-defined]
+    if status.step and status.step != _printed_step.get(status.job_id):
+        _printed_step[status.job_id] = status.step
         loss = "None" if status.train_loss is None else f"{status.train_loss:.4f}"
         print(f"[{status.job_id}] step {status.step}/{status.max_steps} loss {loss} phase {status.phase}", flush=True)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gradwatch.spec import load_spec
-from service.launcher import Launcher
+from service.launcher import ClusterUnavailable, Launcher
 from service.settings import Settings
 from service.store import Store
 from tests.service.fakes import FakeCluster, spec
@@ -234,3 +234,36 @@ def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
     finally:
         launcher.shutdown()
     assert not launcher.running
+
+
+class ConnectingCluster(FakeCluster):
+    """A cluster whose Jobs client is built by `connect()` (RayCluster's imports Ray), which may fail."""
+
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.fail = fail
+        self.connected_before: list[list[str]] = []  # the jobs already submitted at each connect()
+
+    def connect(self) -> None:
+        self.connected_before.append(list(self.submitted))
+        if self.fail:
+            raise ClusterUnavailable("cannot reach Ray at fake://cluster: connection refused")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["reachable", "unreachable"])
+def test_the_scheduler_connects_to_rays_job_api_when_it_starts_not_at_the_first_job(settings, store, fail):
+    import time
+
+    cluster = ConnectingCluster(fail)
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "first", steps=1)
+    launcher.start()
+    try:
+        deadline = time.time() + 10
+        while state(store, job) == "queued" and time.time() < deadline:
+            time.sleep(0.05)
+        assert state(store, job) == "running"  # a failed connect does not hold the scheduler up
+        assert cluster.connected_before == [[]]
+        assert cluster.submitted == [job.id]
+    finally:
+        launcher.shutdown()

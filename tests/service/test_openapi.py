@@ -62,7 +62,35 @@ def test_the_spec_schema_states_the_rules_between_fields(api):
     assert not valid({**base, "max_steps": 10, "precision": "bf16"})
     assert not valid({**base, "max_steps": 10, "model": {"name": "cnn"}})  # digits as images only
     assert not valid({"name": "ok", "max_steps": 10, "model": {"name": "mlp"}})  # no data
+    assert not valid({"name": "ok", "max_steps": 10, "model": {"name": "cnn"}, "data": None})
     assert not valid({**base, "max_steps": 10, "model": {"name": "pkg.mod:factory"}})  # user code is off here
     assert not valid({**base, "max_steps": 10, "labels": {"team": "a\x1bb"}})
     assert api.post("/v1/jobs", json=base, headers=AUTH).status_code == 422
     assert "warmup_steps must be less than max_steps" in doc["components"]["schemas"]["JobSpec"]["description"]
+
+
+def test_data_paths_are_stated_as_this_server_reads_them(tmp_path):
+    import jsonschema
+
+    from service.openapi import job_spec_schema
+
+    def path_ok(roots: str, path: str) -> bool:
+        settings = Settings(data_dir=tmp_path, token="t", data_roots=roots)
+        schema = job_spec_schema(settings)["$defs"]["TextData"]["properties"]["path"]
+        return jsonschema.Draft202012Validator(schema).is_valid(path)
+
+    from gradwatch.spec import SpecError, load_spec
+
+    def read(path: str) -> bool:
+        spec = {"name": "t", "model": {"name": "char-transformer"}, "data": {"name": "text", "path": path}}
+        try:
+            load_spec({**spec, "max_steps": 5}, user_code="deny", data_roots=["/srv/corpora"])
+        except SpecError:
+            return False
+        return True
+
+    paths = ["/srv/corpora/books/a.txt", "/srv/corpora", "/srv/corpora/./a//b", "/srv/corpora/..x/y"]
+    refused = ["/srv/corpora/../etc/passwd", "/srv/corporax/a.txt", "books/a.txt", "/srv/corpora/a\x1b"]
+    for path in paths + refused:
+        assert path_ok("/srv/corpora", path) == read(path) == (path in paths), path
+    assert not path_ok("", "/srv/corpora/a.txt")  # no roots: no path at all
