@@ -591,19 +591,9 @@ def create_app(
     """
     settings = settings or Settings()
     check_bind(settings)
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        os.chmod(settings.data_dir, 0o700)  # the store, tokens and logs: the service's user only
-    except OSError:
-        pass
+    _private_data_dir(settings)
     store = store or Store(settings.database_url)
-    auth = Authenticator(settings, store)
-    if not auth.configured():
-        raise RuntimeError(
-            "refusing to start without authentication: set GRADWATCH_TOKEN (or GRADWATCH_TOKEN_FILE), "
-            f"or put a token in {settings.token_file_of('admin')} (`gradwatch up` makes one), "
-            "or add a user with `gradwatch user add`"
-        )
+    auth = _authenticator(settings, store)
     if cluster is None:
         cluster = RayCluster(settings.ray_address or DEFAULT_RAY_DASHBOARD, ray_token(settings))
     launcher = Launcher(store, settings, cluster)
@@ -630,6 +620,41 @@ def create_app(
     registry = CollectorRegistry()
     registry.register(JobStateCollector(store, settings.terminal_metric_seconds))
     app.state.registry = registry
+    _error_handlers(app)
+    _meta_routes(app, launcher, settings, registry)
+    for router in (jobs, targets, alerts):
+        app.include_router(router)
+    # Drivers push their job's progress and result with the token minted for that job at launch.
+    app.include_router(push.router_for(require_job_token))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, host_names=settings.host_names)
+    app.add_middleware(RequestMetrics, registry=registry)
+    return app
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """The store, tokens and logs: readable by the service's user only."""
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chmod(settings.data_dir, 0o700)
+    except OSError:
+        pass
+
+
+def _authenticator(settings: Settings, store: Store) -> Authenticator:
+    """The token check; the service refuses to start with no token to check against."""
+    auth = Authenticator(settings, store)
+    if not auth.configured():
+        raise RuntimeError(
+            "refusing to start without authentication: set GRADWATCH_TOKEN (or GRADWATCH_TOKEN_FILE), "
+            f"or put a token in {settings.token_file_of('admin')} (`gradwatch up` makes one), "
+            "or add a user with `gradwatch user add`"
+        )
+    return auth
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """The store's refusals and invalid requests as their HTTP answers, each with a body saying why."""
 
     @app.exception_handler(JobNotFound)
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -654,6 +679,10 @@ def create_app(
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": "the request is not valid", "errors": _error_lines(exc.errors())}, 422)
 
+
+def _meta_routes(app: FastAPI, launcher: Launcher, settings: Settings, registry: CollectorRegistry) -> None:
+    """/healthz (no token) and the service's own /metrics."""
+
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
         """Liveness, without a token."""
@@ -666,15 +695,6 @@ def create_app(
     def metrics(_: Annotated[Principal, need("targets:read", "read")]) -> Response:
         """Prometheus metrics of the service (Prometheus' token, or any reader's)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    for router in (jobs, targets, alerts):
-        app.include_router(router)
-    # Drivers push their job's progress and result with the token minted for that job at launch.
-    app.include_router(push.router_for(require_job_token))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestGuard, host_names=settings.host_names)
-    app.add_middleware(RequestMetrics, registry=registry)
-    return app
 
 
 class _App(FastAPI):
