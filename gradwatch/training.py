@@ -601,7 +601,7 @@ class Run:
     # ----------------------------------------------------- checkpoints
     def _snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.model is not None and self.optimizer is not None
-        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner: torch.nn.Module = getattr(self.model, "module", self.model)  # DDP's wrapped model, or the model
         return {
             "model": copy.deepcopy(inner.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -618,7 +618,7 @@ class Run:
 
     def _load(self, state: dict[str, Any]) -> None:
         assert self.model is not None and self.optimizer is not None
-        inner = self.model.module if hasattr(self.model, "module") else self.model
+        inner: torch.nn.Module = getattr(self.model, "module", self.model)
         inner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:

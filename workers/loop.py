@@ -112,7 +112,7 @@ class Trainer:
     def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
         per_rank = len(dataset) // self.world_size
         drop_last = shuffle and per_rank >= self.spec.batch_size
-        sampler = (
+        sampler: DistributedSampler | None = (
             DistributedSampler(
                 dataset,
                 num_replicas=self.world_size,
@@ -211,7 +211,8 @@ class Trainer:
 
     # --------------------------------------------------- checkpoints
     def _inner(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
+        inner: torch.nn.Module = getattr(self.model, "module", self.model)  # DDP's wrapped model, or the model
+        return inner
 
     def save_checkpoint(self) -> None:
         self.run.save_checkpoint({"position": dataclasses.asdict(self.pos)})

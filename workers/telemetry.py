@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ from workers.gns import GradientNoiseScale, group_layers
 from workers.metrics import JobSeries, WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
+# allreduce_hook's process group: None is the default (world) group, which its annotation leaves out.
+_WORLD: Any = None
 
 
 class LocalNormHook:
@@ -55,7 +58,7 @@ class LocalNormHook:
         if bucket.is_last():
             state.last_ready = time.perf_counter()
         if not bucket.is_last() or (state.loss is None and not state.armed):
-            return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
+            return default_hooks.allreduce_hook(_WORLD, bucket)
         loss = state.loss if state.loss is not None else torch.zeros((), device=buffer.device)
         riders = torch.stack([loss.float().reshape(()), state.local_sq]).to(buffer.dtype)
         n = buffer.numel()
@@ -108,7 +111,7 @@ class Telemetry:
         self._unlogged = [0.0, 0]  # step seconds and steps since the last line of step_times
         self._labels = (job_id, str(rank))
         self._children = self._step_children()
-        self._server = None
+        self._server: WSGIServer | None = None
         self.endpoint: tuple[str, int] | None = None
         self.last: dict[str, Any] = {}
         self._group_layers(model, device)
@@ -140,9 +143,9 @@ class Telemetry:
 
     def _group_layers(self, model: torch.nn.Module, device: torch.device) -> None:
         """The trained parameters, and the at most `max_layers` layer groups their norms are reported by."""
-        inner = model.module if hasattr(model, "module") else model
+        inner: torch.nn.Module = getattr(model, "module", model)  # DDP's wrapped model, or the model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        self.params: list[torch.Tensor] = [p for _, p in named]
         groups = group_layers([n for n, _ in named], self.cfg.max_layers)
         self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
         self._group_index = torch.tensor([self.layer_names.index(groups[n]) for n, _ in named], device=device)
