@@ -6,8 +6,9 @@ Alertmanager with the shipped configs at 1 s scrape and evaluation intervals), t
 - examples/diverging.yaml: onset is the wall time of the first non-finite step, read from the
   run's history.jsonl (every non-finite step is recorded there); the alert is TrainingLossNonFinite.
 - examples/stalled.yaml: its learning rate is 1e-7, so the loss is flat from the first step;
-  onset is that step's time, and the alert is TrainingStalled (the plateau window of 100 steps
-  and the rule's `for: 30s` are part of what is measured).
+  onset is that step's time, and the alert is TrainingStalled (the detectors' judgement,
+  `lr_too_low` after 3 measurements or `plateau` from step 250, and the rule's `for: 30s` are
+  part of what is measured).
 
 Arrival is the service's `received_at` of the alert. The last line is exactly
 `nonfinite_to_alert_seconds=S1 stall_to_alert_seconds=S2`.

@@ -169,8 +169,12 @@ def rate_rows(verdicts: dict[str, list[Verdict]]) -> dict[str, dict]:
             if row["healthy"]:
                 row[name] = {"rate": sum(name in v.fired for v in runs) / len(runs)}
                 continue
-            delays = [v.fired[name] - v.onset for v in runs if name in v.fired and v.fired[name] >= v.onset]
-            early = sum(name in v.fired and v.fired[name] < v.onset for v in runs)
+            delays = [
+                v.fired[name] - v.onset
+                for v in runs
+                if v.onset is not None and name in v.fired and v.fired[name] >= v.onset
+            ]
+            early = sum(v.onset is not None and name in v.fired and v.fired[name] < v.onset for v in runs)
             cell = {"rate": len(delays) / len(runs), "early": early / len(runs)}
             if delays:
                 cell.update(
@@ -272,7 +276,7 @@ def real_specs(count: int) -> list[tuple[str, dict, bool, str | None]]:
         {"name": "sgd", "lr": 0.1},
     ]
     schedules = [{"name": "constant"}, {"name": "cosine", "warmup_steps": 30}, {"name": "step", "step_size": 200}]
-    out = []
+    out: list[tuple[str, dict, bool, str | None]] = []
     for i in range(count):
         model = models[i % len(models)]
         data = (

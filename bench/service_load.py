@@ -59,7 +59,18 @@ def fill(store: Store, n: int) -> list[str]:
             created = now + i
             labels = {"team": rng.choice(TEAMS), "project": f"p{rng.randrange(20)}"}
             ended = created + 30 if state not in ("queued", "running") else None
-            progress = {"step": 100, "max_steps": 100, "train_loss": 0.1, "endpoints": []} if ended else None
+            status = (
+                {
+                    "job_id": job_id,
+                    "state": state,
+                    "step": 100,
+                    "max_steps": 100,
+                    "train_loss": 0.1,
+                    "updated_at": ended,
+                }
+                if ended
+                else None
+            )
             session.add(
                 Job(
                     id=job_id,
@@ -78,7 +89,7 @@ def fill(store: Store, n: int) -> list[str]:
                     max_steps=100,
                     cpus=cpus,
                     gpus=gpus,
-                    progress=progress,
+                    run_status=status,
                 )
             )
             session.add_all(JobLabel(job_id=job_id, key=k, value=v, created_at=created) for k, v in labels.items())

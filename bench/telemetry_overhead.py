@@ -83,6 +83,8 @@ class UserLoop:
         from workers.models import build_model
         from workers.optim import build_optimizer
 
+        if spec.model is None or spec.data is None:
+            raise ValueError(f"spec {spec.name}: the benchmark's loop needs a model and data section")
         torch.manual_seed(spec.seed)
         data = build_data(spec.data, spec.seed)
         self.task = data.task
@@ -195,6 +197,8 @@ def run_ray(
             run_config=RunConfig(name=f"telemetry-overhead-{uuid.uuid4().hex[:8]}", storage_path=storage),
         )
         result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("the Ray run ended without the checkpoint that carries its timings (times.json)")
         with result.checkpoint.as_directory() as path:
             return json.loads((Path(path) / "times.json").read_text())
 

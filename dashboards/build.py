@@ -19,6 +19,7 @@ from typing import Any
 from grafana_foundation_sdk.builders.dashboard import Dashboard
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import prometheus
 
 from dashboards.fleet import fleet
 from dashboards.ranks import ranks
@@ -36,8 +37,8 @@ def render(board: Dashboard) -> str:
         panel.id_val = panel_id
         if isinstance(panel, model.Panel):
             for index, target in enumerate(panel.targets or []):
-                if getattr(target, "ref_id", "") in ("", None):
-                    target.ref_id = chr(ord("A") + index)  # type: ignore[attr-defined]
+                if isinstance(target, prometheus.Dataquery) and not target.ref_id:
+                    target.ref_id = chr(ord("A") + index)
     data = json.loads(json.dumps(built, cls=JSONEncoder))
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 

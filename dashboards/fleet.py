@@ -68,7 +68,26 @@ _RUN_COLUMNS = {
 
 def runs_table() -> table.Panel:
     """One row per run; job_id links to the run board."""
-    targets = [
+    panel = (
+        styled(
+            table.Panel(),
+            "Runs",
+            "Every running job: its phase, smoothed loss and how fast it moves, global gradient norm, "
+            "throughput and firing alerts. Click a job_id to open its run board.",
+            "none",
+            width=24,
+            height=10,
+        )
+        .targets(_runs_queries())
+        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(_runs_columns())
+    )
+    return _runs_cells(panel).sort_by([common_builder.TableSortByFieldState().display_name("job_id")])
+
+
+def _runs_queries() -> list:
+    """One instant query per column group, each a table keyed by job_id (merged into rows)."""
+    return [
         promql(in_view("max by (job_id, name, owner) (gradwatch_job_info)"), ref_id="A", as_table=True),
         promql(in_view("max by (job_id, phase) (gradwatch_phase == 1)"), ref_id="B", as_table=True),
         promql(in_view("avg by (job_id) (gradwatch_loss_ema)"), ref_id="C", as_table=True),
@@ -86,30 +105,27 @@ def runs_table() -> table.Panel:
             as_table=True,
         ),
     ]
+
+
+def _runs_columns() -> DataTransformerConfig:
+    """The merged table's columns: in order, named, the queries' own values left out."""
     order = ["job_id", "name", "owner", "phase"] + [f"Value #{ref}" for ref in _RUN_COLUMNS]
+    return DataTransformerConfig(
+        id_val="organize",
+        options={
+            "excludeByName": {"Time": True, "Value #A": True, "Value #B": True},
+            "indexByName": {name: i for i, name in enumerate(order)},
+            "renameByName": {f"Value #{ref}": title for ref, (title, _) in _RUN_COLUMNS.items()},
+        },
+    )
+
+
+def _runs_cells(panel: table.Panel) -> table.Panel:
+    """How cells look: job_id links to its run board, phases and alerts in colour, units per column."""
     panel = (
-        styled(
-            table.Panel(),
-            "Runs",
-            "Every running job: its phase, smoothed loss and how fast it moves, global gradient norm, "
-            "throughput and firing alerts. Click a job_id to open its run board.",
-            "none",
-            width=24,
-            height=10,
+        panel.override_by_name(
+            "job_id", [DynamicConfigValue(id_val="links", value=[run_link("${__value.raw}").build()])]
         )
-        .targets(targets)
-        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
-        .with_transformation(
-            DataTransformerConfig(
-                id_val="organize",
-                options={
-                    "excludeByName": {"Time": True, "Value #A": True, "Value #B": True},
-                    "indexByName": {name: i for i, name in enumerate(order)},
-                    "renameByName": {f"Value #{ref}": title for ref, (title, _) in _RUN_COLUMNS.items()},
-                },
-            )
-        )
-        .override_by_name("job_id", [DynamicConfigValue(id_val="links", value=[run_link("${__value.raw}").build()])])
         .override_by_name(
             "phase",
             [
@@ -133,7 +149,6 @@ def runs_table() -> table.Panel:
                 DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
             ],
         )
-        .sort_by([common_builder.TableSortByFieldState().display_name("job_id")])
     )
     for title, unit in _RUN_COLUMNS.values():
         if unit != "none":

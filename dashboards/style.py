@@ -13,6 +13,7 @@ from grafana_foundation_sdk.builders import (
     timeseries,
 )
 from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.cog.variants import Dataquery
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (
     AnnotationQuery,
@@ -66,8 +67,8 @@ def promql(
     instant: bool = False,
     as_table: bool = False,
     as_heatmap: bool = False,
-) -> prometheus.Dataquery:
-    """One PromQL target on gradwatch's Prometheus."""
+) -> Builder[Dataquery]:
+    """One PromQL target on gradwatch's Prometheus, as panels take their targets."""
     query = prometheus.Dataquery().expr(expr).ref_id(ref_id).datasource(prometheus_ref())
     if legend:
         query = query.legend_format(legend)

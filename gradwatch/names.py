@@ -5,12 +5,15 @@ Standard library only: every side imports this cheaply.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 # ---- jobs
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
-JOB_STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+JOB_STATES: tuple[JobState, ...] = get_args(JobState)
+TERMINAL_STATES: frozenset[str] = frozenset(JOB_STATES) - {"queued", "running"}
+
+# ---- alerts (Alertmanager's statuses)
+AlertStatus = Literal["firing", "resolved"]
 
 # ---- training dynamics (the detectors' vocabulary, exported as metric labels)
 PHASES: tuple[str, ...] = ("warmup", "rapid_learning", "refinement", "converged", "stalled", "diverging")
@@ -27,8 +30,13 @@ ANOMALIES: tuple[str, ...] = (
 NONFINITE_KINDS: tuple[str, ...] = ("loss", "grad")
 
 # ---- where things are by default
-DEFAULT_SERVICE_URL = "http://127.0.0.1:8765"
 DEFAULT_SERVICE_PORT = 8765
-DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
+DEFAULT_SERVICE_URL = f"http://127.0.0.1:{DEFAULT_SERVICE_PORT}"
 DEFAULT_RAY_DASHBOARD_PORT = 8265
+DEFAULT_RAY_DASHBOARD = f"http://127.0.0.1:{DEFAULT_RAY_DASHBOARD_PORT}"
 DATASOURCE_UID = "gradwatch-prometheus"  # the Grafana datasource uid that dashboards and rules are written against
+
+# ---- the test hook: with this set to 1 in the workers' environment each rank's final report also
+# carries a fingerprint of its parameters and the built-in loop the sample indices of its first epoch
+# (gradwatch.training.reports_for_tests), so the tests can check DDP's replicas and shards
+TEST_REPORTS_ENV = "GRADWATCH_TEST_REPORTS"

@@ -46,6 +46,13 @@ _DURATION = re.compile(
     r"^(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?(?:(\d+(?:\.\d+)?)\s*m\s*)?"
     r"(?:(\d+(?:\.\d+)?)\s*s)?$"
 )
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+# What parse_duration reads, as one pattern for the JSON schema: a number of seconds or the units in
+# order, with a digit other than 0 somewhere (a timeout of 0 is refused). Unambiguous, so linear time.
+DURATION_PATTERN = (
+    r"^(?=[^1-9]*[1-9])\s*(?:\d+(?:\.\d+)?|(?:\d+(?:\.\d+)?\s*d\s*)?(?:\d+(?:\.\d+)?\s*h\s*)?"
+    r"(?:\d+(?:\.\d+)?\s*m\s*)?(?:\d+(?:\.\d+)?\s*s)?)\s*$"
+)
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -363,11 +370,7 @@ class JobSpec(Strict):
         json_schema_extra={
             "anyOf": [
                 {"type": "number", "exclusiveMinimum": 0},
-                {
-                    "type": "string",  # unambiguous, so no exponential backtracking
-                    "pattern": r"^(?=\s*\d)\s*(\d+(\.\d+)?\s*[dhms]\s*)*"
-                    r"(\d+(\.\d+)?\s*)?$",
-                },
+                {"type": "string", "pattern": DURATION_PATTERN},
                 {"type": "null"},
             ]
         },
@@ -573,15 +576,33 @@ def check_data_path(value: str, info: ValidationInfo) -> str:
 def parse_duration(text: str) -> float:
     """'2h', '1h30m', '45s', '90' -> seconds."""
     text = text.strip()
-    try:
+    if _NUMBER.match(text):
         return float(text)
-    except ValueError:
-        pass
     match = _DURATION.match(text)
     if not text or not match or not any(match.groups()):
         raise ValueError(f"not a duration: use e.g. '90s', '30m', '2h' or '1h30m', got {text!r}")
     days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return days * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds in the largest whole unit: 7200 -> '2h', 1800 -> '30m', 90 -> '90s'."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def overran(timeout: float | None, elapsed: float) -> str | None:
+    """Why a job that has run `elapsed` seconds must stop for its `timeout`; None while it may go on.
+
+    One clock per job: under the service the launcher's, from the submit to Ray (the job's
+    `started_at`); under `gradwatch run` the driver's, from its start.
+    """
+    if timeout is None or elapsed <= timeout:
+        return None
+    return f"ran longer than its timeout of {format_duration(timeout)}"
 
 
 def check_import_path(value: str, info: ValidationInfo) -> str:
@@ -616,7 +637,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     nodes = 0
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError([f"<yaml>: aliases are not allowed in a spec (line {event.start_mark.line + 1})"])
@@ -659,6 +680,30 @@ def parse_text(text: str | bytes) -> dict[str, Any]:
         raise SpecError([f"<spec>: a value YAML cannot read: {exc}".replace("\n", " ")]) from None
     if not isinstance(data, dict):
         raise SpecError([f"<spec>: a spec is a mapping of fields, got {type(data).__name__}"])
+    return _join_surrogates(data)
+
+
+def _join_surrogates(data: Any) -> Any:
+    """YAML reads the JSON escape of a character beyond U+FFFF (`\\ud83d\\ude00`) as two lone surrogates:
+    join each such pair into its character, as a JSON parser does. Iterative, like control_characters."""
+
+    def joined(text: Any) -> Any:
+        if not isinstance(text, str) or not any("\ud800" <= c <= "\udfff" for c in text):
+            return text
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            value.clear()
+            for key, item in items:
+                value[joined(key)] = joined(item)
+                stack.append(item)
+        elif isinstance(value, list):
+            value[:] = [joined(item) for item in value]
+            stack.extend(value)
     return data
 
 

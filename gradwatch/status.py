@@ -49,6 +49,16 @@ class Endpoint(_Record):
         return f"{host}:{self.port}"
 
 
+class LostNode(_Record):
+    """A Ray node that left the cluster while it ran ranks of the job."""
+
+    node: str
+    address: str = ""
+    ranks: list[int] = Field(default_factory=list)
+    step: int | None = Field(None, description="The job's step when the loss was seen.")
+    at: float | None = None
+
+
 class Progress(_Record):
     """How far a running job got, as rank 0 last posted it."""
 
@@ -77,7 +87,7 @@ class RunStatus(Progress):
     rollbacks: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id of its latest start.")
-    lost_nodes: list[dict[str, Any]] = Field(default_factory=list, description="Nodes lost while they ran ranks.")
+    lost_nodes: list[LostNode] = Field(default_factory=list, description="Nodes lost while they ran ranks.")
     waiting: str | None = Field(None, description="Why the workers are not placed yet, while they are not.")
     warning: str | None = Field(
         None, description="Set at the end: why a run that reached its last step is still no plain success."
@@ -101,10 +111,13 @@ class RankReport(_Record):
     rank: int
     steps: int
     skipped_steps: int = Field(0, description="Updates skipped as unsafe (a non-finite loss or gradient).")
-    params_finite: bool
-    param_hash: str = Field(description="sha256 of the final parameters, as float32.")
-    param_sum: float
     mean_step_seconds: Number = None
+    # Under the test hook (gradwatch.names.TEST_REPORTS_ENV) only: a fingerprint of the final
+    # parameters, and the built-in loop's first-epoch sample indices.
+    params_finite: bool | None = None
+    param_hash: str | None = Field(None, description="sha256 of the final parameters, as float32.")
+    param_sum: float | None = None
+    first_epoch_indices: list[int] | None = None
 
 
 class RunResult(_Record):
@@ -132,31 +145,34 @@ class RunResult(_Record):
     anomalies: list[AnomalyRaised] = Field(default_factory=list)
     ranks: list[RankReport] = Field(default_factory=list, description="Each rank's final report, by rank.")
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id it ended on.")
-    lost_nodes: list[dict[str, Any]] = Field(default_factory=list)
+    lost_nodes: list[LostNode] = Field(default_factory=list)
     workers: list[dict[str, Any]] = Field(
         default_factory=list, description="Each rank's node, steps and parameter hash."
     )
 
     def summary(self) -> str:
-        """One line for a person: steps, loss and time."""
+        """One line for a person: steps, loss and time, and why an ending is no plain success."""
         if self.state != "succeeded":
             return self.error or self.state
         parts = [f"finished {self.steps} steps"]
         if self.train_loss is not None:
             parts.append(f"train loss {self.train_loss:.4g}")
         parts.append(f"in {self.wall_seconds:.0f} s")
-        return ", ".join(parts)
+        line = ", ".join(parts)
+        return f"{line}, but {self.warning}" if self.warning else line
 
 
 STATUS_FILE = "status.json"
 RESULT_FILE = "result.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` at once: readers (the service, Prometheus) never see half a file."""
+def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
+    """Replace `path` at once: readers (the service, Prometheus) never see half a file. `mode`
+    (less the umask) from the start: a private file (0o600) is never readable by others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import codecs
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -20,16 +20,16 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
+from pydantic import ValidationError, WithJsonSchema
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
-from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.spec import SpecError, load_spec
+from gradwatch.status import target_groups
 from service import push
 from service.auth import Authenticator, Principal
 from service.launcher import Cluster, Launcher, RayCluster, ray_token
@@ -47,8 +47,11 @@ from service.models import (
     TargetGroup,
     parse_time,
 )
+from service.openapi import allowed_methods
+from service.openapi import document as openapi_document
 from service.settings import Settings, check_bind
 from service.store import (
+    CURSOR,
     AlertUpdate,
     BadCursor,
     JobNotFound,
@@ -156,7 +159,7 @@ _SPEC_BODY = {
     "description": "A job spec as JSON or YAML (`gradwatch schema` prints its JSON schema).",
     "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
-        "application/yaml": {"schema": {"type": "string"}},
+        "application/yaml": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
     },
 }
 
@@ -175,7 +178,7 @@ _SPEC_BODY = {
 )
 async def submit_job(
     request: Request, store: StoreDep, launcher: LauncherDep, user: Submitter, _: JsonOrYaml
-) -> JobDetail:
+) -> JobDetail | JSONResponse:
     """Validate a spec and queue the job as the token's user; a bad spec is refused with every error
     and nothing is stored."""
     settings: Settings = request.app.state.settings
@@ -231,11 +234,17 @@ def list_jobs(
     state: Annotated[list[State] | None, Query(description="Repeat for several states.")] = None,
     name: Annotated[str | None, Query(max_length=63)] = None,
     label: Annotated[
-        list[str] | None, Query(description="`key=value`, e.g. team=vision; repeat to require several.")
+        list[Annotated[str, WithJsonSchema({"type": "string", "pattern": "^[^=]+="})]] | None,
+        Query(
+            description="`key=value`, e.g. team=vision; repeat to require several.",
+            json_schema_extra={"maxItems": MAX_LABEL_FILTERS},
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-    cursor: Annotated[str | None, Query(max_length=200, description="From next_cursor.")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="From next_cursor.", json_schema_extra={"pattern": CURSOR})
+    ] = None,
 ) -> JobsPage:
     """Jobs, newest first, filtered by state, name and labels."""
     if len(label or []) > MAX_LABEL_FILTERS:
@@ -262,7 +271,7 @@ def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
 @jobs.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 429: {"model": ErrorOut}},
 )
 async def job_logs(
     job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, _: Reader, follow: bool = False
@@ -336,19 +345,12 @@ targets = APIRouter(tags=["prometheus"], responses=ERRORS)
 @targets.get("/v1/targets", response_model=list[TargetGroup])
 def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:read")]) -> list[TargetGroup]:
     """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
-    groups = []
-    for job in store.jobs_in("running"):
-        for endpoint in (job.progress or {}).get("endpoints") or []:
-            try:
-                host, port, rank = str(endpoint["host"]), int(endpoint["port"]), int(endpoint["rank"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            host = f"[{host}]" if ":" in host else host
-            labels = {"job_id": job.id, "rank": str(rank)}
-            if endpoint.get("node"):
-                labels["node"] = str(endpoint["node"])  # the Ray node id: several nodes may share a host
-            groups.append(TargetGroup(targets=[f"{host}:{port}"], labels=labels))
-    return groups
+    return [
+        TargetGroup.model_validate(group)
+        for job in store.jobs_in("running")
+        if (status := job.last_status()) is not None
+        for group in target_groups(job.id, status.endpoints)
+    ]
 
 
 # ------------------------------------------------------------------- alerts
@@ -416,7 +418,7 @@ class JobStateCollector(Collector):
         self.store = store
         self.keep_ended_s = keep_ended_s
 
-    def collect(self):  # type: ignore[override]
+    def collect(self) -> Iterator[Metric]:
         jobs_by_state = GaugeMetricFamily("gradwatch_jobs", "Jobs in the store by state.", labels=["state"])
         for state, n in self.store.count_by_state().items():
             jobs_by_state.add_metric([state], n)
@@ -589,19 +591,9 @@ def create_app(
     """
     settings = settings or Settings()
     check_bind(settings)
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        os.chmod(settings.data_dir, 0o700)  # the store, tokens and logs: the service's user only
-    except OSError:
-        pass
+    _private_data_dir(settings)
     store = store or Store(settings.database_url)
-    auth = Authenticator(settings, store)
-    if not auth.configured():
-        raise RuntimeError(
-            "refusing to start without authentication: set GRADWATCH_TOKEN (or GRADWATCH_TOKEN_FILE), "
-            f"or put a token in {settings.token_file_of('admin')} (`gradwatch up` makes one), "
-            "or add a user with `gradwatch user add`"
-        )
+    auth = _authenticator(settings, store)
     if cluster is None:
         cluster = RayCluster(settings.ray_address or DEFAULT_RAY_DASHBOARD, ray_token(settings))
     launcher = Launcher(store, settings, cluster)
@@ -615,7 +607,7 @@ def create_app(
         finally:
             launcher.shutdown()
 
-    app = FastAPI(
+    app = _App(
         title="gradwatch",
         version="0.1.0",
         lifespan=lifespan,
@@ -628,6 +620,41 @@ def create_app(
     registry = CollectorRegistry()
     registry.register(JobStateCollector(store, settings.terminal_metric_seconds))
     app.state.registry = registry
+    _error_handlers(app)
+    _meta_routes(app, launcher, settings, registry)
+    for router in (jobs, targets, alerts):
+        app.include_router(router)
+    # Drivers push their job's progress and result with the token minted for that job at launch.
+    app.include_router(push.router_for(require_job_token))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, host_names=settings.host_names)
+    app.add_middleware(RequestMetrics, registry=registry)
+    return app
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """The store, tokens and logs: readable by the service's user only."""
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chmod(settings.data_dir, 0o700)
+    except OSError:
+        pass
+
+
+def _authenticator(settings: Settings, store: Store) -> Authenticator:
+    """The token check; the service refuses to start with no token to check against."""
+    auth = Authenticator(settings, store)
+    if not auth.configured():
+        raise RuntimeError(
+            "refusing to start without authentication: set GRADWATCH_TOKEN (or GRADWATCH_TOKEN_FILE), "
+            f"or put a token in {settings.token_file_of('admin')} (`gradwatch up` makes one), "
+            "or add a user with `gradwatch user add`"
+        )
+    return auth
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """The store's refusals and invalid requests as their HTTP answers, each with a body saying why."""
 
     @app.exception_handler(JobNotFound)
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -641,9 +668,20 @@ def create_app(
     async def _bad_cursor(_: Request, exc: BadCursor) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "errors": [f"query.cursor: {exc}"]}, 422)
 
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, _: Exception) -> JSONResponse:
+        # Starlette's Allow names the methods of the first route that fits the path; a path has several.
+        allowed = allowed_methods(app.openapi(), request.url.path)
+        detail = f"{request.method} is not a method of {request.url.path}: use {' or '.join(allowed)}"
+        return JSONResponse({"detail": detail}, 405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": "the request is not valid", "errors": _error_lines(exc.errors())}, 422)
+
+
+def _meta_routes(app: FastAPI, launcher: Launcher, settings: Settings, registry: CollectorRegistry) -> None:
+    """/healthz (no token) and the service's own /metrics."""
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
@@ -658,26 +696,11 @@ def create_app(
         """Prometheus metrics of the service (Prometheus' token, or any reader's)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    for router in (jobs, targets, alerts):
-        app.include_router(router)
-    # Drivers push their job's progress and result with the token minted for that job at launch.
-    app.include_router(push.router_for(require_job_token))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestGuard, host_names=settings.host_names)
-    app.add_middleware(RequestMetrics, registry=registry)
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(spec_schema.pop("$defs", {}))
-            components["JobSpec"] = spec_schema
-            webhook = AlertmanagerWebhook.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(webhook.pop("$defs", {}))
-            components["AlertmanagerWebhook"] = webhook
-            app.openapi_schema = schema
-        return app.openapi_schema
+class _App(FastAPI):
+    """The service's app: its OpenAPI document is service/openapi.py's, for the settings it runs with."""
 
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = openapi_document(self, self.state.settings)
+        return self.openapi_schema

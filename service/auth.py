@@ -18,12 +18,12 @@ consumers each have one token from settings or a 0600 file in the data directory
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gradwatch.status import write_atomic
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -136,11 +136,7 @@ def _read_token(path: Path) -> str | None:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, text + "\n", mode=0o600)
 
 
 # ------------------------------------------------------------ verification

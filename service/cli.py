@@ -16,7 +16,7 @@ from rich.table import Table
 
 from gradwatch.ids import new_job_id
 from gradwatch.spec import SpecError, json_schema, load_spec
-from gradwatch.status import event_line
+from gradwatch.status import RunResult, RunStatus, event_line
 
 app = typer.Typer(
     name="gradwatch",
@@ -77,7 +77,7 @@ def run(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         _quiet_ray()
-    from workers.driver import ClusterTooSmall, public_result, run_job, stop_ray
+    from workers.driver import ClusterTooSmall, run_job, stop_ray
 
     job_id = job_id or new_job_id()
     display = RunDisplay(spec, job_id) if not as_json else None
@@ -103,10 +103,10 @@ def run(
     finally:
         stop_ray()
     if as_json:
-        typer.echo(public_result(result).model_dump_json())
+        typer.echo(result.model_dump_json())
     else:
         _print_summary(result)
-    if result["state"] != "succeeded" or result.get("warning"):
+    if result.state != "succeeded" or result.warning:
         raise typer.Exit(1)
 
 
@@ -124,14 +124,14 @@ class RunDisplay:
 
     def __init__(self, spec, job_id: str):
         self.spec, self.job_id = spec, job_id
-        self.status: dict[str, Any] = {}
+        self.status = RunStatus(job_id=job_id, state="running", updated_at=time.time())
         self.events: list[str] = []
         self.live: Live | None = None
         self.started = time.time()
 
-    def update(self, update: dict[str, Any]) -> None:
-        self.status = update["status"]
-        self.events += [event_line(e) for e in update["events"]]
+    def update(self, status: RunStatus, events: list[dict[str, Any]]) -> None:
+        self.status = status
+        self.events += [event_line(e) for e in events]
         if self.live:
             self.live.update(self.render())
 
@@ -140,28 +140,26 @@ class RunDisplay:
         table = Table(
             title=f"{self.spec.name}  [dim]{self.job_id}[/]", show_header=False, box=None, title_justify="left"
         )
-        step, max_steps = s.get("step") or 0, s.get("max_steps") or self.spec.max_steps or 0
+        step, max_steps = s.step or 0, s.max_steps or self.spec.max_steps or 0
         elapsed = time.time() - self.started
-        rate = s.get("samples_per_second")
         eta = "-"
         if step and max_steps and step < max_steps and elapsed > 0:
             eta = f"{(max_steps - step) * elapsed / step:.0f}s"
         bar = _bar(step, max_steps)
         table.add_row("step", f"{step}/{max_steps} {bar}  ETA {eta}")
-        table.add_row("train loss", _fmt(s.get("train_loss")) + f"  (ema {_fmt(s.get('loss_ema'))})")
-        table.add_row("val loss", _fmt(s.get("val_loss")))
-        table.add_row("val accuracy", _fmt(s.get("val_accuracy"), pct=True))
-        table.add_row("grad norm", _fmt(s.get("grad_norm")))
-        table.add_row("samples/s", _fmt(rate, digits=0))
-        table.add_row("phase", str(s.get("phase") or "-"))
-        anomalies = ", ".join(sorted(s.get("anomalies") or {})) or "none"
-        table.add_row("anomalies", anomalies)
-        if s.get("restarts") or s.get("rollbacks"):
-            table.add_row("restarts/rollbacks", f"{s.get('restarts', 0)}/{s.get('rollbacks', 0)}")
+        table.add_row("train loss", _fmt(s.train_loss) + f"  (ema {_fmt(s.loss_ema)})")
+        table.add_row("val loss", _fmt(s.val_loss))
+        table.add_row("val accuracy", _fmt(s.val_accuracy, pct=True))
+        table.add_row("grad norm", _fmt(s.grad_norm))
+        table.add_row("samples/s", _fmt(s.samples_per_second, digits=0))
+        table.add_row("phase", s.phase or "-")
+        table.add_row("anomalies", ", ".join(sorted(k for k, held in s.anomalies.items() if held)) or "none")
+        if s.restarts or s.rollbacks:
+            table.add_row("restarts/rollbacks", f"{s.restarts}/{s.rollbacks}")
         table.add_row(
             "workers",
             f"{self.spec.scaling.num_workers} x {'GPU' if self.spec.scaling.use_gpu else 'CPU'}"
-            f"; metrics on {len(s.get('endpoints') or [])} endpoints",
+            f"; metrics on {len(s.endpoints)} endpoints",
         )
         for line in self.events[-5:]:
             table.add_row("event", line)
@@ -183,28 +181,28 @@ def _fmt(value: Any, pct: bool = False, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _print_summary(result: dict[str, Any]) -> None:
-    ok = result["state"] == "succeeded"
-    color = ("yellow" if result.get("warning") else "green") if ok else "red"
+def _print_summary(result: RunResult) -> None:
+    ok = result.state == "succeeded"
+    color = ("yellow" if result.warning else "green") if ok else "red"
     err.print(
-        f"[{color} bold]{result['state']}[/] {result['job_id']}: {result['steps']} steps on "
-        f"{result['world_size']} workers in {result['wall_seconds']:.1f}s"
+        f"[{color} bold]{result.state}[/] {result.job_id}: {result.steps} steps on "
+        f"{result.world_size} workers in {result.wall_seconds:.1f}s"
     )
     err.print(
-        f"  train loss {_fmt(result.get('train_loss'))}, val loss {_fmt(result.get('val_loss'))}, "
-        f"val accuracy {_fmt(result.get('val_accuracy'), pct=True)}"
+        f"  train loss {_fmt(result.train_loss)}, val loss {_fmt(result.val_loss)}, "
+        f"val accuracy {_fmt(result.val_accuracy, pct=True)}"
     )
-    if result.get("phases"):
-        err.print("  phases: " + ", ".join(f"{p['phase']}@{p['step']}" for p in result["phases"]))
-    if result.get("anomalies"):
-        err.print("  anomalies: " + ", ".join(f"{a['kind']}@{a['first_step']}" for a in result["anomalies"]))
-    if result.get("restarts") or result.get("rollbacks"):
-        err.print(f"  restarts {result.get('restarts', 0)}, rollbacks {result.get('rollbacks', 0)}")
-    err.print(f"  run directory: {result['run_dir']}")
+    if result.phases:
+        err.print("  phases: " + ", ".join(f"{p.phase}@{p.step}" for p in result.phases))
+    if result.anomalies:
+        err.print("  anomalies: " + ", ".join(f"{a.kind}@{a.first_step}" for a in result.anomalies))
+    if result.restarts or result.rollbacks:
+        err.print(f"  restarts {result.restarts}, rollbacks {result.rollbacks}")
+    err.print(f"  run directory: {result.run_dir}")
     if not ok:
-        err.print(f"[red]cause:[/] {result.get('error')}")
-    elif result.get("warning"):
-        err.print(f"[yellow]warning:[/] reached its last step, but {result['warning']}")
+        err.print(f"[red]cause:[/] {result.error}")
+    elif result.warning:
+        err.print(f"[yellow]warning:[/] reached its last step, but {result.warning}")
 
 
 def _register_extensions() -> None:

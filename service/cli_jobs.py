@@ -17,14 +17,14 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gradwatch.names import DEFAULT_SERVICE_URL, TERMINAL_STATES
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, DEFAULT_SERVICE_URL, TERMINAL_STATES
 from service.client import Client, GradwatchError
 
 console = Console(highlight=False)
@@ -76,7 +76,7 @@ def up(
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray head it starts.")] = None,
     ray_dashboard_port: Annotated[
         int, typer.Option(help="Dashboard port of the local Ray head: reused when it takes our token.")
-    ] = 8265,
+    ] = DEFAULT_RAY_DASHBOARD_PORT,
     no_monitoring: Annotated[
         bool, typer.Option("--no-monitoring", help="Start without Prometheus and Alertmanager (no alerts).")
     ] = False,
@@ -93,7 +93,6 @@ def up(
     Alertmanager (from PATH) with gradwatch's rules. Ray stays up after the service stops; Prometheus
     and Alertmanager stop with it."""
     from service.auth import consumer_token
-    from service.launcher import foreign_ray_error, probe_dashboard, ray_token, start_local_ray
     from service.main import serve
     from service.settings import Settings, check_bind
 
@@ -107,26 +106,7 @@ def up(
         check_bind(settings)
     except ValueError as exc:
         _fail(str(exc))
-    if settings.ray_address:
-        found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
-        if found == "foreign":
-            _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
-    else:
-        address = f"http://127.0.0.1:{ray_dashboard_port}"
-        found, answer = probe_dashboard(address, ray_token())
-        if found == "ours":
-            errors.print(f"using the Ray cluster already running at {address}")
-        elif found == "foreign":
-            _fail(foreign_ray_error(f"at {address}", answer))
-        else:
-            log_file = settings.data_dir / "ray.log"
-            errors.print(f"starting a local Ray head (log: {log_file}) ...")
-            try:
-                address = start_local_ray(log_file, dashboard_port=ray_dashboard_port, num_cpus=num_cpus)
-            except (RuntimeError, OSError) as exc:
-                _fail(str(exc))
-            errors.print("Ray stays up when the service stops (`ray stop` ends it)")
-        settings.ray_address = address
+    settings.ray_address = _ray_cluster(settings, ray_dashboard_port, num_cpus)
     # uvicorn hands a stop signal back once it has shut down: leave through `finally`, which stops
     # Prometheus and Alertmanager (should the service be killed instead, PR_SET_PDEATHSIG ends them).
     signal.signal(signal.SIGTERM, _exit_quietly)
@@ -148,6 +128,33 @@ def up(
     finally:
         if monitoring:
             monitoring.stop()
+
+
+def _ray_cluster(settings: Any, dashboard_port: int, num_cpus: int | None) -> str:
+    """The Ray cluster's dashboard address: RAY_ADDRESS's, else a local head's (the one running on
+    `dashboard_port` when it takes our token, or a new one)."""
+    from service.launcher import foreign_ray_error, local_ray_address, probe_dashboard, ray_token, start_local_ray
+
+    if settings.ray_address:
+        found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
+        if found == "foreign":
+            _fail(foreign_ray_error(f"at {settings.ray_address}", answer, local=False))
+        return settings.ray_address
+    address = local_ray_address(dashboard_port)
+    found, answer = probe_dashboard(address, ray_token())
+    if found == "ours":
+        errors.print(f"using the Ray cluster already running at {address}")
+        return address
+    if found == "foreign":
+        _fail(foreign_ray_error(f"at {address}", answer))
+    log_file = settings.data_dir / "ray.log"
+    errors.print(f"starting a local Ray head (log: {log_file}) ...")
+    try:
+        address = start_local_ray(log_file, dashboard_port=dashboard_port, num_cpus=num_cpus)
+    except (RuntimeError, OSError) as exc:
+        _fail(str(exc))
+    errors.print("Ray stays up when the service stops (`ray stop` ends it)")
+    return address
 
 
 def _exit_quietly(signum: int, frame: Any) -> None:
@@ -419,7 +426,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(str(exc))
 
 
-def _fail(message: str) -> Any:
+def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {_e(message)}")
     raise typer.Exit(1)
 

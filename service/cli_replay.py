@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import typer
 import yaml
 from pydantic import ValidationError
+
+from gradwatch.status import event_line
 
 _PREFIX = "telemetry.detectors."
 
@@ -93,6 +96,6 @@ def replay(
         typer.echo(f"{path}: {result.steps} steps\n  anomalies: {anomalies or 'none'}\n  phases: {phases or '-'}")
         for event in result.events:
             if event.kind == "anomaly" and event.raised:
-                typer.echo(f"  step {event.step}: {event.name} - {event.detail}")
+                typer.echo(f"  {event_line(dataclasses.asdict(event))}")
     if failed:
         raise typer.Exit(2)

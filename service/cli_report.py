@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from service.cli_jobs import TokenOpt, UrlOpt
-from service.client import Client, GradwatchError
+from service.cli_jobs import TokenOpt, UrlOpt, _client
+from service.client import GradwatchError
 
 errors = Console(stderr=True, highlight=False)
 
@@ -53,7 +53,7 @@ def report(
             _fail(f"no run directory {target}: give a run directory (runs/<job id>) or a job id")
         else:
             job_id = target
-            with Client(url, token) as client:
+            with _client(url, token) as client:
                 try:
                     page = client.report(target)
                 except GradwatchError as exc:
@@ -71,6 +71,6 @@ def report(
     errors.print(f"wrote {escape(str(path))} ({len(page.encode()) / 1e6:.1f} MB): open it in a browser")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)

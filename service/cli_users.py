@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, NoReturn, TypedDict
 
 import typer
 from rich.console import Console
@@ -32,6 +32,20 @@ _SCOPE_HELP = "Repeat for several: " + "; ".join(f"{name}: {SCOPES[name]}" for n
 ScopeOpt = Annotated[list[str], typer.Option("--scope", "-s", help=_SCOPE_HELP)]
 
 
+class _TokenRow(TypedDict):
+    id: str
+    scopes: list[str]
+    created_at: str | None
+    revoked_at: str | None
+
+
+class _UserRow(TypedDict):
+    name: str
+    created_at: str | None
+    revoked_at: str | None
+    tokens: list[_TokenRow]
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(users)
 
@@ -42,7 +56,7 @@ def _store() -> Store:
     return Store(settings.database_url)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)
 
@@ -89,7 +103,7 @@ def token(name: str, scope: ScopeOpt = ["submit"]) -> None:  # noqa: B006
 @users.command("list")
 def list_(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Users, their tokens' ids and scopes, and what was revoked (never a token itself)."""
-    rows = [
+    rows: list[_UserRow] = [
         {
             "name": user.name,
             "created_at": _iso(user.created_at),

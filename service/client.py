@@ -2,7 +2,7 @@
 
 from service.client import Client
 gw = Client()                      # GRADWATCH_URL / GRADWATCH_TOKEN
-job = gw.submit("examples/digits.yaml")
+job = gw.submit("examples/digits-mlp.yaml")
 for line in gw.logs(job["id"], follow=True):
     print(line)
 print(gw.wait(job["id"])["state"])

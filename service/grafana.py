@@ -138,7 +138,7 @@ def retarget_datasource(obj: Any, uid: str) -> Any:
         return [retarget_datasource(item, uid) for item in obj]
     if not isinstance(obj, dict):
         return obj
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in obj.items():
         if key == "datasource" and isinstance(value, dict) and value.get("uid") == DATASOURCE_UID:
             out[key] = {**value, "uid": uid}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -28,7 +27,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
+from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec, overran
+from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
 from service.store import Job, JobNotFound, Store, TransitionRefused
@@ -152,7 +153,7 @@ class RayCluster:
             if self._client is None:
                 from ray.job_submission import JobSubmissionClient  # imports ray: only when used
 
-                class _Client(JobSubmissionClient):  # type: ignore[misc]
+                class _Client(JobSubmissionClient):
                     # The SDK sets no timeout: a draining dashboard would hang the scheduler.
                     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
                         slow = method == "POST" and endpoint == "/api/jobs/"
@@ -164,6 +165,10 @@ class RayCluster:
                 except Exception as exc:
                     raise ClusterUnavailable(f"cannot reach Ray at {self.address}: {exc}") from None
             return self._client
+
+    def connect(self) -> None:
+        """Build the Jobs client now (it imports Ray: seconds on a busy host) rather than at the first submit."""
+        self._jobs()
 
     def _get(self, path: str, **params: Any) -> Any:
         try:
@@ -257,7 +262,6 @@ class Launcher:
         self.store = store
         self.settings = settings
         self.cluster = cluster
-        self.last_error: str | None = None
         self._placed_at: dict[str, float] = {}
         self._stop_sent_at: dict[str, float] = {}
         self._stop_event = threading.Event()
@@ -293,13 +297,17 @@ class Launcher:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        connect = getattr(self.cluster, "connect", None)
+        if connect is not None:  # so the first job does not wait for it
+            try:
+                connect()
+            except ClusterUnavailable:
+                pass  # the first submit tries again
         # The first pass is the reconciliation: jobs the store says are running are looked up in Ray.
         while not self._stop_event.is_set():
             try:
                 self.tick()
-                self.last_error = None
-            except Exception as exc:  # keep scheduling whatever one pass hit
-                self.last_error = f"{type(exc).__name__}: {exc}"
+            except Exception:  # keep scheduling whatever one pass hit
                 log.exception("scheduler pass failed")
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
@@ -387,26 +395,24 @@ class Launcher:
         return text[offset : offset + limit]
 
     # ------------------------------------------------------------ following
-    def _status(self, job: Job) -> dict[str, Any] | None:
-        """The driver's latest status: pushed over HTTP, else status.json where the run folder is shared."""
-        if (job.progress or {}).get("source") == "push":
-            return job.progress
-        return read_json(self.settings.runs_dir / job.id / "status.json")
+    def _status(self, job: Job) -> RunStatus | None:
+        """The driver's latest status: pushed over HTTP, or status.json where the run folder is
+        shared, whichever is newer."""
+        found = [s for s in (job.last_status(), read_status(self.settings.runs_dir / job.id)) if s is not None]
+        return max(found, key=lambda s: s.updated_at, default=None)
 
-    def _result(self, job: Job) -> dict[str, Any] | None:
-        pushed = (job.progress or {}).get("result")
-        if (job.progress or {}).get("source") == "push" and isinstance(pushed, dict):
-            return pushed
-        return read_json(self.settings.runs_dir / job.id / "result.json")
+    def _result(self, job: Job) -> RunResult | None:
+        """The driver's result: pushed over HTTP, else result.json where the run folder is shared."""
+        return job.final_result() or read_result(self.settings.runs_dir / job.id)
 
     def _follow(self, job: Job) -> None:
         now = time.time()
-        snapshot = self._status(job)
-        if snapshot and snapshot is not job.progress and snapshot != job.progress:
+        status = self._status(job)
+        if status is not None and status.model_dump(mode="json") != job.run_status:
             job = self.store.update_job(
-                job.id, progress=snapshot, world_size=snapshot.get("world_size") or job.world_size
+                job.id, run_status=status.model_dump(mode="json"), world_size=status.world_size or job.world_size
             )
-        if snapshot and (snapshot.get("endpoints") or (snapshot.get("step") or 0) > 0):
+        if status is not None and (status.endpoints or (status.step or 0) > 0):
             self._placed_at.setdefault(job.id, now)
         sid = job.ray_submission_id or job.id
         try:
@@ -432,18 +438,17 @@ class Launcher:
             if now - self._stop_sent_at.get(job.id, 0.0) > RESTOP_INTERVAL_S:
                 self._send_stop(job)
             return
-        timeout = job.spec.get("timeout")
-        if timeout and job.started_at and now - job.started_at > timeout:
-            job, needs_stop = self.store.request_stop(
-                job.id, "timeout", f"ran longer than its timeout of {_duration(timeout)}"
-            )
+        reason = overran(job.spec.get("timeout"), now - (job.started_at or now))
+        if reason is not None:
+            job, needs_stop = self.store.request_stop(job.id, "timeout", reason)
             if needs_stop:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
         job = self.store.get_job(job.id)  # a result pushed since this pass began
         result = self._result(job)
-        finished_ok = ray_job.status == "SUCCEEDED" and (result is None or result.get("state") == "succeeded")
+        ended = result.state if result is not None else None
+        finished_ok = ray_job.status == "SUCCEEDED" and ended in (None, "succeeded")
         if job.stop_requested and not finished_ok:
             left = self._live_workers(job)
             waited = now - (job.stop_requested_at or now)
@@ -454,13 +459,13 @@ class Launcher:
             if left:
                 reason += f" ({left} Ray Train workers still alive {waited:.0f} s after the stop)"
         elif finished_ok:
-            state, reason = "succeeded", _success_reason(result)
-        elif ray_job.status == "STOPPED" or (result or {}).get("state") == "cancelled":
+            state, reason = "succeeded", result.summary() if result is not None else "finished"
+        elif ray_job.status == "STOPPED" or ended == "cancelled":
             state, reason = "cancelled", "stopped outside gradwatch (e.g. `ray job stop`)"
-        elif (result or {}).get("state") == "timed_out":
-            state, reason = "timed_out", (result or {}).get("error") or "the driver's timeout ended it"
+        elif ended == "timed_out":
+            state, reason = "timed_out", (result.error if result else None) or "the driver's timeout ended it"
         else:
-            state, reason = "failed", (result or {}).get("error") or self._crash_reason(job, ray_job)
+            state, reason = "failed", (result.error if result else None) or self._crash_reason(job, ray_job)
         self._finish(job, state, reason, result)
 
     def _crash_reason(self, job: Job, ray_job: RayJob) -> str:
@@ -469,14 +474,14 @@ class Launcher:
         tail = _last_lines(self._ray_logs(job))
         return f"{head}; last output: {tail}" if tail else head
 
-    def _finish(self, job: Job, state: str, reason: str, result: dict[str, Any] | None = None) -> None:
+    def _finish(self, job: Job, state: str, reason: str, result: RunResult | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        snapshot = self._status(self.store.get_job(job.id))
-        if snapshot:
-            fields["progress"] = {**snapshot, "endpoints": [], "waiting": None}
-        if result and result.get("world_size"):
-            fields["world_size"] = result["world_size"]
+        status = self._status(self.store.get_job(job.id))
+        if status is not None:  # an ended job has no live endpoints and waits for nothing
+            fields["run_status"] = status.model_copy(update={"endpoints": [], "waiting": None}).model_dump(mode="json")
+        if result is not None:
+            fields["world_size"] = result.world_size
         self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
         self._log_cache.pop(job.id, None)
         self._placed_at.pop(job.id, None)
@@ -500,7 +505,7 @@ class Launcher:
         if text:
             path = self.settings.jobs_dir / job.id / "driver.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, text)
+            write_atomic(path, text)
 
     # -------------------------------------------------------------- starting
     def demand(self, job: Job) -> Resources:
@@ -593,9 +598,7 @@ class Launcher:
         roots the workers check `data.path` against when user code is off."""
         token_file = self.settings.jobs_dir / job.id / "job.token"
         token = self.store.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_atomic(token_file, token + "\n", mode=0o600)
         env = {JOB_TOKEN_FILE_ENV: str(token_file)}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
         # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
@@ -626,7 +629,7 @@ class Launcher:
         spec_file = self.settings.jobs_dir / job.id / "spec.json"
         spec_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.settings.runs_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(spec_file, json.dumps(job.spec, indent=2))
+        write_atomic(spec_file, json.dumps(job.spec, indent=2))
         # Running first, then submit: a crash in between leaves a running job Ray does not know,
         # which the next start marks failed; the other order could run a job twice.
         try:
@@ -659,41 +662,6 @@ class Launcher:
 
 
 # ----------------------------------------------------------------- helpers
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
-def _success_reason(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "finished"
-    parts = [f"finished {result.get('steps')} steps"]
-    if isinstance(result.get("train_loss"), int | float) and math.isfinite(result["train_loss"]):
-        parts.append(f"train loss {result['train_loss']:.4g}")
-    if isinstance(result.get("wall_seconds"), int | float):
-        parts.append(f"in {result['wall_seconds']:.0f} s")
-    reason = ", ".join(parts)
-    # A run that ran to its end on broken numbers is no plain success (the driver says why).
-    return f"{reason}, but {result['warning']}" if result.get("warning") else reason
-
-
 def _last_lines(text: str, n: int = 3) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-n:])[-2000:]
@@ -747,8 +715,17 @@ def ray_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in RAY_ENV_NAMES or k.startswith(RAY_ENV_PREFIXES)}
 
 
+def local_ray_address(dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT) -> str:
+    """The dashboard address of a Ray head on this machine."""
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
 def start_local_ray(
-    log_file: Path, *, dashboard_port: int = 8265, num_cpus: int | None = None, wait_s: float = 90.0
+    log_file: Path,
+    *,
+    dashboard_port: int = DEFAULT_RAY_DASHBOARD_PORT,
+    num_cpus: int | None = None,
+    wait_s: float = 90.0,
 ) -> str:
     """`ray start --head` on this machine with token auth; returns the dashboard address.
 
@@ -756,7 +733,7 @@ def start_local_ray(
     """
     import sys
 
-    address = f"http://127.0.0.1:{dashboard_port}"
+    address = local_ray_address(dashboard_port)
     env = {**ray_environment(os.environ), "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     if ray_token() is None:
@@ -813,6 +790,5 @@ __all__ = [
     "probe_dashboard",
     "ray_environment",
     "ray_token",
-    "read_json",
     "start_local_ray",
 ]

@@ -1,15 +1,24 @@
-"""What the HTTP API accepts and returns (the job spec itself lives in service/spec.py)."""
+"""What the HTTP API accepts and returns (the job spec itself lives in gradwatch/spec.py; the driver's
+status and result, which these answers show, in gradwatch/status.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gradwatch.names import JobState
+from gradwatch.status import Endpoint, LostNode, RunStatus
 from service.store import Alert, Job, Transition
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out"]
+State = JobState
+
+
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 
 
 def iso(ts: float | None) -> str | None:
@@ -35,23 +44,6 @@ class ErrorOut(BaseModel):
 class SpecErrorsOut(BaseModel):
     detail: str = "the job spec is not valid"
     errors: list[str] = Field(description="One line per problem: `field.path: reason (got VALUE)`.")
-
-
-class Endpoint(BaseModel):
-    rank: int
-    host: str
-    port: int
-    node: str | None = Field(None, description="The Ray node id the rank runs on.")
-
-
-class LostNode(BaseModel):
-    """A Ray node that left the cluster while it ran ranks of the job."""
-
-    node: str
-    address: str = ""
-    ranks: list[int] = Field(default_factory=list)
-    step: int | None = Field(None, description="The job's step when the loss was seen.")
-    at: float | None = None
 
 
 class JobOut(BaseModel):
@@ -83,7 +75,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job, **extra: Any) -> JobOut:
-        progress = job.progress or {}
+        status = job.last_status() or _NO_STATUS
         return cls(
             id=job.id,
             name=job.name,
@@ -96,25 +88,20 @@ class JobOut(BaseModel):
             started_at=iso(job.started_at),
             ended_at=iso(job.ended_at),
             world_size=job.world_size,
-            step=_number(progress.get("step"), int),
-            max_steps=_number(progress.get("max_steps"), int) or job.max_steps,
-            train_loss=_number(progress.get("train_loss")),
-            val_loss=_number(progress.get("val_loss")),
-            val_accuracy=_number(progress.get("val_accuracy")),
-            phase=progress.get("phase"),
-            warning=progress.get("warning") if job.state == "succeeded" else None,
+            step=status.step,
+            max_steps=status.max_steps or job.max_steps,
+            train_loss=status.train_loss,
+            val_loss=status.val_loss,
+            val_accuracy=status.val_accuracy,
+            phase=status.phase,
+            warning=status.warning if job.state == "succeeded" else None,
             stopping=bool(job.stop_requested) and job.state == "running",
             **extra,
         )
 
 
-def _number(value: Any, kind: type = float) -> Any:
-    # NaN/inf losses are real training outcomes, but JSON cannot carry them: report null.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if kind is float and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return kind(value)
+# What a job shows before its driver's first report.
+_NO_STATUS = RunStatus(job_id="", state="queued", updated_at=0.0)
 
 
 class TransitionOut(BaseModel):
@@ -168,7 +155,7 @@ class JobDetail(JobOut):
     spec: dict[str, Any]
     grad_norm: float | None = None
     samples_per_second: float | None = None
-    anomalies: dict[str, Any] = Field(default_factory=dict)
+    anomalies: dict[str, bool] = Field(default_factory=dict)
     restarts: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node it last ran on.")
@@ -182,31 +169,22 @@ class JobDetail(JobOut):
 
     @classmethod
     def full(cls, job: Job, transitions: list[Transition], alerts: list[Alert]) -> JobDetail:
-        progress = job.progress or {}
-        endpoints = []
-        if job.state == "running":
-            for e in progress.get("endpoints") or []:
-                try:
-                    endpoints.append(Endpoint.model_validate(e))
-                except ValueError:
-                    continue
-        base = JobOut.of(job).model_dump()
+        status = job.last_status()
+        running = job.state == "running"
         return cls(
-            **base,
+            **JobOut.of(job).model_dump(),
             spec=job.spec,
-            grad_norm=_number(progress.get("grad_norm")),
-            samples_per_second=_number(progress.get("samples_per_second")),
-            anomalies=progress.get("anomalies") if isinstance(progress.get("anomalies"), dict) else {},
-            restarts=_number(progress.get("restarts"), int) or 0,
-            endpoints=endpoints,
-            nodes=_str_map(progress.get("nodes")),
-            lost_nodes=_lost_nodes(progress.get("lost_nodes")),
-            waiting=progress.get("waiting")
-            if job.state == "running" and isinstance(progress.get("waiting"), str)
-            else None,
+            grad_norm=status.grad_norm if status else None,
+            samples_per_second=status.samples_per_second if status else None,
+            anomalies=status.anomalies if status else {},
+            restarts=status.restarts if status else 0,
+            endpoints=status.endpoints if status and running else [],
+            nodes=status.nodes if status else {},
+            lost_nodes=status.lost_nodes if status else [],
+            waiting=status.waiting if status and running else None,
             ray_submission_id=job.ray_submission_id,
             resources={"cpus": job.cpus, "gpus": job.gpus},
-            progress_updated_at=iso(_number(progress.get("updated_at"))),
+            progress_updated_at=iso(status.updated_at) if status else None,
             transitions=[TransitionOut.of(t) for t in transitions],
             alerts=[AlertOut.of(a) for a in alerts],
         )
@@ -283,23 +261,3 @@ class IngestOut(BaseModel):
     received: int
     new: int
     updated: int
-
-
-class CancelOut(JobOut):
-    pass
-
-
-def _str_map(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items() if v is not None}
-
-
-def _lost_nodes(value: Any) -> list[LostNode]:
-    out = []
-    for item in value if isinstance(value, list) else []:
-        try:
-            out.append(LostNode.model_validate(item))
-        except ValueError:
-            continue
-    return out

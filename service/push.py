@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
+from gradwatch.status import RunResult, RunStatus
 from service.store import Store
 
 KEEP_EVENTS = 200  # the newest events a job's status keeps
@@ -24,14 +25,14 @@ KEEP_EVENTS = 200  # the newest events a job's status keeps
 class ProgressIn(BaseModel):
     """What a driver sends about every second: its status.json and the events since the last push."""
 
-    status: dict[str, Any]
+    status: RunStatus
     events: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
 
 
 class ResultIn(BaseModel):
     """What a driver sends once at the end: its result.json."""
 
-    result: dict[str, Any]
+    result: RunResult
 
 
 class PushOut(BaseModel):

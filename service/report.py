@@ -496,96 +496,86 @@ def _label_rows(steps: list[int], texts: list[str], span: float) -> list[int]:
 def _markers(run: Run, y_of: Any, span: float) -> tuple[list[dict], list[dict], list[dict]]:
     """Anomalies, restarts, rollbacks and skipped steps on the loss chart: marker traces, vertical line
     shapes (not for skipped steps: a diverged run has hundreds) and labels at the top."""
-    traces, shapes, labels = [], [], []
-    found = anomalies(run)
-    if found:
-        traces.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "anomalies",
-                "meta": "anomalies",
-                "x": [s for _, s in found],
-                "y": [y_of(s) for _, s in found],
-                "text": [k for k, _ in found],
-                "customdata": [anomaly_name(k) for k, _ in found],
-                "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
-                "marker": {
-                    "symbol": "x",
-                    "size": 12,
-                    "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
-                    "line": {"width": 2},
-                },
-            }
-        )
-        rows = _label_rows([s for _, s in found], [k for k, _ in found], span)
-        for (kind, step), row in zip(found, rows, strict=True):
-            color = ANOMALY_COLORS.get(kind, "#d62728")
-            shapes.append(
-                {
-                    "type": "line",
-                    "xref": "x",
-                    "yref": "paper",
-                    "x0": step,
-                    "x1": step,
-                    "y0": 0,
-                    "y1": 1,
-                    "line": {"color": color, "dash": "dot", "width": 1.5},
-                }
-            )
-            labels.append(
-                {
-                    "x": step,
-                    "xref": "x",
-                    "y": 1 - 0.07 * row,
-                    "yref": "paper",
-                    "text": kind,
-                    "showarrow": False,
-                    "xanchor": "left",
-                    "yanchor": "top",
-                    "xshift": 2,
-                    "font": {"color": color, "size": 11},
-                    "bgcolor": "rgba(255,255,255,0.7)",
-                }
-            )
+    traces, shapes, labels = _anomaly_markers(run, y_of, span)
     for name, symbol, color, steps in (
         ("restarts", "triangle-up", "#6a3d9a", _restarts(run)),
         ("rollbacks", "triangle-left", "#b15928", [r["step"] for r in _rollbacks(run)]),
         ("skipped steps", "x-thin-open", "#555555", [r["step"] for r in run.nonfinite]),
     ):
         if steps:
-            traces.append(
-                {
-                    "type": "scatter",
-                    "mode": "markers",
-                    "name": name,
-                    "meta": name,
-                    "x": steps,
-                    "y": [y_of(s) for s in steps],
-                    "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
-                    "marker": {
-                        "symbol": symbol,
-                        "size": 11 if name != "skipped steps" else 7,
-                        "color": color,
-                        "line": {"width": 1.5, "color": color},
-                    },
-                }
-            )
+            traces.append(_event_trace(name, symbol, color, steps, y_of))
             if name != "skipped steps":
-                shapes += [
-                    {
-                        "type": "line",
-                        "xref": "x",
-                        "yref": "paper",
-                        "x0": s,
-                        "x1": s,
-                        "y0": 0,
-                        "y1": 1,
-                        "line": {"color": color, "width": 1},
-                    }
-                    for s in steps[:MAX_MARKER_LINES]
-                ]
+                shapes += [_vline(s, {"color": color, "width": 1}) for s in steps[:MAX_MARKER_LINES]]
     return traces, shapes, labels
+
+
+def _anomaly_markers(run: Run, y_of: Any, span: float) -> tuple[list[dict], list[dict], list[dict]]:
+    """Each anomaly kind where it was first raised: one marker trace, a dotted line and a label each."""
+    found = anomalies(run)
+    if not found:
+        return [], [], []
+    trace = {
+        "type": "scatter",
+        "mode": "markers",
+        "name": "anomalies",
+        "meta": "anomalies",
+        "x": [s for _, s in found],
+        "y": [y_of(s) for _, s in found],
+        "text": [k for k, _ in found],
+        "customdata": [anomaly_name(k) for k, _ in found],
+        "hovertemplate": "%{customdata} first at step %{x}<extra></extra>",
+        "marker": {
+            "symbol": "x",
+            "size": 12,
+            "color": [ANOMALY_COLORS.get(k, "#d62728") for k, _ in found],
+            "line": {"width": 2},
+        },
+    }
+    shapes, labels = [], []
+    rows = _label_rows([s for _, s in found], [k for k, _ in found], span)
+    for (kind, step), row in zip(found, rows, strict=True):
+        color = ANOMALY_COLORS.get(kind, "#d62728")
+        shapes.append(_vline(step, {"color": color, "dash": "dot", "width": 1.5}))
+        labels.append(
+            {
+                "x": step,
+                "xref": "x",
+                "y": 1 - 0.07 * row,
+                "yref": "paper",
+                "text": kind,
+                "showarrow": False,
+                "xanchor": "left",
+                "yanchor": "top",
+                "xshift": 2,
+                "font": {"color": color, "size": 11},
+                "bgcolor": "rgba(255,255,255,0.7)",
+            }
+        )
+    return [trace], shapes, labels
+
+
+def _event_trace(name: str, symbol: str, color: str, steps: list[int], y_of: Any) -> dict[str, Any]:
+    """The markers of restarts, rollbacks or skipped steps on the loss curve."""
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "name": name,
+        "meta": name,
+        "x": steps,
+        "y": [y_of(s) for s in steps],
+        "hovertemplate": f"{name[:-1]} at step %{{x}}<extra></extra>",
+        "marker": {
+            "symbol": symbol,
+            "size": 11 if name != "skipped steps" else 7,
+            "color": color,
+            "line": {"width": 1.5, "color": color},
+        },
+    }
+
+
+def _vline(step: int, line: dict[str, Any]) -> dict[str, Any]:
+    """A vertical line across the chart at `step`."""
+    return {"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1, "line": line}
 
 
 def _phase_bands(run: Run, end: int) -> list[dict[str, Any]]:
@@ -966,7 +956,7 @@ def report_for_job(job: Any, runs_dir: Path) -> str:
     """The page of a job the service knows (a store row): its run directory where the driver has written one,
     else the spec and state alone (a queued job). The store's state and reason win over status.json."""
     run_dir = Path(runs_dir) / job.id
-    status = {**(job.progress or {}), "job_id": job.id, "state": job.state}
+    status = {**(job.run_status or {}), "job_id": job.id, "state": job.state}
     if run_dir.is_dir():
         run = load_run(run_dir, job_id=job.id, spec=job.spec, status=status)
         if run.result:  # the service's state is the last word (a cancel or a timeout ends after the driver)

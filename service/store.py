@@ -8,12 +8,11 @@ a transition out of one is refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Collection, Iterable, Iterator
@@ -35,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     or_,
     select,
     tuple_,
@@ -44,13 +44,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, defer, mapped_column, sessionmaker
 
 from gradwatch.ids import new_job_id
-from gradwatch.names import JOB_STATES, TERMINAL_STATES
+from gradwatch.names import JOB_STATES, TERMINAL_STATES, AlertStatus, JobState
 from gradwatch.spec import JobSpec
+from gradwatch.status import RunResult, RunStatus
 from service.auth import new_token_text, split_token
 
 ALLOWED: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelled", "timed_out"}),
+    "running": TERMINAL_STATES,
 }
 
 
@@ -98,7 +99,7 @@ class Job(Base):
     labels: Mapped[dict[str, Any]]
     priority: Mapped[int] = mapped_column(Integer)
     spec: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float]
     started_at: Mapped[float | None]
@@ -108,8 +109,11 @@ class Job(Base):
     max_steps: Mapped[int | None] = mapped_column(Integer)
     cpus: Mapped[float]
     gpus: Mapped[float]
-    # Last status.json snapshot the driver wrote (step, losses, phase, endpoints, ...).
-    progress: Mapped[dict[str, Any] | None]
+    # What the driver last reported (gradwatch.status): its RunStatus, its newest events and, at the
+    # end, its RunResult, each as JSON; read them through last_status() and final_result().
+    run_status: Mapped[dict[str, Any] | None]
+    events: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    run_result: Mapped[dict[str, Any] | None]
     # "cancel" or "timeout" once the service asked Ray to stop the job; the state follows when Ray confirms.
     stop_requested: Mapped[str | None] = mapped_column(String(16))
     stop_requested_at: Mapped[float | None]
@@ -124,6 +128,14 @@ class Job(Base):
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def last_status(self) -> RunStatus | None:
+        """The driver's last status, or None before its first report."""
+        return RunStatus.model_validate(self.run_status) if self.run_status else None
+
+    def final_result(self) -> RunResult | None:
+        """The driver's result, or None until it reported one."""
+        return RunResult.model_validate(self.run_result) if self.run_result else None
 
 
 class JobLabel(Base):
@@ -144,8 +156,8 @@ class Transition(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[JobState | None] = mapped_column(String(16))
+    to_state: Mapped[JobState] = mapped_column(String(16))
     at: Mapped[float]
     reason: Mapped[str | None] = mapped_column(Text)
 
@@ -157,7 +169,7 @@ class Alert(Base):
     job_id: Mapped[str | None] = mapped_column(String(64))  # no foreign key: alerts may name unknown jobs
     alertname: Mapped[str] = mapped_column(String(200))
     severity: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AlertStatus] = mapped_column(String(16))
     starts_at: Mapped[float]
     ends_at: Mapped[float | None]
     summary: Mapped[str | None] = mapped_column(Text)
@@ -206,7 +218,7 @@ class AlertUpdate:
     """One alert of an Alertmanager notification, already parsed."""
 
     fingerprint: str
-    status: str
+    status: AlertStatus
     starts_at: float
     ends_at: float | None
     labels: dict[str, str]
@@ -220,20 +232,19 @@ def demand_of(spec: JobSpec) -> tuple[float, float]:
     return demand["CPU"], demand.get("GPU", 0.0)
 
 
+# A page's end: the last job's creation time and id. Any text of this form is a place in the list.
+CURSOR = r"^[0-9]{1,17}(\.[0-9]{1,17})?(e[-+][0-9]{2})?~[A-Za-z0-9._-]{1,64}$"
+
+
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at, job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{job.created_at!r}~{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        if not isinstance(job_id, str) or not isinstance(created_at, int | float):
-            raise ValueError
-        return float(created_at), job_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it") from None
+    if not re.fullmatch(CURSOR, cursor):
+        raise BadCursor(f"cursor {cursor[:40]!r} is not one this server gave out; start without it")
+    created_at, job_id = cursor.split("~", 1)
+    return float(created_at), job_id
 
 
 class Store:
@@ -243,6 +254,7 @@ class Store:
         self.url = url
         self.engine = _make_engine(url)
         Base.metadata.create_all(self.engine)
+        _check_columns(self.engine, url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_session = sessionmaker(self.engine.execution_options(gw_write=True), expire_on_commit=False)
 
@@ -334,7 +346,7 @@ class Store:
             query = query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
         if name:
             query = query.where(Job.name == name)
-        if cursor:
+        if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             query = query.where(tuple_(*order) < tuple_(created_at, job_id))
         query = query.order_by(order[0].desc(), order[1].desc()).offset(offset).limit(limit + 1)
@@ -354,6 +366,7 @@ class Store:
                 (k, v): session.scalar(
                     select(func.count()).where(JobLabel.key == k, JobLabel.value == v).select_from(JobLabel)
                 )
+                or 0
                 for k, v in items
             }
         return sorted(items, key=lambda item: counts[item])
@@ -397,7 +410,7 @@ class Store:
         return job
 
     def update_job(self, job_id: str, **fields: Any) -> Job:
-        """Change bookkeeping fields (progress, reason, world size); never the state."""
+        """Change bookkeeping fields (the driver's status, reason, world size); never the state."""
         if "state" in fields:
             raise ValueError("use transition() to change a job's state")
         with self._write() as session:
@@ -409,26 +422,24 @@ class Store:
     def push_progress(
         self,
         job_id: str,
-        status: dict[str, Any] | None,
+        status: RunStatus | None,
         events: list[dict[str, Any]],
-        result: dict[str, Any] | None = None,
+        result: RunResult | None = None,
         keep_events: int = 200,
     ) -> Job:
-        """A driver's report of a running job: its status replaces the progress, events are appended
+        """A driver's report of a running job: its status replaces the last one, events are appended
         (the newest `keep_events` kept) and a result is kept beside them. Refused once the job ended."""
         with self._write() as session:
             job = _job_for_update(session, job_id)
             if job.state != "running":
                 raise TransitionRefused(f"job {job_id} is {job.state}; its driver's reports are no longer taken")
-            old = job.progress if (job.progress or {}).get("source") == "push" else {}
-            progress = dict(status) if status is not None else dict(old or {})
-            progress["source"] = "push"
-            progress["events"] = [*((old or {}).get("events") or []), *events][-keep_events:]
-            if result is not None or (old or {}).get("result") is not None:
-                progress["result"] = result if result is not None else old["result"]
-            job.progress = progress
-            if isinstance(progress.get("world_size"), int) and progress["world_size"] > 0:
-                job.world_size = progress["world_size"]
+            if status is not None:
+                job.run_status = status.model_dump(mode="json")
+                job.world_size = status.world_size or job.world_size
+            if events:
+                job.events = [*(job.events or []), *events][-keep_events:]
+            if result is not None:
+                job.run_result = result.model_dump(mode="json")
         return job
 
     def request_stop(self, job_id: str, kind: str, reason: str, *, now: float | None = None) -> tuple[Job, bool]:
@@ -439,7 +450,8 @@ class Store:
         its Ray job needs a stop.
         """
         at = time.time() if now is None else now
-        final = {"cancel": "cancelled", "timeout": "timed_out"}[kind]
+        finals: dict[str, JobState] = {"cancel": "cancelled", "timeout": "timed_out"}
+        final = finals[kind]
         with self._write() as session:
             job = _job_for_update(session, job_id)
             if job.state in TERMINAL_STATES:
@@ -460,7 +472,7 @@ class Store:
     def count_by_state(self) -> dict[str, int]:
         with self._read() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
         counts.update({state: n for state, n in rows})
         return counts
 
@@ -761,6 +773,20 @@ def _make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _check_columns(engine: Engine, url: str) -> None:
+    """Refuse a store whose tables an older gradwatch made (create_all adds tables, never columns)."""
+    found = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in found.get_columns(table.name)}
+        missing = [c.name for c in table.columns if c.name not in have]
+        if missing:
+            where = engine.url.render_as_string(hide_password=True)
+            raise StoreError(
+                f"the store at {where} was made by another gradwatch version: its {table.name} table lacks "
+                f"{', '.join(missing)}. Point GRADWATCH_DATABASE_URL at a new database, or move this one aside"
+            )
 
 
 def _job_for_update(session: Session, job_id: str) -> Job:

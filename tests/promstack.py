@@ -10,6 +10,7 @@ it fails: CI must install them (apt-get install -y prometheus prometheus-alertma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,6 +86,24 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
     if body.get("status") != "success":
         raise RuntimeError(f"query {promql!r} failed: {body}")
     return body["data"]["result"]
+
+
+def rules_evaluated_since(url: str, since: float) -> bool:
+    """Whether Prometheus at `url` has evaluated every rule group after `since` (unix seconds)."""
+    response = httpx.get(f"{url}/api/v1/rules", timeout=10)
+    response.raise_for_status()
+    groups = response.json()["data"]["groups"]
+    return bool(groups) and all(_unix(g.get("lastEvaluation", "")) > since for g in groups)
+
+
+def _unix(rfc3339: str) -> float:
+    """Prometheus's times (nanosecond fractions, Z) as unix seconds; 0 for the zero time."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", rfc3339)
+    if not match or rfc3339.startswith("0001-"):
+        return 0.0
+    whole, fraction, zone = match.groups()
+    at = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone)).timestamp()
+    return at + (float(fraction) if fraction else 0.0)
 
 
 @dataclass

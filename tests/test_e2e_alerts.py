@@ -25,7 +25,7 @@ import yaml
 
 from dashboards.build import panel_queries, substitute
 from tests.conftest import DIVERGED, EXAMPLES, REPO
-from tests.promstack import ALERTMANAGER, PROMETHEUS, free_port, query, require, wait_for
+from tests.promstack import ALERTMANAGER, PROMETHEUS, free_port, query, require, rules_evaluated_since, wait_for
 from tests.stack import BIN, TOKEN, Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus, pytest.mark.timeout(1200)]
@@ -48,9 +48,7 @@ def stack(ray_head, tmp_path_factory):
     prom = SimpleNamespace(url=f"http://127.0.0.1:{prom_port}")
     printed = svc.log.read_text()
     assert f"Prometheus     {prom.url}" in printed and f"Alertmanager   http://127.0.0.1:{am_port}" in printed
-    yield SimpleNamespace(
-        svc=svc, client=svc.client, prom=prom, data_dir=tmp / "gradwatch", started=time.time(), jobs={}
-    )
+    yield SimpleNamespace(svc=svc, client=svc.client, prom=prom, data_dir=tmp / "gradwatch", started=time.time())
     if svc.process and svc.process.poll() is None:
         for job in svc.client.jobs(state=["queued", "running"]):
             svc.client.cancel(job["id"])
@@ -59,7 +57,6 @@ def stack(ray_head, tmp_path_factory):
 
 def submit(stack, example: str, **overrides) -> dict:
     job = stack.client.submit({**yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text()), **overrides})
-    stack.jobs[example] = job["id"]
     return job
 
 
@@ -76,18 +73,25 @@ def wait_for_alert(stack, job_id: str, names: set[str], timeout: float) -> set[s
     return wait_for(arrived, timeout=timeout, interval=1, what=f"{'/'.join(sorted(names))} for {job_id}")
 
 
-def test_a_healthy_run_raises_no_alert(stack):
+@pytest.fixture(scope="module")
+def healthy_run(stack) -> dict:
+    """A healthy job run to its end, then its last scrapes evaluated by every rule."""
     # long enough on an idle machine for Prometheus to scrape it many times: the panel test reads it
     job = submit(stack, "digits-mlp", max_steps=2000)
     done = stack.client.wait(job["id"], timeout=400)
-    assert done["state"] == "succeeded", done["reason"]
-    assert done["step"] == 2000
-    # the run's last scrapes have been evaluated by the rules
     wait_for(lambda: not stack.client.targets(), timeout=30, what="the finished job to leave /v1/targets")
-    time.sleep(4)
-    assert alert_names(stack, job["id"]) == set()
-    fired = query(stack.prom.url, f'count_over_time(ALERTS{{job_id="{job["id"]}"}}[30m])')
+    left = time.time()
+    wait_for(lambda: rules_evaluated_since(stack.prom.url, left), timeout=60, what="a rule evaluation after the run")
+    return done
+
+
+def test_a_healthy_run_raises_no_alert(stack, healthy_run):
+    assert healthy_run["state"] == "succeeded", healthy_run["reason"]
+    assert healthy_run["step"] == 2000
+    # nothing fired or was pending (ALERTS holds both) at any evaluation of its series
+    fired = query(stack.prom.url, f'count_over_time(ALERTS{{job_id="{healthy_run["id"]}"}}[30m])')
     assert fired == [], fired
+    assert alert_names(stack, healthy_run["id"]) == set()
 
 
 def cli(stack, *args: str, **kwargs) -> subprocess.Popen:
@@ -121,7 +125,6 @@ def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack):
         timeout=30,
         what="the submitted job id",
     )
-    stack.jobs["diverging"] = job_id
 
     def alert_listed() -> float | None:
         out = subprocess.run(
@@ -180,10 +183,18 @@ NO_DATA_FOR_A_HEALTHY_JOB = {
 }
 
 
-def test_every_dashboard_panel_returns_data(stack):
-    healthy = stack.jobs.get("digits-mlp")
-    assert healthy, "runs after test_a_healthy_run_raises_no_alert"
-    variables = {"job_id": healthy, "team": "vision", "project": "demo", "state": ".*"}
+@pytest.fixture(scope="module")
+def alerted_run(stack) -> str:
+    """A diverging job that fired a divergence alert, run to its end: the boards' alert panels read it."""
+    job = submit(stack, "diverging")
+    # it may end before the alert is delivered (the ended job's alerts still arrive)
+    wait_for(lambda: alert_names(stack, job["id"]) & DIVERGENCE_ALERTS, timeout=300, what="a divergence alert")
+    stack.client.wait(job["id"], timeout=300)
+    return job["id"]
+
+
+def test_every_dashboard_panel_returns_data(stack, healthy_run, alerted_run):
+    variables = {"job_id": healthy_run["id"], "team": "vision", "project": "demo", "state": ".*"}
     start, end = stack.started, time.time()
     problems, ran = [], 0
     for path in sorted((REPO / "dashboards").glob("*.json")):

@@ -1,4 +1,5 @@
-"""The code passes the project's ruff rules and is laid out by its formatter (pyproject.toml [tool.ruff])."""
+"""The code passes the project's ruff rules, is laid out by its formatter (pyproject.toml [tool.ruff]) and
+type-checks under mypy (pyproject.toml [tool.mypy])."""
 
 import subprocess
 import sys
@@ -22,3 +23,9 @@ def test_code_is_formatted():
     assert out.returncode == 0, (
         "run `make format`; these files differ from the formatter's layout:\n" + out.stdout[-4000:]
     )
+
+
+def test_types_are_clean():
+    # The packages and options come from pyproject.toml; .mypy_cache keeps a second run to seconds.
+    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, "run `make typecheck`; mypy reports:\n" + (out.stdout + out.stderr)[-6000:]

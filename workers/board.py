@@ -91,32 +91,33 @@ class BoardClient:
         except ValueError:
             return None
 
-    def _send(self, method: str, *args: Any) -> None:
+    def _send(self, method: Any, *args: Any) -> None:
+        """Call `method` of the board (an actor method: sent, not waited for)."""
         if self._remote:
-            getattr(self._target, method).remote(*args)
+            method.remote(*args)
         else:
-            getattr(self._target, method)(*args)
+            method(*args)
 
     def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
-        self._send("started", rank, resumed_step, node)
+        self._send(self._target.started, rank, resumed_step, node)
 
     def post_progress(self, progress: dict[str, Any]) -> None:
-        self._send("post_progress", progress)
+        self._send(self._target.post_progress, progress)
 
     def post_endpoint(self, rank: int, host: str, port: int, pid: int | None = None) -> None:
-        self._send("post_endpoint", rank, host, port, pid)
+        self._send(self._target.post_endpoint, rank, host, port, pid)
 
     def drop_endpoint(self, rank: int) -> None:
-        self._send("drop_endpoint", rank)
+        self._send(self._target.drop_endpoint, rank)
 
     def post_event(self, event: dict[str, Any]) -> None:
-        self._send("post_event", event)
+        self._send(self._target.post_event, event)
 
     def post_rank_report(self, rank: int, report: dict[str, Any]) -> None:
-        self._send("post_rank_report", rank, report)
+        self._send(self._target.post_rank_report, rank, report)
 
     def post_final(self, final: dict[str, Any]) -> None:
-        self._send("post_final", final)
+        self._send(self._target.post_final, final)
 
 
 def create_board_actor(job_id: str):

@@ -13,14 +13,24 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from gradwatch.spec import DATA_ROOTS_ENV, MAX_CORPUS_CHARS
+from gradwatch.spec import (
+    DATA_ROOTS_ENV,
+    MAX_CORPUS_CHARS,
+    CustomData,
+    DataSpec,
+    DigitsData,
+    SyntheticClassificationData,
+    SyntheticRegressionData,
+    TextData,
+)
 
 Task = Literal["classification", "regression", "language_model"]
+BuiltinData = DigitsData | SyntheticClassificationData | SyntheticRegressionData | TextData
 
 
 @dataclass
@@ -46,16 +56,15 @@ class IndexedDataset(Dataset):
         return self.x[i], self.y[i], i
 
 
-def build_data(spec: Any, seed: int) -> DataBundle:
+def build_data(spec: DataSpec, seed: int) -> DataBundle:
     """The spec's `data` section -> train and val sets."""
-    name = spec.name
-    if name == "digits":
+    if isinstance(spec, DigitsData):
         return _digits(spec, seed)
-    if name == "synthetic-classification":
+    if isinstance(spec, SyntheticClassificationData):
         return _synthetic_classification(spec, seed)
-    if name == "synthetic-regression":
+    if isinstance(spec, SyntheticRegressionData):
         return _synthetic_regression(spec, seed)
-    if name == "text":
+    if isinstance(spec, TextData):
         return _text(spec, seed)
     return _custom(spec, seed)
 
@@ -68,8 +77,8 @@ def _split(n: int, val_fraction: float, train_fraction: float, seed: int) -> tup
     return train, perm[:n_val]
 
 
-def _finish(x: torch.Tensor, y: torch.Tensor, spec: Any, seed: int, task: Task, num_outputs: int) -> DataBundle:
-    train_idx, val_idx = _split(len(x), spec.val_fraction, getattr(spec, "train_fraction", 1.0), seed)
+def _finish(x: torch.Tensor, y: torch.Tensor, spec: BuiltinData, seed: int, task: Task, num_outputs: int) -> DataBundle:
+    train_idx, val_idx = _split(len(x), spec.val_fraction, spec.train_fraction, seed)
     return DataBundle(
         train=IndexedDataset(x[train_idx], y[train_idx]),
         val=IndexedDataset(x[val_idx], y[val_idx]),
@@ -79,7 +88,7 @@ def _finish(x: torch.Tensor, y: torch.Tensor, spec: Any, seed: int, task: Task, 
     )
 
 
-def _digits(spec: Any, seed: int) -> DataBundle:
+def _digits(spec: DigitsData, seed: int) -> DataBundle:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     digits = load_digits()
@@ -90,7 +99,7 @@ def _digits(spec: Any, seed: int) -> DataBundle:
     return _finish(x, y, spec, seed, "classification", 10)
 
 
-def _synthetic_classification(spec: Any, seed: int) -> DataBundle:
+def _synthetic_classification(spec: SyntheticClassificationData, seed: int) -> DataBundle:
     g = torch.Generator().manual_seed(seed + 1)
     centers = torch.randn(spec.n_classes, spec.n_features, generator=g) * 2.0
     y = torch.randint(0, spec.n_classes, (spec.n_samples,), generator=g)
@@ -98,7 +107,7 @@ def _synthetic_classification(spec: Any, seed: int) -> DataBundle:
     return _finish(x, y, spec, seed, "classification", spec.n_classes)
 
 
-def _synthetic_regression(spec: Any, seed: int) -> DataBundle:
+def _synthetic_regression(spec: SyntheticRegressionData, seed: int) -> DataBundle:
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(spec.n_features, 1, generator=g)
     x = torch.randn(spec.n_samples, spec.n_features, generator=g)
@@ -156,7 +165,7 @@ def _read_regular_file(path: str, limit: int, roots: list[str] | None) -> str:
     return text[:limit]
 
 
-def _text(spec: Any, seed: int) -> DataBundle:
+def _text(spec: TextData, seed: int) -> DataBundle:
     # Set by the service for jobs of a server without user code: check data.path on this node too.
     roots = os.environ.get(DATA_ROOTS_ENV)
     text = read_corpus(
@@ -186,7 +195,7 @@ def load_factory(path: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _custom(spec: Any, seed: int) -> DataBundle:
+def _custom(spec: CustomData, seed: int) -> DataBundle:
     """A user factory returns a DataBundle, or (train, val) datasets of (x, y) items for classification."""
     result = load_factory(spec.name)(**spec.options, seed=seed)
     if isinstance(result, DataBundle):
@@ -202,12 +211,19 @@ def _custom(spec: Any, seed: int) -> DataBundle:
     )
 
 
+class _MapDataset(Protocol):
+    """What a custom data factory's datasets must be: sized and indexable by position."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class _WithIndex(Dataset):
-    def __init__(self, inner: Dataset):
+    def __init__(self, inner: _MapDataset):
         self.inner = inner
 
     def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
+        return len(self.inner)
 
     def __getitem__(self, i: int):
         x, y = self.inner[i][:2]

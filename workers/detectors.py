@@ -540,9 +540,10 @@ class PhaseDetector:
     def classify(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool, stalled: bool) -> str:
         """The phase this one observation points to, before debouncing."""
         fall = tracker.fall(self.window)
-        significant = fall is not None and fall > self.sigmas * tracker.fall_noise(self.window)
-        if significant:
-            self.steepest = max(self.steepest, fall / self.window)  # type: ignore[operator]
+        slope: float | None = None  # the loss's fall per step, when it stands out of the noise
+        if fall is not None and fall > self.sigmas * tracker.fall_noise(self.window):
+            slope = fall / self.window
+            self.steepest = max(self.steepest, slope)
         if diverging:
             return "diverging"
         if not past_warmup:
@@ -559,7 +560,7 @@ class PhaseDetector:
             return self.phase or "warmup"  # getting worse is not learning: no new phase until it is judged
         # entering rapid learning again takes a steeper slope than staying in it, so noise does not toggle it
         needed = self.rapid * (1.0 if self.phase in ("rapid_learning", "warmup") else _REENTER_RAPID)
-        if significant and fall / self.window >= needed * self.steepest > 0.0:  # type: ignore[operator]
+        if slope is not None and slope >= needed * self.steepest > 0.0:
             return "rapid_learning"
         return "refinement"
 

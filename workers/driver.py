@@ -24,7 +24,7 @@ from typing import Any
 
 from gradwatch.ids import new_job_id
 from gradwatch.names import JobState
-from gradwatch.spec import JobSpec, SpecError, load_spec
+from gradwatch.spec import JobSpec, SpecError, load_spec, overran
 from gradwatch.status import (
     RESULT_FILE,
     STATUS_FILE,
@@ -41,7 +41,9 @@ from workers.placement import NodeWatch, PlacementImpossible, check_placement, s
 from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
-Listener = Callable[[dict[str, Any]], None]
+STOP_WAIT_S = 30.0  # how long a job cut short waits for Ray Train's fit() to return once Ray is shut down
+# Told each status as it is written and the job's events since the last one.
+Listener = Callable[[RunStatus, list[dict[str, Any]]], None]
 
 
 class ClusterTooSmall(RuntimeError):
@@ -131,7 +133,7 @@ class JobWatch:
         if self.sd_file:
             write_sd_file(self.sd_file, self.job_id, status.endpoints)
         for listener in self.listeners:
-            listener({"status": status.model_dump(), "events": events})
+            listener(status, events)
 
 
 def run_status(job_id: str, state: JobState, snap: dict[str, Any], nodes: dict[str, Any] | None = None) -> RunStatus:
@@ -182,8 +184,14 @@ def run_job(
     sd_file: Path | None = None,
     listeners: list[Listener] | None = None,
     poll_seconds: float = 0.5,
-) -> dict[str, Any]:
-    """Run one job to the end on the connected (or a new local) Ray; returns the result summary."""
+    own_timeout: bool = True,
+) -> RunResult:
+    """Run one job to the end on the connected (or a new local) Ray; returns its result (result.json).
+
+    `own_timeout`: this driver ends the job at the spec's timeout (False under the service, whose
+    launcher times jobs out on its own clock). A job cut short (timeout, Ctrl-C) leaves no worker
+    behind: Ray is shut down before the result is written, the trainer's actors with it.
+    """
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / job_id
@@ -194,20 +202,23 @@ def run_job(
     watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
     fit = Fit(spec, job_id, run_dir, storage_path)
     fit.start()
-    state, error = follow(fit, watch, spec, started, poll_seconds)
+    state, error = follow(fit, watch, spec.timeout if own_timeout else None, started, poll_seconds)
     snap = watch.poll(notify=False)
-    if not fit.is_alive():
+    if fit.is_alive():  # cut short: the trainer's workers must not train on unseen
+        stop_ray()
+        fit.join(STOP_WAIT_S)
+    else:
         state, error = ("failed", explain_failure(fit.error, watch, snap)) if fit.error else ("succeeded", None)
     node_fields = watch.node_fields()
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
     if state == "succeeded":
-        result.warning = unhealthy_ending(result.model_dump(), snap.get("progress", {}))
+        result.warning = unhealthy_ending(snap)
     watch.publish(
         run_status(job_id, state, snap, {**node_fields, "waiting": None, "warning": result.warning}),
         snap.get("events", []),
     )
     write_record(run_dir / RESULT_FILE, result)
-    return {**result.model_dump(), "ranks": snap.get("ranks", {})}  # the ranks' reports in full, by rank
+    return result
 
 
 def explain_failure(error: BaseException, watch: JobWatch, snap: dict[str, Any]) -> str:
@@ -218,10 +229,11 @@ def explain_failure(error: BaseException, watch: JobWatch, snap: dict[str, Any])
     return watch.nodes.explain(reason) if watch.nodes else reason
 
 
-def unhealthy_ending(result: dict[str, Any], progress: dict[str, Any]) -> str | None:
+def unhealthy_ending(snap: dict[str, Any]) -> str | None:
     """Why a run that reached its last step is still no plain success, or None when it is one."""
+    final, progress = snap.get("final", {}), snap.get("progress", {})
     problems = []
-    loss = result.get("train_loss")
+    loss = final.get("train_loss", progress.get("train_loss"))  # raw: the result's own holds no NaN
     if isinstance(loss, float) and not math.isfinite(loss):
         problems.append(f"its final train loss is {loss}")
     if (progress.get("anomalies") or {}).get("divergence"):
@@ -295,25 +307,20 @@ class Fit(threading.Thread):
 
 
 def follow(
-    fit: Fit, watch: JobWatch, spec: JobSpec, started: float, poll_seconds: float
+    fit: Fit, watch: JobWatch, timeout: float | None, started: float, poll_seconds: float
 ) -> tuple[JobState, str | None]:
-    """Watch the job until `fit` ends, its timeout passes or Ctrl-C; the state so far (the caller
+    """Watch the job until `fit` ends, `timeout` passes or Ctrl-C; the state so far (the caller
     settles it once fit has ended)."""
-    deadline = started + spec.timeout if spec.timeout else None
     try:
         while fit.is_alive():
             fit.join(poll_seconds)
             watch.poll()
-            if deadline and time.time() > deadline:
-                return "timed_out", f"timeout: still running after {spec.timeout:g} s"
+            reason = overran(timeout, time.time() - started)
+            if reason is not None:
+                return "timed_out", reason
     except KeyboardInterrupt:
         return "cancelled", "interrupted (Ctrl-C): workers stopped"
     return "failed", None
-
-
-def public_result(result: dict[str, Any]) -> RunResult:
-    """What run_job returned, as result.json has it (the ranks' reports by rank, test details left out)."""
-    return RunResult.model_validate({**result, "ranks": [result["ranks"][r] for r in sorted(result["ranks"])]})
 
 
 def run_result(
@@ -368,19 +375,16 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def _print_listener(update: dict[str, Any]) -> None:
-    status = update["status"]
-    for event in update["events"]:
-        print(f"[{status['job_id']}] {event_line(event)}", flush=True)
-    step = status.get("step")
-    if step and step != getattr(_print_listener, "last", None):
-        _print_listener.last = step  # type: ignore[attr-defined]
-        loss = status.get("train_loss")
-        print(
-            f"[{status['job_id']}] step {step}/{status.get('max_steps')} loss "
-            f"{loss if loss is None else f'{loss:.4f}'} phase {status.get('phase')}",
-            flush=True,
-        )
+_printed_step: dict[str, int] = {}  # job id -> the step of its last progress line
+
+
+def _print_listener(status: RunStatus, events: list[dict[str, Any]]) -> None:
+    for event in events:
+        print(f"[{status.job_id}] {event_line(event)}", flush=True)
+    if status.step and status.step != _printed_step.get(status.job_id):
+        _printed_step[status.job_id] = status.step
+        loss = "None" if status.train_loss is None else f"{status.train_loss:.4f}"
+        print(f"[{status.job_id}] step {status.step}/{status.max_steps} loss {loss} phase {status.phase}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,20 +411,21 @@ def main(argv: list[str] | None = None) -> int:
         storage_path=args.storage_path,
         sd_file=args.prometheus_sd_file,
         listeners=[_print_listener, *([pusher.listener] if pusher else [])],
+        own_timeout=False,  # the service's launcher times its jobs out
     )
     if pusher and not pusher.finish(result):
         print(
-            f"job {args.job_id}: could not report the result to the service; it is in {result['run_dir']}/result.json",
+            f"job {args.job_id}: could not report the result to the service; it is in {result.run_dir}/result.json",
             file=sys.stderr,
             flush=True,
         )
-    print(public_result(result).model_dump_json(), flush=True)
-    if result["state"] != "succeeded":
-        print(f"job {args.job_id} {result['state']}: {result['error']}", file=sys.stderr, flush=True)
+    print(result.model_dump_json(), flush=True)
+    if result.state != "succeeded":
+        print(f"job {args.job_id} {result.state}: {result.error}", file=sys.stderr, flush=True)
         stop_ray()
         return 1
-    if result.get("warning"):
-        print(f"job {args.job_id} reached its last step, but {result['warning']}", file=sys.stderr, flush=True)
+    if result.warning:
+        print(f"job {args.job_id} reached its last step, but {result.warning}", file=sys.stderr, flush=True)
     stop_ray()
     return 0
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gradwatch.spec import JobSpec
-from gradwatch.training import DivergenceStop, Run
+from gradwatch.training import DivergenceStop, Run, reports_for_tests
 from workers.board import BoardClient
 from workers.data import build_data
 from workers.models import build_model, loss_and_correct
@@ -86,7 +86,8 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.pos = Position()
-        self.seen_first_epoch: list[torch.Tensor] = []
+        # the sample indices of the first epoch, under the test hook only (gradwatch.names.TEST_REPORTS_ENV)
+        self.seen_first_epoch: list[torch.Tensor] | None = [] if reports_for_tests() else None
         self.run = Run(
             session,
             spec,
@@ -111,7 +112,7 @@ class Trainer:
     def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
         per_rank = len(dataset) // self.world_size
         drop_last = shuffle and per_rank >= self.spec.batch_size
-        sampler = (
+        sampler: DistributedSampler | None = (
             DistributedSampler(
                 dataset,
                 num_replicas=self.world_size,
@@ -159,7 +160,7 @@ class Trainer:
             self.scheduler.step()  # a skipped update does not use up the schedule
         self.run.end_step()  # recorded; a divergence is acted on before the next batch
         self.pos.samples += len(x)
-        if self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:
+        if self.seen_first_epoch is not None and self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:
             self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
         return self.telemetry.last.get("loss", float("nan"))
 
@@ -210,7 +211,8 @@ class Trainer:
 
     # --------------------------------------------------- checkpoints
     def _inner(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
+        inner: torch.nn.Module = getattr(self.model, "module", self.model)  # DDP's wrapped model, or the model
+        return inner
 
     def save_checkpoint(self) -> None:
         self.run.save_checkpoint({"position": dataclasses.asdict(self.pos)})
@@ -225,8 +227,11 @@ class Trainer:
         return self.step
 
     def finish(self, loss: float) -> Outcome:
-        seen = torch.cat(self.seen_first_epoch).cpu().tolist() if self.seen_first_epoch else []
-        outcome = self.run.finish(report={"first_epoch_indices": sorted(set(seen))})
+        report = None
+        if self.seen_first_epoch is not None:
+            seen = torch.cat(self.seen_first_epoch).cpu().tolist() if self.seen_first_epoch else []
+            report = {"first_epoch_indices": sorted(set(seen))}
+        outcome = self.run.finish(report=report)
         if outcome["train_loss"] is None:
             outcome["train_loss"] = loss
         return Outcome(**outcome)

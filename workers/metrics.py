@@ -27,14 +27,23 @@ def series_per_job(world_size: int, layers: int) -> int:
 
 
 class WorkerMetrics:
+    """One worker's series: its rank's own, and on rank 0 alone the job's (`job`, None elsewhere)."""
+
     def __init__(self, job_id: str, rank: int, *, rank0: bool | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.job_id, self.rank = job_id, str(rank)
-        self.rank0 = rank == 0 if rank0 is None else rank0
-        r = self.registry
-        base = ["job_id", "rank"]
+        self._declare_rank_series()
+        self._label_rank_series()
+        on_rank0 = rank == 0 if rank0 is None else rank0
+        self.job: JobSeries | None = JobSeries(self.registry, job_id) if on_rank0 else None
 
-        # ---- per rank
+    @property
+    def rank0(self) -> bool:
+        """Whether this worker exports the job's series."""
+        return self.job is not None
+
+    def _declare_rank_series(self) -> None:
+        r, base = self.registry, ["job_id", "rank"]
         self.step = Gauge("gradwatch_step", "Current optimizer step.", base, registry=r)
         self.epoch = Gauge("gradwatch_epoch", "Current epoch (0-based).", base, registry=r)
         self.loss = Gauge(
@@ -75,7 +84,9 @@ class WorkerMetrics:
             "gradwatch_skipped_steps", "Optimizer steps skipped because the gradient was not finite.", base, registry=r
         )
 
-        self._base = (job_id, self.rank)
+    def _label_rank_series(self) -> None:
+        """Every per-rank series exists from the start, so the rules see it before its first change."""
+        self._base = (self.job_id, self.rank)
         for child in (self.step, self.epoch, self.loss_ema, self.local_grad_norm, self.heartbeat):
             child.labels(*self._base)
         for counter in (self.samples, self.restarts, self.rollbacks, self.skipped_steps):
@@ -84,78 +95,6 @@ class WorkerMetrics:
         for kind in NONFINITE_KINDS:
             self.nonfinite.labels(*self._base, kind)
         self.step_duration.labels(*self._base)
-
-        if not self.rank0:
-            return
-        # ---- rank 0 only: identical on every rank after the all-reduce
-        self.grad_norm = Gauge(
-            "gradwatch_grad_norm",
-            "Global gradient L2 norm after the all-reduce, before clipping.",
-            ["job_id"],
-            registry=r,
-        )
-        self.weight_norm = Gauge("gradwatch_weight_norm", "Global L2 norm of the weights.", ["job_id"], registry=r)
-        self.learning_rate = Gauge("gradwatch_learning_rate", "Learning rate of the last step.", ["job_id"], registry=r)
-        self.layer_grad_norm = Gauge(
-            "gradwatch_layer_grad_norm", "Gradient L2 norm per layer.", ["job_id", "layer"], registry=r
-        )
-        self.layer_weight_norm = Gauge(
-            "gradwatch_layer_weight_norm", "Weight L2 norm per layer.", ["job_id", "layer"], registry=r
-        )
-        self.layer_update_ratio = Gauge(
-            "gradwatch_layer_update_ratio",
-            "||delta w|| / ||w|| of the last step, per layer.",
-            ["job_id", "layer"],
-            registry=r,
-        )
-        self.noise_scale = Gauge(
-            "gradwatch_gradient_noise_scale",
-            "Simple gradient noise scale B_simple (McCandlish et al. 2018), in examples.",
-            ["job_id"],
-            registry=r,
-        )
-        self.global_batch = Gauge(
-            "gradwatch_global_batch_size", "Examples per optimizer step, all ranks.", ["job_id"], registry=r
-        )
-        self.phase = Gauge(
-            "gradwatch_phase", "1 for the current training phase, 0 for the others.", ["job_id", "phase"], registry=r
-        )
-        self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", ["job_id", "kind"], registry=r)
-        self.anomaly_raised = Counter(
-            "gradwatch_anomaly_raised",
-            "Times an online detector raised its anomaly (alerts use increase(): a "
-            "spike that clears between two scrapes still counts).",
-            ["job_id", "kind"],
-            registry=r,
-        )
-        self.job_info = Gauge(
-            "gradwatch_job_info",
-            "Constant 1, labelled with what the job is.",
-            ["job_id", "name", "owner", "model", "world_size", "team", "project"],
-            registry=r,
-        )
-        for gauge in (self.grad_norm, self.weight_norm, self.learning_rate, self.global_batch):
-            gauge.labels(job_id)
-        for name in PHASES:
-            self.phase.labels(job_id, name).set(1 if name == "warmup" else 0)
-        for kind in ANOMALIES:
-            self.anomaly.labels(job_id, kind).set(0)
-            self.anomaly_raised.labels(job_id, kind)
-
-    # ---- helpers the loop calls
-    def set_info(self, name: str, owner: str, model: str, world_size: int, labels: dict[str, str]) -> None:
-        if self.rank0:
-            self.job_info.labels(
-                self.job_id, name, owner, model, str(world_size), labels.get("team", ""), labels.get("project", "")
-            ).set(1)
-
-    def set_phase(self, current: str) -> None:
-        for name in PHASES:
-            self.phase.labels(self.job_id, name).set(1 if name == current else 0)
-
-    def set_anomalies(self, held: dict[str, bool]) -> None:
-        for kind in ANOMALIES:
-            self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)
 
     # ---- series named by user code (the training API): a bounded set, each family registered on first use
     def named(self, kind: str, name: str):
@@ -177,3 +116,73 @@ class WorkerMetrics:
                 ),
             }
         return self._named_families[kind].labels(self.job_id, self.rank, name)
+
+
+class JobSeries:
+    """The series rank 0 alone exports: values identical on every rank after the all-reduce, the
+    detectors' phase and anomalies, and what the job is."""
+
+    def __init__(self, registry: CollectorRegistry, job_id: str):
+        self.job_id, r, job = job_id, registry, ["job_id"]
+        self.grad_norm = Gauge(
+            "gradwatch_grad_norm", "Global gradient L2 norm after the all-reduce, before clipping.", job, registry=r
+        )
+        self.weight_norm = Gauge("gradwatch_weight_norm", "Global L2 norm of the weights.", job, registry=r)
+        self.learning_rate = Gauge("gradwatch_learning_rate", "Learning rate of the last step.", job, registry=r)
+        self.layer_grad_norm = Gauge(
+            "gradwatch_layer_grad_norm", "Gradient L2 norm per layer.", [*job, "layer"], registry=r
+        )
+        self.layer_weight_norm = Gauge(
+            "gradwatch_layer_weight_norm", "Weight L2 norm per layer.", [*job, "layer"], registry=r
+        )
+        self.layer_update_ratio = Gauge(
+            "gradwatch_layer_update_ratio",
+            "||delta w|| / ||w|| of the last step, per layer.",
+            [*job, "layer"],
+            registry=r,
+        )
+        self.noise_scale = Gauge(
+            "gradwatch_gradient_noise_scale",
+            "Simple gradient noise scale B_simple (McCandlish et al. 2018), in examples.",
+            job,
+            registry=r,
+        )
+        self.global_batch = Gauge(
+            "gradwatch_global_batch_size", "Examples per optimizer step, all ranks.", job, registry=r
+        )
+        self.phase = Gauge(
+            "gradwatch_phase", "1 for the current training phase, 0 for the others.", [*job, "phase"], registry=r
+        )
+        self.anomaly = Gauge("gradwatch_anomaly", "1 while an online detector holds.", [*job, "kind"], registry=r)
+        self.anomaly_raised = Counter(
+            "gradwatch_anomaly_raised",
+            "Times an online detector raised its anomaly (alerts use increase(): a "
+            "spike that clears between two scrapes still counts).",
+            [*job, "kind"],
+            registry=r,
+        )
+        self.job_info = Gauge(
+            "gradwatch_job_info",
+            "Constant 1, labelled with what the job is.",
+            ["job_id", "name", "owner", "model", "world_size", "team", "project"],
+            registry=r,
+        )
+        for gauge in (self.grad_norm, self.weight_norm, self.learning_rate, self.global_batch):
+            gauge.labels(job_id)
+        self.set_phase("warmup")
+        self.set_anomalies({})
+        for kind in ANOMALIES:
+            self.anomaly_raised.labels(job_id, kind)
+
+    def set_info(self, name: str, owner: str, model: str, world_size: int, labels: dict[str, str]) -> None:
+        self.job_info.labels(
+            self.job_id, name, owner, model, str(world_size), labels.get("team", ""), labels.get("project", "")
+        ).set(1)
+
+    def set_phase(self, current: str) -> None:
+        for name in PHASES:
+            self.phase.labels(self.job_id, name).set(1 if name == current else 0)
+
+    def set_anomalies(self, held: dict[str, bool]) -> None:
+        for kind in ANOMALIES:
+            self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradwatch.spec import CharTransformerModel, CNNModel, MLPModel, ModelSpec
 from workers.data import DataBundle, load_factory
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
@@ -122,15 +122,15 @@ class CharTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def build_model(spec: Any, data: DataBundle) -> nn.Module:
+def build_model(spec: ModelSpec, data: DataBundle) -> nn.Module:
     """The spec's `model` section and the data's shape -> an nn.Module."""
-    if spec.name == "mlp":
+    if isinstance(spec, MLPModel):
         return MLP(
             math.prod(data.input_shape), spec.hidden, data.num_outputs, spec.activation, spec.dropout, spec.init_gain
         )
-    if spec.name == "cnn":
+    if isinstance(spec, CNNModel):
         return CNN(data.input_shape, spec.channels, spec.kernel_size, spec.hidden, data.num_outputs, spec.dropout)
-    if spec.name == "char-transformer":
+    if isinstance(spec, CharTransformerModel):
         block = data.input_shape[0]
         if spec.block_size < block:
             raise ValueError(f"model.block_size ({spec.block_size}) is shorter than data.block_size ({block})")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
+
+from gradwatch.spec import OptimizerSpec, ScheduleSpec
 
 
-def build_optimizer(spec: Any, params) -> torch.optim.Optimizer:
+def build_optimizer(spec: OptimizerSpec, params: ParamsT) -> torch.optim.Optimizer:
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     if spec.name == "adam":
@@ -16,7 +18,7 @@ def build_optimizer(spec: Any, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
 
-def lr_factor(spec: Any, step: int, total_steps: int) -> float:
+def lr_factor(spec: ScheduleSpec, step: int, total_steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     if spec.warmup_steps and step < spec.warmup_steps:
         return (step + 1) / spec.warmup_steps
@@ -29,5 +31,7 @@ def lr_factor(spec: Any, step: int, total_steps: int) -> float:
     return 1.0
 
 
-def build_scheduler(spec: Any, optimizer: torch.optim.Optimizer, total_steps: int):
+def build_scheduler(
+    spec: ScheduleSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step, total_steps))

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from gradwatch.status import RunResult, RunStatus
+
 log = logging.getLogger("gradwatch.push")
 
 RETRY_SECONDS = 1.0
@@ -35,7 +37,6 @@ class Pusher:
         self._status: dict[str, Any] | None = None
         self._events: list[dict[str, Any]] = []
         self.dropped_events = 0
-        self.stop_requested: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"push-{job_id}", daemon=True)
         self._thread.start()
 
@@ -51,11 +52,11 @@ class Pusher:
                 log.warning("cannot read the job's token: %s", exc)
         return cls(url, token, job_id) if url and token else None
 
-    def listener(self, update: dict[str, Any]) -> None:
+    def listener(self, status: RunStatus, events: list[dict[str, Any]]) -> None:
         """A JobWatch listener: note the newest status and queue the events; the thread sends them."""
         with self._lock:
-            self._status = update["status"]
-            self._events.extend(update.get("events") or [])
+            self._status = status.model_dump(mode="json")
+            self._events.extend(events)
             if len(self._events) > MAX_PENDING_EVENTS:
                 self.dropped_events += len(self._events) - MAX_PENDING_EVENTS
                 del self._events[:-MAX_PENDING_EVENTS]
@@ -74,7 +75,6 @@ class Pusher:
         if response.status_code != 200:
             log.warning("the service refused progress (%s): %s", response.status_code, response.text[:300])
             return response.status_code in (401, 403, 404, 409, 422)  # retrying cannot help
-        self.stop_requested = response.json().get("stop_requested")
         with self._lock:
             del self._events[: len(events)]
             if self._status is status:
@@ -89,13 +89,13 @@ class Pusher:
                 self._stop.wait(RETRY_SECONDS)
                 self._wake.set()
 
-    def finish(self, result: dict[str, Any], timeout: float = 60.0) -> bool:
+    def finish(self, result: RunResult, timeout: float = 60.0) -> bool:
         """Deliver the last status and the result (retrying up to `timeout` s); True once delivered."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=15)
         deadline = time.monotonic() + timeout
-        body = {"result": {k: v for k, v in result.items() if k != "ranks"}}
+        body = {"result": result.model_dump(mode="json")}
         while True:
             sent = self._send_progress()
             if sent:

@@ -10,6 +10,7 @@ per-layer values (`layer_grad_norm`/`layer_update_ratio` objects in JSONL; colum
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,10 +41,7 @@ class ReplayResult:
         return {
             "file": self.file,
             "steps": self.steps,
-            "events": [
-                {"step": e.step, "kind": e.kind, "name": e.name, "raised": e.raised, "detail": e.detail}
-                for e in self.events
-            ],
+            "events": [dataclasses.asdict(e) for e in self.events],
             "anomalies": [{"kind": k, "first_step": s} for k, s in sorted(self.anomalies.items(), key=lambda i: i[1])],
             "phases": [{"phase": p, "step": s} for p, s in self.phases],
         }

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,11 @@ from gradwatch.status import event_line
 from workers.board import BoardClient
 from workers.detectors import DynamicsMonitor
 from workers.gns import GradientNoiseScale, group_layers
-from workers.metrics import WorkerMetrics
+from workers.metrics import JobSeries, WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
+# allreduce_hook's process group: None is the default (world) group, which its annotation leaves out.
+_WORLD: Any = None
 
 # The detectors take a healthy run's steps in batches: their Python runs warm, several steps at a
 # time, instead of cold after every step's tensor work (a third of their cost on a small model).
@@ -61,10 +64,10 @@ class LocalNormHook:
         if state.armed:
             state.local_sq += buffer.float().pow(2).sum()
         if not bucket.is_last():
-            return default_hooks.allreduce_hook(None, bucket)  # None: the default (world) group
+            return default_hooks.allreduce_hook(_WORLD, bucket)
         state.last_ready = time.perf_counter()
         if state.loss is None and not state.armed:
-            return default_hooks.allreduce_hook(None, bucket)
+            return default_hooks.allreduce_hook(_WORLD, bucket)
         loss = state.loss if state.loss is not None else state.local_sq.new_zeros(())
         # As few tensor ops as can be: every step pays for them (views for the riders, one cat, one div).
         loss_rider, sq_rider = loss.reshape(1), state.local_sq.reshape(1)
@@ -118,7 +121,8 @@ class Telemetry:
         self.batch_size = spec.batch_size
         self.board = board
         self.metrics = metrics or WorkerMetrics(job_id, rank)
-        self.metrics.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
+        if self.metrics.job is not None:
+            self.metrics.job.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
@@ -132,10 +136,26 @@ class Telemetry:
         # Each rank's own step time, one line per measured step (the history is rank 0's alone).
         self.step_times = history_path.with_name(f"steps-rank{rank}.jsonl").open("a") if history_path else None
         self._unlogged = [0.0, 0]  # step seconds and steps since the last line of step_times
-        self._labels = labels = (job_id, str(rank))
-        m = self.metrics
-        # The per-step series' labelled children, looked up once: the step path only sets values.
-        self._children = SimpleNamespace(
+        self._labels = (job_id, str(rank))
+        self._children = self._step_children()
+        self._server: WSGIServer | None = None
+        self.endpoint: tuple[str, int] | None = None
+        self.last: dict[str, Any] = {}
+        self._group_layers(model, device)
+        self._before: list[torch.Tensor] | None = None
+        self._rank0_gauges: SimpleNamespace | None = None
+        self.hook: LocalNormHook | None = None
+        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            self.hook = LocalNormHook(device, world_size)
+            model.register_comm_hook(self.hook, LocalNormHook.hook)
+        self.measuring = False
+        if self.metrics.job is not None:
+            self.metrics.job.global_batch.labels(job_id).set(spec.batch_size * world_size)
+
+    def _step_children(self) -> SimpleNamespace:
+        """The per-step series' labelled children, looked up once: the step path only sets values."""
+        m, labels = self.metrics, self._labels
+        return SimpleNamespace(
             step=m.step.labels(*labels),
             epoch=m.epoch.labels(*labels),
             loss=m.loss.labels(*labels, "train"),
@@ -148,26 +168,16 @@ class Telemetry:
             skipped=m.skipped_steps.labels(*labels),
             local_grad_norm=m.local_grad_norm.labels(*labels),
         )
-        self._rank0_gauges: SimpleNamespace | None = None
-        self._server = None
-        self.endpoint: tuple[str, int] | None = None
-        self.last: dict[str, Any] = {}
 
-        inner = model.module if hasattr(model, "module") else model
+    def _group_layers(self, model: torch.nn.Module, device: torch.device) -> None:
+        """The trained parameters, and the at most `max_layers` layer groups their norms are reported by."""
+        inner: torch.nn.Module = getattr(model, "module", model)  # DDP's wrapped model, or the model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        self.params: list[torch.Tensor] = [p for _, p in named]
         groups = group_layers([n for n, _ in named], self.cfg.max_layers)
         self.layer_names = sorted(set(groups.values()), key=list(groups.values()).index)
         self._layer_of = [self.layer_names.index(groups[n]) for n, _ in named]  # each parameter's layer
         self._float_params = all(p.dtype == torch.float32 for p in self.params)
-        self._before: list[torch.Tensor] | None = None
-        self.hook: LocalNormHook | None = None
-        if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.hook = LocalNormHook(device, world_size)
-            model.register_comm_hook(self.hook, LocalNormHook.hook)
-        self.measuring = False
-        if self.metrics.rank0:
-            self.metrics.global_batch.labels(job_id).set(spec.batch_size * world_size)
 
     # ------------------------------------------------------------ detectors
     @property
@@ -392,8 +402,9 @@ class Telemetry:
 
         c = self._children
         c.local_grad_norm.set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
-        if self.metrics.rank0:
-            g = self._global_gauges()
+        series = self.metrics.job
+        if series is not None:
+            g = self._global_gauges(series)
             g.grad_norm.set(grad_norm)
             g.weight_norm.set(weight_norm)
             g.learning_rate.set(lr)
@@ -403,7 +414,7 @@ class Telemetry:
                 update_gauge.set(layer_update[name])
             if noise_scale is not None:
                 if g.noise_scale is None:  # exported from its first estimate on, never as a made-up 0
-                    g.noise_scale = self.metrics.noise_scale.labels(self._labels[0])
+                    g.noise_scale = series.noise_scale.labels(self._labels[0])
                 g.noise_scale.set(noise_scale)
         stats = {
             "weight_norm": weight_norm,
@@ -416,10 +427,10 @@ class Telemetry:
         }
         return stats, (layer_grad, layer_update)
 
-    def _global_gauges(self) -> SimpleNamespace:
+    def _global_gauges(self, m: JobSeries) -> SimpleNamespace:
         """Rank 0's series of the measured steps, labelled children looked up once (at the first one)."""
         if self._rank0_gauges is None:
-            m, job = self.metrics, self._labels[0]
+            job = self._labels[0]
             self._rank0_gauges = SimpleNamespace(
                 grad_norm=m.grad_norm.labels(job),
                 weight_norm=m.weight_norm.labels(job),
@@ -457,17 +468,17 @@ class Telemetry:
 
     def _publish(self, step: int, record: dict[str, Any] | None, *, flush: bool = True) -> list[dict[str, Any]]:
         m = self.metrics
-        if not self._monitor.pending_events and (not m.rank0 or (not self._gauges_stale and self.history is None)):
+        if not self._monitor.pending_events and (m.job is None or (not self._gauges_stale and self.history is None)):
             return []  # most steps: nothing changed, nothing to write
         events = [e if isinstance(e, dict) else e.__dict__ for e in self._monitor.events()]
-        if m.rank0:
+        if m.job is not None:
             if events or self._gauges_stale:  # phase and anomalies change only with an event
-                m.set_phase(self._monitor.phase)
-                m.set_anomalies(self._monitor.anomalies)
+                m.job.set_phase(self._monitor.phase)
+                m.job.set_anomalies(self._monitor.anomalies)
                 self._gauges_stale = False
             for event in events:
                 if event["kind"] == "anomaly" and event["raised"]:
-                    m.anomaly_raised.labels(m.job_id, event["name"]).inc()
+                    m.job.anomaly_raised.labels(m.job_id, event["name"]).inc()
                 log.warning("%s", event_line(event))
                 if self.board:
                     self.board.post_event({**event, "job_rank": self.rank})

@@ -1,9 +1,9 @@
 """An in-memory stand-in for Ray, for launcher and API tests that need no cluster.
 
-It honours the driver contract the way `workers.driver` does: a submitted job
-waits until its workers fit, then each `advance()` is one training step that
-rewrites `<storage>/<job id>/status.json`; at max_steps it writes result.json and
-succeeds. A spec label `fake: fail` makes it fail at step 2 (with result.json),
+It honours the driver contract the way `workers.driver` does, through the same
+models (gradwatch.status): a submitted job waits until its workers fit, then each
+`advance()` is one training step that rewrites `<storage>/<job id>/status.json`;
+at max_steps it writes result.json and succeeds. A spec label `fake: fail` makes it fail at step 2 (with result.json),
 `fake: crash` kills the driver at step 2 (no result.json), `fake: nonfinite` succeeds on an inf loss.
 """
 
@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradwatch.names import JobState
+from gradwatch.spec import ScalingSpec
+from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
 from service.launcher import ClusterUnavailable, RayJob, Resources
 
 
@@ -73,15 +76,14 @@ class FakeCluster:
                 raise ClusterUnavailable("Ray submit_job failed: ReadTimeout")
             args = shlex.split(entrypoint)
             spec = json.loads(Path(args[args.index("--spec-file") + 1]).read_text())
-            scaling = spec["scaling"]
-            n = scaling["num_workers"]
+            demand = ScalingSpec.model_validate(spec["scaling"]).demand()  # what the driver asks Ray for
             self.jobs[submission_id] = FakeJob(
                 sid=submission_id,
                 job_id=args[args.index("--job-id") + 1],
                 spec=spec,
                 storage=Path(args[args.index("--storage-path") + 1]),
-                cpus=n * scaling["cpus_per_worker"],
-                gpus=n * scaling["gpus_per_worker"] if scaling["use_gpu"] else 0.0,
+                cpus=demand["CPU"],
+                gpus=demand.get("GPU", 0.0),
                 log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
                 env=dict(env),
             )
@@ -147,61 +149,43 @@ class FakeCluster:
         else:
             self._write_status(job, "running")
 
-    def _write_status(self, job: FakeJob, state: str, warning: str | None = None) -> None:
+    def _write_status(self, job: FakeJob, state: JobState, warning: str | None = None) -> None:
         n = job.spec["scaling"]["num_workers"]
         endpoints = (
-            [{"rank": r, "host": "10.0.0.7", "port": 40000 + r, "node": f"node-{r % 2}"} for r in range(n)]
+            [Endpoint(rank=r, host="10.0.0.7", port=40000 + r, node=f"node-{r % 2}") for r in range(n)]
             if state == "running"
             else []
         )
-        _write(
-            job.storage / job.job_id / "status.json",
-            {
-                "job_id": job.job_id,
-                "state": state,
-                "step": job.step,
-                "max_steps": job.spec["max_steps"],
-                "world_size": n,
-                "train_loss": 1.0 / max(job.step, 1),
-                "val_loss": None,
-                "val_accuracy": None,
-                "grad_norm": 0.5,
-                "samples_per_second": 100.0,
-                "phase": "rapid_learning",
-                "anomalies": {},
-                "restarts": 0,
-                "endpoints": endpoints,
-                "warning": warning,
-                "nodes": {str(r): f"node-{r % 2}" for r in range(n)},
-                "lost_nodes": [],
-                "updated_at": time.time(),
-            },
+        status = RunStatus(
+            job_id=job.job_id,
+            state=state,
+            step=job.step,
+            max_steps=job.spec["max_steps"],
+            world_size=n,
+            train_loss=1.0 / max(job.step, 1),
+            grad_norm=0.5,
+            samples_per_second=100.0,
+            phase="rapid_learning",
+            endpoints=endpoints,
+            warning=warning,
+            nodes={str(r): f"node-{r % 2}" for r in range(n)},
+            updated_at=time.time(),
         )
+        write_record(job.storage / job.job_id / STATUS_FILE, status)
 
-    def _write_result(self, job: FakeJob, state: str, error: str | None, warning: str | None = None) -> None:
-        _write(
-            job.storage / job.job_id / "result.json",
-            {
-                "job_id": job.job_id,
-                "state": state,
-                "steps": job.step,
-                "world_size": job.spec["scaling"]["num_workers"],
-                "train_loss": float("inf") if warning else 1.0 / job.step,
-                "val_loss": None,
-                "val_accuracy": None,
-                "wall_seconds": 1.5,
-                "storage_path": str(job.storage / job.job_id),
-                "error": error,
-                "warning": warning,
-            },
+    def _write_result(self, job: FakeJob, state: JobState, error: str | None, warning: str | None = None) -> None:
+        result = RunResult(
+            job_id=job.job_id,
+            state=state,
+            steps=job.step,
+            world_size=job.spec["scaling"]["num_workers"],
+            train_loss=float("inf") if warning else 1.0 / job.step,
+            wall_seconds=1.5,
+            run_dir=str(job.storage / job.job_id),
+            error=error,
+            warning=warning,
         )
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+        write_record(job.storage / job.job_id / RESULT_FILE, result)
 
 
 def spec(name: str = "job", *, workers: int = 1, steps: int = 3, priority: int = 0, **extra: Any) -> dict[str, Any]:

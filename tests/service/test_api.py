@@ -204,8 +204,8 @@ def test_get_shows_spec_progress_endpoints_history_and_alerts(api, app, cluster)
     assert detail["train_loss"] == pytest.approx(0.5) and detail["phase"] == "rapid_learning"
     assert detail["world_size"] == 2 and detail["restarts"] == 0
     assert detail["endpoints"] == [
-        {"rank": 0, "host": "10.0.0.7", "port": 40000, "node": "node-0"},
-        {"rank": 1, "host": "10.0.0.7", "port": 40001, "node": "node-1"},
+        {"rank": 0, "host": "10.0.0.7", "port": 40000, "pid": None, "node": "node-0"},
+        {"rank": 1, "host": "10.0.0.7", "port": 40001, "pid": None, "node": "node-1"},
     ]
     assert detail["nodes"] == {"0": "node-0", "1": "node-1"} and detail["lost_nodes"] == []
     assert detail["spec"]["name"] == "watched" and detail["ray_submission_id"] == job["id"]

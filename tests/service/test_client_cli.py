@@ -6,7 +6,6 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -143,7 +142,7 @@ def test_cli_submit_follow_streams_logs_and_alerts_and_exits_with_the_outcome(en
 
     def raise_an_alert() -> None:  # once the job trains, Alertmanager "calls back"
         job = wait_for(lambda: next(iter(store.list_jobs(name="cli-follow")[0]), None), timeout=10)
-        wait_for(lambda: (store.get_job(job.id).progress or {}).get("step", 0) >= 5, timeout=10)
+        wait_for(lambda: (s := store.get_job(job.id).last_status()) is not None and (s.step or 0) >= 5, timeout=10)
         post_alert(server, job.id)
 
     helper = threading.Thread(target=raise_an_alert, daemon=True)
@@ -232,10 +231,13 @@ def test_cli_jobs_status_logs_cancel_alerts(env, server, client):
 def test_cli_uses_the_token_up_saved(server, monkeypatch, tmp_path):
     data = tmp_path / "home-data"
     data.mkdir()
-    (data / "token").write_text(TOKEN + "\n")
     monkeypatch.delenv("GRADWATCH_TOKEN", raising=False)
     monkeypatch.setenv("GRADWATCH_DATA_DIR", str(data))
     monkeypatch.setenv("GRADWATCH_URL", server.url)
+    (data / "token").write_text("not-the-token\n")  # a saved token the server does not know: refused
+    refused = CliRunner().invoke(cli, ["jobs", "--json"])
+    assert refused.exit_code == 1 and "(HTTP 401)" in refused.output, refused.output
+    (data / "token").write_text(TOKEN + "\n")  # the one `gradwatch up` saved: let in
     result = CliRunner().invoke(cli, ["jobs", "--json"])
     assert result.exit_code == 0, result.output
-    assert Path(data / "token").exists()
+    assert isinstance(json.loads(result.output), list)

@@ -243,8 +243,10 @@ def test_a_bad_token_gives_a_clear_error(fake_grafana: FakeGrafana) -> None:
     assert fake_grafana.dashboards == {}
 
 
-def test_a_forbidden_token_says_which_role_is_missing(fake_grafana: FakeGrafana) -> None:
-    fake_grafana.handle = lambda method, path, body: (403, {"message": "permissions needed"})  # type: ignore[method-assign]
+def test_a_forbidden_token_says_which_role_is_missing(
+    fake_grafana: FakeGrafana, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake_grafana, "handle", lambda method, path, body: (403, {"message": "permissions needed"}))
     with pytest.raises(GrafanaError, match=r"403 Forbidden.*Editor"):
         push_dashboards(fake_grafana.url, TOKEN, alert_rules=False)
 

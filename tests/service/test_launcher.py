@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gradwatch.spec import load_spec
-from service.launcher import Launcher
+from service.launcher import ClusterUnavailable, Launcher
 from service.settings import Settings
 from service.store import Store
 from tests.service.fakes import FakeCluster, spec
@@ -48,12 +48,12 @@ def test_a_job_runs_to_success_with_its_progress_logs_and_spec_file(settings, st
     cluster.advance(2)  # placed, step 1
     launcher.tick()
     running = store.get_job(job.id)
-    assert running.progress["step"] == 1 and len(running.progress["endpoints"]) == 2
+    assert running.last_status().step == 1 and len(running.last_status().endpoints) == 2
     cluster.advance(3)
     launcher.tick()
     done = store.get_job(job.id)
     assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
-    assert done.progress["endpoints"] == []
+    assert done.last_status().endpoints == [] and done.last_status().state == "succeeded"
     assert "step 3/3" in launcher.logs(done)
     assert (settings.jobs_dir / job.id / "driver.log").exists()
 
@@ -217,7 +217,7 @@ def test_an_unreachable_cluster_keeps_jobs_as_they_are(settings, store):
 
 
 def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
-    import time
+    from tests.promstack import wait_for
 
     cluster = FakeCluster()
     launcher = Launcher(store, settings, cluster)
@@ -225,11 +225,45 @@ def test_the_scheduler_thread_runs_jobs_by_itself(settings, store):
     try:
         job = submit(store, "threaded", steps=2)
         launcher.wake()
-        deadline = time.time() + 10
-        while state(store, job) != "succeeded" and time.time() < deadline:
-            cluster.advance()
-            time.sleep(0.05)
-        assert state(store, job) == "succeeded"
+
+        def succeeded() -> bool:
+            cluster.advance()  # the fake Ray's clock: one step each time the condition is polled
+            return state(store, job) == "succeeded"
+
+        wait_for(succeeded, timeout=10, interval=0.05, what="the threaded job to succeed")
     finally:
         launcher.shutdown()
     assert not launcher.running
+
+
+class ConnectingCluster(FakeCluster):
+    """A cluster whose Jobs client is built by `connect()` (RayCluster's imports Ray), which may fail."""
+
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.fail = fail
+        self.connected_before: list[list[str]] = []  # the jobs already submitted at each connect()
+
+    def connect(self) -> None:
+        self.connected_before.append(list(self.submitted))
+        if self.fail:
+            raise ClusterUnavailable("cannot reach Ray at fake://cluster: connection refused")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["reachable", "unreachable"])
+def test_the_scheduler_connects_to_rays_job_api_when_it_starts_not_at_the_first_job(settings, store, fail):
+    import time
+
+    cluster = ConnectingCluster(fail)
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "first", steps=1)
+    launcher.start()
+    try:
+        deadline = time.time() + 10
+        while state(store, job) == "queued" and time.time() < deadline:
+            time.sleep(0.05)
+        assert state(store, job) == "running"  # a failed connect does not hold the scheduler up
+        assert cluster.connected_before == [[]]
+        assert cluster.submitted == [job.id]
+    finally:
+        launcher.shutdown()

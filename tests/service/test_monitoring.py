@@ -110,12 +110,12 @@ def test_they_die_with_a_killed_service(tmp_path):
     require(PROMETHEUS)
     require(ALERTMANAGER)
     script = (
-        "import sys, time\n"
+        "import signal\n"
         "from service.monitoring import Monitoring\n"
         "from service.settings import Settings\n"
         f"m = Monitoring.start(Settings(data_dir={str(tmp_path)!r}, port={free_port()}, token='t'), 0, 0)\n"
         "print(m.prometheus.process.pid, m.alertmanager.process.pid, flush=True)\n"
-        "time.sleep(600)\n"
+        "signal.pause()  # until the test kills it\n"
     )
     service = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

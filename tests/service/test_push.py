@@ -6,10 +6,13 @@ knows of a job comes from pushes; the in-memory Ray of fakes.py plays the cluste
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from gradwatch.status import Endpoint, RunResult, RunStatus
 from service.api import create_app
 from service.settings import Settings
 from tests.promstack import wait_for
@@ -52,22 +55,39 @@ def as_driver(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def status(step: int, **extra) -> dict:
-    return {
-        "state": "running",
-        "step": step,
-        "max_steps": 3,
-        "world_size": 2,
-        "train_loss": 0.25,
-        "phase": "rapid_learning",
-        "restarts": 0,
-        "nodes": {"0": "n-a", "1": "n-b"},
-        "endpoints": [
-            {"rank": 0, "host": "10.1.0.1", "port": 9001, "node": "n-a"},
-            {"rank": 1, "host": "10.1.0.2", "port": 9002, "node": "n-b"},
+def running(job_id: str, step: int) -> RunStatus:
+    """A driver's status as it pushes it."""
+    return RunStatus(
+        job_id=job_id,
+        state="running",
+        step=step,
+        max_steps=3,
+        world_size=2,
+        train_loss=0.25,
+        phase="rapid_learning",
+        nodes={"0": "n-a", "1": "n-b"},
+        endpoints=[
+            Endpoint(rank=0, host="10.1.0.1", port=9001, node="n-a"),
+            Endpoint(rank=1, host="10.1.0.2", port=9002, node="n-b"),
         ],
-        **extra,
-    }
+        updated_at=time.time(),
+    )
+
+
+def status(job_id: str, step: int) -> dict:
+    return running(job_id, step).model_dump(mode="json")
+
+
+def finished(job_id: str, train_loss: float, wall_seconds: float) -> RunResult:
+    return RunResult(
+        job_id=job_id,
+        state="succeeded",
+        steps=3,
+        world_size=2,
+        train_loss=train_loss,
+        wall_seconds=wall_seconds,
+        run_dir=f"/nodes/runs/{job_id}",
+    )
 
 
 def start_two(api, app, cluster) -> tuple[str, str]:
@@ -96,7 +116,7 @@ def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, c
     app.state.launcher.tick()
     assert api.get(f"/v1/jobs/{a}").json()["step"] is None
     event = {"kind": "anomaly", "name": "loss_spike", "step": 2, "raised": True}
-    reply = api.post(f"/v1/jobs/{a}/progress", json={"status": status(2), "events": [event]}, headers=driver)
+    reply = api.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 2), "events": [event]}, headers=driver)
     assert reply.status_code == 200 and reply.json() == {"state": "running", "stop_requested": None}
     detail = api.get(f"/v1/jobs/{a}").json()
     assert (detail["step"], detail["train_loss"], detail["nodes"]) == (2, 0.25, {"0": "n-a", "1": "n-b"})
@@ -106,10 +126,10 @@ def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, c
     ]
     app.state.launcher.tick()  # a pass with no status.json in reach keeps what was pushed
     assert api.get(f"/v1/jobs/{a}").json()["step"] == 2
-    assert app.state.store.get_job(a).progress["events"] == [event]
+    assert app.state.store.get_job(a).events == [event]
 
-    result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.125, "wall_seconds": 9.0, "error": None}
-    assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(3)}, headers=driver).status_code == 200
+    result = finished(a, 0.125, 9.0).model_dump(mode="json")
+    assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 3)}, headers=driver).status_code == 200
     assert api.post(f"/v1/jobs/{a}/result", json={"result": result}, headers=driver).status_code == 200
     cluster.advance(5)  # Ray reports the job ended
     app.state.launcher.tick()
@@ -118,8 +138,8 @@ def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, c
     assert done["step"] == 3 and done["endpoints"] == []
     assert not (tmp_path / "service" / "runs" / a).exists()
     # the job ended: its driver's token is void, and even the admin's report is refused
-    assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(4)}, headers=driver).status_code == 401
-    late = api.post(f"/v1/jobs/{a}/progress", json={"status": status(4)})
+    assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 4)}, headers=driver).status_code == 401
+    late = api.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 4)})
     assert late.status_code == 409 and "no longer taken" in late.json()["detail"]
 
 
@@ -128,7 +148,7 @@ def test_a_driver_token_cannot_read_or_change_another_job(api, app, cluster):
     token_a = cluster.envs[a]["GRADWATCH_PUSH_TOKEN"]
     with TestClient(app) as anonymous:
         driver = as_driver(token_a)
-        other = anonymous.post(f"/v1/jobs/{b}/progress", json={"status": status(1)}, headers=driver)
+        other = anonymous.post(f"/v1/jobs/{b}/progress", json={"status": status(b, 1)}, headers=driver)
         assert other.status_code == 403 and other.json()["detail"].startswith(f"only job {b}'s own token")
         assert anonymous.post(f"/v1/jobs/{b}/result", json={"result": {}}, headers=driver).status_code == 403
         for method, path in (
@@ -143,7 +163,7 @@ def test_a_driver_token_cannot_read_or_change_another_job(api, app, cluster):
             refused = anonymous.request(method, path, headers=driver)
             assert refused.status_code == 403 and "lacks scope" in refused.json()["detail"], (method, path)
         # no token gets nothing
-        assert anonymous.post(f"/v1/jobs/{a}/progress", json={"status": status(1)}).status_code == 401
+        assert anonymous.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 1)}).status_code == 401
     assert api.get(f"/v1/jobs/{b}").json()["state"] == "running" and api.get(f"/v1/jobs/{b}").json()["step"] is None
 
 
@@ -168,17 +188,18 @@ def test_the_driver_side_keeps_events_through_an_outage_and_delivers_the_result(
     pusher = Pusher("http://unused", cluster.envs[a]["GRADWATCH_PUSH_TOKEN"], a, client=flaky)
     first = {"kind": "anomaly", "name": "plateau", "step": 1}
     second = {"kind": "phase", "name": "refinement", "step": 2}
-    pusher.listener({"status": status(1), "events": [first]})
-    pusher.listener({"status": status(2), "events": [second]})
+    pusher.listener(running(a, 1), [first])
+    pusher.listener(running(a, 2), [second])
     wait_for(
-        lambda: (app.state.store.get_job(a).progress or {}).get("step") == 2,
+        lambda: (app.state.store.get_job(a).run_status or {}).get("step") == 2,
         timeout=20,
         what="the pushed status after the outage",
     )
-    assert app.state.store.get_job(a).progress["events"] == [first, second]  # none lost, none twice
-    result = {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.5, "ranks": {"0": {"big": 1}}}
+    assert app.state.store.get_job(a).events == [first, second]  # none lost, none twice
+    result = finished(a, 0.5, 2.0)
     assert pusher.finish(result)
-    assert flaky.bodies[-1] == {"result": {"job_id": a, "state": "succeeded", "steps": 3, "train_loss": 0.5}}
+    assert flaky.bodies[-1] == {"result": result.model_dump(mode="json")}
+    assert app.state.store.get_job(a).final_result() == result
     cluster.advance(5)
     app.state.launcher.tick()
     assert api.get(f"/v1/jobs/{a}").json()["reason"].startswith("finished 3 steps, train loss 0.5")

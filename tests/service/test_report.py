@@ -403,6 +403,13 @@ def test_status_prints_the_report_url_and_report_fetches_it(server, tmp_path, mo
     assert made.exit_code == 0, made.output
     page = (tmp_path / f"{job['id']}-report.html").read_text()
     assert "cli-report" in page and 'id="gw-plotly"' in page
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv("GRADWATCH_TOKEN", "not-the-token")  # --token-file wins over the environment
+    by_file = runner.invoke(cli, ["report", job["id"], "--token-file", str(token_file), "-o", "by-file.html"])
+    assert by_file.exit_code == 0, by_file.output
+    assert "cli-report" in (tmp_path / "by-file.html").read_text()
+    monkeypatch.setenv("GRADWATCH_TOKEN", TOKEN)
     missing = runner.invoke(cli, ["report", "gw-nobody"])
     assert missing.exit_code == 1 and "no job 'gw-nobody'" in missing.output
 

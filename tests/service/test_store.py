@@ -8,11 +8,13 @@ from collections import Counter
 import pytest
 
 from gradwatch.spec import SpecError, load_spec
+from gradwatch.status import RunStatus
 from service.store import (
     AlertUpdate,
     BadCursor,
     JobNotFound,
     Store,
+    StoreError,
     TransitionRefused,
 )
 from tests.service.fakes import spec
@@ -278,20 +280,32 @@ def test_a_nul_byte_is_refused_in_specs_and_matches_nothing_in_filters(store):
     assert store.list_alerts(job_id="gw-\x00") == []
 
 
-def test_a_non_finite_loss_in_progress_is_stored_on_every_backend(store):
+def test_a_non_finite_loss_in_a_drivers_report_is_stored_on_every_backend(store):
     job = new_job(store)
     store.transition(job.id, "running", "go")
-    store.update_job(
-        job.id,
-        progress={
-            "step": 3,
-            "train_loss": float("nan"),
-            "grad_norm": float("inf"),
-            "events": [{"loss": float("-inf")}],
-        },
+    status = RunStatus(
+        job_id=job.id, state="running", step=3, train_loss=float("nan"), grad_norm=float("inf"), updated_at=1.0
     )
-    progress = store.get_job(job.id).progress
-    assert progress["step"] == 3
-    # SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name
-    assert str(progress["train_loss"]).lower() == "nan" and str(progress["grad_norm"]).lower() in ("inf", "infinity")
-    assert str(progress["events"][0]["loss"]).lower() in ("-inf", "-infinity")
+    store.push_progress(job.id, status, [{"kind": "anomaly", "loss": float("-inf")}])
+    stored = store.get_job(job.id)
+    # the status travels as JSON, which has no NaN: a non-finite number is null there
+    assert stored.last_status() == status
+    assert (stored.last_status().step, stored.last_status().train_loss, stored.last_status().grad_norm) == (
+        3,
+        None,
+        None,
+    )
+    # events keep theirs: SQLite keeps the float; PostgreSQL's JSON has no NaN, so it keeps the name
+    assert str(stored.events[0]["loss"]).lower() in ("-inf", "-infinity")
+
+
+def test_a_store_an_older_version_made_is_refused_naming_what_it_lacks(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # a jobs table from before the driver's report had columns of its own
+        db.execute("CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, name VARCHAR(63), progress JSON)")
+    with pytest.raises(StoreError) as info:
+        Store(f"sqlite:///{path}")
+    message = str(info.value)
+    assert "its jobs table lacks" in message and "run_status" in message and "GRADWATCH_DATABASE_URL" in message

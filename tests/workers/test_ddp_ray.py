@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from gradwatch.spec import load_spec
+from gradwatch.status import RunStatus
 from tests.conftest import small_spec
 from workers.driver import run_job
 
@@ -15,40 +17,40 @@ pytestmark = pytest.mark.ray
 
 def test_two_worker_ddp_job(local_ray, tmp_path):
     spec = load_spec(small_spec(max_steps=120, validation={"every_steps": 30}))
-    updates = []
-    result = run_job(spec, storage_path=tmp_path, listeners=[updates.append])
+    seen: list[RunStatus] = []
+    result = run_job(spec, storage_path=tmp_path, listeners=[lambda status, events: seen.append(status)])
 
-    assert result["state"] == "succeeded", result["error"]
-    assert result["world_size"] == 2 and result["steps"] == 120
-    ranks = result["ranks"]
-    assert sorted(ranks) == [0, 1]
+    assert result.state == "succeeded", result.error
+    assert result.world_size == 2 and result.steps == 120
+    ranks = result.ranks
+    assert [r.rank for r in ranks] == [0, 1]
     # each rank trained on its own shard: no example seen by both in the first epoch
-    shard0, shard1 = set(ranks[0]["first_epoch_indices"]), set(ranks[1]["first_epoch_indices"])
+    shard0, shard1 = set(ranks[0].first_epoch_indices or []), set(ranks[1].first_epoch_indices or [])
     assert shard0 and shard1 and not shard0 & shard1
     # DDP kept the replicas identical
-    assert ranks[0]["param_hash"] == ranks[1]["param_hash"]
-    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
+    assert ranks[0].param_hash is not None and ranks[0].param_hash == ranks[1].param_hash
+    assert ranks[0].param_sum == ranks[1].param_sum
     # and the model learned
-    assert result["val_loss"] < 0.5 * result["first_val_loss"]
-    assert result["val_accuracy"] > 0.85
+    assert result.val_loss < 0.5 * result.first_val_loss
+    assert result.val_accuracy > 0.85
     # the driver kept status.json and the watchers informed while it ran
-    status = json.loads((tmp_path / result["job_id"] / "status.json").read_text())
+    status = json.loads((tmp_path / result.job_id / "status.json").read_text())
     assert status["state"] == "succeeded" and status["step"] == 120 and status["endpoints"] == []
-    assert any(u["status"]["state"] == "running" and u["status"]["endpoints"] for u in updates)
-    assert (tmp_path / result["job_id"] / "result.json").exists()
-    assert list((tmp_path / result["job_id"]).glob("checkpoint_*")), "Ray Train kept a checkpoint"
+    assert any(status.state == "running" and status.endpoints for status in seen)
+    assert (tmp_path / result.job_id / "result.json").exists()
+    assert list((tmp_path / result.job_id).glob("checkpoint_*")), "Ray Train kept a checkpoint"
 
 
 def test_a_job_larger_than_the_cluster_fails_at_once(local_ray, tmp_path):
     spec = load_spec(small_spec(scaling={"num_workers": 64}))
     result = run_job(spec, storage_path=tmp_path)
-    assert result["state"] == "failed"
-    assert "needs 64 CPUs" in result["error"] and "lower scaling.num_workers" in result["error"]
-    assert result["wall_seconds"] < 30
+    assert result.state == "failed"
+    assert "needs 64 CPUs" in result.error and "lower scaling.num_workers" in result.error
+    assert result.wall_seconds < 30
 
     gpu = load_spec(small_spec(scaling={"num_workers": 1, "use_gpu": True}))
     result = run_job(gpu, storage_path=tmp_path)
-    assert result["state"] == "failed" and "GPUs" in result["error"]
+    assert result.state == "failed" and "GPUs" in result.error
 
 
 def test_a_slow_rank_shows_in_its_own_step_time(local_ray, tmp_path):
@@ -61,17 +63,17 @@ def test_a_slow_rank_shows_in_its_own_step_time(local_ray, tmp_path):
         )
     )
     result = run_job(spec, storage_path=tmp_path)
-    assert result["state"] == "succeeded", result["error"]
-    fast, slow = (result["ranks"][r]["mean_step_seconds"] for r in (0, 1))
+    assert result.state == "succeeded", result.error
+    fast, slow = (result.ranks[r].mean_step_seconds for r in (0, 1))
     assert slow > 0.02 and slow > 2 * fast, (fast, slow)
 
 
 def test_a_data_factory_that_raises_fails_fast(local_ray, tmp_path):
     spec = load_spec(small_spec(data={"name": "tests.workers.user_code:broken_data"}, max_failures=0))
     result = run_job(spec, storage_path=tmp_path)
-    assert result["state"] == "failed"
-    assert "FileNotFoundError: no such data file: /data/missing.npz" in result["error"]
-    assert result["wall_seconds"] < 90
+    assert result.state == "failed"
+    assert "FileNotFoundError: no such data file: /data/missing.npz" in result.error
+    assert result.wall_seconds < 90
 
 
 def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, monkeypatch):
@@ -92,5 +94,25 @@ def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, mo
     init_ray()
     spec = load_spec(small_spec(model={"name": "mymodels:build"}, scaling={"num_workers": 1}))
     result = run_job(spec, storage_path=tmp_path / "runs")
-    assert result["state"] == "failed"
-    assert "ValueError: shape mismatch in my layer" in result["error"]
+    assert result.state == "failed"
+    assert "ValueError: shape mismatch in my layer" in result.error
+
+
+def test_a_timeout_ends_the_job_and_leaves_no_worker_training(local_ray, tmp_path):
+    # rank 1 sleeps 50 ms a step: 100,000 steps would take hours
+    spec = load_spec(
+        small_spec(
+            model={"name": "tests.workers.user_code:build", "options": {"delay": 0.05}},
+            max_steps=100_000,
+            timeout="20s",
+            telemetry={"grace_seconds": 0},
+        )
+    )
+    result = run_job(spec, storage_path=tmp_path)
+    assert result.state == "timed_out" and result.error == "ran longer than its timeout of 20s"
+    assert 20 <= result.wall_seconds and result.steps < spec.max_steps
+    # the trainer was stopped before the result was written: no fit thread, no Ray left running
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fit-") and t.is_alive()]
+    assert not local_ray.is_initialized()
+    status = json.loads((tmp_path / result.job_id / "status.json").read_text())
+    assert status["state"] == "timed_out" and status["endpoints"] == []

@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 
+from gradwatch.names import TEST_REPORTS_ENV
 from gradwatch.spec import load_spec
 from tests.conftest import DIVERGED, EXAMPLES, small_spec
+from workers.board import BoardClient, JobBoard
 from workers.driver import unhealthy_ending
 from workers.loop import DivergenceStop, Trainer
 from workers.session import LocalSession
@@ -77,18 +79,42 @@ def test_optimizers_and_schedules(tmp_path, name, optimizer):
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
     session = LocalSession(tmp_path / "ckpt")
-    spec = load_spec(small_spec(scaling={"num_workers": 1}, max_steps=60, checkpoint={"every_steps": 25}))
-    first = Trainer(spec, session, run_dir=tmp_path)
+    job = small_spec(scaling={"num_workers": 1}, checkpoint={"every_steps": 25})
+    # a first worker group ran 40 of the job's 60 steps (its last checkpoint at 40) and went away
+    first = Trainer(load_spec({**job, "max_steps": 40}), session, run_dir=tmp_path)
     first.train()
-    # a new worker on the same session resumes at the last checkpoint (step 60 = the end)
-    second = Trainer(spec, session, run_dir=tmp_path)
-    assert second.restore() == 60
+    ran_before = len((tmp_path / "history.jsonl").read_text().splitlines())
+    # a new worker on the same session resumes there, mid-run
+    second = Trainer(load_spec({**job, "max_steps": 60}), session, run_dir=tmp_path)
+    assert second.restore() == 40
     assert torch.equal(next(second.model.parameters()), next(first.model.parameters()))
     # the detectors resume too: same start level, same phases, no new warm-up
     resumed, original = second.telemetry.monitor, first.telemetry.monitor
     assert resumed.loss.initial == original.loss.initial and resumed.first_step == 1
     assert resumed.phases_entered == original.phases_entered
     assert resumed.loss.ema == pytest.approx(original.loss.ema)
+    # and it trains on from step 41 to the end, never repeating a step
+    out = second.train()
+    assert out.steps == 60 and second.step == 60
+    after = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()[ran_before:]]
+    steps = [r["step"] for r in after if "loss" in r]
+    assert steps == list(range(41, 61)), steps
+    assert out.val_loss < out.first_val_loss
+
+
+def test_only_the_test_hook_fingerprints_the_parameters_and_keeps_sample_indices(tmp_path, monkeypatch):
+    reports = {}
+    for hook in ("1", ""):
+        monkeypatch.setenv(TEST_REPORTS_ENV, hook)
+        board = JobBoard("local")
+        (run_dir := tmp_path / f"hook{hook}").mkdir()
+        trainer = local({"max_steps": 5}, run_dir, board=BoardClient(board, remote=False))
+        trainer.train()
+        reports[hook] = board.ranks[0]
+    assert reports["1"]["params_finite"] and len(reports["1"]["param_hash"]) == 64
+    assert len(reports["1"]["first_epoch_indices"]) == 5 * trainer.spec.batch_size
+    assert set(reports[""]) == {"rank", "steps", "skipped_steps", "mean_step_seconds"}
+    assert reports[""]["steps"] == 5 and trainer.seen_first_epoch is None
 
 
 def test_nonfinite_gradients_never_reach_the_weights(tmp_path):
@@ -162,10 +188,9 @@ def test_max_skipped_steps_null_goes_on_to_the_end(tmp_path):
     assert out.skipped_steps > 20
     # what the driver then reports beside "succeeded"
     held = {k: v for k, v in trainer.telemetry.monitor.anomalies.items() if v}
-    assert unhealthy_ending({"train_loss": out.train_loss}, {"anomalies": held}) == (
-        "its final train loss is inf and it was still diverging at the end"
-    )
-    assert unhealthy_ending({"train_loss": 0.1}, {"anomalies": {}}) is None
+    final = {"final": {"train_loss": out.train_loss}, "progress": {"anomalies": held}}  # the board's last snapshot
+    assert unhealthy_ending(final) == ("its final train loss is inf and it was still diverging at the end")
+    assert unhealthy_ending({"final": {"train_loss": 0.1}, "progress": {"anomalies": {}}}) is None
 
 
 def test_a_long_healthy_sgd_run_on_digits_raises_nothing(tmp_path):

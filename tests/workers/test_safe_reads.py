@@ -8,12 +8,11 @@ import pickle
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from gradwatch.spec import DATA_ROOTS_ENV, JobSpec
+from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, TextData
 from gradwatch.training import STATE_FILE, Run
 from workers.data import CorpusRefused, build_data, read_corpus
 from workers.session import LocalSession
@@ -100,9 +99,8 @@ def test_a_multibyte_character_cut_by_the_limit_is_dropped(root):
 def test_workers_check_the_roots_the_launch_gave_them(root, tmp_path, monkeypatch):
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret " * 99)
-    data = SimpleNamespace(
-        name="text", path=str(secret), max_chars=None, block_size=8, val_fraction=0.2, train_fraction=1.0
-    )
+    # Built unchecked, as a worker may get it from a spec the service checked under other roots.
+    data = TextData.model_construct(name="text", path=str(secret), block_size=8)
     monkeypatch.setenv(DATA_ROOTS_ENV, str(root))
     with pytest.raises(CorpusRefused):
         build_data(data, seed=0)
