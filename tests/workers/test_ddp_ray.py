@@ -92,8 +92,13 @@ def test_user_code_that_crashes_fails_with_its_traceback(local_ray, tmp_path, mo
     from workers.driver import init_ray
 
     init_ray()
-    spec = load_spec(small_spec(model={"name": "mymodels:build"}, scaling={"num_workers": 1}))
-    result = run_job(spec, storage_path=tmp_path / "runs")
+    try:
+        spec = load_spec(small_spec(model={"name": "mymodels:build"}, scaling={"num_workers": 1}))
+        result = run_job(spec, storage_path=tmp_path / "runs")
+    finally:  # the module's next tests get a cluster whose workers start in the checkout again
+        ray.shutdown()
+        monkeypatch.undo()
+        init_ray(quiet=True)
     assert result.state == "failed"
     assert "ValueError: shape mismatch in my layer" in result.error
 
@@ -109,7 +114,7 @@ def test_a_timeout_ends_the_job_and_leaves_no_worker_training(local_ray, tmp_pat
         )
     )
     result = run_job(spec, storage_path=tmp_path)
-    assert result.state == "timed_out" and result.error == "ran longer than its timeout of 20s"
+    assert (result.state, result.error) == ("timed_out", "ran longer than its timeout of 20s")
     assert 20 <= result.wall_seconds and result.steps < spec.max_steps
     # the trainer was stopped before the result was written: no fit thread, no Ray left running
     assert not [t.name for t in threading.enumerate() if t.name.startswith("fit-") and t.is_alive()]
