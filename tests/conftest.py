@@ -78,16 +78,6 @@ def postgres():
         yield cluster
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A multi-node Ray on this machine (ray.cluster_utils.Cluster): a head with no CPUs and two worker
-    nodes of 2 logical CPUs each. A test that removes nodes puts them back (`restore`) for the next."""
-    from tests.raycluster import multi_node_ray
-
-    with multi_node_ray(workers=2, cpus_per_node=2) as cluster:
-        yield cluster
-
-
 # The four examples that show dynamics on purpose, with the steps their detectors need (the shipped specs
 # run longer so that Prometheus alerts fire), and the demo.
 DYNAMICS_EXAMPLES = ("diverging", "stalled", "overfitting", "vanishing")

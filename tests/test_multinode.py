@@ -1,9 +1,9 @@
 """Jobs across several Ray nodes: placement, node labels in Prometheus, and a whole node lost mid-run.
 
-One multi-node Ray (`ray_cluster`: a head without CPUs and two worker nodes of 2 logical CPUs each,
-started with ray.cluster_utils.Cluster) serves the module, with one `gradwatch up`, a real Prometheus
-that finds the workers through the service's /v1/targets and a real Alertmanager that sends alerts
-back to it. The service shares no folder with the Ray nodes: drivers write their runs where the
+A multi-node Ray of its own (`ray_cluster`: a head without CPUs and two worker nodes of 2 logical CPUs
+each, started with ray.cluster_utils.Cluster) serves the module, with one `gradwatch up`, a real
+Prometheus that finds the workers through the service's /v1/targets and a real Alertmanager that sends
+alerts back to it. The service shares no folder with the Ray nodes: drivers write their runs where the
 service never looks (`ray_storage_path`) and push everything it shows over HTTP.
 """
 
@@ -21,9 +21,19 @@ from service.auth import consumer_token_file
 from service.settings import Settings
 from tests.conftest import small_spec
 from tests.promstack import query, start_alertmanager, start_prometheus, wait_for
+from tests.raycluster import multi_node_ray
 from tests.stack import BIN, TOKEN, Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A multi-node Ray on this machine (ray.cluster_utils.Cluster): a head with no CPUs and two worker
+    nodes of 2 logical CPUs each, for this module alone (no other needs several nodes; stopped after it,
+    it loads the machine no longer). A test that removes nodes puts them back (`restore`) for the next."""
+    with multi_node_ray(workers=2, cpus_per_node=2) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
         "data": {"name": "synthetic-classification", "n_samples": 512},
         "max_steps": steps,
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+        # no scrape grace at the end (15 s by default): nothing here scrapes an ended job
+        "telemetry": {"grace_seconds": 0},
     }
 
 
