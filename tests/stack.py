@@ -1,4 +1,5 @@
-"""A local gradwatch stack for integration tests and benchmarks: a Ray head and `gradwatch up`.
+"""A local gradwatch stack for integration tests and benchmarks: a Ray head and `gradwatch up`, the API
+under uvicorn in a thread, and `gradwatch run` in a subprocess.
 
 The head runs as `ray start --block` in its own session on free ports and is stopped by
 signalling that process, not `ray stop`, which would end every Ray on the machine.
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,3 +142,38 @@ class Service:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextmanager
+def serve_app(app) -> Iterator[str]:
+    """A FastAPI app under uvicorn in a thread on a free 127.0.0.1 port: its base URL, healthy."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, timeout=20, what="uvicorn")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def launch(args: Sequence[str], cwd: Path = REPO, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """`python ARGS` on a fresh local Ray of its own (RAY_ADDRESS left out), the checkout on its
+    PYTHONPATH; stdout (and stderr, unless `stderr` says otherwise) piped as text."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def gradwatch_run(spec_file: Path, storage_path: Path, sd_file: Path | None = None) -> subprocess.Popen[str]:
+    """`gradwatch run SPEC --json` (as `python -m service.cli`) with its runs under `storage_path` and,
+    given `sd_file`, its ranks' scrape targets written there; the result is stdout's last line."""
+    sd = ["--prometheus-sd-file", str(sd_file)] if sd_file else []
+    return launch(["-m", "service.cli", "run", str(spec_file), "--json", *sd, "--storage-path", str(storage_path)])

@@ -17,47 +17,14 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from dashboards import build
+from tests.contract import series_names
 
 REPO = Path(__file__).resolve().parents[2]
 BOARD_FILES = ["fleet.json", "run.json", "ranks.json"]
 DATASOURCE_UID = "gradwatch-prometheus"
 
-# The metrics contract (gradwatch/ARCHITECTURE.md, "Contracts"), written out by hand so that a dashboard
-# cannot quietly start depending on a name nobody exports.
-CONTRACT_METRICS = {
-    # per rank
-    "gradwatch_step",
-    "gradwatch_epoch",
-    "gradwatch_loss",
-    "gradwatch_loss_ema",
-    "gradwatch_accuracy_ratio",
-    "gradwatch_local_grad_norm",
-    "gradwatch_step_duration_seconds_bucket",
-    "gradwatch_step_duration_seconds_sum",
-    "gradwatch_step_duration_seconds_count",
-    "gradwatch_samples_total",
-    "gradwatch_nonfinite_total",
-    "gradwatch_last_step_timestamp_seconds",
-    # rank 0 only
-    "gradwatch_grad_norm",
-    "gradwatch_weight_norm",
-    "gradwatch_learning_rate",
-    "gradwatch_layer_grad_norm",
-    "gradwatch_layer_weight_norm",
-    "gradwatch_layer_update_ratio",
-    "gradwatch_gradient_noise_scale",
-    "gradwatch_phase",
-    "gradwatch_anomaly",
-    "gradwatch_job_info",
-    # service
-    "gradwatch_jobs",
-    "gradwatch_job_state",
-    # exported by workers/metrics.py for the boards
-    "gradwatch_global_batch_size",
-    "gradwatch_restarts_total",
-    "gradwatch_rollbacks_total",
-    "gradwatch_skipped_steps_total",
-}
+# The metrics contract, written out by hand in tests/contract.py.
+CONTRACT_METRICS = series_names()
 # Labels a query may match or group on: the contract's bounded labels, job_info's descriptive ones,
 # the histogram's le, and what Prometheus puts on ALERTS.
 CONTRACT_LABELS = {

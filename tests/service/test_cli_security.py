@@ -5,19 +5,18 @@ sequences from other people's text."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from service.api import create_app
 from service.auth import consumer_token
 from service.cli import app as cli
 from service.settings import Settings
-from tests.promstack import free_port, wait_for
+from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec
+from tests.stack import serve_app
 
 ADMIN = "cli-operator-token"
 ESCAPES = "\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\r"
@@ -28,19 +27,12 @@ def server(tmp_path, monkeypatch):
     data = tmp_path / "data"
     settings = Settings(data_dir=data, token=ADMIN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, timeout=20)
-    for name in ("GRADWATCH_TOKEN", "GRADWATCH_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GRADWATCH_DATA_DIR", str(data))  # `gradwatch user` opens this store
-    monkeypatch.setenv("GRADWATCH_URL", url)
-    yield app, url
-    srv.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        for name in ("GRADWATCH_TOKEN", "GRADWATCH_TOKEN_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("GRADWATCH_DATA_DIR", str(data))  # `gradwatch user` opens this store
+        monkeypatch.setenv("GRADWATCH_URL", url)
+        yield app, url
 
 
 def run(*args: str, env: dict[str, str] | None = None):

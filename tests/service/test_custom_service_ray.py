@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLES
+from tests.contract import PER_RANK, RANK0_ONLY, samples, value
 from tests.promstack import wait_for
 from tests.stack import Service
-from tests.workers.test_live_telemetry import PER_RANK, RANK0_ONLY, samples, value
 from workers.metrics import series_per_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]

@@ -12,13 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -28,8 +26,9 @@ from service.cli import app as cli
 from service.report import MAX_POINTS, PHASE_WORDS, anomaly_name, load_run, plotly_js_packed, render_report
 from service.settings import Settings
 from tests.conftest import EXAMPLES
-from tests.promstack import free_port, require, wait_for
+from tests.promstack import free_port, require
 from tests.service.fakes import FakeCluster, spec
+from tests.stack import serve_app
 
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -378,15 +377,8 @@ def figure_steps(page: str) -> int:
 def server(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", token=TOKEN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, timeout=20)
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield url
 
 
 def test_status_prints_the_report_url_and_report_fetches_it(server, tmp_path, monkeypatch):

@@ -4,17 +4,15 @@ for built-in jobs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES
+from tests.contract import PER_RANK, RANK0_ONLY, samples, value
 from tests.promstack import wait_for
-from tests.workers.test_live_telemetry import PER_RANK, RANK0_ONLY, samples, value
+from tests.stack import gradwatch_run
 
 pytestmark = pytest.mark.ray
 
@@ -26,29 +24,7 @@ def test_gradwatch_run_runs_the_custom_example_and_skips_a_nan_on_both_ranks(tmp
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     sd_file = tmp_path / "targets.json"
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "run",
-            str(spec_file),
-            "--json",
-            "--prometheus-sd-file",
-            str(sd_file),
-            "--storage-path",
-            str(tmp_path / "runs"),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = gradwatch_run(spec_file, tmp_path / "runs", sd_file)
     try:
 
         def both_ranks_past_validation():

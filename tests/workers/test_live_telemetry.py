@@ -5,55 +5,19 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES
+from tests.contract import PER_RANK, RANK0_ONLY, samples, value
 from tests.promstack import PROMTOOL, query, require, start_prometheus, wait_for
+from tests.stack import gradwatch_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
-
-PER_RANK = [
-    "gradwatch_step",
-    "gradwatch_epoch",
-    "gradwatch_loss",
-    "gradwatch_loss_ema",
-    "gradwatch_local_grad_norm",
-    "gradwatch_step_duration_seconds",
-    "gradwatch_samples",
-    "gradwatch_nonfinite",
-    "gradwatch_last_step_timestamp_seconds",
-]
-RANK0_ONLY = [
-    "gradwatch_grad_norm",
-    "gradwatch_weight_norm",
-    "gradwatch_learning_rate",
-    "gradwatch_layer_grad_norm",
-    "gradwatch_layer_weight_norm",
-    "gradwatch_layer_update_ratio",
-    "gradwatch_gradient_noise_scale",
-    "gradwatch_phase",
-    "gradwatch_anomaly",
-    "gradwatch_job_info",
-]
-
-
-def samples(text: str) -> dict[str, list]:
-    """family name -> its samples, from an exposition text."""
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
-
-
-def value(fams, family, name=None, **labels) -> float:
-    for s in fams[family]:
-        if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items()):
-            return s.value
-    raise KeyError(f"{family} {labels}")
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +41,7 @@ def live_run(tmp_path_factory):
         ],
     }
     with start_prometheus(yaml.safe_dump(config), tmp) as prom:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "run",
-                str(spec_file),
-                "--json",
-                "--prometheus-sd-file",
-                str(sd_file),
-                "--storage-path",
-                str(tmp / "runs"),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = gradwatch_run(spec_file, tmp / "runs", sd_file)
         try:
 
             def two_targets():

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from tests.conftest import EXAMPLES
 from tests.promstack import query, start_prometheus, wait_for
+from tests.stack import launch
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
 
@@ -30,11 +29,9 @@ def test_a_plain_ray_train_script_exports_the_metrics_contract_to_prometheus(tmp
             }
         ],
     }
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with start_prometheus(yaml.safe_dump(config), tmp_path) as prom:
-        proc = subprocess.Popen(
+        proc = launch(
             [
-                sys.executable,
                 str(EXAMPLES / "custom" / "ray_train_plain.py"),
                 "--steps",
                 "3000",
@@ -48,10 +45,7 @@ def test_a_plain_ray_train_script_exports_the_metrics_contract_to_prometheus(tmp
                 "8",
             ],
             cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
         )
         try:
 
