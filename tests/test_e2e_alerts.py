@@ -110,7 +110,11 @@ def first_nonfinite(stack, job_id: str) -> dict | None:
     return next((r for r in records if r.get("nonfinite")), None)
 
 
-def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack):
+@pytest.fixture(scope="module")
+def followed_divergence(stack) -> SimpleNamespace:
+    """The diverging example submitted with `gradwatch submit --follow` and followed to its end: its job id,
+    when `gradwatch alerts` first listed TrainingLossNonFinite, and what --follow printed, with times. It
+    fired a divergence alert, so the boards' alert panels read it too."""
     follow = cli(stack, "submit", str(EXAMPLES / "diverging.yaml"), "--follow")
     lines: list[tuple[float, str]] = []
 
@@ -143,8 +147,14 @@ def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack):
         return None
 
     listed_at = wait_for(alert_listed, timeout=300, interval=0.5, what=f"TrainingLossNonFinite for {job_id}")
-    assert follow.wait(timeout=300) == 1
+    exit_code = follow.wait(timeout=300)
     reader.join(timeout=10)
+    return SimpleNamespace(job_id=job_id, listed_at=listed_at, lines=lines, exit_code=exit_code)
+
+
+def test_a_diverging_run_alerts_within_seconds_and_ends_failed(stack, followed_divergence):
+    job_id, listed_at, lines = followed_divergence.job_id, followed_divergence.listed_at, followed_divergence.lines
+    assert followed_divergence.exit_code == 1
     text = "\n".join(line for _, line in lines)
     first = first_nonfinite(stack, job_id)
     assert first, f"{job_id} never had a non-finite step:\n{text}"
@@ -183,17 +193,7 @@ NO_DATA_FOR_A_HEALTHY_JOB = {
 }
 
 
-@pytest.fixture(scope="module")
-def alerted_run(stack) -> str:
-    """A diverging job that fired a divergence alert, run to its end: the boards' alert panels read it."""
-    job = submit(stack, "diverging")
-    # it may end before the alert is delivered (the ended job's alerts still arrive)
-    wait_for(lambda: alert_names(stack, job["id"]) & DIVERGENCE_ALERTS, timeout=300, what="a divergence alert")
-    stack.client.wait(job["id"], timeout=300)
-    return job["id"]
-
-
-def test_every_dashboard_panel_returns_data(stack, healthy_run, alerted_run):
+def test_every_dashboard_panel_returns_data(stack, healthy_run, followed_divergence):
     variables = {"job_id": healthy_run["id"], "team": "vision", "project": "demo", "state": ".*"}
     start, end = stack.started, time.time()
     problems, ran = [], 0
