@@ -79,9 +79,10 @@ def postgres():
 
 
 # The four examples that show dynamics on purpose, with the steps their detectors need (the shipped specs
-# run longer so that Prometheus alerts fire), and the demo.
+# run longer so that Prometheus alerts fire). The diverging one ends by itself, failed, once its updates
+# were skipped max_skipped_steps steps.
 DYNAMICS_EXAMPLES = ("diverging", "stalled", "overfitting", "vanishing")
-EXAMPLE_MAX_STEPS = {"diverging": 300, "stalled": 400}
+EXAMPLE_MAX_STEPS = {"stalled": 400}
 
 
 def example_spec_file(name: str, folder: Path) -> Path:
@@ -92,46 +93,23 @@ def example_spec_file(name: str, folder: Path) -> Path:
     data["telemetry"] = {**data.get("telemetry", {}), "grace_seconds": 0}
     if name in EXAMPLE_MAX_STEPS:
         data["max_steps"] = EXAMPLE_MAX_STEPS[name]
-    if name == "diverging":
-        data["max_skipped_steps"] = None  # it runs on through its non-finite steps to show them all
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture(scope="session")
-def example_runs(tmp_path_factory):
-    """name -> (run directory, the run's `--json` result) for the demo and the four dynamics examples, run
-    once per session: the demo through `gradwatch run --json`, the others through `run_job` (what that
-    command calls and prints) on one local Ray, shut down before the fixture returns."""
-    import json
-    import subprocess
-    import sys
-
+def dynamics_runs(tmp_path_factory):
+    """name -> (run directory, the run's result as `gradwatch run --json` prints it) for the four dynamics
+    examples, run once per session through `run_job` (what that command calls) on one local Ray, shut
+    down before the fixture returns."""
     import ray
 
     from gradwatch.spec import load_spec
     from workers.driver import init_ray, run_job
 
-    tmp = tmp_path_factory.mktemp("example-runs")
+    tmp = tmp_path_factory.mktemp("dynamics-runs")
     made = {}
-    gradwatch = Path(sys.executable).parent / "gradwatch"
-    out = subprocess.run(
-        [
-            str(gradwatch),
-            "run",
-            str(example_spec_file("digits-mlp", tmp)),
-            "--json",
-            "--storage-path",
-            str(tmp / "runs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    made["digits-mlp"] = (Path(result["run_dir"]), result)
     if ray.is_initialized():
         ray.shutdown()
     init_ray(quiet=True)
@@ -142,3 +120,94 @@ def example_runs(tmp_path_factory):
     finally:
         ray.shutdown()
     return made
+
+
+@pytest.fixture(scope="session")
+def live_demo(tmp_path_factory):
+    """The demo (examples/digits-mlp.yaml, telemetry every 5 steps) through `gradwatch run --json
+    --prometheus-sd-file`, a real Prometheus scraping its ranks through that file, once per session.
+
+    Returns what the tests read: `spec` (what ran), `texts` (rank -> both ranks' /metrics once rank 0 is
+    past step 100 with a gradient noise scale and a validation loss), `scraped_at` (when), `prometheus`
+    (the gradwatch_step series Prometheus scraped), `result` (the `--json` line), `after_end` (the file_sd
+    file once the run ended).
+    """
+    import json
+    import time
+
+    import httpx
+    import yaml
+
+    from tests.contract import samples, value
+    from tests.promstack import query, start_prometheus, wait_for
+    from tests.stack import gradwatch_run
+
+    tmp = tmp_path_factory.mktemp("live")
+    spec = yaml.safe_load((EXAMPLES / "digits-mlp.yaml").read_text())
+    spec["telemetry"] = {"interval": 5, "grace_seconds": 6}
+    spec_file = tmp / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    sd_file = tmp / "targets.json"
+    sd_file.write_text("[]")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "gradwatch-workers",
+                "scrape_interval": "1s",
+                "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}],
+            }
+        ],
+    }
+    with start_prometheus(yaml.safe_dump(config), tmp) as prom:
+        proc = gradwatch_run(spec_file, tmp / "runs", sd_file)
+        try:
+
+            def two_targets():
+                groups = json.loads(sd_file.read_text() or "[]")
+                return groups if len(groups) == 2 else None
+
+            groups = wait_for(two_targets, timeout=180, interval=0.5, what="both ranks in the file_sd file")
+            urls = {g["labels"]["rank"]: f"http://{g['targets'][0]}/metrics" for g in groups}
+
+            def scraped_after_warmup():
+                at = time.time()
+                texts = {rank: httpx.get(url, timeout=5).text for rank, url in urls.items()}
+                fams = samples(texts["0"])
+                ok = (
+                    value(fams, "gradwatch_step") >= 100
+                    and "gradwatch_gradient_noise_scale" in fams
+                    and fams["gradwatch_gradient_noise_scale"]
+                    and any(s.labels.get("split") == "val" for s in fams["gradwatch_loss"])
+                )
+                return (texts, at) if ok else None
+
+            texts, scraped_at = wait_for(scraped_after_warmup, timeout=120, interval=0.5, what="step 100 on rank 0")
+            in_prometheus = wait_for(
+                lambda: len(query(prom.url, "gradwatch_step")) == 2 and query(prom.url, "gradwatch_step"),
+                timeout=30,
+                what="both ranks scraped",
+            )
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    return {
+        "spec": spec,
+        "texts": texts,
+        "scraped_at": scraped_at,
+        "prometheus": in_prometheus,
+        "result": json.loads(out.strip().splitlines()[-1]),
+        "after_end": json.loads(sd_file.read_text()),
+        "tmp": tmp,
+    }
+
+
+@pytest.fixture(scope="session")
+def example_runs(live_demo, dynamics_runs):
+    """name -> (run directory, the run's `--json` result) for the demo (`live_demo`) and the four dynamics
+    examples (`dynamics_runs`)."""
+    result = live_demo["result"]
+    return {"digits-mlp": (Path(result["run_dir"]), result), **dynamics_runs}

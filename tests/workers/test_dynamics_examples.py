@@ -1,4 +1,7 @@
-"""The example specs that show dynamics on purpose raise what they show, on real 2-worker runs."""
+"""The example specs that show dynamics on purpose raise what they show, on real 2-worker runs.
+
+The runs are the session's `dynamics_runs` (tests/conftest.py): each example once, through `run_job`,
+with only the steps its detectors need; the report tests draw the same runs."""
 
 from __future__ import annotations
 
@@ -6,21 +9,12 @@ import json
 import math
 
 import pytest
-import yaml
 
 from gradwatch.spec import load_spec
 from gradwatch.status import RunResult
-from tests.conftest import DIVERGED, EXAMPLES
-from workers.driver import run_job
+from tests.conftest import DIVERGED
 
 pytestmark = pytest.mark.ray
-
-
-def example(name: str, **overrides):
-    data = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
-    data["telemetry"] = {**data.get("telemetry", {}), "grace_seconds": 0}
-    data.update(overrides)
-    return load_spec(data)
 
 
 def kinds(result: RunResult) -> set[str]:
@@ -39,10 +33,8 @@ def phases(result: RunResult) -> set[str]:
         ("vanishing", "vanishing_gradients", None),
     ],
 )
-def test_example_raises_what_it_shows(local_ray, tmp_path, name, expect_anomaly, expect_phase):
-    # the examples run long enough for Prometheus alerts; the detectors need only the first steps
-    overrides = {"max_steps": 400} if name == "stalled" else {}
-    result = run_job(example(name, **overrides), storage_path=tmp_path)
+def test_example_raises_what_it_shows(dynamics_runs, name, expect_anomaly, expect_phase):
+    result = RunResult.model_validate(dynamics_runs[name][1])
     assert result.state == "succeeded", result.error
     assert result.warning is None
     assert expect_anomaly in kinds(result), result.anomalies
@@ -51,13 +43,14 @@ def test_example_raises_what_it_shows(local_ray, tmp_path, name, expect_anomaly,
     assert "divergence" not in kinds(result)
 
 
-def test_the_diverging_example_ends_failed_once_its_updates_are_all_skipped(local_ray, tmp_path):
-    spec = example("diverging")
-    result = run_job(spec, storage_path=tmp_path)
+def test_the_diverging_example_ends_failed_once_its_updates_are_all_skipped(dynamics_runs):
+    run_dir, ran = dynamics_runs["diverging"]
+    result = RunResult.model_validate(ran)
+    spec = load_spec(json.loads((run_dir / "spec.json").read_text()))
     assert result.state == "failed"
     reason = DIVERGED.fullmatch(result.error)
     assert reason and int(reason["steps"] or reason["of"]) == spec.max_skipped_steps, result.error
-    history = [json.loads(line) for line in (tmp_path / result.job_id / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     first_nonfinite = min(r["step"] for r in history if r.get("nonfinite"))
     assert int(reason["since"]) == first_nonfinite and int(reason["last"]) == first_nonfinite - 1
     assert math.isfinite(float(reason["loss"]))
