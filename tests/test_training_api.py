@@ -56,6 +56,7 @@ def test_an_unsafe_update_is_skipped_by_the_guarded_optimizer_and_counted():
         unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         assert safe is (step != 4) and unchanged is (step == 4), step
     assert run.step == 10 and run.skipped_steps == 1
+    run.flush()
     registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
     assert sample(registry, "gradwatch_skipped_steps_total", **labels) == 1
     assert sample(registry, "gradwatch_nonfinite_total", **labels, kind="loss") == 1

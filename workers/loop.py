@@ -162,7 +162,7 @@ class Trainer:
         self.pos.samples += len(x)
         if self.seen_first_epoch is not None and self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:
             self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
-        return self.telemetry.last.get("loss", float("nan"))
+        return self.run.last_loss
 
     def batches(self):
         """Endless batches; a resumed run continues its epoch where the checkpoint left it."""
