@@ -21,7 +21,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import torch
-import torch.distributed as dist
 
 from gradwatch.status import event_line
 from workers.board import BoardClient
@@ -51,10 +50,10 @@ class LocalNormHook:
     bucket in place of a callback: every step pays for each Python line here.
     """
 
-    def __init__(self, device: torch.device, world_size: int):
+    def __init__(self, device: torch.device, group: Any):
         self.armed = False
-        self.world_size = world_size
-        self.group: Any = dist.group.WORLD
+        self.group = group  # the DDP model's process group: the hook reduces over it, as DDP would
+        self.world_size = group.size()
         self.cpu = device.type == "cpu"
         self.local_sq = torch.zeros((), device=device, dtype=torch.float32)
         self.loss: torch.Tensor | None = None
@@ -181,7 +180,7 @@ class Telemetry:
         self._rank0_gauges: SimpleNamespace | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.hook = LocalNormHook(device, world_size)
+            self.hook = LocalNormHook(device, model.process_group)
             model.register_comm_hook(self.hook, LocalNormHook.hook)
         self.measuring = False
         if self.metrics.job is not None:
