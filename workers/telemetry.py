@@ -68,8 +68,10 @@ class LocalNormHook:
     @staticmethod
     def hook(state: LocalNormHook, bucket):  # no annotations: DDP checks them, and these would be strings
         buffer = bucket.buffer()
-        if state.armed:
-            state.local_sq += buffer.float().pow(2).sum()
+        if state.armed:  # one op for float32 buckets; others are summed in float32
+            state.local_sq += (
+                torch.dot(buffer, buffer) if buffer.dtype == torch.float32 else buffer.float().pow(2).sum()
+            )
         if not bucket.is_last():
             buffer.div_(state.world_size)
             return state.group.allreduce([buffer]).get_future().then(_first)
