@@ -206,6 +206,9 @@ class _Pending:
     waited: float
     lr: float
     applied: bool
+    ended: float  # when the step was over: its update made, or its skip decided
+    before: list[torch.Tensor] | None  # a measured step's weights before its update
+    local_sq: float | None  # a measured step's |G_small|^2 on this rank (from the DDP hook)
 
 
 class Run:
@@ -231,6 +234,7 @@ class Run:
         self.epoch = 0
         self.safe = True
         self.skipped_steps = 0
+        self.last_loss = float("nan")  # this rank's loss at the last reported step
         # a stretch of skipped updates: how many, since when, applied ones since, the last applied (step, loss)
         self._skipped_in_a_row, self._skipped_since, self._applied_in_a_row = 0, 0, 0
         self._last_applied: tuple[int, float] | None = None
@@ -341,11 +345,11 @@ class Run:
     ) -> bool:
         """`loss.backward()` and `report()` in one: the loss mean rides on DDP's gradient all-reduce."""
         tel = self._open_step()
-        tel.begin_step(self.step + 1)
+        before = tel.begin_step(self.step + 1)
         tel.before_backward(loss.detach() if self.world_size > 1 else None)
         loss.backward()
         waited = tel.sync_wait_seconds(time.perf_counter())
-        return self._decide(loss, losses, samples, waited)
+        return self._decide(loss, losses, samples, waited, before)
 
     def report(
         self,
@@ -361,18 +365,33 @@ class Run:
         calls it every step (with more than one rank it joins a small all-reduce).
         """
         tel = self._open_step()
-        tel.begin_step(self.step + 1)
-        return self._decide(loss, losses, samples, 0.0)
+        before = tel.begin_step(self.step + 1)
+        return self._decide(loss, losses, samples, 0.0, before)
 
     def _open_step(self) -> Telemetry:
         tel = self._telemetry()
-        self.end_step()
+        if tel.hook is None or tel.hook.shadow is None:  # else the hook records it while this step's all-reduce runs
+            self.end_step()
         self._begin()
         return tel
 
+    def _settle(self) -> None:
+        """The previous step recorded (if its all-reduce did not) and acted on, before this one is decided."""
+        hook = self._telemetry().hook
+        if hook is not None and hook.error is not None:
+            error, hook.error = hook.error, None
+            raise RuntimeError(f"recording step {self.step} failed: {error}") from error
+        self.end_step()
+
     def _decide(
-        self, loss: torch.Tensor | float, losses: dict[str, Any] | None, samples: int | None, waited: float
+        self,
+        loss: torch.Tensor | float,
+        losses: dict[str, Any] | None,
+        samples: int | None,
+        waited: float,
+        before: list[torch.Tensor] | None,
     ) -> bool:
+        self._settle()
         tel = self._telemetry()
         loss_t = self._scalar(loss)
         terms = losses or {}
@@ -387,9 +406,14 @@ class Run:
         )
         if not self._float_grads:
             norms = [n.float() for n in norms]
-        stats = torch.stack([loss_t, *norms, *(self._scalar(v) for v in terms.values())])
+        # a measured step's |G_small|^2 on this rank, read now: the hook starts the next step's sum
+        local_sq = tel.local_sq()
+        stats = torch.stack(
+            [loss_t, *norms, *(self._scalar(v) for v in terms.values()), *([local_sq] if local_sq is not None else [])]
+        )
         k, n_terms = 1 + len(norms), len(terms)
         flagged = False  # whether a rank's non-finite gradient comes as a count (no DDP hook)
+        shared = None
         if self.world_size > 1:
             shared = tel.mean_loss()  # [mean loss, ...] over the ranks, carried by DDP's gradient all-reduce
             if shared is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
@@ -397,13 +421,16 @@ class Run:
                 shared = torch.stack([loss_t / self.world_size, (~torch.isfinite(norm)).float()])
                 dist.all_reduce(shared)
                 flagged = True
-            stats = torch.cat([stats, shared])
+            if stats.device.type != "cpu":  # one copy to the host (on CPU, two reads cost less than a cat)
+                stats, shared = torch.cat([stats, shared]), None
         # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
         values = stats.tolist()
-        loss_value = values[0]
+        loss_value = self.last_loss = values[0]
         norm_value = math.sqrt(sum(v * v for v in values[1:k]))
         term_values = dict(zip(terms, values[k : k + n_terms], strict=True))
-        shared_values = values[k + n_terms :]
+        rest = values[k + n_terms :]
+        local_value = rest.pop(0) if local_sq is not None else None
+        shared_values = rest if shared is None else shared.tolist()
         global_loss = shared_values[0] if shared_values else loss_value
         grads_finite = math.isfinite(norm_value) and not (flagged and shared_values[1])
         rolled_back = self._stale or self.step < self.skip_until_step
@@ -430,6 +457,9 @@ class Run:
             waited,
             lr,
             self.safe,
+            time.perf_counter(),
+            before,
+            local_value,
         )
         if not self.safe:
             self.skipped_steps += 1
@@ -439,19 +469,49 @@ class Run:
     def _scalar(self, value: torch.Tensor | float) -> torch.Tensor:
         """`value` as a float32 scalar tensor on the run's device, detached (no copy when it already is one)."""
         if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device == self.device:
-            return value.detach().reshape(())
+            return value.detach() if value.dim() == 0 else value.detach().reshape(())
         return torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
 
     def _updated(self) -> None:
-        """The optimizer's step post-hook: the update is made, so the step can be measured and recorded."""
-        if self._pending is not None and self._pending.applied:
+        """The optimizer's step post-hook: the update is made, so the step can be measured and recorded.
+
+        With the DDP hook on CPU, the recording waits for the next step's gradient all-reduce and runs
+        while the other ranks catch up (the all-reduce waits for the slowest rank anyway); anything that
+        needs it sooner (`end_step`, a checkpoint, validation, the end) records it first.
+        """
+        p = self._pending
+        if p is None or not p.applied:
+            return
+        p.ended = time.perf_counter()
+        self.step = p.step  # the loop's own counter is current at once; the recording may follow
+        hook = self.telemetry.hook if self.telemetry is not None else None
+        if hook is not None and hook.cpu:
+            hook.shadow = self._record_pending
+        else:
+            self._record(p)
+
+    def _record_pending(self) -> None:
+        if self._pending is not None:
             self._record(self._pending)
+
+    def flush(self) -> None:
+        """Record the reported step and bring every series, the detectors and the history up to date.
+
+        They take steps in batches (at most 16 steps or 0.25 s behind; a non-finite step at once), which a
+        scrape every few seconds never notices; call this before reading them yourself.
+        """
+        self.end_step()
+        if self.telemetry is not None:
+            self.telemetry.flush()
 
     def end_step(self) -> None:
         """Record the reported step now (if its optimizer update never came) and apply the divergence guard.
 
         Called by itself at the next gradwatch call; call it yourself to act on a divergence at once.
         """
+        hook = self.telemetry.hook if self.telemetry is not None else None
+        if hook is not None:
+            hook.shadow = None  # recorded here and now
         pending = self._pending
         if pending is not None:
             self._record(pending)
@@ -466,8 +526,7 @@ class Run:
     def _record(self, p: _Pending) -> None:
         self._pending = None
         tel = self._telemetry()
-        now = time.perf_counter()
-        seconds, self._mark = max(0.0, now - self._mark - p.waited), now
+        seconds, self._mark = max(0.0, p.ended - self._mark - p.waited), p.ended
         self.step = p.step
         self._samples += p.samples
         tel.end_step(
@@ -478,6 +537,8 @@ class Run:
             grad_norm=p.grad_norm,
             param_grad_norms=p.param_norms,
             mean_local_sq=p.mean_local_sq,
+            local_sq=p.local_sq,
+            before=p.before,
             lr=p.lr,
             samples=p.samples,
             seconds=seconds,

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, DEFAULT_SERVICE_URL, TERMINAL_STATES
-from service.client import Client, GradwatchError
+from service.client import Client, GradwatchError, read_token_file
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -406,11 +406,9 @@ def _client(url: str | None, token_file: Path | None) -> Client:
     if token_file is None:
         return Client(url)
     try:
-        token = token_file.expanduser().read_text().strip()
-    except OSError as exc:
-        _fail(f"cannot read the token file {token_file}: {exc.strerror}")
-    if not token:
-        _fail(f"the token file {token_file} is empty")
+        token = read_token_file(token_file, "GRADWATCH_TOKEN")
+    except ValueError as exc:
+        _fail(str(exc))
     return Client(url, token)
 
 

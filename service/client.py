@@ -45,6 +45,22 @@ def saved_token(data_dir: str | Path | None = None) -> str | None:
         return None
 
 
+def read_token_file(path: Path, environment: str) -> str:
+    """The token in the file at `path` (surrounding whitespace dropped); ValueError naming the path
+    and the fix when it cannot be read or is empty. `environment` is the variable that holds the
+    token instead of a file, for the message."""
+    try:
+        token = path.expanduser().read_text().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the token file {path}: {exc.strerror}; point --token-file at a readable file "
+            f"holding the token, or set {environment}"
+        ) from None
+    if not token:
+        raise ValueError(f"the token file {path} is empty: write the token into it, or set {environment}")
+    return token
+
+
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0):
         self.url = (url or os.environ.get("GRADWATCH_URL") or DEFAULT_SERVICE_URL).rstrip("/")

@@ -1,17 +1,21 @@
 """Push dashboards and alert rules to an existing Grafana.
 
-`gradwatch grafana push --url http://localhost:3000 --token glsa_...` makes sure the folder
+`gradwatch grafana push --url http://localhost:3000 --token-file grafana.token` makes sure the folder
 exists (created once, found by uid afterwards), saves every dashboard of dashboards/ by its uid
 with overwrite, and creates or replaces every alert rule of Grafana's alerting provisioning file
 by its uid. Pushing twice leaves Grafana as one push did.
 
 For a Grafana that gradwatch's compose file starts, none of this is needed: it provisions the
 same dashboards and rules from files. This is for a Grafana that already runs somewhere.
+
+The token comes from a file (--token-file, GRAFANA_TOKEN_FILE) or GRAFANA_TOKEN, never from the
+command line, where `ps`, shell history and CI logs would show it; it is never printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +201,7 @@ class _Grafana:
         if response.status_code == 401:
             raise GrafanaError(
                 f"Grafana refused the credentials (401 Unauthorized) for {where}: pass a valid service "
-                "account token with --token or GRAFANA_TOKEN (Grafana: Administration > Users and access > "
+                "account token with --token-file or GRAFANA_TOKEN (Grafana: Administration > Users and access > "
                 "Service accounts > Add service account token), or user:password for basic auth"
             )
         if response.status_code == 403:
@@ -327,12 +331,13 @@ grafana_app = typer.Typer(
 @grafana_app.command("push")
 def push_command(
     url: str = typer.Option(..., "--url", envvar="GRAFANA_URL", help="Grafana's address, e.g. http://localhost:3000."),
-    token: str = typer.Option(
-        ...,
-        "--token",
-        envvar="GRAFANA_TOKEN",
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        envvar="GRAFANA_TOKEN_FILE",
         show_default=False,
-        help="Service account token (Editor; Admin to push alert rules), or user:password.",
+        help="File holding a service account token (Editor; Admin to push alert rules), or user:password "
+        "(default: GRAFANA_TOKEN).",
     ),
     folder: str = typer.Option("gradwatch", "--folder", help="Grafana folder for the dashboards and rules."),
     dashboards_dir: Path | None = typer.Option(
@@ -349,10 +354,24 @@ def push_command(
     ),
 ) -> None:
     """Create the folder once, then save every dashboard and alert rule by uid (safe to repeat)."""
+    from service.client import read_token_file  # the CLI's one way to read a token file
+
+    try:
+        token = read_token_file(token_file, "GRAFANA_TOKEN") if token_file else os.environ.get("GRAFANA_TOKEN", "")
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not token.strip():
+        typer.echo(
+            "error: no Grafana token: write it to a file and pass --token-file PATH (or GRAFANA_TOKEN_FILE), "
+            "or set GRAFANA_TOKEN; a token on the command line would show in ps, shell history and CI logs",
+            err=True,
+        )
+        raise typer.Exit(1)
     try:
         report = push_dashboards(
             url,
-            token,
+            token.strip(),
             folder,
             dashboards_dir,
             alerting_file,

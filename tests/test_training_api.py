@@ -56,6 +56,7 @@ def test_an_unsafe_update_is_skipped_by_the_guarded_optimizer_and_counted():
         unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         assert safe is (step != 4) and unchanged is (step == 4), step
     assert run.step == 10 and run.skipped_steps == 1
+    run.flush()
     registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
     assert sample(registry, "gradwatch_skipped_steps_total", **labels) == 1
     assert sample(registry, "gradwatch_nonfinite_total", **labels, kind="loss") == 1
@@ -187,3 +188,73 @@ def test_outside_a_job_several_ranks_need_one_job_id():
         gradwatch.start(session=TwoRanks())
     with pytest.raises(RuntimeError, match=r"call run.watch\(model, optimizer\) before reporting"):
         gradwatch.start(serve_metrics=False).report(1.0)
+
+
+@pytest.fixture
+def ddp_session():
+    """A DDP model on a gloo group of this one process, seen by the run as one of two ranks: the run takes
+    its DDP path (the loss rides on the gradient all-reduce, a step is recorded during the next one). The
+    real two-rank runs are in tests/workers (Ray Train)."""
+    import torch.distributed as dist
+
+    class OneOfTwo(LocalSession):
+        world_size = 2
+
+        def prepare_model(self, model):
+            return torch.nn.parallel.DistributedDataParallel(model)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield OneOfTwo()
+    dist.destroy_process_group()
+
+
+def test_with_ddp_a_step_is_recorded_while_the_next_all_reduce_runs(ddp_session):
+    import inspect
+
+    run = start(session=ddp_session, job_id="ddp-shadow")
+    model = ddp_session.prepare_model(tiny())
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    recorded_in = {}
+    end_step = run.telemetry.end_step
+
+    def spying(step, *args, **kwargs):
+        recorded_in[step] = [f.function for f in inspect.stack()[1:6]]
+        return end_step(step, *args, **kwargs)
+
+    run.telemetry.end_step = spying
+    x, y = data()
+    losses = []
+    for step in range(1, 6):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        assert run.backward(loss, samples=len(x))
+        optimizer.step()
+        losses.append(loss.item())
+        assert run.step == step  # current at once, though not yet recorded
+        assert step not in recorded_in and step - 1 in recorded_in or step == 1
+    assert all("hook" in recorded_in[s] for s in range(1, 5)), recorded_in  # inside DDP's comm hook
+    run.flush()
+    assert "hook" not in recorded_in[5] and run.telemetry.last["step"] == 5
+    registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
+    assert sample(registry, "gradwatch_step", **labels) == 5
+    assert sample(registry, "gradwatch_loss", **labels, split="train") == pytest.approx(losses[-1])
+
+
+def test_with_ddp_an_error_while_recording_surfaces_from_the_next_backward(ddp_session):
+    run = start(session=ddp_session, job_id="ddp-error")
+    model = ddp_session.prepare_model(tiny())
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def broken(*args, **kwargs):
+        raise ValueError("disk full")
+
+    run.telemetry.end_step = broken
+    x, y = data()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    run.backward(loss)
+    optimizer.step()  # step 1's recording waits for step 2's all-reduce
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="recording step 1 failed: disk full"):
+        run.backward(loss)

@@ -107,7 +107,19 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
 
 
 def test_grafana_push_works_from_the_installed_package(installed, tmp_path, fake_grafana: FakeGrafana):  # noqa: F811
-    out = run(installed, "gradwatch", "grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, cwd=tmp_path)
+    token_file = tmp_path / "grafana.token"
+    token_file.write_text(TOKEN)
+    out = run(
+        installed,
+        "gradwatch",
+        "grafana",
+        "push",
+        "--url",
+        fake_grafana.url,
+        "--token-file",
+        str(token_file),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert set(fake_grafana.dashboards) == {"gradwatch-fleet", "gradwatch-run", "gradwatch-ranks"}
     assert fake_grafana.rules, "no alert rules pushed from the packaged provisioning file"

@@ -158,11 +158,10 @@ class Trainer:
         if self.run.backward(loss, samples=len(x)):  # non-finite gradients never reach the weights
             self.optimizer.step()
             self.scheduler.step()  # a skipped update does not use up the schedule
-        self.run.end_step()  # recorded; a divergence is acted on before the next batch
         self.pos.samples += len(x)
         if self.seen_first_epoch is not None and self.run.epoch == 0 and len(self.seen_first_epoch) < 4096:
             self.seen_first_epoch.append(index.detach())  # kept as tensors: no host sync on the step path
-        return self.telemetry.last.get("loss", float("nan"))
+        return self.run.last_loss
 
     def batches(self):
         """Endless batches; a resumed run continues its epoch where the checkpoint left it."""

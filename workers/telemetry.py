@@ -14,14 +14,13 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import torch
-import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from gradwatch.status import event_line
 from workers.board import BoardClient
@@ -30,14 +29,13 @@ from workers.gns import GradientNoiseScale, group_layers
 from workers.metrics import JobSeries, WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
-# allreduce_hook's process group: None is the default (world) group, which its annotation leaves out.
-_WORLD: Any = None
 
-# The detectors take a healthy run's steps in batches: their Python runs warm, several steps at a
-# time, instead of cold after every step's tensor work (a third of their cost on a small model).
-# They fall behind by at most this many steps or seconds; a non-finite step, and anything that reads
-# the detectors (`Telemetry.monitor`: the divergence guard, checkpoints, progress, the end), catches
-# them up first, so every decision still sees every step.
+# A healthy run's steps reach the per-step series, the detectors and the history in batches: their
+# Python runs warm, several steps at a time, instead of cold after every step's tensor work (most of
+# their cost on a small model). They fall behind by at most this many steps or seconds (the gauges a
+# scrape reads too); a non-finite step, and anything that reads the detectors or the last record
+# (`Telemetry.monitor`, `Telemetry.last`: the divergence guard, checkpoints, progress, the end),
+# catches them up first, so every decision still sees every step.
 DETECTOR_BATCH_STEPS = 16
 DETECTOR_BATCH_SECONDS = 0.25
 
@@ -48,57 +46,95 @@ class LocalNormHook:
     Each bucket holds this rank's own gradient until the all-reduce averages it, so on measured
     steps summing the buckets' squared norms gives |G_small|^2. The loss and that sum ride as two
     extra elements on the last bucket's all-reduce, so neither costs a collective of its own.
+    It calls the process group itself (no `dist.all_reduce` wrapper) and, on CPU, reduces the last
+    bucket in place of a callback: every step pays for each Python line here.
     """
 
-    def __init__(self, device: torch.device, world_size: int):
+    def __init__(self, device: torch.device, group: Any):
         self.armed = False
-        self.world_size = world_size
+        self.group = group  # the DDP model's process group: the hook reduces over it, as DDP would
+        self.world_size = group.size()
+        self.cpu = device.type == "cpu"
         self.local_sq = torch.zeros((), device=device, dtype=torch.float32)
         self.loss: torch.Tensor | None = None
-        self.reduced: torch.Tensor | None = None  # mean over ranks of [loss, |G_small|^2], after backward
+        self.reduced: torch.Tensor | None = None  # mean over ranks of the riders, after backward
         self.last_ready = 0.0  # when this rank's last bucket was ready: after it, the rank only waits
+        self.carrying = 0  # how many riders the last bucket carries this step
+        # Work to do while the last bucket's all-reduce runs (on CPU): the previous step's recording. Its
+        # error, if any, is kept for the caller: an exception must not cross DDP's backward.
+        self.shadow: Callable[[], None] | None = None
+        self.error: Exception | None = None
 
     @staticmethod
     def hook(state: LocalNormHook, bucket):  # no annotations: DDP checks them, and these would be strings
         buffer = bucket.buffer()
-        if state.armed:
-            state.local_sq += buffer.float().pow(2).sum()
+        if state.armed:  # one op for float32 buckets; others are summed in float32
+            state.local_sq += (
+                torch.dot(buffer, buffer) if buffer.dtype == torch.float32 else buffer.float().pow(2).sum()
+            )
         if not bucket.is_last():
-            return default_hooks.allreduce_hook(_WORLD, bucket)
+            buffer.div_(state.world_size)
+            return state.group.allreduce([buffer]).get_future().then(_first)
         state.last_ready = time.perf_counter()
-        if state.loss is None and not state.armed:
-            return default_hooks.allreduce_hook(_WORLD, bucket)
-        loss = state.loss if state.loss is not None else state.local_sq.new_zeros(())
-        # As few tensor ops as can be: every step pays for them (views for the riders, one cat, one div).
-        loss_rider, sq_rider = loss.reshape(1), state.local_sq.reshape(1)
-        if loss_rider.dtype != buffer.dtype:
-            loss_rider = loss_rider.to(buffer.dtype)
-        if sq_rider.dtype != buffer.dtype:
-            sq_rider = sq_rider.to(buffer.dtype)
-        n = buffer.numel()
-        packed = torch.cat([buffer, loss_rider, sq_rider]).div_(state.world_size)
-        if buffer.device.type == "cpu":
-            # The last bucket has nothing left to overlap with: reduce it here and hand DDP a finished
-            # future, which spares a Python callback on the communication thread (on CPU, a thread switch
-            # and a GIL hand-over in every step).
-            dist.all_reduce(packed)
-            state.reduced = packed[n:]
+        riders = state.riders()
+        state.carrying = len(riders)
+        if riders:
+            if riders[0].dtype != buffer.dtype:
+                riders = [r.to(buffer.dtype) for r in riders]
+            packed = torch.cat([buffer, *riders])
+        else:
+            packed = buffer
+        packed.div_(state.world_size)
+        work = state.group.allreduce([packed])
+        if not state.cpu:
+            return work.get_future().then(state._unpack)
+        # The last bucket has nothing left to overlap with: on CPU, reduce it here and hand DDP a
+        # finished future, which spares a Python callback on the communication thread (a thread
+        # switch and a GIL hand-over in every step). The wait is for the slowest rank: the shadow
+        # work runs in it.
+        shadow, state.shadow = state.shadow, None
+        if shadow is not None:
+            try:
+                shadow()
+            except Exception as error:  # noqa: BLE001 - handed to the caller after the backward
+                state.error = error
+            state.last_ready = time.perf_counter()
+        work.wait()
+        return state._unpack(packed)
+
+    def _unpack(self, result: Any) -> Any:
+        """The reduced last bucket for DDP (a finished future on CPU, the value in a callback on GPU);
+        what rode along is kept as a view (nothing else writes to it)."""
+        finished = isinstance(result, torch.Tensor)
+        packed = result if finished else result.value()[0]
+        if not self.carrying:
+            reduced = packed
+        else:
+            n = packed.numel() - self.carrying
+            self.reduced, reduced = packed[n:], packed[:n]
+        if finished:
             done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            done.set_result(packed[:n])
+            done.set_result(reduced)
             return done
-        future = dist.all_reduce(packed, async_op=True).get_future()
-
-        def unpack(fut):
-            reduced = fut.value()[0]
-            state.reduced = reduced[n:]  # a view: nothing else writes to `packed`
-            return reduced[:n]
-
-        return future.then(unpack)
+        return reduced
 
     def begin(self, measure: bool, loss: torch.Tensor | None) -> None:
-        self.armed, self.loss, self.reduced = measure, loss, None
+        """A step starts: `measure` sums this rank's |G_small|^2; `loss` (detached) rides along."""
+        self.armed, self.loss, self.reduced = measure, None if loss is None else loss.reshape(1), None
         if measure:
             self.local_sq.zero_()
+
+    def riders(self) -> list[torch.Tensor]:
+        """What rides on the last bucket: the loss, then on measured steps |G_small|^2 (a zero loss when
+        the caller has none), each one element."""
+        if not self.armed:
+            return [] if self.loss is None else [self.loss]
+        loss = self.loss if self.loss is not None else self.local_sq.new_zeros(1)
+        return [loss, self.local_sq.reshape(1)]
+
+
+def _first(fut: Any) -> torch.Tensor:
+    return fut.value()[0]
 
 
 class Telemetry:
@@ -126,9 +162,10 @@ class Telemetry:
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
         self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
-        # Recorded steps the detectors have not taken yet: (step, global loss, lr, gradient norm, the
-        # measured step's per-layer norms and update ratios or None, its history record).
-        self._queued: list[tuple[int, float, float, float, tuple[Any, Any] | None, dict[str, Any]]] = []
+        # Recorded steps not yet taken by the series, the detectors and the history: (step, epoch, loss,
+        # global loss, gradient norm, lr, samples, seconds, applied, time, a measured step's statistics and
+        # per-layer norms and update ratios, else None).
+        self._queued: list[tuple[Any, ...]] = []
         self._queued_since = 0.0
         self._gauges_stale = True
         self.gns = GradientNoiseScale(self.cfg.gns_ema)
@@ -140,13 +177,12 @@ class Telemetry:
         self._children = self._step_children()
         self._server: WSGIServer | None = None
         self.endpoint: tuple[str, int] | None = None
-        self.last: dict[str, Any] = {}
+        self._last: dict[str, Any] = {}
         self._group_layers(model, device)
-        self._before: list[torch.Tensor] | None = None
         self._rank0_gauges: SimpleNamespace | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.hook = LocalNormHook(device, world_size)
+            self.hook = LocalNormHook(device, model.process_group)
             model.register_comm_hook(self.hook, LocalNormHook.hook)
         self.measuring = False
         if self.metrics.job is not None:
@@ -187,20 +223,74 @@ class Telemetry:
             self._catch_up()
         return self._monitor
 
+    def flush(self) -> None:
+        """Every queued step into the series, the detectors and the history."""
+        self._catch_up()
+
     def _catch_up(self) -> None:
-        """Feed the detectors the steps they have not taken yet, in order, publishing as each step would have."""
+        """Take the queued steps, in order: the per-step series, the detectors, the history, publishing as
+        each step would have. The gauges end at the last step's values; counters add up the batch."""
         queued, self._queued = self._queued, []
-        monitor = self._monitor
-        for step, global_loss, lr, grad_norm, layers, record in queued:
+        if not queued:
+            return
+        monitor, c, rank0 = self._monitor, self._children, self.metrics.rank0
+        samples = nonfinite_loss = nonfinite_grad = skipped = 0
+        record: dict[str, Any] = self._last
+        for step, epoch, loss, global_loss, grad_norm, lr, n, seconds, applied, now, measured in queued:
+            c.step_duration.observe(seconds)
+            samples += n
+            nonfinite_loss += not math.isfinite(loss)
+            finite_grad = math.isfinite(grad_norm)
+            nonfinite_grad += not finite_grad and rank0  # the all-reduced gradient is the same on every rank
+            skipped += not applied
+            self._log_step_time(step, seconds, now, measured is not None)
             monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
-            if layers is not None:
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "global_loss": global_loss,
+                "loss_ema": monitor.loss_ema,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "step_seconds": seconds,
+                "time": now,
+            }
+            if measured is not None:
+                stats, layers = measured
                 monitor.observe_gradients(step, grad_norm, *layers)
-            record["loss_ema"] = monitor.loss_ema
+                record.update(stats)
+                record["loss_ema"] = monitor.loss_ema
+            if not (finite_grad and math.isfinite(global_loss)):
+                record["nonfinite"] = True
             self._publish(step, record, flush=False)
+        self._last = record
+        c.step.set(record["step"])
+        c.epoch.set(record["epoch"])
+        c.loss.set(record["loss"])
+        c.heartbeat.set(record["time"])
+        c.samples.inc(samples)
+        if nonfinite_loss:
+            c.nonfinite_loss.inc(nonfinite_loss)
+        if nonfinite_grad:
+            c.nonfinite_grad.inc(nonfinite_grad)
+        if skipped:
+            c.skipped.inc(skipped)
         if monitor.loss_ema is not None:
-            self._children.loss_ema.set(monitor.loss_ema)
+            c.loss_ema.set(monitor.loss_ema)
         if self.history:
             self.history.flush()
+        if self.step_times:
+            self.step_times.flush()
+
+    def _log_step_time(self, step: int, seconds: float, now: float, measured: bool) -> None:
+        """This rank's step time into its steps file: on each measured step, the mean over the interval."""
+        self._unlogged[0] += seconds
+        self._unlogged[1] += 1
+        if self.step_times and measured:
+            mean = self._unlogged[0] / self._unlogged[1]
+            self.step_times.write(json.dumps({"step": step, "step_seconds": mean, "time": now}) + "\n")
+            self._unlogged = [0.0, 0]
 
     def detector_state(self) -> str:
         """The detectors' whole state (references, EMAs, latches, what was raised), for a checkpoint."""
@@ -258,10 +348,10 @@ class Telemetry:
     def should_measure(self, step: int) -> bool:
         return self.enabled and (step % self.cfg.interval == 0 or step == 1)
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int) -> list[torch.Tensor] | None:
+        """Whether `step` is measured; returns a measured step's weights before its update."""
         self.measuring = self.should_measure(step)
-        if self.measuring:
-            self._before = [p.detach().clone() for p in self.params]
+        return [p.detach().clone() for p in self.params] if self.measuring else None
 
     def before_backward(self, loss: torch.Tensor | None) -> None:
         """Hand the DDP hook what rides on the gradient all-reduce: the loss when the caller needs its
@@ -276,11 +366,15 @@ class Telemetry:
         return max(0.0, backward_done - self.hook.last_ready)
 
     def mean_loss(self) -> torch.Tensor | None:
-        """[loss, |G_small|^2] averaged over ranks by the gradient all-reduce (the loss first), or None
-        without the DDP hook."""
+        """The loss (and on measured steps |G_small|^2 after it) averaged over ranks by the gradient
+        all-reduce, or None without the DDP hook."""
         if self.hook is None or self.hook.reduced is None or self.hook.loss is None:
             return None
         return self.hook.reduced
+
+    def local_sq(self) -> torch.Tensor | None:
+        """A measured step's |G_small|^2 on this rank (the DDP hook's sum over its buckets), else None."""
+        return self.hook.local_sq if self.measuring and self.hook is not None else None
 
     def grad_norms(self) -> list[torch.Tensor] | None:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
@@ -299,83 +393,61 @@ class Telemetry:
         grad_norm: float,
         param_grad_norms: list[float] | None,
         mean_local_sq: float | None = None,
+        local_sq: float | None = None,
+        before: list[torch.Tensor] | None = None,
         lr: float,
         samples: int,
         seconds: float,
         applied: bool,
     ) -> None:
-        """Record one finished step."""
-        c = self._children
-        now = time.time()
-        c.step.set(step)
-        c.epoch.set(epoch)
-        c.loss.set(loss)
-        c.samples.inc(samples)
-        c.step_duration.observe(seconds)
-        c.heartbeat.set(now)
-        if not math.isfinite(loss):
-            c.nonfinite_loss.inc()
-        if not math.isfinite(grad_norm) and self.metrics.rank0:
-            c.nonfinite_grad.inc()  # the all-reduced gradient is the same on every rank: count it once per job
-        if not applied:
-            c.skipped.inc()
-        self._unlogged[0] += seconds
-        self._unlogged[1] += 1
-        if self.step_times and self.measuring:  # the mean over the interval, not the measured step alone
-            self.step_times.write(
-                json.dumps({"step": step, "step_seconds": self._unlogged[0] / self._unlogged[1], "time": now}) + "\n"
-            )
-            self.step_times.flush()
-            self._unlogged = [0.0, 0]
+        """Record one finished step.
 
-        record: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "global_loss": global_loss,
-            "loss_ema": None,  # the detectors' EMA after this step, once they have taken it
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "step_seconds": seconds,
-            "time": now,
-        }
-        layers = None
+        A measured step's per-layer statistics are taken now (they need this update's weights). The rest
+        (the per-step series, the detectors, the history) takes the step with the next batch, at once
+        when it is not finite: a step only queues a row.
+        """
+        measured = None
         if param_grad_norms is not None:
-            stats, layers = self._measure(grad_norm, param_grad_norms, mean_local_sq, lr)
-            record.update(stats)
-        self.last = record
-        finite = math.isfinite(global_loss) and math.isfinite(grad_norm)
-        if not finite:
-            record["nonfinite"] = True
-        # Every step reaches the detectors and the history (with what the detectors made of it), so
-        # `gradwatch replay` of the history sees what the detectors saw.
-        if not self._queued:
+            measured = self._measure(grad_norm, param_grad_norms, mean_local_sq, local_sq, before, lr)
+        now = time.time()
+        queued = self._queued
+        if not queued:
             self._queued_since = now
-        self._queued.append((step, global_loss, lr, grad_norm, layers, record))
+        queued.append((step, epoch, loss, global_loss, grad_norm, lr, samples, seconds, applied, now, measured))
         if (
-            not finite
-            or len(self._queued) >= DETECTOR_BATCH_STEPS
+            len(queued) >= DETECTOR_BATCH_STEPS
             or now - self._queued_since >= DETECTOR_BATCH_SECONDS
+            or not (math.isfinite(global_loss) and math.isfinite(grad_norm))
         ):
             self._catch_up()
 
+    @property
+    def last(self) -> dict[str, Any]:
+        """The last recorded step's history record (every queued step taken first)."""
+        if self._queued:
+            self._catch_up()
+        return self._last
+
     def _measure(
-        self, grad_norm: float, param_grad_norms: list[float], mean_local_sq: float | None, lr: float
+        self,
+        grad_norm: float,
+        param_grad_norms: list[float],
+        mean_local_sq: float | None,
+        local_sq: float | None,
+        before: list[torch.Tensor] | None,
+        lr: float,
     ) -> tuple[dict[str, Any], tuple[dict[str, float], dict[str, float]]]:
         """A measured step's per-layer statistics: exported now; returns them for the history and, with the
         per-layer gradient norms and update ratios, for the detectors.
 
         `param_grad_norms` are the parameters' gradient norms (already on the host: the update guard
-        fetched them), `mean_local_sq` the mean over ranks of |G_small|^2 (from the DDP hook).
+        fetched them), `mean_local_sq` the mean over ranks and `local_sq` this rank's |G_small|^2 (from the
+        DDP hook), `before` the weights before the update.
         """
-        deltas = torch._foreach_sub(self.params, self._before) if self._before is not None else self.params
+        deltas = torch._foreach_sub(self.params, before) if before is not None else self.params
         norms = list(torch._foreach_norm([*self.params, *deltas]))  # one fused call for weights and updates
-        self._before = None
         if not self._float_params:
             norms = [t.float() for t in norms]
-        hook = self.hook if mean_local_sq is not None else None  # this rank's |G_small|^2, from the hook
-        if hook is not None:
-            norms.append(hook.local_sq)
         # Few tiny ops (on a small model their dispatch, not the math, is the cost of a measured step):
         # the norms come over in one piece and are summed per layer on the host.
         values = torch.stack(norms).tolist()  # the one host sync of the measurement
@@ -385,10 +457,8 @@ class Telemetry:
             g_sq[layer] += param_grad_norms[i] ** 2
             w_sq[layer] += values[i] ** 2
             u_sq[layer] += values[n_params + i] ** 2
-        if hook is None or mean_local_sq is None:  # no DDP hook: this rank's gradient is the global one
+        if local_sq is None or mean_local_sq is None:  # no DDP hook: this rank's gradient is the global one
             local_sq = mean_local_sq = grad_norm**2
-        else:
-            local_sq = values[-1]
         layer_grad = {name: math.sqrt(v) for name, v in zip(self.layer_names, g_sq, strict=False)}
         layer_weight = {name: math.sqrt(v) for name, v in zip(self.layer_names, w_sq, strict=False)}
         layer_update = {

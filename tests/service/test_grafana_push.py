@@ -9,7 +9,7 @@ records every request, so the tests see exactly what a real Grafana would be sen
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from click.testing import Result
 from typer.testing import CliRunner
 
 from service import grafana
@@ -272,23 +273,80 @@ def test_another_folder_name_gets_its_own_uid(fake_grafana: FakeGrafana) -> None
     assert fake_grafana.folders == {"ml-training": "ML Training"}
 
 
-def test_cli_push_reads_url_and_token_from_the_environment(fake_grafana: FakeGrafana, alerting_file: Path) -> None:
+def push_cli(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """`gradwatch grafana push ARGS` with neither GRAFANA_TOKEN nor GRAFANA_TOKEN_FILE unless `env` sets them."""
     app = typer.Typer()
     app.command("version")(lambda: None)  # a second command keeps `grafana` a sub-command
     grafana.register(app)
-    result = CliRunner().invoke(
-        app,
-        ["grafana", "push", "--alerting-file", str(alerting_file)],
-        env={"GRAFANA_URL": fake_grafana.url, "GRAFANA_TOKEN": TOKEN},
+    return CliRunner().invoke(
+        app, ["grafana", "push", *args], env={"GRAFANA_TOKEN": None, "GRAFANA_TOKEN_FILE": None, **(env or {})}
+    )
+
+
+def test_cli_push_reads_url_and_token_from_the_environment(fake_grafana: FakeGrafana, alerting_file: Path) -> None:
+    result = push_cli(
+        "--alerting-file", str(alerting_file), env={"GRAFANA_URL": fake_grafana.url, "GRAFANA_TOKEN": TOKEN}
     )
     assert result.exit_code == 0, result.output
     assert "folder gradwatch: created" in result.output
     assert "dashboard gradwatch-run: saved" in result.output
     assert "2 created, 0 updated" in result.output
+    assert TOKEN not in result.output
 
-    bad = CliRunner().invoke(app, ["grafana", "push", "--url", fake_grafana.url, "--token", "nope", "--no-alert-rules"])
+    bad = push_cli("--url", fake_grafana.url, "--no-alert-rules", env={"GRAFANA_TOKEN": "nope"})
     assert bad.exit_code == 1
-    assert "401" in bad.output
+    assert "401" in bad.output and "--token-file" in bad.output and "nope" not in bad.output
+
+
+def test_cli_push_sends_the_token_from_the_file(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
+    token_file = tmp_path / "grafana.token"
+    token_file.write_text(TOKEN + "\n")
+    # The file wins over the environment, as `--token-file` does for gradwatch's own commands.
+    result = push_cli(
+        "--url", fake_grafana.url, "--token-file", str(token_file), "--no-alert-rules",
+        env={"GRAFANA_TOKEN": "not-the-token"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert set(fake_grafana.dashboards) == {"gradwatch-fleet", "gradwatch-run", "gradwatch-ranks"}
+    assert {r.headers.get("Authorization") for r in fake_grafana.requests} == {f"Bearer {TOKEN}"}
+    assert TOKEN not in result.output
+
+    by_env = push_cli("--url", fake_grafana.url, "--no-alert-rules", env={"GRAFANA_TOKEN_FILE": str(token_file)})
+    assert by_env.exit_code == 0, by_env.output
+
+
+def test_cli_push_refuses_a_token_on_the_command_line(fake_grafana: FakeGrafana) -> None:
+    on_argv = push_cli("--url", fake_grafana.url, "--token", TOKEN, "--no-alert-rules")
+    assert on_argv.exit_code == 2
+    assert "No such option: --token" in on_argv.output and "--token-file" in on_argv.output
+    assert TOKEN not in on_argv.output
+    assert fake_grafana.requests == []
+
+    none = push_cli("--url", fake_grafana.url, "--no-alert-rules")
+    assert none.exit_code == 1
+    assert "no Grafana token" in none.output and "--token-file PATH" in none.output and "GRAFANA_TOKEN" in none.output
+    assert fake_grafana.requests == []
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda path: None, "cannot read the token file"),
+        (lambda path: path.write_text(" \n"), "is empty: write the token into it"),
+        (lambda path: path.mkdir(), "cannot read the token file"),
+    ],
+    ids=["missing", "empty", "a-folder"],
+)
+def test_cli_push_refuses_a_bad_token_file_naming_it(
+    fake_grafana: FakeGrafana, tmp_path: Path, make: Callable[[Path], object], says: str
+) -> None:
+    token_file = tmp_path / "grafana.token"
+    make(token_file)
+    result = push_cli("--url", fake_grafana.url, "--token-file", str(token_file), "--no-alert-rules")
+    assert result.exit_code == 1
+    assert f"token file {token_file}" in result.output and says in result.output
+    assert "GRAFANA_TOKEN" in result.output  # the other way to pass it
+    assert fake_grafana.requests == []
 
 
 def test_grafana_module_stays_light() -> None:
@@ -296,7 +354,7 @@ def test_grafana_module_stays_light() -> None:
     source = (REPO / "service" / "grafana.py").read_text(encoding="utf-8")
     top_level_imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     third_party = {line.split()[1].split(".")[0] for line in top_level_imports} - {
-        "__future__", "json", "re", "dataclasses", "pathlib", "typing",
+        "__future__", "json", "os", "re", "dataclasses", "pathlib", "typing",
     }  # fmt: skip
     assert third_party == {"httpx", "typer", "gradwatch"}
     assert [line for line in top_level_imports if "gradwatch" in line] == [
