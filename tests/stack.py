@@ -27,15 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "integration-token"
 
 
+def checkout_on_path() -> str:
+    """PYTHONPATH with the checkout first: jobs may name user code from it (tests/, examples/)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 @contextmanager
 def ray_head(cpus: int = 2):
-    # The checkout on the workers' path: jobs may name user code from it (tests/, examples/).
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": path,
+        "PYTHONPATH": checkout_on_path(),
         # On SIGTERM the head drains first, up to 30 s by default (Ray 2.60): nothing here needs draining.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
@@ -168,7 +171,7 @@ def launch(args: Sequence[str], cwd: Path = REPO, stderr: int = subprocess.PIPE)
     """`python ARGS` on a fresh local Ray of its own (RAY_ADDRESS left out), the checkout on its
     PYTHONPATH; stdout (and stderr, unless `stderr` says otherwise) piped as text."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = checkout_on_path()
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
