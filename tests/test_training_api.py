@@ -217,17 +217,23 @@ def test_with_ddp_a_step_is_recorded_while_the_next_all_reduce_runs(ddp_session)
     recorded_in = {}
     end_step = run.telemetry.end_step
 
+    recorded_norms = {}
+
     def spying(step, *args, **kwargs):
         recorded_in[step] = [f.function for f in inspect.stack()[1:6]]
+        recorded_norms[step] = kwargs["grad_norm"]
         return end_step(step, *args, **kwargs)
 
     run.telemetry.end_step = spying
     x, y = data()
-    losses = []
+    losses, grad_norms = [], []
     for step in range(1, 6):
         loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         assert run.backward(loss, samples=len(x))
+        grad_norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+        # one bucket holds every gradient: its norm is taken in the hook, except on measured steps (1 and 5)
+        assert (run.telemetry.reduced_grad_norm() is None) is (step in (1, 5)), step
         optimizer.step()
         losses.append(loss.item())
         assert run.step == step  # current at once, though not yet recorded
@@ -235,6 +241,7 @@ def test_with_ddp_a_step_is_recorded_while_the_next_all_reduce_runs(ddp_session)
     assert all("hook" in recorded_in[s] for s in range(1, 5)), recorded_in  # inside DDP's comm hook
     run.flush()
     assert "hook" not in recorded_in[5] and run.telemetry.last["step"] == 5
+    assert [recorded_norms[s] for s in range(1, 6)] == pytest.approx(grad_norms, rel=1e-5)
     registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
     assert sample(registry, "gradwatch_step", **labels) == 5
     assert sample(registry, "gradwatch_loss", **labels, split="train") == pytest.approx(losses[-1])
