@@ -383,8 +383,12 @@ class Telemetry:
 
     def reduced_grad_norm(self) -> torch.Tensor | None:
         """The all-reduced gradient's norm, taken by the DDP hook from the one bucket that held every
-        gradient (a small model on CPU), else None."""
-        return None if self.hook is None else self.hook.grad_norm
+        gradient (a small model on CPU) in this step's backward, else None. Taken once: a later step
+        whose backward skips the all-reduce (`no_sync`) gets None."""
+        if self.hook is None:
+            return None
+        norm, self.hook.grad_norm = self.hook.grad_norm, None
+        return norm
 
     def grad_norms(self) -> list[torch.Tensor] | None:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
