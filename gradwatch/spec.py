@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -28,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gradwatch.spec_telemetry import TelemetrySpec
+from gradwatch.spec_telemetry import Strict, TelemetrySpec
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_SPEC_NODES = 4096  # keys, values and items together; a real spec has under 200
@@ -54,10 +53,6 @@ DURATION_PATTERN = (
     r"(?:\d+(?:\.\d+)?\s*m\s*)?(?:\d+(?:\.\d+)?\s*s)?)\s*$"
 )
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 # --------------------------------------------------------------------- models

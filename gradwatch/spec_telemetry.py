@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
-class DetectorSpec(BaseModel):
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field takes numbers and nothing else (`int`, `float`, either or none)."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kinds = set(args) - {type(None)}
+    return bool(kinds) and kinds <= {int, float}
+
+
+class Strict(BaseModel):
+    """Every model of the spec: unknown keys refused, defaults validated, and a number never given as
+    `true`/`false` (pydantic alone would read `true` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name and _numbers_only(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError(
+                "number_not_boolean",
+                "a number is needed here, not {value}: write the number itself",
+                {"value": "true" if value else "false"},
+            )
+        return value
+
+
+class DetectorSpec(Strict):
     """Thresholds of the online detectors (workers/detectors.py). Defaults suit most runs.
 
     Windows count observed steps. Every comparison is made against the curve's own noise, measured
@@ -13,8 +43,6 @@ class DetectorSpec(BaseModel):
     detector-quality table shows their false-alarm and detection rates. An anomaly holds while its
     condition holds and clears once the condition has been false for `anomaly_clear_steps` steps.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     ema_alpha: float = Field(0.1, gt=0.0, le=1.0, description="Smoothing of the train loss EMA.")
     warmup_steps: int = Field(
@@ -122,10 +150,8 @@ class DetectorSpec(BaseModel):
         return self
 
 
-class TelemetrySpec(BaseModel):
+class TelemetrySpec(Strict):
     """What each worker measures and exports to Prometheus."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = Field(True, description="Export metrics at all.")
     interval: int = Field(

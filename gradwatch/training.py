@@ -399,11 +399,13 @@ class Run:
             self._check_name(term, "loss term")
         param_norms = tel.grad_norms()  # before clipping, measured steps only
         # One fused norm per parameter; their squares are summed on the host, where the values go anyway.
-        norms = (
-            param_norms
-            if param_norms is not None
-            else torch._foreach_norm([p.grad for p in self._params if p.grad is not None])
-        )
+        whole = tel.reduced_grad_norm() if param_norms is None else None
+        if param_norms is not None:
+            norms = param_norms
+        elif whole is not None:
+            norms = [whole]
+        else:
+            norms = list(torch._foreach_norm([p.grad for p in self._params if p.grad is not None]))
         if not self._float_grads:
             norms = [n.float() for n in norms]
         # a measured step's |G_small|^2 on this rank, read now: the hook starts the next step's sum

@@ -118,3 +118,19 @@ def test_schema_is_a_valid_json_schema_and_documents_fields():
     assert "scaling" in schema["properties"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**small_spec(), "bogus": 1}, schema)
+
+
+def test_a_number_given_as_true_or_false_is_refused_with_its_path():
+    spec = small_spec(
+        max_steps=True,
+        optimizer={"name": "sgd", "lr": False},
+        telemetry={"interval": True, "enabled": False, "detectors": {"ema_alpha": True}},
+    )
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    lines = {line.split(":")[0] for line in str(err.value).splitlines()}
+    assert lines == {"max_steps", "optimizer.lr", "telemetry.interval", "telemetry.detectors.ema_alpha"}
+    assert "a number is needed here, not true" in str(err.value)
+    # a true/false field still takes one, and the numbers themselves pass
+    ok = load_spec(small_spec(max_steps=7, telemetry={"interval": 2, "enabled": False}))
+    assert ok.max_steps == 7 and ok.telemetry.enabled is False

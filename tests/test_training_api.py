@@ -217,17 +217,30 @@ def test_with_ddp_a_step_is_recorded_while_the_next_all_reduce_runs(ddp_session)
     recorded_in = {}
     end_step = run.telemetry.end_step
 
+    recorded_norms = {}
+
     def spying(step, *args, **kwargs):
         recorded_in[step] = [f.function for f in inspect.stack()[1:6]]
+        recorded_norms[step] = kwargs["grad_norm"]
         return end_step(step, *args, **kwargs)
 
     run.telemetry.end_step = spying
+    sources = {}
+    reduced_grad_norm = run.telemetry.reduced_grad_norm
+
+    def norm_source():
+        norm = reduced_grad_norm()
+        sources[run.step + 1] = "hook" if norm is not None else "parameters"
+        return norm
+
+    run.telemetry.reduced_grad_norm = norm_source
     x, y = data()
-    losses = []
+    losses, grad_norms = [], []
     for step in range(1, 6):
         loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         assert run.backward(loss, samples=len(x))
+        grad_norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
         optimizer.step()
         losses.append(loss.item())
         assert run.step == step  # current at once, though not yet recorded
@@ -235,6 +248,9 @@ def test_with_ddp_a_step_is_recorded_while_the_next_all_reduce_runs(ddp_session)
     assert all("hook" in recorded_in[s] for s in range(1, 5)), recorded_in  # inside DDP's comm hook
     run.flush()
     assert "hook" not in recorded_in[5] and run.telemetry.last["step"] == 5
+    assert [recorded_norms[s] for s in range(1, 6)] == pytest.approx(grad_norms, rel=1e-5)
+    # one bucket holds every gradient: the hook took its norm, except on measured steps (1 and 5)
+    assert [s for s, source in sources.items() if source == "hook"] == [2, 3, 4]
     registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
     assert sample(registry, "gradwatch_step", **labels) == 5
     assert sample(registry, "gradwatch_loss", **labels, split="train") == pytest.approx(losses[-1])

@@ -50,8 +50,9 @@ class LocalNormHook:
     bucket in place of a callback: every step pays for each Python line here.
     """
 
-    def __init__(self, device: torch.device, group: Any):
+    def __init__(self, device: torch.device, group: Any, numel: int):
         self.armed = False
+        self.numel = numel  # the trained parameters' elements: a last bucket this big holds every gradient
         self.group = group  # the DDP model's process group: the hook reduces over it, as DDP would
         self.world_size = group.size()
         self.cpu = device.type == "cpu"
@@ -64,6 +65,7 @@ class LocalNormHook:
         # error, if any, is kept for the caller: an exception must not cross DDP's backward.
         self.shadow: Callable[[], None] | None = None
         self.error: Exception | None = None
+        self.grad_norm: torch.Tensor | None = None  # the reduced gradient's norm, when one bucket holds it all
 
     @staticmethod
     def hook(state: LocalNormHook, bucket):  # no annotations: DDP checks them, and these would be strings
@@ -113,6 +115,8 @@ class LocalNormHook:
             n = packed.numel() - self.carrying
             self.reduced, reduced = packed[n:], packed[:n]
         if finished:
+            if not self.armed and reduced.numel() == self.numel:  # one op on the bucket, not one per parameter
+                self.grad_norm = torch.linalg.vector_norm(reduced, dtype=torch.float32)
             done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
             done.set_result(reduced)
             return done
@@ -121,6 +125,7 @@ class LocalNormHook:
     def begin(self, measure: bool, loss: torch.Tensor | None) -> None:
         """A step starts: `measure` sums this rank's |G_small|^2; `loss` (detached) rides along."""
         self.armed, self.loss, self.reduced = measure, None if loss is None else loss.reshape(1), None
+        self.grad_norm = None
         if measure:
             self.local_sq.zero_()
 
@@ -182,7 +187,7 @@ class Telemetry:
         self._rank0_gauges: SimpleNamespace | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.hook = LocalNormHook(device, model.process_group)
+            self.hook = LocalNormHook(device, model.process_group, sum(p.numel() for p in self.params))
             model.register_comm_hook(self.hook, LocalNormHook.hook)
         self.measuring = False
         if self.metrics.job is not None:
@@ -375,6 +380,15 @@ class Telemetry:
     def local_sq(self) -> torch.Tensor | None:
         """A measured step's |G_small|^2 on this rank (the DDP hook's sum over its buckets), else None."""
         return self.hook.local_sq if self.measuring and self.hook is not None else None
+
+    def reduced_grad_norm(self) -> torch.Tensor | None:
+        """The all-reduced gradient's norm, taken by the DDP hook from the one bucket that held every
+        gradient (a small model on CPU) in this step's backward, else None. Taken once: a later step
+        whose backward skips the all-reduce (`no_sync`) gets None."""
+        if self.hook is None:
+            return None
+        norm, self.hook.grad_norm = self.hook.grad_norm, None
+        return norm
 
     def grad_norms(self) -> list[torch.Tensor] | None:
         """Per-parameter gradient norms on measured steps (before clipping), else None."""
