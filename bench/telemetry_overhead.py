@@ -14,10 +14,12 @@ each DDP model has its own reducer, so the three share the process group safely.
 
 The user-API path (`--path user`, or `both`, the default) measures a user's own loop the
 same way: plain PyTorch (`loss.backward()`) against the same loop with `gradwatch.start()`'s
-`run.backward()` and watched optimizer, at the default interval and every step.
+`run.backward()` and watched optimizer, at the default interval and every step. Beside them it
+measures `guard_only`: the same loop with the least an update guard decided on all-reduced values
+needs, written by hand and with no telemetry, a floor under any guarded step (`UserLoop`).
 
 The last line is `overhead_default=R1 overhead_every_step=R2 user_overhead_default=R3
-user_overhead_every_step=R4`: median step time against telemetry off (built-in) or plain
+user_overhead_every_step=R4 user_guard_only=R5`: median step time against telemetry off (built-in) or plain
 PyTorch (user). Goal: <= 1.02 at the default, <= 1.10 every step.
 On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
 wall time, but it does not see time spent waiting for other ranks.
@@ -29,6 +31,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -52,6 +55,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "every_step": {"interval": 1},
 }
 EXAMPLE = {"mlp": "digits-mlp.yaml", "transformer": "charlm.yaml"}
+# The user path's reference: the cheapest update guard decided on all-reduced values that a loop can do
+# by hand, with no telemetry (see UserLoop). What it costs is a floor under any guarded step.
+GUARD_ONLY = "guard_only"
+GUARD_LOSS_BATCH = 16  # its loss mean: one all-reduce of this many steps' losses
 GOALS = {"default": 1.02, "every_step": 1.10}
 
 
@@ -67,7 +74,8 @@ def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[s
 
 def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
     telemetry = {k: v for k, v in spec["telemetry"].items() if k not in ("enabled", "interval")}
-    return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **CONFIGS[name]}}, context={"user_code": "skip"})
+    config = CONFIGS["off" if name == GUARD_ONLY else name]
+    return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **config}}, context={"user_code": "skip"})
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -75,7 +83,14 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 class UserLoop:
     """A step as a user writes it in their own loop: plain PyTorch ("off"), or the same with the training
-    API (`run.backward` instead of `loss.backward()`, the watched optimizer) at the config's cadence."""
+    API (`run.backward` instead of `loss.backward()`, the watched optimizer) at the config's cadence.
+
+    GUARD_ONLY is plain PyTorch with the least a guard needs, written by hand: DDP's own C++ all-reduce
+    (no comm hook), the backward seeded with 1 (NaN when the loss is not finite, so one rank's bad loss
+    poisons every rank's reduced gradient and all ranks decide alike), one fused norm of the reduced
+    gradient and one copy to the host; the loss mean all-reduced every GUARD_LOSS_BATCH steps. No metrics,
+    no detectors, no history.
+    """
 
     def __init__(self, spec: JobSpec, session: Any, name: str):
         from gradwatch.training import Run
@@ -91,7 +106,9 @@ class UserLoop:
         self.model = session.prepare_model(build_model(spec.model, data))
         self.optimizer: Any = build_optimizer(spec.optimizer, self.model.parameters())
         self.run = None
-        if name != "off":
+        self.guard_only = name == GUARD_ONLY
+        self._losses: list[torch.Tensor] = []
+        if name not in ("off", GUARD_ONLY):
             self.run = Run(session, spec, job_id=f"bench-user-{name}", serve_metrics=False)
             self.optimizer = self.run.watch(self.model, self.optimizer)
 
@@ -100,11 +117,28 @@ class UserLoop:
 
         loss, _ = loss_and_correct(self.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.guard_only:
+            self._guarded_step(loss)
+            return
         if self.run is None:
             loss.backward()
         else:
             self.run.backward(loss, samples=len(x))
         self.optimizer.step()
+
+    def _guarded_step(self, loss: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        value = loss.detach()
+        loss.backward(value * 0 + 1)
+        norms = torch._foreach_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        values = torch.stack([value, *norms]).tolist()
+        self._losses.append(value)
+        if len(self._losses) == GUARD_LOSS_BATCH and dist.is_initialized():
+            dist.all_reduce(torch.stack(self._losses))
+            self._losses = []
+        if all(math.isfinite(v) for v in values):
+            self.optimizer.step()
 
 
 def measure(
@@ -117,7 +151,7 @@ def measure(
     from workers.loop import Trainer
 
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # three trainers' detector events: noise here
-    names = list(CONFIGS)
+    names = list(CONFIGS) + ([GUARD_ONLY] if path == "user" else [])
     # No board, no metrics server: each Trainer owns its registry, nothing leaves the process.
     trainers: dict[str, Any] = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
     batches = {n: t.batches() for n, t in trainers.items()}
@@ -205,7 +239,7 @@ def run_ray(
 
 def group_times(ranks: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     """A DDP step is done when its slowest rank is: the per-step maximum over ranks."""
-    return {n: [max(step) for step in zip(*(r[n] for r in ranks), strict=True)] for n in CONFIGS}
+    return {n: [max(step) for step in zip(*(r[n] for r in ranks), strict=True)] for n in ranks[0]}
 
 
 def summarize(times: dict[str, list[float]], intervals: dict[str, str]) -> tuple[str, dict[str, float]]:
@@ -272,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in CONFIGS:
         telemetry = config_spec(spec, name).telemetry
         intervals[name] = f"interval {telemetry.interval}" if telemetry.enabled else "off"
+    intervals[GUARD_ONLY] = "off, guard"
 
     started = time.time()
     if use_gpu and not args.local and not ray_sees_gpus(world_size):
@@ -305,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(
             f"{prefix}overhead_default={ratios['default']:.3f} {prefix}overhead_every_step={ratios['every_step']:.3f}"
         )
+        if GUARD_ONLY in ratios:
+            summary.append(f"user_guard_only={ratios[GUARD_ONLY]:.3f}")
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
     print(" ".join(summary))
     return 0
