@@ -224,20 +224,15 @@ class Telemetry:
     @property
     def monitor(self) -> DynamicsMonitor:
         """The detectors, caught up with every recorded step."""
-        if self._queued:
-            self._catch_up()
+        self.flush()
         return self._monitor
 
     def flush(self) -> None:
-        """Every queued step into the series, the detectors and the history."""
-        self._catch_up()
-
-    def _catch_up(self) -> None:
         """Take the queued steps, in order: the per-step series, the detectors, the history, publishing as
         each step would have. The gauges end at the last step's values; counters add up the batch."""
-        queued, self._queued = self._queued, []
-        if not queued:
+        if not self._queued:
             return
+        queued, self._queued = self._queued, []
         monitor, c, rank0 = self._monitor, self._children, self.metrics.rank0
         samples = nonfinite_loss = nonfinite_grad = skipped = 0
         record: dict[str, Any] = self._last
@@ -250,6 +245,8 @@ class Telemetry:
             skipped += not applied
             self._log_step_time(step, seconds, now, measured is not None)
             monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
+            if measured is not None:
+                monitor.observe_gradients(step, grad_norm, *measured[1])
             record = {
                 "step": step,
                 "epoch": epoch,
@@ -262,10 +259,7 @@ class Telemetry:
                 "time": now,
             }
             if measured is not None:
-                stats, layers = measured
-                monitor.observe_gradients(step, grad_norm, *layers)
-                record.update(stats)
-                record["loss_ema"] = monitor.loss_ema
+                record.update(measured[0])
             if not (finite_grad and math.isfinite(global_loss)):
                 record["nonfinite"] = True
             self._publish(step, record, flush=False)
@@ -333,7 +327,7 @@ class Telemetry:
         return self.endpoint
 
     def close(self, grace_seconds: float) -> None:
-        self._catch_up()  # the last steps reach the gauges and the history
+        self.flush()  # the last steps reach the gauges and the history
         if self.history:
             self.history.close()
             self.history = None
@@ -433,13 +427,12 @@ class Telemetry:
             or now - self._queued_since >= DETECTOR_BATCH_SECONDS
             or not (math.isfinite(global_loss) and math.isfinite(grad_norm))
         ):
-            self._catch_up()
+            self.flush()
 
     @property
     def last(self) -> dict[str, Any]:
         """The last recorded step's history record (every queued step taken first)."""
-        if self._queued:
-            self._catch_up()
+        self.flush()
         return self._last
 
     def _measure(
@@ -544,8 +537,7 @@ class Telemetry:
 
     def record_event(self, event: dict[str, Any]) -> None:
         """A restart or rollback, into the run's history (rank 0), so a report can mark where it happened."""
-        if self._queued:
-            self._catch_up()  # the steps before it come first
+        self.flush()  # the steps before it come first
         if self.history:
             self.history.write(json.dumps({**event, "time": time.time()}, default=str) + "\n")
             self.history.flush()
