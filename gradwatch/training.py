@@ -375,14 +375,6 @@ class Run:
         self._begin()
         return tel
 
-    def _settle(self) -> None:
-        """The previous step recorded (if its all-reduce did not) and acted on, before this one is decided."""
-        hook = self._telemetry().hook
-        if hook is not None and hook.error is not None:
-            error, hook.error = hook.error, None
-            raise RuntimeError(f"recording step {self.step} failed: {error}") from error
-        self.end_step()
-
     def _decide(
         self,
         loss: torch.Tensor | float,
@@ -391,7 +383,7 @@ class Run:
         waited: float,
         before: list[torch.Tensor] | None,
     ) -> bool:
-        self._settle()
+        self.end_step()  # the previous step recorded (if its all-reduce did not) and acted on
         tel = self._telemetry()
         loss_t = self._scalar(loss)
         terms = losses or {}
@@ -510,10 +502,14 @@ class Run:
         """Record the reported step now (if its optimizer update never came) and apply the divergence guard.
 
         Called by itself at the next gradwatch call; call it yourself to act on a divergence at once.
+        A failure to record the previous step during this step's all-reduce is raised here.
         """
         hook = self.telemetry.hook if self.telemetry is not None else None
         if hook is not None:
             hook.shadow = None  # recorded here and now
+            if hook.error is not None:  # recording it during the all-reduce failed
+                error, hook.error = hook.error, None
+                raise RuntimeError(f"recording step {self.step} failed: {error}") from error
         pending = self._pending
         if pending is not None:
             self._record(pending)
