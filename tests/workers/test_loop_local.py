@@ -211,3 +211,29 @@ def test_a_long_healthy_sgd_run_on_digits_raises_nothing(tmp_path):
     assert out.val_accuracy > 0.9
     assert out.extra["anomalies"] == []
     assert [p["phase"] for p in out.extra["phases"]][-1] in ("converged", "refinement")
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from gradwatch.spec import DigitsData
+    from workers.data import _split, build_data
+
+    spec = DigitsData(name="digits")
+    bundle = build_data(spec, seed=3)
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target)
+    train, val = _split(len(x), spec.val_fraction, spec.train_fraction, 3)
+    assert torch.equal(bundle.train.x, x[train]) and torch.equal(bundle.val.x, x[val])
+    assert torch.equal(bundle.train.y, y[train]) and torch.equal(bundle.val.y, y[val])
+    assert bundle.train.y.dtype == torch.long
+    # a worker's start pays no scikit-learn import for the data set
+    probe = (
+        "import sys; from gradwatch.spec import DigitsData; from workers.data import build_data; "
+        "build_data(DigitsData(name='digits'), 0); print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
