@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT
+from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, RAY_TRAIN_ENV
 from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec, overran
 from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
@@ -594,12 +594,13 @@ class Launcher:
         return None
 
     def job_environment(self, job: Job) -> dict[str, str]:
-        """The variables a job's driver (and its workers) get: where its own token is, and the data
-        roots the workers check `data.path` against when user code is off."""
+        """The variables a job's driver (and every actor of the job: Ray Train's controller, the workers)
+        get: where its own token is, Ray Train's settings, and the data roots the workers check
+        `data.path` against when user code is off."""
         token_file = self.settings.jobs_dir / job.id / "job.token"
         token = self.store.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
         write_atomic(token_file, token + "\n", mode=0o600)
-        env = {JOB_TOKEN_FILE_ENV: str(token_file)}
+        env = {JOB_TOKEN_FILE_ENV: str(token_file), **RAY_TRAIN_ENV}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
         # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
         env.update(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.ids import new_job_id
-from gradwatch.names import JobState
+from gradwatch.names import RAY_TRAIN_ENV, JobState
 from gradwatch.spec import JobSpec, SpecError, load_spec, overran
 from gradwatch.status import (
     RESULT_FILE,
@@ -80,10 +80,8 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # The controller registers a reported checkpoint at its next health check: poll often, so a crash
-    # right after a checkpoint loses as little as possible (Ray's default is 2 s).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    for name, value in RAY_TRAIN_ENV.items():  # a local Ray's processes inherit them; the service's jobs get
+        os.environ.setdefault(name, value)  # them in their runtime environment (service/launcher.py)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": not quiet}
     address = os.environ.get("RAY_ADDRESS")
     if not address:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from gradwatch.names import RAY_TRAIN_ENV
 from gradwatch.status import Endpoint, RunResult, RunStatus
 from service.api import create_app
 from service.settings import Settings
@@ -107,6 +108,8 @@ def test_the_driver_gets_its_spec_the_service_url_and_a_token_for_its_job_only(a
     assert '"name": "a"' in env_a["GRADWATCH_SPEC_JSON"]
     assert f"--storage-path {tmp_path / 'ray-nodes'}" in cluster.jobs[a].log[0]
     assert TOKEN not in str(env_a)  # the driver never holds the service's own token
+    # Ray Train's controller is an actor of the job: it gets the job's settings, not Ray's defaults
+    assert {k: env_a.get(k) for k in RAY_TRAIN_ENV} == RAY_TRAIN_ENV
 
 
 def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, cluster, tmp_path):
