@@ -10,6 +10,7 @@ from gradwatch.spec import load_spec
 from service.launcher import ClusterUnavailable, Launcher
 from service.settings import Settings
 from service.store import Store
+from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec
 
 
@@ -252,18 +253,14 @@ class ConnectingCluster(FakeCluster):
 
 @pytest.mark.parametrize("fail", [False, True], ids=["reachable", "unreachable"])
 def test_the_scheduler_connects_to_rays_job_api_when_it_starts_not_at_the_first_job(settings, store, fail):
-    import time
-
     cluster = ConnectingCluster(fail)
     launcher = Launcher(store, settings, cluster)
     job = submit(store, "first", steps=1)
     launcher.start()
     try:
-        deadline = time.time() + 10
-        while state(store, job) == "queued" and time.time() < deadline:
-            time.sleep(0.05)
+        # the store says running before Ray is asked (service/launcher.py): wait for the submit itself
+        wait_for(lambda: cluster.submitted == [job.id], timeout=10, interval=0.05, what="the job submitted to Ray")
         assert state(store, job) == "running"  # a failed connect does not hold the scheduler up
         assert cluster.connected_before == [[]]
-        assert cluster.submitted == [job.id]
     finally:
         launcher.shutdown()
