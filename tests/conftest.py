@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,32 @@ DIVERGED = re.compile(
     r"(?P<of>\d+) steps) since step (?P<since>\d+)(?: were non-finite, never \d+ finite in a row)?; "
     r"last finite loss(?: before them)? (?P<loss>\S+) at step (?P<last>\d+)"
 )
+
+
+# mypy takes 15-20 s of one core on a clean clone, while the suite's first tests (no Ray) use one core:
+# it starts, at a lower priority, as soon as the session knows it will run test_types_are_clean.
+_MYPY: list[subprocess.Popen] = []
+
+
+def mypy_run() -> subprocess.Popen:
+    """mypy over the packages pyproject.toml names, started once a session; `communicate()` for its report."""
+    if not _MYPY:
+        _MYPY.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mypy"],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=lambda: os.nice(5),
+            )
+        )
+    return _MYPY[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.name == "test_types_are_clean" for item in session.items):
+        mypy_run()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from workers.metrics import series_per_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-MAX_STEPS, EVERY = 1500, 500
+MAX_STEPS, EVERY = 1100, 500
 
 
 @pytest.fixture(scope="module")
