@@ -131,17 +131,15 @@ def example_spec_file(name: str, folder: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def dynamics_runs(tmp_path_factory):
-    """name -> (run directory, the run's result as `gradwatch run --json` prints it) for the four dynamics
-    examples, run once per session through `run_job` (what that command calls) on one local Ray, shut
-    down before the fixture returns."""
+def _run_dynamics(tmp: Path) -> dict[str, tuple[Path, dict]]:
+    """The four dynamics examples through `run_job` (what `gradwatch run` calls) on a local Ray in this
+    process, shut down before it returns."""
     import ray
 
     from gradwatch.spec import load_spec
     from workers.driver import init_ray, run_job
 
-    tmp = tmp_path_factory.mktemp("dynamics-runs")
+    tmp.mkdir(parents=True, exist_ok=True)
     made = {}
     if ray.is_initialized():
         ray.shutdown()
@@ -155,27 +153,72 @@ def dynamics_runs(tmp_path_factory):
     return made
 
 
-@pytest.fixture(scope="session")
-def live_demo(tmp_path_factory):
-    """The demo (examples/digits-mlp.yaml, telemetry every 5 steps) through `gradwatch run --json
-    --prometheus-sd-file`, a real Prometheus scraping its ranks through that file, once per session.
-
-    Returns what the tests read: `spec` (what ran), `texts` (rank -> both ranks' /metrics once rank 0 is
-    past step 100 with a gradient noise scale and a validation loss), `scraped_at` (when), `prometheus`
-    (the gradwatch_step series Prometheus scraped), `result` (the `--json` line), `after_end` (the file_sd
-    file once the run ended).
-    """
+def _watch_demo(proc: subprocess.Popen, sd_file: Path, prom_url: str) -> dict:
+    """What the live-demo tests read from the running demo (see `live_demo`), then its end."""
     import json
     import time
 
     import httpx
-    import yaml
 
     from tests.contract import samples, value
-    from tests.promstack import query, start_prometheus, wait_for
+    from tests.promstack import query, wait_for
+
+    try:
+
+        def two_targets():
+            groups = json.loads(sd_file.read_text() or "[]")
+            return groups if len(groups) == 2 else None
+
+        groups = wait_for(two_targets, timeout=180, interval=0.5, what="both ranks in the file_sd file")
+        urls = {g["labels"]["rank"]: f"http://{g['targets'][0]}/metrics" for g in groups}
+
+        def scraped_after_warmup():
+            at = time.time()
+            texts = {rank: httpx.get(url, timeout=5).text for rank, url in urls.items()}
+            fams = samples(texts["0"])
+            ok = (
+                value(fams, "gradwatch_step") >= 100
+                and "gradwatch_gradient_noise_scale" in fams
+                and fams["gradwatch_gradient_noise_scale"]
+                and any(s.labels.get("split") == "val" for s in fams["gradwatch_loss"])
+            )
+            return (texts, at) if ok else None
+
+        texts, scraped_at = wait_for(scraped_after_warmup, timeout=120, interval=0.5, what="step 100 on rank 0")
+        in_prometheus = wait_for(
+            lambda: len(query(prom_url, "gradwatch_step")) == 2 and query(prom_url, "gradwatch_step"),
+            timeout=30,
+            what="both ranks scraped",
+        )
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    return {
+        "texts": texts,
+        "scraped_at": scraped_at,
+        "prometheus": in_prometheus,
+        "result": json.loads(out.strip().splitlines()[-1]),
+        "after_end": json.loads(sd_file.read_text()),
+    }
+
+
+@pytest.fixture(scope="session")
+def example_jobs(tmp_path_factory) -> dict:
+    """The demo (`live_demo`) and the four dynamics examples (`dynamics_runs`), once per session and at the
+    same time: the demo in a `gradwatch run` subprocess on a local Ray of its own, watched from a thread,
+    the dynamics examples on this process's Ray. Much of a short Ray job is its start and its end, when its
+    CPUs wait: side by side they take about as long as the longer of the two."""
+    import threading
+
+    import yaml
+
+    from tests.promstack import start_prometheus
     from tests.stack import gradwatch_run
 
-    tmp = tmp_path_factory.mktemp("live")
+    tmp = tmp_path_factory.mktemp("example-jobs")
     spec = yaml.safe_load((EXAMPLES / "digits-mlp.yaml").read_text())
     spec["telemetry"] = {"interval": 5, "grace_seconds": 6}
     spec_file = tmp / "spec.yaml"
@@ -194,48 +237,43 @@ def live_demo(tmp_path_factory):
     }
     with start_prometheus(yaml.safe_dump(config), tmp) as prom:
         proc = gradwatch_run(spec_file, tmp / "runs", sd_file)
+        watched: dict = {}
+
+        def watch() -> None:
+            try:
+                watched["live"] = _watch_demo(proc, sd_file, prom.url)
+            except BaseException as error:  # noqa: BLE001 - raised in the fixture's own thread below
+                watched["error"] = error
+
+        watcher = threading.Thread(target=watch, name="live-demo", daemon=True)
+        watcher.start()
         try:
-
-            def two_targets():
-                groups = json.loads(sd_file.read_text() or "[]")
-                return groups if len(groups) == 2 else None
-
-            groups = wait_for(two_targets, timeout=180, interval=0.5, what="both ranks in the file_sd file")
-            urls = {g["labels"]["rank"]: f"http://{g['targets'][0]}/metrics" for g in groups}
-
-            def scraped_after_warmup():
-                at = time.time()
-                texts = {rank: httpx.get(url, timeout=5).text for rank, url in urls.items()}
-                fams = samples(texts["0"])
-                ok = (
-                    value(fams, "gradwatch_step") >= 100
-                    and "gradwatch_gradient_noise_scale" in fams
-                    and fams["gradwatch_gradient_noise_scale"]
-                    and any(s.labels.get("split") == "val" for s in fams["gradwatch_loss"])
-                )
-                return (texts, at) if ok else None
-
-            texts, scraped_at = wait_for(scraped_after_warmup, timeout=120, interval=0.5, what="step 100 on rank 0")
-            in_prometheus = wait_for(
-                lambda: len(query(prom.url, "gradwatch_step")) == 2 and query(prom.url, "gradwatch_step"),
-                timeout=30,
-                what="both ranks scraped",
-            )
-            out, err = proc.communicate(timeout=300)
+            dynamics = _run_dynamics(tmp / "dynamics")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    return {
-        "spec": spec,
-        "texts": texts,
-        "scraped_at": scraped_at,
-        "prometheus": in_prometheus,
-        "result": json.loads(out.strip().splitlines()[-1]),
-        "after_end": json.loads(sd_file.read_text()),
-        "tmp": tmp,
-    }
+            watcher.join()
+    if "error" in watched:
+        raise watched["error"]
+    return {"live": {"spec": spec, "tmp": tmp, **watched["live"]}, "dynamics": dynamics}
+
+
+@pytest.fixture(scope="session")
+def dynamics_runs(example_jobs) -> dict[str, tuple[Path, dict]]:
+    """name -> (run directory, the run's result as `gradwatch run --json` prints it) for the four dynamics
+    examples, run once per session through `run_job` (what that command calls)."""
+    return example_jobs["dynamics"]
+
+
+@pytest.fixture(scope="session")
+def live_demo(example_jobs) -> dict:
+    """The demo (examples/digits-mlp.yaml, telemetry every 5 steps) through `gradwatch run --json
+    --prometheus-sd-file`, a real Prometheus scraping its ranks through that file, once per session.
+
+    Returns what the tests read: `spec` (what ran), `texts` (rank -> both ranks' /metrics once rank 0 is
+    past step 100 with a gradient noise scale and a validation loss), `scraped_at` (when), `prometheus`
+    (the gradwatch_step series Prometheus scraped), `result` (the `--json` line), `after_end` (the file_sd
+    file once the run ended).
+    """
+    return example_jobs["live"]
 
 
 @pytest.fixture(scope="session")
