@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -27,23 +28,17 @@ DIVERGED = re.compile(
 
 # mypy takes 15-20 s of one core on a clean clone, while the suite's first tests (no Ray) use one core:
 # it starts, at a lower priority, as soon as the session knows it will run test_types_are_clean.
-_MYPY: list[subprocess.Popen] = []
-
-
+@functools.cache
 def mypy_run() -> subprocess.Popen:
     """mypy over the packages pyproject.toml names, started once a session; `communicate()` for its report."""
-    if not _MYPY:
-        _MYPY.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "mypy"],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=lambda: os.nice(5),
-            )
-        )
-    return _MYPY[0]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mypy"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: os.nice(5),
+    )
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
