@@ -80,8 +80,9 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for name, value in RAY_TRAIN_ENV.items():  # a local Ray's processes inherit them; the service's jobs get
-        os.environ.setdefault(name, value)  # them in their runtime environment (service/launcher.py)
+    # A local Ray's processes inherit them; the service's jobs get them in their runtime environment.
+    for name, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": not quiet}
     address = os.environ.get("RAY_ADDRESS")
     if not address:
