@@ -13,14 +13,17 @@ each DDP model has its own reducer, so the three share the process group safely.
     python bench/telemetry_overhead.py --device cuda        # 1 GPU worker (NCCL under Ray)
 
 The user-API path (`--path user`, or `both`, the default) measures a user's own loop the
-same way: plain PyTorch (`loss.backward()`) against the same loop with `gradwatch.start()`'s
-`run.backward()` and watched optimizer, at the default interval and every step. Beside them it
-measures `guard_only`: the same loop with the least an update guard decided on all-reduced values
-needs, written by hand and with no telemetry, a floor under any guarded step (`UserLoop`).
+same way: the loop with `gradwatch.start()`'s `run.backward()` and watched optimizer, at the default
+interval and every step, against two baselines: the same loop on the API with telemetry off
+(`api_off`, the built-in path's own baseline: guard, detectors, no per-layer statistics, no /metrics)
+and the loop in plain PyTorch (`loss.backward()`: everything gradwatch adds). Beside them it measures
+`guard_only`: the plain loop with the least an update guard decided on all-reduced values needs,
+written by hand and with no telemetry, a floor under any guarded step (`UserLoop`).
 
 The last line is `overhead_default=R1 overhead_every_step=R2 user_overhead_default=R3
-user_overhead_every_step=R4 user_guard_only=R5`: median step time against telemetry off (built-in) or plain
-PyTorch (user). Goal: <= 1.02 at the default, <= 1.10 every step.
+user_overhead_every_step=R4 user_guard_only=R5 user_telemetry_default=R6 user_telemetry_every_step=R7`:
+median step time against telemetry off (built-in: R1, R2), plain PyTorch (user: R3-R5) or the same
+loop on the API with telemetry off (user: R6, R7). Goal: <= 1.02 at the default, <= 1.10 every step.
 On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
 wall time, but it does not see time spent waiting for other ranks.
 """
@@ -58,6 +61,9 @@ EXAMPLE = {"mlp": "digits-mlp.yaml", "transformer": "charlm.yaml"}
 # The user path's reference: the cheapest update guard decided on all-reduced values that a loop can do
 # by hand, with no telemetry (see UserLoop). What it costs is a floor under any guarded step.
 GUARD_ONLY = "guard_only"
+# The user path with the training API and telemetry off: the built-in path's own baseline (the guard, the
+# loss riding on DDP's all-reduce, the detectors, no per-layer statistics, no /metrics).
+API_OFF = "api_off"
 GUARD_LOSS_BATCH = 16  # its loss mean: one all-reduce of this many steps' losses
 GOALS = {"default": 1.02, "every_step": 1.10}
 
@@ -74,7 +80,7 @@ def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[s
 
 def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
     telemetry = {k: v for k, v in spec["telemetry"].items() if k not in ("enabled", "interval")}
-    config = CONFIGS["off" if name == GUARD_ONLY else name]
+    config = CONFIGS["off" if name in (GUARD_ONLY, API_OFF) else name]
     return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **config}}, context={"user_code": "skip"})
 
 
@@ -83,7 +89,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 class UserLoop:
     """A step as a user writes it in their own loop: plain PyTorch ("off"), or the same with the training
-    API (`run.backward` instead of `loss.backward()`, the watched optimizer) at the config's cadence.
+    API (`run.backward` instead of `loss.backward()`, the watched optimizer) at the config's cadence
+    (API_OFF: the API with telemetry off).
 
     GUARD_ONLY is plain PyTorch with the least a guard needs, written by hand: DDP's own C++ all-reduce
     (no comm hook), the backward seeded with 1 (NaN when the loss is not finite, so one rank's bad loss
@@ -151,7 +158,7 @@ def measure(
     from workers.loop import Trainer
 
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # three trainers' detector events: noise here
-    names = list(CONFIGS) + ([GUARD_ONLY] if path == "user" else [])
+    names = list(CONFIGS) + ([GUARD_ONLY, API_OFF] if path == "user" else [])
     # No board, no metrics server: each Trainer owns its registry, nothing leaves the process.
     trainers: dict[str, Any] = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
     batches = {n: t.batches() for n, t in trainers.items()}
@@ -242,14 +249,16 @@ def group_times(ranks: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     return {n: [max(step) for step in zip(*(r[n] for r in ranks), strict=True)] for n in ranks[0]}
 
 
-def summarize(times: dict[str, list[float]], intervals: dict[str, str]) -> tuple[str, dict[str, float]]:
-    """The table of one path, and each config's median ratio to off.
+def summarize(
+    times: dict[str, list[float]], intervals: dict[str, str], base: str = "off"
+) -> tuple[str, dict[str, float]]:
+    """The table of one path, and each config's median ratio to `base`.
 
     Step times here are bimodal (waits on the other rank), so the median alone moves by several percent
     from run to run: the table also gives the 25th percentile and the paired ratio, the median over
     rounds of the config's step over off's step in the same round.
     """
-    off, off_median, off_mean = times["off"], statistics.median(times["off"]), statistics.fmean(times["off"])
+    off, off_median, off_mean = times[base], statistics.median(times[base]), statistics.fmean(times[base])
     off_p25 = statistics.quantiles(off, n=4)[0]
     rows = [
         f"{'config':<11} {'telemetry':<12} {'median ms':>9} {'p25 ms':>7} {'p90 ms':>8} {'mean ms':>8} "
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("builtin", "user", "both"),
         default="both",
         help="builtin: the built-in loop against telemetry off; user: a user's own loop with the "
-        "training API against the same loop in plain PyTorch",
+        "training API against the same loop in plain PyTorch and on the API with telemetry off",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="--local: torch threads (1, as in a Ray worker with 1 CPU)"
@@ -307,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         telemetry = config_spec(spec, name).telemetry
         intervals[name] = f"interval {telemetry.interval}" if telemetry.enabled else "off"
     intervals[GUARD_ONLY] = "off, guard"
+    intervals[API_OFF] = "off, API"
 
     started = time.time()
     if use_gpu and not args.local and not ray_sees_gpus(world_size):
@@ -342,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if GUARD_ONLY in ratios:
             summary.append(f"user_guard_only={ratios[GUARD_ONLY]:.3f}")
+        if API_OFF in times:  # the built-in figure's baseline: the same loop on the API with telemetry off
+            table, ratios = summarize({n: times[n] for n in (API_OFF, "default", "every_step")}, intervals, API_OFF)
+            print(f"{path} path (against the same loop on the training API with telemetry off):\n{table}")
+            summary.append(
+                f"user_telemetry_default={ratios['default']:.3f} user_telemetry_every_step={ratios['every_step']:.3f}"
+            )
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
     print(" ".join(summary))
     return 0

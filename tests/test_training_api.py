@@ -78,6 +78,7 @@ def test_report_after_your_own_backward_measures_layers_and_updates():
         if run.report(loss):
             optimizer.step()
     registry = run.telemetry.metrics.registry
+    run.flush()  # the series take steps in batches: what a reader calls before reading them itself
     for layer in ("0", "2"):
         ratio = sample(registry, "gradwatch_layer_update_ratio", job_id=run.job_id, layer=layer)
         assert 0 < ratio < 1, layer

@@ -185,6 +185,8 @@ class Telemetry:
         self._last: dict[str, Any] = {}
         self._group_layers(model, device)
         self._rank0_gauges: SimpleNamespace | None = None
+        # The last measured step's gauge values, set with the next batch (see _set_measured)
+        self._measured: tuple[Any, ...] | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             self.hook = LocalNormHook(device, model.process_group, sum(p.numel() for p in self.params))
@@ -277,6 +279,9 @@ class Telemetry:
             c.skipped.inc(skipped)
         if monitor.loss_ema is not None:
             c.loss_ema.set(monitor.loss_ema)
+        if self._measured is not None:
+            self._set_measured(*self._measured)
+            self._measured = None
         if self.history:
             self.history.flush()
         if self.step_times:
@@ -348,9 +353,10 @@ class Telemetry:
         return self.enabled and (step % self.cfg.interval == 0 or step == 1)
 
     def begin_step(self, step: int) -> list[torch.Tensor] | None:
-        """Whether `step` is measured; returns a measured step's weights before its update."""
+        """Whether `step` is measured; returns a measured step's weights before its update, negated (the
+        measurement adds the updated weights to them in place: the update, with no new tensors)."""
         self.measuring = self.should_measure(step)
-        return [p.detach().clone() for p in self.params] if self.measuring else None
+        return list(torch._foreach_neg([p.detach() for p in self.params])) if self.measuring else None
 
     def before_backward(self, loss: torch.Tensor | None) -> None:
         """Hand the DDP hook what rides on the gradient all-reduce: the loss when the caller needs its
@@ -444,20 +450,25 @@ class Telemetry:
         before: list[torch.Tensor] | None,
         lr: float,
     ) -> tuple[dict[str, Any], tuple[dict[str, float], dict[str, float]]]:
-        """A measured step's per-layer statistics: exported now; returns them for the history and, with the
-        per-layer gradient norms and update ratios, for the detectors.
+        """A measured step's per-layer statistics, exported with the batch its step is taken in; returns
+        them for the history and, with the per-layer gradient norms and update ratios, for the detectors.
 
         `param_grad_norms` are the parameters' gradient norms (already on the host: the update guard
         fetched them), `mean_local_sq` the mean over ranks and `local_sq` this rank's |G_small|^2 (from the
         DDP hook), `before` the weights before the update.
         """
-        deltas = torch._foreach_sub(self.params, before) if before is not None else self.params
-        norms = list(torch._foreach_norm([*self.params, *deltas]))  # one fused call for weights and updates
-        if not self._float_params:
-            norms = [t.float() for t in norms]
+        deltas = self.params
+        if before is not None:  # -w_before + w_after, in place
+            torch._foreach_add_(before, [p.detach() for p in self.params])
+            deltas = before
+        norms = torch._foreach_norm([*self.params, *deltas])  # one fused call for weights and updates
         # Few tiny ops (on a small model their dispatch, not the math, is the cost of a measured step):
-        # the norms come over in one piece and are summed per layer on the host.
-        values = torch.stack(norms).tolist()  # the one host sync of the measurement
+        # the norms come over in one piece (from a GPU; on the CPU each is read as it is) and are summed
+        # per layer on the host.
+        if self._float_params and norms[0].device.type == "cpu":
+            values = [n.item() for n in norms]
+        else:
+            values = torch.stack([n.float() for n in norms]).tolist()  # the one host sync of the measurement
         n_params, n_layers = len(self.params), len(self.layer_names)
         g_sq, w_sq, u_sq = [0.0] * n_layers, [0.0] * n_layers, [0.0] * n_layers
         for i, layer in enumerate(self._layer_of):
@@ -477,22 +488,10 @@ class Telemetry:
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
 
-        c = self._children
-        c.local_grad_norm.set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
-        series = self.metrics.job
-        if series is not None:
-            g = self._global_gauges(series)
-            g.grad_norm.set(grad_norm)
-            g.weight_norm.set(weight_norm)
-            g.learning_rate.set(lr)
-            for name, grad_gauge, weight_gauge, update_gauge in g.layers:
-                grad_gauge.set(layer_grad[name])
-                weight_gauge.set(layer_weight[name])
-                update_gauge.set(layer_update[name])
-            if noise_scale is not None:
-                if g.noise_scale is None:  # exported from its first estimate on, never as a made-up 0
-                    g.noise_scale = series.noise_scale.labels(self._labels[0])
-                g.noise_scale.set(noise_scale)
+        gauge_noise = noise_scale  # the gauge keeps the batch's last estimate
+        if gauge_noise is None and self._measured is not None:
+            gauge_noise = self._measured[-1]
+        self._measured = (local_sq, grad_norm, weight_norm, lr, layer_grad, layer_weight, layer_update, gauge_noise)
         stats = {
             "weight_norm": weight_norm,
             "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
@@ -503,6 +502,36 @@ class Telemetry:
             "layer_update_ratio": layer_update,
         }
         return stats, (layer_grad, layer_update)
+
+    def _set_measured(
+        self,
+        local_sq: float,
+        grad_norm: float,
+        weight_norm: float,
+        lr: float,
+        layer_grad: dict[str, float],
+        layer_weight: dict[str, float],
+        layer_update: dict[str, float],
+        noise_scale: float | None,
+    ) -> None:
+        """A measured step's gauges: set with the batch its step is taken in, like the per-step series
+        (a scrape sees the last measured step of every batch; the history keeps each one)."""
+        self._children.local_grad_norm.set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
+        series = self.metrics.job
+        if series is None:
+            return
+        g = self._global_gauges(series)
+        g.grad_norm.set(grad_norm)
+        g.weight_norm.set(weight_norm)
+        g.learning_rate.set(lr)
+        for name, grad_gauge, weight_gauge, update_gauge in g.layers:
+            grad_gauge.set(layer_grad[name])
+            weight_gauge.set(layer_weight[name])
+            update_gauge.set(layer_update[name])
+        if noise_scale is not None:
+            if g.noise_scale is None:  # exported from its first estimate on, never as a made-up 0
+                g.noise_scale = series.noise_scale.labels(self._labels[0])
+            g.noise_scale.set(noise_scale)
 
     def _global_gauges(self, m: JobSeries) -> SimpleNamespace:
         """Rank 0's series of the measured steps, labelled children looked up once (at the first one)."""
