@@ -30,6 +30,7 @@ class JobBoard:
         self.starts = 0
         self.rollbacks = 0
         self.updated_at = time.time()
+        self.trainer: list[Any] = []  # Ray Train's controller actor once it started (trainer_on_board)
 
     # ---- written by workers
     def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
@@ -59,6 +60,14 @@ class JobBoard:
 
     def post_final(self, final: dict[str, Any]) -> None:
         self.final = final
+
+    # ---- written by Ray Train's controller (workers.driver.trainer_on_board), read by the driver
+    def set_trainer(self, controller: Any) -> None:
+        self.trainer = [controller]
+
+    def get_trainer(self) -> list[Any]:
+        """[the controller's actor handle], or [] before it started."""
+        return self.trainer
 
     # ---- read by the driver
     def snapshot(self, since_event: int = 0) -> dict[str, Any]:

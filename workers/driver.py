@@ -199,11 +199,15 @@ def run_job(
     started = time.time()
     init_ray()
     watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
-    fit = Fit(spec, job_id, run_dir, storage_path)
+    fit = Fit(spec, job_id, run_dir, storage_path, watch.board)
     fit.start()
     state, error = follow(fit, watch, spec.timeout if own_timeout else None, started, poll_seconds)
     snap = watch.poll(notify=False)
     if fit.is_alive():  # cut short: the trainer's workers must not train on unseen
+        if abort_trainer(watch.board):  # as Ray Train aborts on Ctrl-C: its workers stopped, fit() returns
+            fit.join(STOP_WAIT_S)
+        # A fit() blocked on a controller that never started stays blocked through the shutdown
+        # (Ray's get does not return): the join gives up after STOP_WAIT_S, and no Ray is left to train.
         stop_ray()
         fit.join(STOP_WAIT_S)
     else:
@@ -256,12 +260,49 @@ def lost_a_worker(exc: BaseException) -> bool:
     )
 
 
+def abort_trainer(board: Any) -> bool:
+    """Abort the job's Ray Train controller (its own abort: the worker group stopped, then the controller's
+    process ends, so `fit()` returns); False when it has not started yet or does not answer."""
+    import ray
+
+    try:
+        controllers = ray.get(board.get_trainer.remote(), timeout=10)
+        if not controllers:
+            return False
+        ray.get(controllers[0].abort.remote(), timeout=STOP_WAIT_S)
+    except ray.exceptions.RayActorError:  # the abort ends the controller's process: its answer never comes
+        return True
+    except Exception as exc:  # noqa: BLE001 - the caller shuts Ray down anyway
+        log.warning("could not abort the trainer (%s); shutting Ray down", exc)
+        return False
+    return True
+
+
+def trainer_on_board(board: Any) -> Any:
+    """A Ray Train controller callback that posts the controller's actor to the job's board when it starts,
+    so the driver can abort a job cut short the way Ray Train does on Ctrl-C (only the main thread gets
+    that handler; fit() runs in Fit). Made here: Ray Train's modules take a second to import."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class TrainerOnBoard(ControllerCallback):
+        def __init__(self, board: Any):
+            self.board = board
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            import ray
+
+            self.board.set_trainer.remote(ray.get_runtime_context().current_actor)
+
+    return TrainerOnBoard(board)
+
+
 class Fit(threading.Thread):
     """Ray Train's `fit()` of the job, in a thread of its own so the driver can watch it."""
 
-    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path):
+    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path, board: Any = None):
         super().__init__(name=f"fit-{job_id}", daemon=True)
         self.spec, self.job_id, self.run_dir, self.storage_path = spec, job_id, run_dir, storage_path
+        self.board = board
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -301,6 +342,7 @@ class Fit(threading.Thread):
                 storage_path=str(self.storage_path),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                callbacks=[trainer_on_board(self.board)] if self.board is not None else None,
             ),
         )
 
