@@ -206,8 +206,9 @@ def run_job(
     if fit.is_alive():  # cut short: the trainer's workers must not train on unseen
         if abort_trainer(watch.board):  # as Ray Train aborts on Ctrl-C: its workers stopped, fit() returns
             fit.join(STOP_WAIT_S)
-        # A fit() blocked on a controller that never started stays blocked through the shutdown
-        # (Ray's get does not return): the join gives up after STOP_WAIT_S, and no Ray is left to train.
+        # Else (no controller on the board yet, or no answer) only the shutdown is left: a fit() blocked in
+        # Ray's get on the controller can stay blocked through it; the join gives up after STOP_WAIT_S, and
+        # no Ray is left to train.
         stop_ray()
         fit.join(STOP_WAIT_S)
     else:
