@@ -256,10 +256,11 @@ def summarize(
 
     Step times here are bimodal (waits on the other rank), so the median alone moves by several percent
     from run to run: the table also gives the 25th percentile and the paired ratio, the median over
-    rounds of the config's step over off's step in the same round.
+    rounds of the config's step over the base's step in the same round.
     """
-    off, off_median, off_mean = times[base], statistics.median(times[base]), statistics.fmean(times[base])
-    off_p25 = statistics.quantiles(off, n=4)[0]
+    ref = times[base]
+    ref_median, ref_mean = statistics.median(ref), statistics.fmean(ref)
+    ref_p25 = statistics.quantiles(ref, n=4)[0]
     rows = [
         f"{'config':<11} {'telemetry':<12} {'median ms':>9} {'p25 ms':>7} {'p90 ms':>8} {'mean ms':>8} "
         f"{'ratio':>6} {'p25 ratio':>9} {'paired':>6} {'mean ratio':>10}"
@@ -268,11 +269,11 @@ def summarize(
     for name, ts in times.items():
         median, mean = statistics.median(ts), statistics.fmean(ts)
         quartile, p90 = statistics.quantiles(ts, n=4)[0], statistics.quantiles(ts, n=10)[-1]
-        paired = statistics.median(t / o for t, o in zip(ts, off, strict=True))
-        ratios[name] = median / off_median
+        paired = statistics.median(t / o for t, o in zip(ts, ref, strict=True))
+        ratios[name] = median / ref_median
         rows.append(
             f"{name:<11} {intervals[name]:<12} {median * 1e3:9.3f} {quartile * 1e3:7.3f} {p90 * 1e3:8.3f} "
-            f"{mean * 1e3:8.3f} {ratios[name]:6.3f} {quartile / off_p25:9.3f} {paired:6.3f} {mean / off_mean:10.3f}"
+            f"{mean * 1e3:8.3f} {ratios[name]:6.3f} {quartile / ref_p25:9.3f} {paired:6.3f} {mean / ref_mean:10.3f}"
         )
     return "\n".join(rows), ratios
 

@@ -30,7 +30,7 @@ class JobBoard:
         self.starts = 0
         self.rollbacks = 0
         self.updated_at = time.time()
-        self.trainer: list[Any] = []  # Ray Train's controller actor once it started (trainer_on_board)
+        self.trainer: Any = None  # Ray Train's controller actor once it started (trainer_on_board)
 
     # ---- written by workers
     def started(self, rank: int, resumed_step: int | None, node: str | None = None) -> None:
@@ -63,10 +63,10 @@ class JobBoard:
 
     # ---- written by Ray Train's controller (workers.driver.trainer_on_board), read by the driver
     def set_trainer(self, controller: Any) -> None:
-        self.trainer = [controller]
+        self.trainer = controller
 
-    def get_trainer(self) -> list[Any]:
-        """[the controller's actor handle], or [] before it started."""
+    def get_trainer(self) -> Any:
+        """The controller's actor handle, or None before it started."""
         return self.trainer
 
     # ---- read by the driver

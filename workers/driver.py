@@ -267,10 +267,10 @@ def abort_trainer(board: Any) -> bool:
     import ray
 
     try:
-        controllers = ray.get(board.get_trainer.remote(), timeout=10)
-        if not controllers:
+        controller = ray.get(board.get_trainer.remote(), timeout=10)
+        if controller is None:
             return False
-        ray.get(controllers[0].abort.remote(), timeout=STOP_WAIT_S)
+        ray.get(controller.abort.remote(), timeout=STOP_WAIT_S)
     except ray.exceptions.RayActorError:  # the abort ends the controller's process: its answer never comes
         return True
     except Exception as exc:  # noqa: BLE001 - the caller shuts Ray down anyway
@@ -300,7 +300,7 @@ def trainer_on_board(board: Any) -> Any:
 class Fit(threading.Thread):
     """Ray Train's `fit()` of the job, in a thread of its own so the driver can watch it."""
 
-    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path, board: Any = None):
+    def __init__(self, spec: JobSpec, job_id: str, run_dir: Path, storage_path: Path, board: Any):
         super().__init__(name=f"fit-{job_id}", daemon=True)
         self.spec, self.job_id, self.run_dir, self.storage_path = spec, job_id, run_dir, storage_path
         self.board = board
@@ -343,7 +343,7 @@ class Fit(threading.Thread):
                 storage_path=str(self.storage_path),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-                callbacks=[trainer_on_board(self.board)] if self.board is not None else None,
+                callbacks=[trainer_on_board(self.board)],
             ),
         )
 

@@ -185,8 +185,6 @@ class Telemetry:
         self._last: dict[str, Any] = {}
         self._group_layers(model, device)
         self._rank0_gauges: SimpleNamespace | None = None
-        # The last measured step's gauge values, set with the next batch (see _set_measured)
-        self._measured: tuple[Any, ...] | None = None
         self.hook: LocalNormHook | None = None
         if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             self.hook = LocalNormHook(device, model.process_group, sum(p.numel() for p in self.params))
@@ -238,6 +236,8 @@ class Telemetry:
         monitor, c, rank0 = self._monitor, self._children, self.metrics.rank0
         samples = nonfinite_loss = nonfinite_grad = skipped = 0
         record: dict[str, Any] = self._last
+        last_measured: tuple[float, float, dict[str, Any]] | None = None  # grad norm, lr, statistics
+        noise_scale = None  # the batch's last estimate
         for step, epoch, loss, global_loss, grad_norm, lr, n, seconds, applied, now, measured in queued:
             c.step_duration.observe(seconds)
             samples += n
@@ -249,6 +249,9 @@ class Telemetry:
             monitor.observe_step(step, global_loss, lr=lr, grad_norm=grad_norm)
             if measured is not None:
                 monitor.observe_gradients(step, grad_norm, *measured[1])
+                last_measured = (grad_norm, lr, measured[0])
+                if measured[0]["gradient_noise_scale"] is not None:
+                    noise_scale = measured[0]["gradient_noise_scale"]
             record = {
                 "step": step,
                 "epoch": epoch,
@@ -279,9 +282,8 @@ class Telemetry:
             c.skipped.inc(skipped)
         if monitor.loss_ema is not None:
             c.loss_ema.set(monitor.loss_ema)
-        if self._measured is not None:
-            self._set_measured(*self._measured)
-            self._measured = None
+        if last_measured is not None:
+            self._set_measured(*last_measured, noise_scale)
         if self.history:
             self.history.flush()
         if self.step_times:
@@ -487,11 +489,6 @@ class Telemetry:
         noise_scale = None
         if math.isfinite(grad_norm) and math.isfinite(mean_local_sq):
             noise_scale = self.gns.update(mean_local_sq, grad_norm**2, self.batch_size, self.world_size)
-
-        gauge_noise = noise_scale  # the gauge keeps the batch's last estimate
-        if gauge_noise is None and self._measured is not None:
-            gauge_noise = self._measured[-1]
-        self._measured = (local_sq, grad_norm, weight_norm, lr, layer_grad, layer_weight, layer_update, gauge_noise)
         stats = {
             "weight_norm": weight_norm,
             "local_grad_norm": math.sqrt(max(local_sq, 0.0)),
@@ -503,27 +500,20 @@ class Telemetry:
         }
         return stats, (layer_grad, layer_update)
 
-    def _set_measured(
-        self,
-        local_sq: float,
-        grad_norm: float,
-        weight_norm: float,
-        lr: float,
-        layer_grad: dict[str, float],
-        layer_weight: dict[str, float],
-        layer_update: dict[str, float],
-        noise_scale: float | None,
-    ) -> None:
-        """A measured step's gauges: set with the batch its step is taken in, like the per-step series
-        (a scrape sees the last measured step of every batch; the history keeps each one)."""
-        self._children.local_grad_norm.set(math.sqrt(local_sq) if local_sq >= 0 else float("nan"))
+    def _set_measured(self, grad_norm: float, lr: float, stats: dict[str, Any], noise_scale: float | None) -> None:
+        """A batch's last measured step's gauges (its statistics as `_measure` returned them), set with the
+        batch like the per-step series: a scrape sees the last measured step of every batch, the history
+        each one. `noise_scale` is the batch's last estimate."""
+        self._children.local_grad_norm.set(stats["local_grad_norm"])
         series = self.metrics.job
         if series is None:
             return
         g = self._global_gauges(series)
         g.grad_norm.set(grad_norm)
-        g.weight_norm.set(weight_norm)
+        g.weight_norm.set(stats["weight_norm"])
         g.learning_rate.set(lr)
+        layer_grad, layer_weight = stats["layer_grad_norm"], stats["layer_weight_norm"]
+        layer_update = stats["layer_update_ratio"]
         for name, grad_gauge, weight_gauge, update_gauge in g.layers:
             grad_gauge.set(layer_grad[name])
             weight_gauge.set(layer_weight[name])
