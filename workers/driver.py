@@ -41,7 +41,7 @@ from workers.placement import NodeWatch, PlacementImpossible, check_placement, s
 from workers.push import Pusher
 
 log = logging.getLogger("gradwatch.driver")
-STOP_WAIT_S = 30.0  # how long a job cut short waits for Ray Train's fit() to return once Ray is shut down
+STOP_WAIT_S = 30.0  # how long a job cut short waits for fit() to return: after the abort, again after Ray's shutdown
 # Told each status as it is written and the job's events since the last one.
 Listener = Callable[[RunStatus, list[dict[str, Any]]], None]
 
