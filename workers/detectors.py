@@ -610,8 +610,15 @@ class DynamicsMonitor:
     since the last call. `state_dict()`/`load_state_dict()` carry everything across a checkpoint.
     """
 
-    def __init__(self, spec: DetectorSpec | None = None, *, warmup_steps: int = 0) -> None:
+    def __init__(
+        self, spec: DetectorSpec | None = None, *, warmup_steps: int = 0, max_steps: int | None = None
+    ) -> None:
         self.spec = spec if spec is not None else DetectorSpec()
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(
+                f"max_steps must be at least 1 (or None when the run's length is unknown), not {max_steps}"
+            )
+        self.max_steps = max_steps  # the run's planned length, when known: windows may scale with it
         self.warmup_steps = max(self.spec.warmup_steps, warmup_steps)  # the schedule's warm-up counts too
         self.loss = LossTracker(self.spec)
         self.spikes = SpikeDetector(self.spec)

@@ -166,7 +166,10 @@ class Telemetry:
             self.metrics.job.set_info(spec.name, spec.owner or "", spec.model_name, world_size, spec.labels)
         # the schedule's warm-up is the detectors' too: a rising learning rate is not a run to judge yet
         self._schedule_warmup = spec.schedule.warmup_steps
-        self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        self._max_steps = spec.max_steps  # the run's planned length (None for an epochs spec until the loop knows it)
+        self._monitor = DynamicsMonitor(
+            self.cfg.detectors, warmup_steps=self._schedule_warmup, max_steps=self._max_steps
+        )
         # Recorded steps not yet taken by the series, the detectors and the history: (step, epoch, loss,
         # global loss, gradient norm, lr, samples, seconds, applied, time, a measured step's statistics and
         # per-layer norms and update ratios, else None).
@@ -307,7 +310,9 @@ class Telemetry:
         it has none), remembering every phase and anomaly the run went through since."""
         phases, raised = self.monitor.phases_entered, self.monitor.anomalies_raised
         self._monitor.events()
-        monitor = self._monitor = DynamicsMonitor(self.cfg.detectors, warmup_steps=self._schedule_warmup)
+        monitor = self._monitor = DynamicsMonitor(
+            self.cfg.detectors, warmup_steps=self._schedule_warmup, max_steps=self._max_steps
+        )
         self._gauges_stale = True  # a restored monitor may hold another phase than the gauges show
         if state:
             monitor.load_state_dict(json.loads(state))
