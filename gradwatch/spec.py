@@ -312,6 +312,20 @@ class RollbackSpec(Strict):
     skip_batches: int = Field(0, ge=0, description="Batches skipped after the restored step.")
 
 
+class RewindSpec(Strict):
+    """`on_spike: rewind` / `on_divergence: rewind`: back to the last good checkpoint, the batches that fed the
+    anomaly skipped on the way forward (docs/rewind.md)."""
+
+    max_rewinds: int = Field(3, ge=1, le=100, description="Rewinds a run may make; the next one ends it failed.")
+    skip_steps: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="The batches of this many steps, ending at the step the anomaly was seen at, are skipped "
+        "after the rewind (every rank's batch of each such step).",
+    )
+
+
 class JobSpec(Strict):
     """One training job: what to train, on what, how, and on how many workers."""
 
@@ -348,7 +362,10 @@ class JobSpec(Strict):
     telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(0, ge=-1, le=1000, description="Worker-group restarts allowed; -1 is unlimited.")
-    on_divergence: Literal["alert", "stop", "rollback"] = "alert"
+    on_divergence: Literal["alert", "stop", "rollback", "rewind"] = "alert"
+    on_spike: Literal["alert", "rewind"] = Field(
+        "alert", description="rewind: back to the last good checkpoint, skipping the batches that fed the loss spike."
+    )
     max_skipped_steps: int | None = Field(
         100,
         ge=1,
@@ -358,6 +375,7 @@ class JobSpec(Strict):
         "update reaches cannot learn. null goes on to the end.",
     )
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    rewind: RewindSpec = Field(default_factory=RewindSpec)
     timeout: float | None = Field(
         None,
         gt=0,
