@@ -366,6 +366,14 @@ class JobSpec(Strict):
     on_spike: Literal["alert", "rewind"] = Field(
         "alert", description="rewind: back to the last good checkpoint, skipping the batches that fed the loss spike."
     )
+    on_hang: Literal["alert", "restart", "fail"] = Field(
+        "alert",
+        description="A rank stuck past telemetry.hang_after (docs/hangs.md): alert (the hang event and "
+        "TrainingHang), restart (the worker group from the last checkpoint, max_hang_restarts times) or fail.",
+    )
+    max_hang_restarts: int = Field(
+        2, ge=1, le=100, description="on_hang: restart restarts a hung job at most this many times, then fails it."
+    )
     max_skipped_steps: int | None = Field(
         100,
         ge=1,

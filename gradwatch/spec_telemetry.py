@@ -161,6 +161,13 @@ class TelemetrySpec(Strict):
         32, ge=1, le=1024, description="Cap on per-layer series; larger models are grouped by module path."
     )
     grace_seconds: float = Field(15.0, ge=0.0, le=3600, description="Endpoints stay up this long after the last step.")
+    hang_after: float = Field(
+        60.0,
+        ge=10.0,
+        le=86_400.0,
+        description="A rank that stays this many seconds (at least 10) in one phase of a step (or 10 of its median "
+        "step times, when longer) is hung: the hang event and the TrainingHang alert (docs/hangs.md).",
+    )
     gns_ema: float = Field(
         0.95, ge=0.0, lt=1.0, description="EMA decay, per measurement, of the gradient noise scale estimates."
     )

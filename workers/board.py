@@ -26,6 +26,7 @@ class JobBoard:
         self.events: list[dict[str, Any]] = []
         self.ranks: dict[int, dict[str, Any]] = {}
         self.nodes: dict[int, str] = {}  # rank -> Ray node id of its latest start
+        self.heartbeats: dict[int, dict[str, Any]] = {}  # rank -> its latest heartbeat (workers/heartbeat.py)
         self.final: dict[str, Any] = {}
         self.starts = 0
         self.rollbacks = 0
@@ -43,6 +44,9 @@ class JobBoard:
     def post_progress(self, progress: dict[str, Any]) -> None:
         self.progress.update(progress)
         self.updated_at = time.time()
+
+    def post_heartbeat(self, rank: int, heartbeat: dict[str, Any]) -> None:
+        self.heartbeats[rank] = heartbeat
 
     def post_endpoint(self, rank: int, host: str, port: int, pid: int | None = None) -> None:
         self.endpoints[rank] = {"rank": rank, "host": host, "port": port, "pid": pid}
@@ -75,6 +79,7 @@ class JobBoard:
             "progress": dict(self.progress),
             "endpoints": [{**self.endpoints[r], "node": self.nodes.get(r)} for r in sorted(self.endpoints)],
             "nodes": dict(self.nodes),
+            "heartbeats": {r: dict(h) for r, h in self.heartbeats.items()},
             "events": self.events[since_event:],
             "n_events": len(self.events),
             "restarts": max(0, self.starts - 1),
@@ -112,6 +117,9 @@ class BoardClient:
 
     def post_progress(self, progress: dict[str, Any]) -> None:
         self._send(self._target.post_progress, progress)
+
+    def post_heartbeat(self, rank: int, heartbeat: dict[str, Any]) -> None:
+        self._send(self._target.post_heartbeat, rank, heartbeat)
 
     def post_endpoint(self, rank: int, host: str, port: int, pid: int | None = None) -> None:
         self._send(self._target.post_endpoint, rank, host, port, pid)
