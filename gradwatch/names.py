@@ -26,6 +26,9 @@ ANOMALIES: tuple[str, ...] = (
     "vanishing_gradients",
     "exploding_gradients",
     "lr_too_low",
+    "dead_run",
+    "lr_schedule",
+    "grad_norm_growth",
 )
 NONFINITE_KINDS: tuple[str, ...] = ("loss", "grad")
 

@@ -36,11 +36,13 @@ class Strict(BaseModel):
 
 
 class DetectorSpec(Strict):
-    """Thresholds of the online detectors (workers/detectors.py). Defaults suit most runs.
+    """Thresholds of the online detectors (workers/detectors/, docs/detectors.md). Defaults suit most runs.
 
-    Windows count observed steps. Every comparison is made against the curve's own noise, measured
-    as it goes, so the defaults hold from clean full-batch curves to small-batch noise; the README's
-    detector-quality table shows their false-alarm and detection rates. An anomaly holds while its
+    Windows, patience and warm-up are measured in optimizer steps (a log written every 1, 10 or 50 steps
+    gets the same verdict), or as a share of the run's planned length when it is known. Every comparison
+    is made against the curve's own noise, measured as it goes, so the defaults hold from clean
+    full-batch curves to small-batch noise; bench/detector_quality.py measures their false-alarm and
+    detection rates. An anomaly holds while its
     condition holds and clears once the condition has been false for `anomaly_clear_steps` steps.
     """
 
@@ -115,12 +117,19 @@ class DetectorSpec(Strict):
         10, ge=0, description="An anomaly clears after its condition has been false this many steps."
     )
     overfit_evals: int = Field(
-        5,
+        3,
         ge=1,
         le=1000,
         description="Overfitting: val loss above its best (beyond "
         "noise and overfit_min_rise) this many "
         "evaluations in a row while train loss falls.",
+    )
+    overfit_few_rise: float = Field(
+        0.1,
+        gt=0.0,
+        le=10.0,
+        description="Overfitting before the validation noise can be measured (fewer than 8 evaluations): the "
+        "last overfit_evals evaluations each above the one before and the last this fraction above the best.",
     )
     overfit_min_rise: float = Field(
         0.02, ge=0.0, description="Overfitting: val loss at least this fraction above its best."
@@ -138,6 +147,106 @@ class DetectorSpec(Strict):
         "tail.",
     )
     exploding_grad_norm: float = Field(1e3, gt=0.0, description="Exploding: global grad norm above this.")
+    grad_explode_factor: float = Field(
+        10.0,
+        gt=1.0,
+        le=1e6,
+        description="Exploding: the global grad norm's level (median over grad_norm_window steps) this many "
+        "times its own baseline (the lowest such level seen past warm-up).",
+    )
+    grad_growth_factor: float = Field(
+        3.0,
+        gt=1.0,
+        le=1e6,
+        description="grad_norm_growth (an early warning): the global grad norm grew this many times over "
+        "grad_growth_horizon steps, rising significantly, and stands this far above its baseline.",
+    )
+    grad_norm_window: int = Field(
+        50, ge=1, le=1_000_000, description="Steps whose grad norms (at least 5) give the norm's current level."
+    )
+    grad_growth_horizon: int = Field(
+        500, ge=10, le=10_000_000, description="Steps over which the grad norm's growth is measured."
+    )
+    dead_run_steps: int = Field(
+        50,
+        ge=2,
+        le=10_000_000,
+        description="Dead run: the loss bit-identical (or every gradient exactly 0) this many steps, over at "
+        "least 5 logged values.",
+    )
+    dead_layer_steps: int = Field(
+        50,
+        ge=1,
+        le=10_000_000,
+        description="Vanishing (a dead layer): a layer that had a gradient, then exactly 0 for this many steps "
+        "(at least 3 measurements).",
+    )
+    lr_schedule_fraction: float = Field(
+        1e-3,
+        gt=0.0,
+        lt=1.0,
+        description="Learning-rate schedule bug: the logged lr at 0, or below this fraction of its peak (after "
+        "the peak), for lr_schedule_steps steps before the schedule's tail.",
+    )
+    lr_schedule_steps: int = Field(
+        20, ge=1, le=10_000_000, description="Steps a learning rate at 0 (or near it) must last to be a bug."
+    )
+    lr_schedule_tail: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of max_steps at the end of a run where a learning rate near 0 is the schedule's plan.",
+    )
+    trend_rise: float = Field(
+        0.1,
+        gt=0.0,
+        le=100.0,
+        description="Trend divergence: the loss level this fraction above its best level (beyond noise), "
+        "rising significantly over trend_horizon steps and twice that.",
+    )
+    trend_horizon: int = Field(
+        500,
+        ge=20,
+        le=10_000_000,
+        description="Trend divergence: the shorter horizon in steps (at least a 40th of max_steps when known).",
+    )
+    trend_z: float = Field(
+        3.0, gt=0.0, le=20.0, description="Trend divergence: the Mann-Kendall z a rise must exceed on each horizon."
+    )
+    spike_recurrence: int = Field(
+        3,
+        ge=2,
+        le=1000,
+        description="Instability (a divergence): this many loss spikes within spike_recurrence_steps, each "
+        "larger than the one before.",
+    )
+    spike_recurrence_steps: int = Field(
+        1000, ge=1, le=10_000_000, description="Steps within which recurring spikes are counted."
+    )
+    nonfinite_skips: int = Field(
+        5,
+        ge=1,
+        le=100_000,
+        description="A nonfinite alarm when this many steps with a finite loss but a non-finite gradient "
+        "(GradScaler's skips) fall within nonfinite_window steps; fewer are counted, not alarmed.",
+    )
+    nonfinite_window: int = Field(
+        1000, ge=1, le=10_000_000, description="Steps within which skipped non-finite-gradient steps are counted."
+    )
+    converged_improvement: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="Converged: over the last half of the run so far the loss fell by at most this fraction "
+        "of its level (or by no more than noise), after it had learned.",
+    )
+    judge_after_share: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="With the run's length known (max_steps), stalled and converged are not judged before "
+        "this share of it.",
+    )
     exploding_update_ratio: float = Field(0.5, gt=0.0, description="Exploding: a layer's update ratio above this.")
 
     @model_validator(mode="after")

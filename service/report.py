@@ -96,6 +96,21 @@ ANOMALY_WORDS = {
         "learning rate too low",
         "the gradients are healthy but every layer's update is tiny against its weights: raise the learning rate",
     ),
+    "dead_run": (
+        "dead run",
+        "the loss (or every gradient) stayed exactly the same for many steps: nothing is learning; a learning "
+        "rate of 0, frozen parameters, a data loader repeating one batch, or a collapsed model",
+    ),
+    "lr_schedule": (
+        "learning-rate schedule",
+        "the logged learning rate fell to 0 (or far below where its warm-up started) long before the planned "
+        "end: check the scheduler's length (total steps, epochs) and what it is stepped by",
+    ),
+    "grad_norm_growth": (
+        "growing gradient norm",
+        "the global gradient norm keeps growing geometrically against its own baseline, often before a "
+        "blow-up: lower the learning rate or clip gradients",
+    ),
 }
 RANK_COLORS = (
     "#1f77b4",
@@ -118,6 +133,9 @@ ANOMALY_COLORS = {
     "vanishing_gradients": "#7f7f7f",
     "exploding_gradients": "#bcbd22",
     "lr_too_low": "#17becf",
+    "dead_run": "#393b79",
+    "lr_schedule": "#9467bd",
+    "grad_norm_growth": "#e7ba52",
 }
 
 

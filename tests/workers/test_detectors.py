@@ -262,13 +262,15 @@ def test_exploding_gradients_from_the_global_norm_or_a_layer_update_ratio():
     assert "head" in big_step.events()[-1].detail
 
 
-def test_gradient_anomalies_wait_for_warmup_and_a_non_finite_gradient_is_a_nonfinite_event():
+def test_gradient_anomalies_wait_for_warmup_and_a_non_finite_loss_is_a_nonfinite_event():
     monitor = DynamicsMonitor()
     monitor.observe_gradients(0, 5e4, HEALTHY_NORMS)
     monitor.observe_gradients(1, 0.5, sigmoid_mlp_norms())
     assert monitor.anomalies_raised == {}
-    monitor.observe_step(2, 2.3, grad_norm=math.inf)
-    assert monitor.anomalies_raised == {"nonfinite": 2}
+    monitor.observe_step(2, 2.3, grad_norm=math.inf)  # a finite loss, a non-finite gradient: a loss scaler's skip
+    assert monitor.anomalies_raised == {}
+    monitor.observe_step(3, math.nan)
+    assert monitor.anomalies_raised == {"nonfinite": 3}
 
 
 def test_gradient_anomalies_clear_after_healthy_observations():

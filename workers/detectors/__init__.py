@@ -15,16 +15,26 @@ it clears `noise_sigmas` of that noise. That is what keeps a noisy healthy run q
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from gradwatch.names import ANOMALIES
 from gradwatch.spec_telemetry import DetectorSpec
+from workers.detectors.base import MAD_TO_SIGMA as _MAD_TO_SIGMA
+from workers.detectors.base import QUIET as _QUIET
+from workers.detectors.base import Event, Finding, SortedWindow
+from workers.detectors.base import median_sorted as _median_sorted
+from workers.detectors.signals import (
+    DeadRunDetector,
+    GradNormTracker,
+    LrScheduleDetector,
+    SkipCounter,
+    SpikeRecurrence,
+    TrendDetector,
+)
 
-_MAD_TO_SIGMA = 1.4826  # median absolute deviation times this is a normal distribution's sigma
 _SPIKE_SCALE_FLOOR = 0.01  # in log space: a perfectly flat history still needs a 1 % x spike_z jump
 _SPIKE_MIN_SAMPLES = 16
 _SCALE_EVERY = 8  # the spike window's MAD and the noise estimate are refreshed this often (they move slowly)
@@ -38,66 +48,13 @@ _WELL_MEASURED = 0.3  # one loss's noise below this fraction of its level
 _LR_TAIL = 0.05  # below this fraction of its peak the learning rate is in the schedule's tail
 _LR_TOO_LOW_MEASUREMENTS = 3  # measured steps in a row
 _TINY = 1e-12
-
-
-@dataclass(frozen=True)
-class Event:
-    """A change of state worth one log line: a phase entered, or an anomaly raised or cleared.
-
-    For `kind="phase"`, `name` is the phase entered and `raised` is always True.
-    """
-
-    step: int
-    kind: Literal["phase", "anomaly"]
-    name: str
-    raised: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One detector's verdict on one observation: does its condition hold, and why, in words.
-
-    `urgent` findings (a non-finite loss or gradient) count even during warmup.
-    """
-
-    holds: bool
-    detail: str = ""
-    urgent: bool = False
-
-
-_QUIET = Finding(False)
-
-
-def _median_sorted(ordered: list[float]) -> float:
-    n = len(ordered)
-    mid = n // 2
-    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-class SortedWindow:
-    """The last `size` values, also kept sorted, so the median costs nothing per step."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.values: deque[float] = deque()
-        self.ordered: list[float] = []
-
-    def add(self, value: float) -> None:
-        if len(self.values) == self.size:
-            old = self.values.popleft()
-            del self.ordered[bisect_left(self.ordered, old)]
-        self.values.append(value)
-        insort(self.ordered, value)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def median(self) -> float:
-        return _median_sorted(self.ordered)
-
-    def mad(self, center: float) -> float:
-        return _median_sorted(sorted(abs(v - center) for v in self.ordered))
+_SKIPS_IN_A_ROW = 16  # GradScaler halves its scale at each skip: 16 in a row take it from 65536 to 1
+_FEW_EVALS = 8  # below this many evaluations the validation noise is not measured yet
+_DEAD_LAYER_MEASUREMENTS = 3  # a dead layer: exactly 0 on at least this many measurements
+_LONG_HISTORY = 256  # the EMA's whole-run history keeps at most this many points (thinned as the run grows)
+_LEVEL_ROWS = 4096  # the latest level is a mean of at most this many losses
+_CROSSINGS = 9  # the oscillation period: from the last this many crossings of the EMA and a slower one
+_SLOW_EMA = 0.1  # the slower EMA's alpha, as a share of ema_alpha
 
 
 class LossTracker:
@@ -134,13 +91,27 @@ class LossTracker:
         self.ceiling: float | None = None  # the spike bound the last loss was held to
         self.steps = 0
         self.finite_steps = 0
+        # The whole run's EMA, thinned (every `long_every`-th finite loss): falls over half the run so far.
+        self.long_steps: list[int] = []
+        self.long_emas: list[float] = []
+        self.long_counts: list[int] = []
+        self.long_every = 1
+        self.step = 0  # the optimizer step of the last finite loss
+        # Running sums of the latest losses: the mean over any recent window, for levels longer than a period.
+        self.sums: deque[float] = deque([0.0], maxlen=_LEVEL_ROWS + 1)
+        self.total = 0.0
+        # An oscillation's period: steps between crossings of the EMA and a slower EMA.
+        self.slow: float | None = None
+        self.above_slow: bool | None = None
+        self.crossings: deque[int] = deque(maxlen=_CROSSINGS)
 
-    def update(self, loss: float, ceiling: float | None = None) -> bool:
+    def update(self, loss: float, ceiling: float | None = None, step: int | None = None) -> bool:
         """Take one step's loss; a non-finite loss leaves the EMA as it was. Returns whether it was finite."""
         self.steps += 1
         if not math.isfinite(loss):
             return False
         self.finite_steps += 1
+        self.step = self.finite_steps if step is None else step
         self.ceiling = ceiling
         smoothed = loss if ceiling is None else min(loss, ceiling)
         raw = (1.0 - self.alpha) * self.ema_raw + self.alpha * smoothed  # convex: cannot overflow
@@ -172,7 +143,49 @@ class LossTracker:
             self.initial_sigma = 1.25 * max(self.sigma, _TINY) / math.sqrt(len(self.first))
         self.ema_history.append(self.ema)
         self.count_history.append(self.finite_steps)
+        self._long_and_level(smoothed)
         return True
+
+    def _long_and_level(self, smoothed: float) -> None:
+        assert self.ema is not None
+        if (self.finite_steps - 1) % self.long_every == 0:
+            if len(self.long_steps) == _LONG_HISTORY:  # keep every other point: the history spans the whole run
+                self.long_steps, self.long_emas = self.long_steps[::2], self.long_emas[::2]
+                self.long_counts = self.long_counts[::2]
+                self.long_every *= 2
+            self.long_steps.append(self.step)
+            self.long_emas.append(self.ema)
+            self.long_counts.append(self.finite_steps)
+        self.total += smoothed
+        self.sums.append(self.total)
+        slow_alpha = self.alpha * _SLOW_EMA
+        self.slow = self.ema if self.slow is None else (1.0 - slow_alpha) * self.slow + slow_alpha * self.ema
+        above = self.ema > self.slow
+        if self.above_slow is not None and above != self.above_slow:
+            self.crossings.append(self.finite_steps)
+        self.above_slow = above
+
+    def period(self) -> float:
+        """The loss's oscillation period in observations, from the last crossings of its EMA and a slower EMA
+        (0 until there are enough of them). Noise gives short periods; a trend gives none."""
+        if len(self.crossings) < _CROSSINGS:
+            return 0.0
+        c = list(self.crossings)
+        return 2.0 * _median_sorted(sorted(b - a for a, b in zip(c, c[1:], strict=False)))
+
+    def long_fall(self, horizon: int) -> tuple[float, float] | None:
+        """(how much the EMA fell over the last `horizon` steps, the noise of that fall); None before the
+        history reaches that far back."""
+        if not self.long_steps or self.ema is None or self.step - self.long_steps[0] < horizon:
+            return None
+        i = bisect_right(self.long_steps, self.step - horizon) - 1
+        share = _weight_share(self.alpha, self.long_counts[i]) + _weight_share(self.alpha, self.finite_steps)
+        return self.long_emas[i] - self.ema, self.sigma * math.sqrt(share)
+
+    def latest_mean(self, rows: int) -> float:
+        """The mean of the latest `rows` losses (as the EMA took them; at most the history held)."""
+        rows = max(1, min(rows, len(self.sums) - 1))
+        return (self.sums[-1] - self.sums[-1 - rows]) / rows
 
     def ema_sigma(self, n: int | None = None) -> float:
         """Standard error of the EMA after n finite losses (default: now), from the current noise."""
@@ -184,9 +197,9 @@ class LossTracker:
         if len(self.latest) < self.window or self.finite_steps < _STALL_AFTER_WINDOWS * self.window:
             return None
         first = self.first_level
-        if self.finite_steps % self.window == 0:
-            self.latest_sum = sum(self.latest)  # a running sum drifts by rounding: renew it now and then
-        latest = self.latest_sum / len(self.latest)
+        # the latest level over at least two periods of an oscillation: a crest is not a level
+        rows = max(self.window, min(int(2 * self.period()), self.finite_steps - self.window))
+        latest = self.latest_mean(rows)
         margin = self.sigmas * math.hypot(1.25, 1.0) * self.sigma / math.sqrt(self.window)  # a median, a mean
         return first - latest + margin, first
 
@@ -230,6 +243,7 @@ class SpikeDetector:
         self.scale = 0.0
         self.seen = 0
         self.ceiling: float | None = None
+        self.ratio = 1.0  # the last spike's loss over the recent median
 
     def update(self, loss: float) -> Finding:
         """Judge one loss against the window before it; afterwards `ceiling` is the bound it was held to."""
@@ -246,6 +260,7 @@ class SpikeDetector:
             self.ceiling = math.exp(min(bound, 700.0))
             if value > bound:
                 z = (value - median) / self.scale
+                self.ratio = math.exp(value - median)
                 finding = Finding(
                     True,
                     f"loss {loss:.4g} is {math.exp(value - median):.1f}x the median "
@@ -277,15 +292,22 @@ class DivergenceDetector:
         self.best_upper: float | None = None
         self.recent: deque[float] = deque(maxlen=_RECENT_FOR_JUMP)
         self.nonfinite_run = 0
+        self.skipped_run = 0
         self.since_warmup: deque[float] = deque(maxlen=spec.divergence_patience)  # losses past warm-up
 
-    def update(self, loss: float, finite_step: bool, tracker: LossTracker, past_warmup: bool) -> Finding:
+    def update(
+        self, loss: float, finite_step: bool, tracker: LossTracker, past_warmup: bool, skipped: bool = False
+    ) -> Finding:
+        """`skipped`: the loss was finite, the gradient not (a loss scaler's skip): those count in a row up
+        to `_SKIPS_IN_A_ROW`, a non-finite loss up to `nonfinite_steps`."""
         if not finite_step:
             self.nonfinite_run += 1
-            if self.nonfinite_run >= self.nonfinite_limit:
+            self.skipped_run = self.skipped_run + 1 if skipped else 0
+            most = _SKIPS_IN_A_ROW if self.skipped_run == self.nonfinite_run else self.nonfinite_limit
+            if self.nonfinite_run >= most:
                 return Finding(True, f"{self.nonfinite_run} non-finite steps in a row (last loss {loss})", urgent=True)
             return _QUIET
-        self.nonfinite_run = 0
+        self.nonfinite_run = self.skipped_run = 0
         ema = tracker.ema
         if ema is None:
             return _QUIET
@@ -354,13 +376,15 @@ class PlateauDetector:
 
     def __init__(self, spec: DetectorSpec) -> None:
         self.window = spec.plateau_window
+        self.share = spec.judge_after_share
         self.stalled_improvement = spec.stalled_improvement
         self.converged_loss = spec.converged_loss
         self.sigmas = spec.noise_sigmas
         self.flat = False
         self.stalled = False
 
-    def update(self, tracker: LossTracker) -> Finding:
+    def update(self, tracker: LossTracker, elapsed: int = 0, max_steps: int | None = None) -> Finding:
+        """`elapsed`: steps since the first observation; with `max_steps` no stall before `judge_after_share`."""
         fall = tracker.fall(self.window)
         if fall is None:
             return _QUIET
@@ -368,10 +392,10 @@ class PlateauDetector:
         if self.flat:
             if abs(fall) > 2.0 * self.sigmas * noise:  # wide hysteresis: a converged run does not flap
                 self.flat = False
-        elif abs(fall) < self.sigmas * noise:
-            self.flat = True  # a loss rising beyond noise is not flat: divergence judges it
+        elif abs(fall) <= self.sigmas * noise:
+            self.flat = True  # rising beyond noise is not flat (divergence judges it); <=: a dead run has no noise
         self.stalled = False
-        if not self.flat:
+        if not self.flat or (max_steps is not None and elapsed < self.share * max_steps):
             return _QUIET
         if self.converged_loss is not None:
             self.stalled = tracker.ema is not None and tracker.ema > self.converged_loss
@@ -393,33 +417,43 @@ class PlateauDetector:
 
 
 class OverfittingDetector:
-    """Validation loss above its best level by more than noise and `overfit_min_rise`, `overfit_evals`
-    evaluations in a row, while the train loss EMA is below where it was at that best.
+    """Validation loss rising while the train loss falls, with few or many evaluations.
 
-    The best level is the lowest upper bound (evaluation plus its noise margin) seen, so a minimum
-    of noise is not mistaken for it; each evaluation counts by its lower bound. Holds until the
-    validation loss comes back within that margin.
+    With `_FEW_EVALS` evaluations or more: above its best level by more than noise and `overfit_min_rise`,
+    `overfit_evals` evaluations in a row, while the train loss EMA is below where it was at that best. The
+    noise comes from second differences of the evaluations, which a steady rise does not inflate; the
+    best level is the lowest upper bound (evaluation plus its noise margin) seen, and each evaluation
+    counts by its lower bound. With fewer (a fine-tune's 3-5): the last `overfit_evals` evaluations all
+    after the best, each above the one before, the last `overfit_few_rise` above the best, the train loss
+    falling. Holds until the validation loss comes back.
     """
 
     def __init__(self, spec: DetectorSpec) -> None:
         self.evals = spec.overfit_evals
         self.min_rise = spec.overfit_min_rise
+        self.few_rise = spec.overfit_few_rise
         self.sigmas = spec.noise_sigmas / math.sqrt(2.0)  # a margin on each side of the difference
         self.best_upper: float | None = None
         self.train_at_best: float | None = None
-        self.last: float | None = None
-        self.diffs: deque[float] = deque(maxlen=16)
+        self.values: deque[float] = deque(maxlen=64)
+        self.trains: deque[float | None] = deque(maxlen=64)
+        self.curvature: deque[float] = deque(maxlen=16)
+        self.count = 0
         self.streak = 0
 
     def update(self, val_loss: float, train_ema: float | None) -> Finding:
         if not math.isfinite(val_loss):
             return _QUIET
-        if self.last is not None:
-            self.diffs.append(abs(val_loss - self.last))
-        self.last = val_loss
-        if len(self.diffs) < 4:
-            return _QUIET  # no noise estimate yet
-        noise = _median_sorted(sorted(self.diffs)) * _MAD_TO_SIGMA / math.sqrt(2.0)
+        self.count += 1
+        self.values.append(val_loss)
+        self.trains.append(train_ema)
+        if len(self.values) >= 3:
+            a, b, c = self.values[-3], self.values[-2], self.values[-1]
+            self.curvature.append(abs(c - 2.0 * b + a))
+        if self.count < _FEW_EVALS:
+            return self._few(val_loss, train_ema)
+        # |x_i - 2 x_{i-1} + x_{i-2}| of iid noise has median 0.6745 * sqrt(6) * sigma
+        noise = _median_sorted(sorted(self.curvature)) * _MAD_TO_SIGMA / math.sqrt(6.0)
         upper, lower = val_loss + self.sigmas * noise, val_loss - self.sigmas * noise
         if self.best_upper is None or upper < self.best_upper:
             self.best_upper, self.train_at_best = upper, train_ema
@@ -432,6 +466,22 @@ class OverfittingDetector:
             True,
             f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
             f"evaluations while the train loss kept falling",
+        )
+
+    def _few(self, val_loss: float, train_ema: float | None) -> Finding:
+        values = list(self.values)
+        best_at = min(range(len(values)), key=values.__getitem__)
+        best = values[best_at]
+        streak = values[best_at + 1 :]
+        train_best = self.trains[best_at]
+        train_falling = train_ema is not None and train_best is not None and train_ema < train_best
+        rising = all(b > a for a, b in zip([best, *streak], streak, strict=False))
+        if len(streak) < self.evals or not rising or not train_falling or val_loss < best + self.few_rise * abs(best):
+            return _QUIET
+        return Finding(
+            True,
+            f"val loss rose over {len(streak)} evaluations in a row, from its best {best:.4g} to {val_loss:.4g}, "
+            f"while the train loss kept falling",
         )
 
 
@@ -449,15 +499,45 @@ class GradientDetector:
     def __init__(self, spec: DetectorSpec) -> None:
         self.spec = spec
         self.tiny_updates = 0
+        self.had_grad: dict[str, bool] = {}  # layers seen with a gradient: a later exact 0 is a dead layer
+        self.zero_since: dict[str, list[int]] = {}  # layer -> [first step at exactly 0, measurements since]
 
     def update(
-        self, grad_norm: float, norms: Mapping[str, float], ratios: Mapping[str, float] | None
+        self,
+        grad_norm: float,
+        norms: Mapping[str, float],
+        ratios: Mapping[str, float] | None,
+        step: int | None = None,
     ) -> tuple[Finding, Finding, Finding]:
-        """Returns (vanishing, exploding, lr_too_low); `ratios` None: not judged (schedule tail)."""
+        """Returns (vanishing, exploding, lr_too_low); `ratios` None: not judged (schedule tail). With the
+        step, a layer whose gradient went to exactly 0 after it had one is a dead layer."""
         if not math.isfinite(grad_norm) or any(not math.isfinite(v) for v in norms.values()):
             return _QUIET, _QUIET, _QUIET
-        vanishing = self._vanishing(grad_norm, norms)
+        dead = self._dead_layers(step, norms) if step is not None else _QUIET
+        vanishing = dead if dead.holds else self._vanishing(grad_norm, norms)
         return vanishing, self._exploding(grad_norm, ratios or {}), self._lr_too_low(vanishing, ratios)
+
+    def _dead_layers(self, step: int, norms: Mapping[str, float]) -> Finding:
+        for layer, value in norms.items():
+            if value > 0.0:
+                self.had_grad[layer] = True
+                self.zero_since.pop(layer, None)
+            elif value == 0.0 and layer in self.had_grad:
+                since = self.zero_since.setdefault(layer, [step, 0])
+                since[1] += 1
+        dead = sorted(
+            layer
+            for layer, (since, count) in self.zero_since.items()
+            if count >= _DEAD_LAYER_MEASUREMENTS and step - since >= self.spec.dead_layer_steps
+        )
+        if not dead:
+            return _QUIET
+        longest = max(step - self.zero_since[layer][0] for layer in dead)
+        return Finding(
+            True,
+            f"{len(dead)} of {len(norms)} layers are dead: their gradient has been exactly 0 for up to {longest} "
+            f"steps after they had one ({', '.join(dead[:6])}{', ...' if len(dead) > 6 else ''})",
+        )
 
     def _vanishing(self, grad_norm: float, norms: Mapping[str, float]) -> Finding:
         spec = self.spec
@@ -537,7 +617,16 @@ class PhaseDetector:
         self.pending_count = 0
         self.phase: str | None = None
 
-    def classify(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool, stalled: bool) -> str:
+    def classify(
+        self,
+        tracker: LossTracker,
+        *,
+        past_warmup: bool,
+        diverging: bool,
+        flat: bool,
+        stalled: bool,
+        converged: bool | None = None,
+    ) -> str:
         """The phase this one observation points to, before debouncing."""
         fall = tracker.fall(self.window)
         slope: float | None = None  # the loss's fall per step, when it stands out of the noise
@@ -548,8 +637,10 @@ class PhaseDetector:
             return "diverging"
         if not past_warmup:
             return "warmup"
-        if flat:
-            return "stalled" if stalled else "converged"
+        if stalled:
+            return "stalled"
+        if converged if converged is not None else flat:
+            return "converged"
         rising = fall is not None and fall < -self.sigmas * tracker.fall_noise(self.window)
         above_start = (
             tracker.ema is not None
@@ -564,8 +655,19 @@ class PhaseDetector:
             return "rapid_learning"
         return "refinement"
 
-    def update(self, tracker: LossTracker, *, past_warmup: bool, diverging: bool, flat: bool, stalled: bool) -> str:
-        candidate = self.classify(tracker, past_warmup=past_warmup, diverging=diverging, flat=flat, stalled=stalled)
+    def update(
+        self,
+        tracker: LossTracker,
+        *,
+        past_warmup: bool,
+        diverging: bool,
+        flat: bool,
+        stalled: bool,
+        converged: bool | None = None,
+    ) -> str:
+        candidate = self.classify(
+            tracker, past_warmup=past_warmup, diverging=diverging, flat=flat, stalled=stalled, converged=converged
+        )
         if candidate == self.phase:
             self.pending, self.pending_count = None, 0
         elif self.phase is None or candidate == "diverging" or self.phase == "diverging":
@@ -608,6 +710,11 @@ class DynamicsMonitor:
     `observe_gradients` when per-layer statistics are measured and `observe_validation` after each
     evaluation; read `phase`, `anomalies` and `loss_ema` for metrics, and `events()` for what changed
     since the last call. `state_dict()`/`load_state_dict()` carry everything across a checkpoint.
+
+    `step` is the optimizer step: windows, patience and warm-up are measured in steps. A log written
+    every k steps (a replayed CSV) is recognised from its first steps and the windows that count
+    observations are cut to k times fewer; `max_steps`, when known, lets the verdicts that depend on the
+    run's length (a stall, convergence, a schedule that ends early) wait for their share of it.
     """
 
     def __init__(
@@ -615,23 +722,37 @@ class DynamicsMonitor:
     ) -> None:
         self.spec = spec if spec is not None else DetectorSpec()
         if max_steps is not None and max_steps < 1:
-            raise ValueError(
-                f"max_steps must be at least 1 (or None when the run's length is unknown), not {max_steps}"
-            )
-        self.max_steps = max_steps  # the run's planned length, when known: windows may scale with it
+            raise ValueError(f"max_steps must be at least 1 (None when the run's length is unknown), not {max_steps}")
+        self.max_steps = max_steps  # the run's planned length, when known
         self.warmup_steps = max(self.spec.warmup_steps, warmup_steps)  # the schedule's warm-up counts too
-        self.loss = LossTracker(self.spec)
-        self.spikes = SpikeDetector(self.spec)
-        self.divergence = DivergenceDetector(self.spec)
-        self.plateau = PlateauDetector(self.spec)
+        self.stride = 1
+        self._build(self.spec)
+        self.replaying = False
+        self.opening: list[list[Any]] | None = []  # the first observations, until the log's stride is known
+        self.handed: list[Event] = []  # events handed out while the stride was not known yet
+
+    def _build(self, rows: DetectorSpec) -> None:
+        """Every detector afresh; `rows` is the spec with its observation-counted windows cut to the stride."""
+        self.rows_spec = rows
+        self.loss = LossTracker(rows)
+        self.spikes = SpikeDetector(rows)
+        self.divergence = DivergenceDetector(rows)
+        self.plateau = PlateauDetector(rows)
         self.overfitting = OverfittingDetector(self.spec)
         self.gradients = GradientDetector(self.spec)
-        self.phases = PhaseDetector(self.spec)
+        self.phases = PhaseDetector(rows)
+        self.dead = DeadRunDetector(self.spec)
+        self.lr_schedule = LrScheduleDetector(self.spec)
+        self.trend = TrendDetector(self.spec, self.max_steps)
+        self.grad_norms = GradNormTracker(self.spec)
+        self.recurring = SpikeRecurrence(self.spec)
+        self.skips = SkipCounter(self.spec)
         self.latches = {kind: Latch(self.spec.anomaly_clear_steps) for kind in ANOMALIES}
         self.first_step: int | None = None
         self.lr_peak = 0.0
         self.lr_last = 0.0
         self.lr_rising = False
+        self.converged = False
         self.current_phase = "warmup"
         self.pending_events: list[Event] = []
         self.entered: list[tuple[str, int]] = []
@@ -640,31 +761,55 @@ class DynamicsMonitor:
 
     # ------------------------------------------------------------------ observations
     def observe_step(self, step: int, loss: float, *, lr: float | None = None, grad_norm: float | None = None) -> None:
+        if self._opening("step", step, loss, lr, grad_norm):
+            return
         loss = float(loss)
         if lr is not None and math.isfinite(lr):
             self.lr_rising = lr > self.lr_peak * (1.0 + 1e-9) and self.first_step is not None
             self.lr_peak = max(self.lr_peak, lr)
             self.lr_last = lr
         past = self._past_warmup(step)
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite:
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-            self._judge(step, "nonfinite", Finding(True, f"{what}: the step was skipped", urgent=True), past)
+        assert self.first_step is not None
+        elapsed = step - self.first_step
+        finite_loss = math.isfinite(loss)
+        finite = finite_loss and (grad_norm is None or math.isfinite(grad_norm))
+        skipped = finite_loss and not finite  # a loss scaler's skip: counted, alarmed only when frequent
+        if not finite_loss:
+            self._judge(step, "nonfinite", Finding(True, f"loss {loss}: the step was skipped", urgent=True), past)
         else:
-            self._judge(step, "nonfinite", _QUIET, past)
+            self._judge(step, "nonfinite", self.skips.update(step, skipped and past), past)
         spike = self.spikes.update(loss if finite else float("nan"))
         if finite:
-            self.loss.update(loss, ceiling=self.spikes.ceiling)
+            self.loss.update(loss, ceiling=self.spikes.ceiling, step=step)
         self._judge(step, "loss_spike", spike, past)
-        self._judge(step, "divergence", self.divergence.update(loss, finite, self.loss, past), past)
+        diverged = self.divergence.update(loss, finite, self.loss, past, skipped=skipped)
+        if not diverged.holds:
+            diverged = self.recurring.update(step, spike.holds, self.spikes.ratio)
+        else:
+            self.recurring.update(step, spike.holds, self.spikes.ratio)
+        trend = self.trend.update(step, loss, past) if finite else _QUIET
+        self._judge(step, "divergence", diverged if diverged.holds else trend, past)
         diverging = self.latches["divergence"].held
-        self._judge(step, "plateau", self.plateau.update(self.loss) if finite and not diverging else _QUIET, past)
+        self.dead.note_grad(step, grad_norm)
+        self._judge(step, "dead_run", self.dead.update(step, loss), past)
+        self._judge(step, "lr_schedule", self.lr_schedule.update(step, lr, self.max_steps), past)
+        exploding, growing = self.grad_norms.update(step, grad_norm, past)
+        self._judge(step, "exploding_gradients", exploding, past)
+        self._judge(step, "grad_norm_growth", growing, past)
+        plateau = self.plateau.update(self.loss, elapsed, self.max_steps) if finite and not diverging else _QUIET
+        self._judge(step, "plateau", plateau, past)
+        # not learning, whatever the level: a dead run, a schedule at 0, dead layers while the loss is flat
+        stuck = self.latches["dead_run"].held or (
+            self.plateau.flat and (self.latches["lr_schedule"].held or self.latches["vanishing_gradients"].held)
+        )
+        stalled = self.plateau.stalled or stuck
         phase = self.phases.update(
             self.loss,
             past_warmup=past,
-            diverging=self.latches["divergence"].held,
+            diverging=diverging,
             flat=self.plateau.flat,
-            stalled=self.plateau.stalled,
+            stalled=stalled,
+            converged=self._converged(elapsed, stalled),
         )
         self._enter(step, phase)
 
@@ -675,17 +820,24 @@ class DynamicsMonitor:
         layer_grad_norms: Mapping[str, float] | None = None,
         layer_update_ratios: Mapping[str, float] | None = None,
     ) -> None:
+        if self._opening("gradients", step, grad_norm, layer_grad_norms, layer_update_ratios):
+            return
         past = self._past_warmup(step)
         # Update ratios scale with the learning rate: in a schedule's tail they say nothing about gradients.
         in_tail = self.lr_rising or (self.lr_peak > 0.0 and self._last_lr_fraction() < _LR_TAIL)
         vanishing, exploding, lr_low = self.gradients.update(
-            float(grad_norm), layer_grad_norms or {}, None if in_tail else (layer_update_ratios or {})
+            float(grad_norm), layer_grad_norms or {}, None if in_tail else (layer_update_ratios or {}), step=step
         )
+        self.dead.note_grad(step, float(grad_norm))
+        tracked, growing = self.grad_norms.update(step, float(grad_norm), past)
         self._judge(step, "vanishing_gradients", vanishing, past)
-        self._judge(step, "exploding_gradients", exploding, past)
+        self._judge(step, "exploding_gradients", exploding if exploding.holds else tracked, past)
+        self._judge(step, "grad_norm_growth", growing, past)
         self._judge(step, "lr_too_low", lr_low, past)
 
     def observe_validation(self, step: int, val_loss: float) -> None:
+        if self._opening("validation", step, val_loss):
+            return
         past = self._past_warmup(step)
         self._judge(step, "overfitting", self.overfitting.update(float(val_loss), self.loss.ema), past)
 
@@ -703,6 +855,11 @@ class DynamicsMonitor:
         return self.loss.ema
 
     @property
+    def skipped_steps(self) -> int:
+        """Steps with a finite loss and a non-finite gradient past warm-up (a loss scaler's skips)."""
+        return self.skips.total
+
+    @property
     def phases_entered(self) -> list[tuple[str, int]]:
         """Every phase entered, in order, with the step it was entered at."""
         return list(self.entered)
@@ -715,20 +872,86 @@ class DynamicsMonitor:
     def events(self) -> list[Event]:
         """Phase and anomaly changes since the last call, oldest first."""
         events, self.pending_events = self.pending_events, []
+        if self.opening is not None:
+            self.handed.extend(events)
         return events
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the detectors hold, as JSON-able values (for checkpoints)."""
-        return {k: _encode(v) for k, v in vars(self).items() if k != "spec"}
+        return {k: _encode(v) for k, v in vars(self).items() if k not in ("spec", "rows_spec")}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict` returned, onto a monitor built from the same spec."""
+        stride = state.get("stride", 1)
+        if isinstance(stride, int) and stride > 1 and stride != self.stride:
+            self.stride = stride
+            self._build(_rows_spec(self.spec, stride))
         for name, value in state.items():
-            if name in vars(self) and name != "spec":
+            if name in vars(self) and name not in ("spec", "rows_spec"):
                 setattr(self, name, _decode(value, getattr(self, name)))
         self.pending_events = []
 
     # ------------------------------------------------------------------ internals
+    def _opening(self, kind: str, *args: Any) -> bool:
+        """Hold on to the first observations; at the fourth step, when the steps come k > 1 apart (a sparse
+        log), rebuild the detectors for that stride and take them again. Returns True when an observation
+        was taken that way (the caller's work is done)."""
+        if self.opening is None or self.replaying:
+            return False
+        self.opening.append([kind, *args])
+        steps = [int(o[1]) for o in self.opening if o[0] == "step"]
+        if len(steps) < 4:
+            self._take(self.opening[-1])
+            return True
+        opening, self.opening = self.opening, None
+        gaps = sorted(b - a for a, b in zip(steps, steps[1:], strict=False))
+        stride = max(1, gaps[len(gaps) // 2])
+        if stride == 1:
+            self._take(opening[-1])
+            self.handed = []
+            return True
+        handed = {(e.step, e.kind, e.name, e.raised) for e in self.handed}
+        self.handed = []
+        self.stride = stride
+        self._build(_rows_spec(self.spec, stride))
+        for observation in opening:
+            self._take(observation)
+        self.pending_events = [e for e in self.pending_events if (e.step, e.kind, e.name, e.raised) not in handed]
+        return True
+
+    def _take(self, observation: list[Any]) -> None:
+        self.replaying = True
+        try:
+            kind, step, *rest = observation
+            if kind == "step":
+                self.observe_step(step, rest[0], lr=rest[1], grad_norm=rest[2])
+            elif kind == "gradients":
+                self.observe_gradients(step, *rest)
+            else:
+                self.observe_validation(step, *rest)
+        finally:
+            self.replaying = False
+
+    def _converged(self, elapsed: int, stalled: bool) -> bool:
+        """Converged: the run learned, and over the last half of it so far (at least `plateau_window` steps)
+        the loss fell by no more than noise or `converged_improvement` of its level; it stays converged
+        until that fall doubles. Not before `judge_after_share` of a run of known length."""
+        ema = self.loss.ema
+        spec = self.spec
+        if stalled or ema is None or (self.max_steps is not None and elapsed < spec.judge_after_share * self.max_steps):
+            self.converged = False
+            return False
+        got = self.loss.long_fall(max(spec.plateau_window, elapsed // 2))
+        start = self.loss.first_level if self.loss.first_level else self.loss.initial
+        if got is None or start is None:
+            self.converged = False
+            return False
+        fall, noise = got
+        learned = start - ema > max(spec.stalled_improvement * abs(start), spec.noise_sigmas * noise)
+        limit = max(spec.noise_sigmas * noise, spec.converged_improvement * abs(ema))
+        self.converged = learned and fall <= (2.0 * limit if self.converged else limit)
+        return self.converged
+
     def _last_lr_fraction(self) -> float:
         return self.lr_last / self.lr_peak if self.lr_peak > 0.0 else 1.0
 
@@ -770,6 +993,26 @@ class DynamicsMonitor:
         self.pending_events.append(Event(step, "phase", phase, True, detail))
 
 
+def _rows_spec(spec: DetectorSpec, stride: int) -> DetectorSpec:
+    """The spec for a log written every `stride` steps: windows that count observations cut to as many
+    steps (never below what their statistics need), the EMA's memory kept in steps."""
+
+    def rows(steps: int, least: int) -> int:
+        return max(least, math.ceil(steps / stride))
+
+    alpha = min(0.5, max(spec.ema_alpha, 1.0 - (1.0 - spec.ema_alpha) ** stride))
+    return spec.model_copy(
+        update={
+            "ema_alpha": alpha,
+            "plateau_window": rows(spec.plateau_window, 8),
+            "phase_window": rows(spec.phase_window, 4),
+            "spike_window": rows(spec.spike_window, 16),
+            "divergence_patience": rows(spec.divergence_patience, 5),
+            "phase_patience": rows(spec.phase_patience, 2),
+        }
+    )
+
+
 # ---------------------------------------------------------------------- checkpoint encoding
 def _encode(value: Any) -> Any:
     if isinstance(value, float | int | str | bool) or value is None:
@@ -782,6 +1025,8 @@ def _encode(value: Any) -> Any:
         return {"dict": [[k, _encode(v)] for k, v in value.items()]}
     if isinstance(value, Event):
         return {"event": [value.step, value.kind, value.name, value.raised, value.detail]}
+    if isinstance(value, Finding):
+        return {"finding": [value.holds, value.detail, value.urgent]}
     return {"object": {k: _encode(v) for k, v in vars(value).items() if k != "spec"}}
 
 
@@ -795,6 +1040,8 @@ def _decode(value: Any, current: Any) -> Any:
             return {k: _decode(v, old.get(k)) for k, v in value["dict"]}
         if "event" in value:
             return Event(*value["event"])
+        if "finding" in value:
+            return Finding(*value["finding"])
         if "object" in value and current is not None:
             for name, item in value["object"].items():
                 if name in vars(current):
