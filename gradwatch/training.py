@@ -44,6 +44,7 @@ from gradwatch.names import TEST_REPORTS_ENV
 from gradwatch.spec import EntrypointTrain, JobSpec, RollbackSpec
 from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
+from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
 
@@ -266,6 +267,8 @@ class Run:
         self._mark = time.perf_counter()
         self._last_post = 0.0
         self._sd_file: Path | None = None
+        # where this rank is in its step, for the hang watch (workers/heartbeat.py)
+        self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
 
     # --------------------------------------------------------------- setup
     def watch(
@@ -290,6 +293,7 @@ class Run:
         view = SimpleNamespace(
             telemetry=self.spec.telemetry,
             batch_size=batch_size or self.spec.batch_size,
+            max_steps=self.max_steps,
             optimizer=SimpleNamespace(lr=peak_lr),
             schedule=self.spec.schedule,
             name=self.spec.name,
@@ -307,6 +311,9 @@ class Run:
         self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         optimizer.register_step_post_hook(lambda *_: self._updated())
         self._good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
+        self.telemetry.metrics.registry.register(HeartbeatCollector(self.heartbeat))
+        if self.telemetry.hook is not None:  # the hook marks the wait in the gradient all-reduce
+            self.telemetry.hook.heartbeat = self.heartbeat
         return GuardedOptimizer(self, optimizer)
 
     def _begin(self) -> None:
@@ -330,6 +337,8 @@ class Run:
                 groups = target_groups(self.job_id, [Endpoint(rank=self.rank, host=host, port=port)])
                 write_atomic(self._sd_file, json.dumps(groups))
         self._mark = time.perf_counter()
+        self.heartbeat.enter(DATA, self.step + 1)
+        self.heartbeat.start(self.board, self.session.node_id(), self.session.node_address())
 
     def _telemetry(self) -> Telemetry:
         if self.telemetry is None:
@@ -347,7 +356,9 @@ class Run:
         tel = self._open_step()
         before = tel.begin_step(self.step + 1)
         tel.before_backward(loss.detach() if self.world_size > 1 else None)
+        self.heartbeat.enter(BACKWARD, self.step + 1)
         loss.backward()
+        self.heartbeat.enter(OPTIMIZER)
         waited = tel.sync_wait_seconds(time.perf_counter())
         return self._decide(loss, losses, samples, waited, before)
 
@@ -413,7 +424,9 @@ class Run:
             if shared is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
                 norm = torch.linalg.vector_norm(stats[1:k])
                 shared = torch.stack([loss_t / self.world_size, (~torch.isfinite(norm)).float()])
+                self.heartbeat.enter(COLLECTIVE)
                 dist.all_reduce(shared)
+                self.heartbeat.enter(OPTIMIZER)
                 flagged = True
             if stats.device.type != "cpu":  # one copy to the host (on CPU, two reads cost less than a cat)
                 stats, shared = torch.cat([stats, shared]), None
@@ -458,6 +471,7 @@ class Run:
         if not self.safe:
             self.skipped_steps += 1
             self.end_step()  # no update to wait for
+            self.heartbeat.enter(DATA, self.step + 1)
         return self.safe
 
     def _scalar(self, value: torch.Tensor | float) -> torch.Tensor:
@@ -478,6 +492,7 @@ class Run:
             return
         p.ended = time.perf_counter()
         self.step = p.step  # the loop's own counter is current at once; the recording may follow
+        self.heartbeat.enter(DATA, p.step + 1)
         hook = self.telemetry.hook if self.telemetry is not None else None
         if hook is not None and hook.cpu:
             hook.shadow = self._record_pending
@@ -707,6 +722,7 @@ class Run:
         """Save the model, optimizer, scheduler, the run's position and your `extra` state through Ray Train
         (rank 0 writes, every rank calls). Kept in memory as the rollback target unless the run is suspect."""
         self.end_step()
+        self.heartbeat.enter(CHECKPOINT)
         tel = self._telemetry()
         state = self._snapshot(extra or {})
         if not any(tel.monitor.anomalies.get(k) for k in _SUSPECT):
@@ -721,6 +737,7 @@ class Run:
             "val_loss": self.last_val[0] if self.last_val else None,
         }
         self.session.report(metrics, checkpoint_dir)
+        self.heartbeat.enter(DATA)
 
     def restore(self) -> dict[str, Any] | None:
         """Load the latest checkpoint (after a worker-group restart) into the watched model, optimizer and
@@ -793,6 +810,7 @@ class Run:
                 self.post_progress(force=True)
                 self.board.post_final(outcome)
         self._finished = True
+        self.heartbeat.stop()  # done: the grace period that follows is no hang
         return outcome
 
     def rank_report(self) -> dict[str, Any]:
@@ -819,6 +837,7 @@ class Run:
 
     def close(self, grace_seconds: float | None = None) -> None:
         """Stop serving /metrics (after `grace_seconds`, default the spec's, so the last values get scraped)."""
+        self.heartbeat.stop()
         if self.telemetry is not None:
             grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
             self.telemetry.close(grace if self.serve_metrics else 0)

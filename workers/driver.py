@@ -37,6 +37,7 @@ from gradwatch.status import (
     write_record,
 )
 from workers.board import BoardClient, create_board_actor
+from workers.heartbeat import HangWatch, process_group_timeout
 from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
 from workers.push import Pusher
 
@@ -331,7 +332,11 @@ class Fit(threading.Thread):
                 "run_dir": str(self.run_dir),
                 "serve_metrics": spec.telemetry.enabled,
             },
-            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            # explicit, and long after a hang is reported (workers/heartbeat.py): gloo/NCCL errors come second
+            torch_config=TorchConfig(
+                backend="nccl" if spec.scaling.use_gpu else "gloo",
+                timeout_s=int(process_group_timeout(spec.telemetry.hang_after)),
+            ),
             scaling_config=ScalingConfig(
                 num_workers=spec.scaling.num_workers,
                 use_gpu=spec.scaling.use_gpu,
@@ -341,22 +346,34 @@ class Fit(threading.Thread):
             run_config=RunConfig(
                 name=self.job_id,
                 storage_path=str(self.storage_path),
-                failure_config=FailureConfig(max_failures=spec.max_failures),
+                failure_config=FailureConfig(max_failures=worker_group_restarts(spec)),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                 callbacks=[trainer_on_board(self.board)],
             ),
         )
 
 
+def worker_group_restarts(spec: JobSpec) -> int:
+    """Ray Train's failure budget: the spec's max_failures, and with on_hang: restart its hang restarts too."""
+    if spec.max_failures == -1 or spec.on_hang != "restart":
+        return spec.max_failures
+    return spec.max_failures + spec.max_hang_restarts
+
+
 def follow(
     fit: Fit, watch: JobWatch, timeout: float | None, started: float, poll_seconds: float
 ) -> tuple[JobState, str | None]:
-    """Watch the job until `fit` ends, `timeout` passes or Ctrl-C; the state so far (the caller
-    settles it once fit has ended)."""
+    """Watch the job until `fit` ends, `timeout` passes, a hang fails it (on_hang) or Ctrl-C; the state
+    so far (the caller settles it once fit has ended)."""
+    spec = fit.spec
+    hangs = HangWatch(watch.job_id, spec.on_hang, spec.max_hang_restarts, watch.run_dir)
     try:
         while fit.is_alive():
             fit.join(poll_seconds)
-            watch.poll()
+            snap = watch.poll()
+            if snap and hangs.check(snap, watch.board, snap.get("nodes")) and hangs.failure:
+                watch.poll()  # the hang event reaches status.json and the listeners before the job ends
+                return "failed", hangs.failure
             reason = overran(timeout, time.time() - started)
             if reason is not None:
                 return "timed_out", reason

@@ -52,6 +52,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
 HEARTBEAT_SECONDS = 1.0  # how often a rank posts its heartbeat to the board
 HANG_STEP_MULTIPLE = 10.0  # a rank is stuck after this many median step times, when longer than hang_after
 STEP_WINDOW = 64  # recent step times the median is taken over
+# A heartbeat not posted for this long is from a process that is gone (Ray Train restarts or fails the
+# group on its own): not a hang.
+STALE_S = 10.0
 STACK_TIMEOUT_S = 20.0  # py-spy's limit per stack
 MAX_STACK_CHARS = 8000  # a stack kept in an event; the whole one goes to the run directory
 
@@ -236,7 +239,9 @@ def judge(heartbeats: dict[Any, dict[str, Any]], now: float, ignore_pids: set[in
     stuck rank waits in it, the one that entered it first.
     """
     live = {
-        int(r): hb for r, hb in heartbeats.items() if not hb.get("done") and hb.get("pid") not in (ignore_pids or set())
+        int(r): hb
+        for r, hb in heartbeats.items()
+        if not hb.get("done") and hb.get("pid") not in (ignore_pids or set()) and now - hb["posted_at"] <= STALE_S
     }
     stuck = {r: now - hb["entered"] for r, hb in live.items() if now - hb["entered"] > hb["hang_after"]}
     if not stuck:

@@ -23,6 +23,7 @@ from gradwatch.spec import JobSpec
 from gradwatch.training import DivergenceStop, Run, reports_for_tests
 from workers.board import BoardClient
 from workers.data import build_data
+from workers.heartbeat import FORWARD
 from workers.models import build_model, loss_and_correct
 from workers.optim import build_optimizer, build_scheduler
 from workers.session import LocalSession, RayTrainSession, Session
@@ -151,6 +152,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> float:
         self.model.train()
+        self.run.heartbeat.enter(FORWARD)  # the batch is loaded
         with self.autocast:
             logits = self.model(x)
         loss, _ = loss_and_correct(self.data.task, logits, y)

@@ -26,6 +26,7 @@ from gradwatch.status import event_line
 from workers.board import BoardClient
 from workers.detectors import DynamicsMonitor
 from workers.gns import GradientNoiseScale, group_layers
+from workers.heartbeat import COLLECTIVE
 from workers.metrics import JobSeries, WorkerMetrics
 
 log = logging.getLogger("gradwatch.telemetry")
@@ -66,6 +67,7 @@ class LocalNormHook:
         self.shadow: Callable[[], None] | None = None
         self.error: Exception | None = None
         self.grad_norm: torch.Tensor | None = None  # the reduced gradient's norm, when one bucket holds it all
+        self.heartbeat: Any = None  # the rank's Heartbeat: the last bucket's all-reduce is the wait for the others
 
     @staticmethod
     def hook(state: LocalNormHook, bucket):  # no annotations: DDP checks them, and these would be strings
@@ -78,6 +80,8 @@ class LocalNormHook:
             buffer.div_(state.world_size)
             return state.group.allreduce([buffer]).get_future().then(_first)
         state.last_ready = time.perf_counter()
+        if state.heartbeat is not None:
+            state.heartbeat.enter(COLLECTIVE)
         riders = state.riders()
         state.carrying = len(riders)
         if riders:
