@@ -49,6 +49,21 @@ class AlertRule:
 
 
 # ---- recording rules: what several alerts (and the dashboards) share
+def _cause_share(cause: str, phases: str) -> str:
+    return (
+        f'label_replace(sum by (job_id, rank) (rate(gradwatch_phase_seconds_total{{phase=~"{phases}"}}[2m])), '
+        f'"cause", "{cause}", "", "")'
+    )
+
+
+_CAUSE_SHARES = (
+    _cause_share("data loading", "data")
+    + "\nor\n"
+    + _cause_share("compute", "forward|backward|optimizer")
+    + "\nor\n"
+    + _cause_share("communication", "collective")
+)
+
 RECORDING_RULES = [
     # 1 for a job the service reports as over; alerts drop such jobs, so nothing keeps
     # firing during the workers' grace period after the last step.
@@ -68,9 +83,44 @@ RECORDING_RULES = [
         "job_id:gradwatch_step_duration_seconds:p50_rate2m",
         "histogram_quantile(0.5,\n  sum by (job_id, le) (rate(gradwatch_step_duration_seconds_bucket[2m])))",
     ),
+    # A rank's share of wall time per cause (workers/heartbeat.py CAUSES), how far above the job's median
+    # rank it is, and the cause where it is furthest above: what TrainingStraggler names.
+    RecordingRule("job_id_rank_cause:gradwatch_phase_seconds:rate2m", _CAUSE_SHARES),
+    RecordingRule(
+        "job_id_rank_cause:gradwatch_phase_seconds:excess_rate2m",
+        "job_id_rank_cause:gradwatch_phase_seconds:rate2m\n"
+        "- on (job_id, cause) group_left ()\n"
+        "quantile by (job_id, cause) (0.5, job_id_rank_cause:gradwatch_phase_seconds:rate2m)",
+    ),
+    RecordingRule(
+        "job_id_rank:gradwatch_phase_seconds:slowest_cause",
+        "topk by (job_id, rank) (1, job_id_rank_cause:gradwatch_phase_seconds:excess_rate2m)",
+    ),
+    # Each rank past its hang threshold, with the phase it is stuck in; the value is the seconds in it.
+    RecordingRule(
+        "job_id_rank_phase:gradwatch_rank_stuck_seconds:hung",
+        "max by (job_id, rank, phase) (\n"
+        "  (gradwatch_rank_stuck_seconds > on (job_id, rank) group_left () gradwatch_rank_hang_after_seconds)\n"
+        "  * on (job_id, rank) group_left (phase) (gradwatch_rank_phase == 1)\n"
+        ")",
+    ),
 ]
 
 _UNLESS_FINISHED = "unless on (job_id) job_id:gradwatch_job_state:finished"
+# A rank whose median step time is 1.5x the job's and at least 20 ms more (TrainingStraggler).
+_STRAGGLER = (
+    "(\n"
+    "  job_id_rank:gradwatch_step_duration_seconds:p50_rate2m\n"
+    "  / on (job_id) group_left () job_id:gradwatch_step_duration_seconds:p50_rate2m\n"
+    "  > 1.5\n"
+    ")\n"
+    "and on (job_id, rank)\n"
+    "(\n"
+    "  job_id_rank:gradwatch_step_duration_seconds:p50_rate2m\n"
+    "  - on (job_id) group_left () job_id:gradwatch_step_duration_seconds:p50_rate2m\n"
+    "  > 0.02\n"
+    ")"
+)
 _UNLESS_CONVERGED = 'unless on (job_id) max by (job_id) (gradwatch_phase{phase="converged"}) == 1'
 
 
@@ -236,24 +286,50 @@ ALERT_RULES = [
         # DDP runs at the pace of its slowest rank. 1.5x the job's median costs a third of the job's
         # throughput; the 20 ms floor keeps histogram-bucket rounding on millisecond steps from
         # counting. Medians, not means, so a rank that also writes checkpoints is not a straggler.
+        # The cause (data loading, compute or communication) comes from the heartbeats' phase times;
+        # without them (no phase series) the alert comes without it.
         "(\n"
-        "  job_id_rank:gradwatch_step_duration_seconds:p50_rate2m\n"
-        "  / on (job_id) group_left () job_id:gradwatch_step_duration_seconds:p50_rate2m\n"
-        "  > 1.5\n"
-        ")\n"
-        "and on (job_id, rank)\n"
-        "(\n"
-        "  job_id_rank:gradwatch_step_duration_seconds:p50_rate2m\n"
-        "  - on (job_id) group_left () job_id:gradwatch_step_duration_seconds:p50_rate2m\n"
-        "  > 0.02\n"
+        "  (" + _STRAGGLER + ")\n"
+        "  * on (job_id, rank) group_left (cause) (0 * job_id_rank:gradwatch_phase_seconds:slowest_cause + 1)\n"
+        "  or\n"
+        "  (" + _STRAGGLER + ")\n"
+        "  unless on (job_id, rank) job_id_rank:gradwatch_phase_seconds:slowest_cause\n"
         ")\n" + _UNLESS_FINISHED,
         for_="1m",
         severity="warning",
         summary="Rank {{ $labels.rank }} of job {{ $labels.job_id }} is a straggler",
         description=(
             'The median step time of rank {{ $labels.rank }} is {{ $value | printf "%.1f" }}x the '
-            "median of job {{ $labels.job_id }}, and every rank waits for it at each all-reduce. Look for "
-            "a busy or smaller node, CPU throttling or a slow data loader on that rank (ranks board)."
+            "median of job {{ $labels.job_id }}, and every rank waits for it at each all-reduce. "
+            "{{ if $labels.cause }}It is slower in {{ $labels.cause }} than the job's median rank. {{ end }}"
+            "Look for a busy or smaller node, CPU throttling or a slow data loader on that rank (ranks board)."
+        ),
+    ),
+    AlertRule(
+        "TrainingHang",
+        # The stuck rank is the one not waiting in the gradient all-reduce (the others wait there for it);
+        # when all wait in it, all are named. The threshold is the rank's own (telemetry.hang_after, or 10
+        # median step times): it already is the persistence, so fire at once.
+        "max by (job_id, rank, phase) (\n"
+        "  (\n"
+        "    job_id_rank_phase:gradwatch_rank_stuck_seconds:hung\n"
+        '    unless on (job_id, rank) job_id_rank_phase:gradwatch_rank_stuck_seconds:hung{phase="collective"}\n'
+        "  )\n"
+        "  or\n"
+        "  (\n"
+        "    job_id_rank_phase:gradwatch_rank_stuck_seconds:hung\n"
+        '    unless on (job_id) job_id_rank_phase:gradwatch_rank_stuck_seconds:hung{phase!="collective"}\n'
+        "  )\n"
+        ")\n" + _UNLESS_FINISHED,
+        for_="0s",
+        severity="critical",
+        summary="Rank {{ $labels.rank }} of job {{ $labels.job_id }} is stuck in its {{ $labels.phase }} phase",
+        description=(
+            "Rank {{ $labels.rank }} of job {{ $labels.job_id }} has been in the {{ $labels.phase }} phase of "
+            "one step for {{ $value | humanizeDuration }}, past its hang threshold (telemetry.hang_after, or 10 "
+            "median step times), and the other ranks wait for it. The job's hang event names its node and step "
+            "and holds its Python stack (`gradwatch logs {{ $labels.job_id }}` too); on_hang says whether "
+            "gradwatch restarts it from its last checkpoint or fails it."
         ),
     ),
     AlertRule(

@@ -30,6 +30,7 @@ CONTRACT = {
     "VanishingGradients",
     "ExplodingGradients",
     "TrainingStraggler",
+    "TrainingHang",
     "TrainingJobFailed",
 }
 DASHBOARD = "/d/gradwatch-run?var-job_id={{ $labels.job_id }}"
