@@ -166,6 +166,10 @@ class JobDetail(JobOut):
     progress_updated_at: str | None = None
     transitions: list[TransitionOut] = Field(default_factory=list)
     alerts: list[AlertOut] = Field(default_factory=list)
+    events: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The driver's newest events (phases, anomalies, rollbacks, hangs with their stacks), oldest first.",
+    )
 
     @classmethod
     def full(cls, job: Job, transitions: list[Transition], alerts: list[Alert]) -> JobDetail:
@@ -187,6 +191,7 @@ class JobDetail(JobOut):
             progress_updated_at=iso(status.updated_at) if status else None,
             transitions=[TransitionOut.of(t) for t in transitions],
             alerts=[AlertOut.of(a) for a in alerts],
+            events=job.events or [],
         )
 
 

@@ -127,8 +127,9 @@ class Heartbeat:
                     board.post_heartbeat(self.rank, {**self.snapshot(), **where})
                 except Exception as exc:  # noqa: BLE001 - a board gone away ends the job anyway
                     log.debug("heartbeat not posted: %s", exc)
-                if self.done or self._stop.wait(HEARTBEAT_SECONDS):
+                if self.done:  # posted once more after stop(): the driver sees it is done
                     return
+                self._stop.wait(HEARTBEAT_SECONDS)
 
         self._thread = threading.Thread(target=post, name=f"gradwatch-heartbeat-{self.rank}", daemon=True)
         self._thread.start()

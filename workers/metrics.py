@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from gradwatch.names import ANOMALIES, NONFINITE_KINDS, PHASES
+from workers.heartbeat import SERIES_PER_RANK as HEARTBEAT_SERIES
 
 # `*_created` series double the counters and histograms for nothing the rules or boards use.
 disable_created_metrics()
@@ -20,8 +21,9 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 def series_per_job(world_size: int, layers: int) -> int:
-    """Series one job exports: 32 per rank, plus 28 + 3 per layer on rank 0 (README: "Cardinality")."""
+    """Series one job exports: 47 per rank, plus 28 + 3 per layer on rank 0 (README: "Cardinality")."""
     per_rank = 14 + len(STEP_BUCKETS) + 3  # 14 plain series, the histogram's buckets, +Inf, sum and count
+    per_rank += HEARTBEAT_SERIES  # the heartbeat's step, phase, stuck time, threshold and time per phase
     rank0 = 5 + len(PHASES) + 2 * len(ANOMALIES) + 1  # global gauges, phases, anomalies held and raised, info
     return per_rank * world_size + rank0 + 3 * layers
 
