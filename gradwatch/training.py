@@ -45,6 +45,7 @@ from gradwatch.spec import EntrypointTrain, JobSpec, RollbackSpec
 from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
 from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
+from workers.rewind import BatchLog, replay_batches, replayable
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
 
@@ -60,6 +61,8 @@ _SUSPECT = ("divergence", "exploding_gradients", "loss_spike")
 # Applied updates in a row that end a stretch of skipped ones; fewer (a finite batch now and then
 # while the loss is inf) do not: the run has not recovered.
 RECOVERY_STEPS = 10
+# A rewind's event lists at most this many skipped batches (the run's history lists them all).
+MAX_LISTED_BATCHES = 64
 
 
 def reports_for_tests() -> bool:
@@ -105,6 +108,7 @@ def start(
     name: str = "train",
     telemetry: TelemetrySpec | dict[str, Any] | None = None,
     on_divergence: str = "alert",
+    on_spike: str = "alert",
     serve_metrics: bool = True,
     sd_dir: str | Path | None = None,
     session: Session | None = None,
@@ -146,6 +150,7 @@ def start(
         "max_steps": max_steps or 100_000_000,
         "scaling": {"num_workers": session.world_size},
         "on_divergence": on_divergence,
+        "on_spike": on_spike,
         "telemetry": telemetry.model_dump() if isinstance(telemetry, TelemetrySpec) else telemetry or {},
     }
     spec = JobSpec.model_validate(settings, context={"user_code": "skip"})
@@ -251,6 +256,14 @@ class Run:
         self.scheduler: Any = None
         self.grad_clip: float | None = None
         self.on_rollback: Callable[[dict[str, Any]], None] | None = None
+        # rewind-and-skip (workers/rewind.py): the batches fed per step, those left out, and the rewind to make
+        self.batch_log = BatchLog()
+        self.rewinds = 0
+        self._rewind_due: tuple[str, int] | None = None  # (the anomaly, the step it was seen at)
+        # between a step's first gradwatch call and its decision: a rewind waits for the decision (loading the
+        # weights before the backward would change tensors that the backward still needs)
+        self._in_step = False
+        self._batch_in_epoch = 0  # run.batches(): batches taken from the current epoch
         self._pending: _Pending | None = None
         self._guard_due = False
         self._stale = False
@@ -305,6 +318,8 @@ class Run:
         self.telemetry = Telemetry(
             view, self.job_id, self.rank, self.world_size, model, self.device, board=self.board, history_path=history
         )
+        if "rewind" in (self.spec.on_spike, self.spec.on_divergence):
+            self.telemetry.metrics.rewinds  # noqa: B018 - the series exists before the first rewind
         self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._float_grads = all(p.dtype == torch.float32 for p in self._params)
@@ -381,6 +396,7 @@ class Run:
 
     def _open_step(self) -> Telemetry:
         tel = self._telemetry()
+        self._in_step = True
         if tel.hook is None or tel.hook.shadow is None:  # else the hook records it while this step's all-reduce runs
             self.end_step()
         self._begin()
@@ -394,7 +410,11 @@ class Run:
         waited: float,
         before: list[torch.Tensor] | None,
     ) -> bool:
+        self._in_step, rewinds = False, self.rewinds
         self.end_step()  # the previous step recorded (if its all-reduce did not) and acted on
+        if self.rewinds != rewinds:  # this step's batch was fed before the rewind: no update, and no step counted
+            self.safe = False
+            return False
         tel = self._telemetry()
         loss_t = self._scalar(loss)
         terms = losses or {}
@@ -528,7 +548,10 @@ class Run:
         pending = self._pending
         if pending is not None:
             self._record(pending)
-        if self._guard_due:
+        if self._rewind_due is not None and not self._in_step:
+            (cause, seen_at), self._rewind_due = self._rewind_due, None
+            self._rewind(cause, seen_at)
+        if self._guard_due and not (self._in_step and self.spec.on_divergence == "rewind"):
             self._guard_due = False
             self._guard()
         if self._stop_reason is not None:
@@ -560,6 +583,8 @@ class Run:
         for term, value in p.terms.items():
             self._gauge("term", term).set(value)
         self._guard_due = self.spec.on_divergence != "alert" and bool(tel.monitor.anomalies.get("divergence"))
+        if self.spec.on_spike == "rewind" and self._rewind_due is None and tel.monitor.anomalies.get("loss_spike"):
+            self._rewind_due = ("loss_spike", p.step)
         self._stop_reason = self._check_skipped(p.applied, p.global_loss)
         self.post_progress(force=self.max_steps is not None and p.step >= self.max_steps)
 
@@ -599,6 +624,9 @@ class Run:
 
     def _guard(self) -> None:
         tel = self._telemetry()
+        if self.spec.on_divergence == "rewind":
+            self._rewind("divergence", self.step)
+            return
         if self.spec.on_divergence == "stop":
             raise DivergenceStop(
                 f"training diverged at step {self.step} (loss EMA {tel.monitor.loss_ema:.4g}); on_divergence is stop"
@@ -688,6 +716,83 @@ class Run:
             self._named[key] = self._telemetry().metrics.named(kind, name)
         return self._named[key]
 
+    # ------------------------------------------------ rewind-and-skip
+    def batches(self, loader: Any, *, indices: Callable[[Any], Any] | None = None) -> Any:
+        """Endless batches of `loader` for your own loop, epoch after epoch (`run.epoch`), as rewind-and-skip
+        needs them: resumed where the checkpoint left off, the batches a rewind left out skipped, and each
+        batch recorded for the step it feeds (call `next()` right before the step). The loader's sampler must
+        replay its order (a `DistributedSampler`, or no shuffling); `indices(batch)` gives a batch's sample
+        indices for the events, else they come from the sampler. docs/rewind.md."""
+        if not replayable(loader):
+            sampler = type(getattr(loader, "sampler", None)).__name__
+            raise ValueError(
+                f"run.batches(): the loader's sampler ({sampler}) does not replay its order, so a rewind could "
+                "not skip the right batch: use a DistributedSampler (seeded: its order depends only on seed "
+                "and epoch) or shuffle=False"
+            )
+
+        def moved(epoch: int, taken: int) -> None:
+            self.epoch, self._batch_in_epoch = epoch, taken
+
+        return replay_batches(
+            loader,
+            self.batch_log,
+            place=lambda: (self.epoch, self._batch_in_epoch),
+            moved=moved,
+            next_step=lambda: self.step + 1,
+            indices_of=indices,
+        )
+
+    def _rewind(self, cause: str, seen_at: int) -> None:
+        """on_spike / on_divergence rewind: back to the last good checkpoint, the batches of the
+        rewind.skip_steps steps ending at `seen_at` left out from now on; at most rewind.max_rewinds times."""
+        tel = self._telemetry()
+        cfg, what = self.spec.rewind, "loss spike" if cause == "loss_spike" else "divergence"
+        if self.rewinds >= cfg.max_rewinds:
+            self.finish()  # the result keeps the run's last step, phases and anomalies
+            raise DivergenceStop(
+                f"{what} at step {seen_at} after {self.rewinds} rewinds (rewind.max_rewinds is {cfg.max_rewinds}): "
+                f"skipping the batches that fed them did not help; {len(self.batch_log.skipped)} batches skipped"
+            )
+        assert self._good is not None
+        good = self._good
+        left_out = self.batch_log.rewind(good["step"], seen_at, cfg.skip_steps)
+        self.rewinds += 1
+        self._load(good)
+        mine = [b.describe() for b in left_out]
+        everyone: list[Any] = [mine]
+        if self.world_size > 1:  # every rank rewinds at the same step (the detectors see all-reduced losses)
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, mine)
+        skipped = [
+            {**b, "indices": [ranks[i]["indices"] if i < len(ranks) else None for ranks in everyone]}
+            for i, b in enumerate(mine)
+        ]
+        tel.metrics.rewinds.labels(self.job_id, str(self.rank)).inc()
+        steps = ", ".join(str(b["step"]) for b in skipped) or "none still logged"
+        detail = (
+            f"{what} at step {seen_at}; back to step {self.step} (rewind {self.rewinds} of at most "
+            f"{cfg.max_rewinds}), skipping the batches of steps {steps}"
+        )
+        log.warning("rank %d: %s", self.rank, detail)
+        event = {"step": seen_at, "event": "rewind", "cause": cause, "to_step": self.step, "skipped": skipped}
+        tel.record_event(event)
+        if self.board and self.rank == 0:
+            listed = skipped[:MAX_LISTED_BATCHES]
+            self.board.post_event(
+                {
+                    "kind": "rewind",
+                    "name": cause,
+                    "step": seen_at,
+                    "to_step": self.step,
+                    "skipped": listed,
+                    "skipped_batches": len(skipped),
+                    "detail": detail,
+                }
+            )
+        if self.on_rollback is not None:
+            self.on_rollback(copy.deepcopy(good["extra"]))
+
     # ----------------------------------------------------- checkpoints
     def _snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.model is not None and self.optimizer is not None
@@ -704,6 +809,9 @@ class Run:
             "first_val_loss": self.first_val_loss,
             "detectors": self.telemetry.detector_state() if self.telemetry else None,
             "extra": copy.deepcopy(extra),
+            "batch_in_epoch": self._batch_in_epoch,
+            "rewinds": self.rewinds,
+            "batch_log": self.batch_log.state_dict(),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -717,6 +825,7 @@ class Run:
         self._pending = None
         if self.telemetry is not None:  # the detectors go on from the checkpoint's state, remembering since
             self.telemetry.restore_detectors(state.get("detectors"))
+        self._batch_in_epoch = state.get("batch_in_epoch", 0)
 
     def save_checkpoint(self, extra: dict[str, Any] | None = None) -> None:
         """Save the model, optimizer, scheduler, the run's position and your `extra` state through Ray Train
@@ -753,6 +862,8 @@ class Run:
         self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
         self.skipped_steps, self.first_val_loss = state["skipped_steps"], state["first_val_loss"]
         self._good = state
+        self.rewinds = state.get("rewinds", 0)
+        self.batch_log.load_state_dict(state.get("batch_log"))
         self._resumed_step = self.step
         self._begin()
         return state["extra"]

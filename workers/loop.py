@@ -26,6 +26,7 @@ from workers.data import build_data
 from workers.heartbeat import FORWARD
 from workers.models import build_model, loss_and_correct
 from workers.optim import build_optimizer, build_scheduler
+from workers.rewind import replay_batches
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
 
@@ -122,8 +123,8 @@ class Trainer:
                 seed=self.spec.seed,
                 drop_last=shuffle,
             )
-            if self.world_size > 1
-            else None
+            if self.world_size > 1 or "rewind" in (self.spec.on_spike, self.spec.on_divergence)
+            else None  # a rewind needs an order that replays; one rank alone shuffles with its generator otherwise
         )
         loader = DataLoader(
             dataset,
@@ -142,8 +143,11 @@ class Trainer:
         loss = float("nan")
         while self.step < self.total_steps:
             x, y, index = next(batches)
+            before = self.step
             loss = self.train_step(x, y, index)
             step = self.step
+            if step <= before:  # a rewind undid the step: nothing new to validate or save
+                continue
             if step % self.spec.validation.every_steps == 0 or step == self.total_steps:
                 self.validate()
             if step % self.spec.checkpoint.every_steps == 0 or step == self.total_steps:
@@ -166,19 +170,20 @@ class Trainer:
         return self.run.last_loss
 
     def batches(self):
-        """Endless batches; a resumed run continues its epoch where the checkpoint left it."""
-        while True:
-            sampler = getattr(self.train_loader, "sampler", None)
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(self.run.epoch)
-            skip = self.pos.batch_in_epoch
-            for i, batch in enumerate(self.train_loader):
-                if i < skip:
-                    continue
-                self.pos.batch_in_epoch = i + 1
-                yield batch
-            self.run.epoch += 1
-            self.pos.batch_in_epoch = 0
+        """Endless batches; a resumed run continues its epoch where the checkpoint left it, a rewound one
+        from the restored place, leaving out the batches the rewind skips (workers/rewind.py)."""
+
+        def moved(epoch: int, taken: int) -> None:
+            self.run.epoch, self.pos.batch_in_epoch = epoch, taken
+
+        return replay_batches(
+            self.train_loader,
+            self.run.batch_log,
+            place=lambda: (self.run.epoch, self.pos.batch_in_epoch),
+            moved=moved,
+            next_step=lambda: self.step + 1,
+            indices_of=lambda batch: batch[2],  # kept as a tensor: read only if a rewind lists it
+        )
 
     def _rolled_back(self, extra: dict[str, Any]) -> None:
         """The run went back to its last good checkpoint: so does the loop's place in the data."""

@@ -98,6 +98,20 @@ class WorkerMetrics:
             self.nonfinite.labels(*self._base, kind)
         self.step_duration.labels(*self._base)
 
+    @property
+    def rewinds(self) -> Counter:
+        """`gradwatch_rewinds`: registered by runs that may rewind (on_spike or on_divergence: rewind) alone,
+        so other runs' series stay as they are."""
+        if not hasattr(self, "_rewinds"):
+            self._rewinds = Counter(
+                "gradwatch_rewinds",
+                "Rewinds to the last good checkpoint that skip the batches fed to a loss spike or divergence.",
+                ["job_id", "rank"],
+                registry=self.registry,
+            )
+            self._rewinds.labels(self.job_id, self.rank)
+        return self._rewinds
+
     # ---- series named by user code (the training API): a bounded set, each family registered on first use
     def named(self, kind: str, name: str):
         """The gauge of a named loss term (`kind="term"`: `gradwatch_loss_term{term}`) or a custom scalar
