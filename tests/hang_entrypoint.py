@@ -7,6 +7,7 @@ restart` can succeed. Config: `block_at` (the step whose data loading never ends
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -26,6 +27,8 @@ def train_func(config: dict) -> None:
     x, y = torch.randn(32, 8), torch.randn(32, 1)
     while run.step < run.max_steps:
         if restored is None and run.rank == 1 and run.step + 1 == block_at:
+            if run.run_dir is not None:  # when it blocked, for the test to time the detection from
+                (run.run_dir / "blocked.json").write_text(json.dumps({"step": block_at, "time": time.time()}))
             threading.Event().wait()  # a data loader that never returns
         if delay:
             time.sleep(delay)
