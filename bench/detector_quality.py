@@ -49,6 +49,7 @@ ALERTS = (
     "TrainingOverfitting",
     "VanishingGradients",
     "ExplodingGradients",
+    "GradNormGrowing",
 )
 ANCHORS = ("megatron", "olmo", "composer", "lightning", "rlrop")
 GOAL_FALSE_ALARM = 0.01
@@ -72,9 +73,13 @@ def alerts_of(result: ReplayResult) -> dict[str, int]:
         "overfitting": "TrainingOverfitting",
         "vanishing_gradients": "VanishingGradients",
         "exploding_gradients": "ExplodingGradients",
+        "dead_run": "TrainingStalled",
+        "lr_schedule": "TrainingStalled",
+        "grad_norm_growth": "GradNormGrowing",
     }
     for kind, step in result.anomalies.items():
-        fire(by_alert[kind], step)
+        if kind in by_alert:  # a kind with no alert of its own (yet) fires none
+            fire(by_alert[kind], step)
     for phase, step in result.phases:
         if phase == "diverging":
             fire("TrainingDiverging", step)
@@ -141,7 +146,9 @@ class Verdict:
 
 def judge(curve: Curve) -> Verdict:
     rows = curve.rows
-    result = replay_rows(((f"{curve.family}:{curve.seed}", r) for r in rows), warmup_steps=curve.warmup_steps)
+    result = replay_rows(
+        ((f"{curve.family}:{curve.seed}", r) for r in rows), warmup_steps=curve.warmup_steps, max_steps=curve.max_steps
+    )
     alerts = alerts_of(result)
     fired = {**result.anomalies, **alerts, **anchors_of(rows)}
     failed = [fired[k] for k in ("divergence", "plateau") if k in fired]

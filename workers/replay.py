@@ -122,9 +122,10 @@ def replay_rows(
     *,
     warmup_steps: int = 0,
     file: str = "-",
+    max_steps: int | None = None,
 ) -> ReplayResult:
     """Feed rows through a fresh `DynamicsMonitor` and collect what it reported."""
-    monitor = DynamicsMonitor(spec, warmup_steps=warmup_steps)
+    monitor = DynamicsMonitor(spec, warmup_steps=warmup_steps, max_steps=max_steps)
     result = ReplayResult(file)
     events = result.events
     for where, row in rows:

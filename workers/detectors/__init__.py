@@ -53,7 +53,8 @@ _FEW_EVALS = 8  # below this many evaluations the validation noise is not measur
 _DEAD_LAYER_MEASUREMENTS = 3  # a dead layer: exactly 0 on at least this many measurements
 _LONG_HISTORY = 256  # the EMA's whole-run history keeps at most this many points (thinned as the run grows)
 _LEVEL_ROWS = 4096  # the latest level is a mean of at most this many losses
-_CROSSINGS = 9  # the oscillation period: from the last this many crossings of the EMA and a slower one
+_CROSSINGS = 5  # the oscillation period: from the last this many crossings of the EMA and a slower one
+_PERIOD_ROWS = 512  # the phase's slope is measured over a whole oscillation period, up to this many losses
 _SLOW_EMA = 0.1  # the slower EMA's alpha, as a share of ema_alpha
 
 
@@ -68,7 +69,7 @@ class LossTracker:
 
     def __init__(self, spec: DetectorSpec) -> None:
         self.alpha = spec.ema_alpha
-        history = max(spec.plateau_window, spec.phase_window) + 1
+        history = max(spec.plateau_window, spec.phase_window, _PERIOD_ROWS) + 1
         self.ema_history: deque[float] = deque(maxlen=history)
         self.count_history: deque[int] = deque(maxlen=history)
         self.diffs = SortedWindow(spec.spike_window)
@@ -95,6 +96,7 @@ class LossTracker:
         self.long_steps: list[int] = []
         self.long_emas: list[float] = []
         self.long_counts: list[int] = []
+        self.long_sums: list[float] = []  # the running sum of the losses at each point: means between them
         self.long_every = 1
         self.step = 0  # the optimizer step of the last finite loss
         # Running sums of the latest losses: the mean over any recent window, for levels longer than a period.
@@ -151,17 +153,20 @@ class LossTracker:
         if (self.finite_steps - 1) % self.long_every == 0:
             if len(self.long_steps) == _LONG_HISTORY:  # keep every other point: the history spans the whole run
                 self.long_steps, self.long_emas = self.long_steps[::2], self.long_emas[::2]
-                self.long_counts = self.long_counts[::2]
+                self.long_counts, self.long_sums = self.long_counts[::2], self.long_sums[::2]
                 self.long_every *= 2
             self.long_steps.append(self.step)
             self.long_emas.append(self.ema)
-            self.long_counts.append(self.finite_steps)
+            self.long_counts.append(self.finite_steps - 1)
+            self.long_sums.append(self.total)  # the sum before this loss: means of the losses between points
         self.total += smoothed
         self.sums.append(self.total)
         slow_alpha = self.alpha * _SLOW_EMA
         self.slow = self.ema if self.slow is None else (1.0 - slow_alpha) * self.slow + slow_alpha * self.ema
-        above = self.ema > self.slow
-        if self.above_slow is not None and above != self.above_slow:
+        # a crossing counts once the EMA is clearly on the other side: its own noise does not cross
+        margin = 2.0 * self.sigma * math.sqrt(self.alpha / (2.0 - self.alpha))
+        above = True if self.ema > self.slow + margin else False if self.ema < self.slow - margin else self.above_slow
+        if self.above_slow is not None and above is not None and above != self.above_slow:
             self.crossings.append(self.finite_steps)
         self.above_slow = above
 
@@ -173,14 +178,22 @@ class LossTracker:
         c = list(self.crossings)
         return 2.0 * _median_sorted(sorted(b - a for a, b in zip(c, c[1:], strict=False)))
 
-    def long_fall(self, horizon: int) -> tuple[float, float] | None:
-        """(how much the EMA fell over the last `horizon` steps, the noise of that fall); None before the
-        history reaches that far back."""
-        if not self.long_steps or self.ema is None or self.step - self.long_steps[0] < horizon:
+    def long_fall(self, horizon: int) -> tuple[float, float, float] | None:
+        """(how much the loss level fell over the last `horizon` steps, the noise of that fall, the level
+        now); levels are means over a quarter of the horizon (at least `plateau_window` losses), so a
+        long horizon is measured as precisely as its length allows. None before the history reaches back."""
+        if len(self.long_steps) < 4 or self.step - self.long_steps[0] < horizon:
             return None
+        counts, sums = self.long_counts, self.long_sums
         i = bisect_right(self.long_steps, self.step - horizon) - 1
-        share = _weight_share(self.alpha, self.long_counts[i]) + _weight_share(self.alpha, self.finite_steps)
-        return self.long_emas[i] - self.ema, self.sigma * math.sqrt(share)
+        rows = max(self.window, (self.finite_steps - counts[i]) // 4, int(2 * self.period()))
+        j = max(0, bisect_right(counts, self.finite_steps - rows) - 1)  # the latest level: from point j to now
+        k = max(0, bisect_right(counts, counts[i] - rows) - 1)  # the earlier level: from point k to point i
+        n_now, n_then = self.finite_steps - counts[j], counts[i] - counts[k]
+        if n_now < 1 or n_then < 1:
+            return None
+        now, then = (self.total - sums[j]) / n_now, (sums[i] - sums[k]) / n_then
+        return then - now, self.sigma * math.sqrt(1.0 / n_now + 1.0 / n_then), now
 
     def latest_mean(self, rows: int) -> float:
         """The mean of the latest `rows` losses (as the EMA took them; at most the history held)."""
@@ -628,10 +641,12 @@ class PhaseDetector:
         converged: bool | None = None,
     ) -> str:
         """The phase this one observation points to, before debouncing."""
-        fall = tracker.fall(self.window)
+        # over a whole period of an oscillation: its down-swings are not rapid learning
+        window = min(max(self.window, int(tracker.period())), _PERIOD_ROWS)
+        fall = tracker.fall(window)
         slope: float | None = None  # the loss's fall per step, when it stands out of the noise
-        if fall is not None and fall > self.sigmas * tracker.fall_noise(self.window):
-            slope = fall / self.window
+        if fall is not None and fall > self.sigmas * tracker.fall_noise(window):
+            slope = fall / window
             self.steepest = max(self.steepest, slope)
         if diverging:
             return "diverging"
@@ -641,7 +656,7 @@ class PhaseDetector:
             return "stalled"
         if converged if converged is not None else flat:
             return "converged"
-        rising = fall is not None and fall < -self.sigmas * tracker.fall_noise(self.window)
+        rising = fall is not None and fall < -self.sigmas * tracker.fall_noise(window)
         above_start = (
             tracker.ema is not None
             and tracker.initial is not None
@@ -651,7 +666,12 @@ class PhaseDetector:
             return self.phase or "warmup"  # getting worse is not learning: no new phase until it is judged
         # entering rapid learning again takes a steeper slope than staying in it, so noise does not toggle it
         needed = self.rapid * (1.0 if self.phase in ("rapid_learning", "warmup") else _REENTER_RAPID)
-        if slope is not None and slope >= needed * self.steepest > 0.0:
+        # and a fall over the plateau window, steep too when entering again: a down-swing is not learning
+        longer = tracker.fall(tracker.window)
+        falling = longer is None or longer > self.sigmas * tracker.fall_noise(tracker.window)
+        if falling and longer is not None and self.phase not in ("rapid_learning", "warmup"):
+            falling = longer / tracker.window >= needed * self.steepest
+        if slope is not None and falling and slope >= needed * self.steepest > 0.0:
             return "rapid_learning"
         return "refinement"
 
@@ -675,7 +695,11 @@ class PhaseDetector:
         else:
             self.pending_count = self.pending_count + 1 if candidate == self.pending else 1
             self.pending = candidate
-            if self.pending_count >= self.patience:
+            # leaving a flat phase takes a whole plateau window: a converged run does not flap on noise
+            patience = (
+                self.patience if self.phase not in ("converged", "stalled") else max(self.patience, tracker.window)
+            )
+            if self.pending_count >= patience:
                 self.phase, self.pending, self.pending_count = candidate, None, 0
         return self.phase
 
@@ -797,12 +821,17 @@ class DynamicsMonitor:
         self._judge(step, "exploding_gradients", exploding, past)
         self._judge(step, "grad_norm_growth", growing, past)
         plateau = self.plateau.update(self.loss, elapsed, self.max_steps) if finite and not diverging else _QUIET
-        self._judge(step, "plateau", plateau, past)
+        long_flat = self._long_flat(elapsed)
+        # a stall is flat over half the run too: a crest of an oscillation is flat for a moment only
+        self._judge(step, "plateau", plateau if long_flat else _QUIET, past)
         # not learning, whatever the level: a dead run, a schedule at 0, dead layers while the loss is flat
-        stuck = self.latches["dead_run"].held or (
-            self.plateau.flat and (self.latches["lr_schedule"].held or self.latches["vanishing_gradients"].held)
+        held = self.latches
+        stuck = (
+            held["dead_run"].held
+            or held["lr_schedule"].held
+            or (self.plateau.flat and held["vanishing_gradients"].held)
         )
-        stalled = self.plateau.stalled or stuck
+        stalled = (self.plateau.stalled and long_flat) or stuck
         phase = self.phases.update(
             self.loss,
             past_warmup=past,
@@ -932,6 +961,18 @@ class DynamicsMonitor:
         finally:
             self.replaying = False
 
+    def _long_flat(self, elapsed: int) -> bool:
+        """Whether the loss level moved (either way) by no more than noise or `converged_improvement` of it
+        over the last half of the run so far (at least `plateau_window` steps)."""
+        for horizon in (elapsed // 2, elapsed // 4):  # on two horizons: an oscillation is level on one by chance
+            got = self.loss.long_fall(max(self.spec.plateau_window, horizon))
+            if got is None:
+                return False
+            fall, noise, level = got
+            if abs(fall) > max(self.spec.noise_sigmas * noise, self.spec.converged_improvement * abs(level)):
+                return False
+        return True
+
     def _converged(self, elapsed: int, stalled: bool) -> bool:
         """Converged: the run learned, and over the last half of it so far (at least `plateau_window` steps)
         the loss fell by no more than noise or `converged_improvement` of its level; it stays converged
@@ -946,10 +987,10 @@ class DynamicsMonitor:
         if got is None or start is None:
             self.converged = False
             return False
-        fall, noise = got
-        learned = start - ema > max(spec.stalled_improvement * abs(start), spec.noise_sigmas * noise)
-        limit = max(spec.noise_sigmas * noise, spec.converged_improvement * abs(ema))
-        self.converged = learned and fall <= (2.0 * limit if self.converged else limit)
+        fall, noise, level = got
+        learned = start - level > max(spec.stalled_improvement * abs(start), spec.noise_sigmas * noise)
+        limit = max(spec.noise_sigmas * noise, spec.converged_improvement * abs(level))
+        self.converged = learned and abs(fall) <= (2.0 * limit if self.converged else limit)
         return self.converged
 
     def _last_lr_fraction(self) -> float:

@@ -85,7 +85,7 @@ class LrScheduleDetector:
         self.peak = max(self.peak, lr)
         in_tail = max_steps is not None and step >= (1.0 - self.tail) * max_steps
         low = lr <= 0.0 or (max_steps is not None and 0.0 < self.peak and lr <= self.fraction * self.peak)
-        if not low or in_tail:
+        if not low or (in_tail and self.since is None):  # low since before the tail: still the bug
             self.since = None
             return QUIET
         if self.since is None:

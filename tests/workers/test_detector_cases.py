@@ -1,0 +1,248 @@
+"""Each failure of issue 25's "Why", replayed through the detectors: the right kind within its goal delay,
+and each false alarm it fixed kept fixed. The curves are bench/corpus.py's families (the bench measures
+them on many seeds) or, where the issue quotes a real run's numbers, those numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench.corpus import HEALTHY, UNHEALTHY, Curve
+from gradwatch.spec_telemetry import DetectorSpec
+from workers.detectors import DynamicsMonitor
+from workers.replay import ReplayResult, replay_rows
+
+SEEDS = range(3)
+
+
+def replay(curve: Curve, *, max_steps: int | None | bool = True) -> ReplayResult:
+    """Replay a curve as `gradwatch replay` does; `max_steps=True` passes the curve's own planned length."""
+    steps = curve.max_steps if max_steps is True else (max_steps or None)
+    rows = ((f"{curve.family}:{curve.seed}", row) for row in curve.rows)
+    return replay_rows(rows, warmup_steps=curve.warmup_steps, max_steps=steps)
+
+
+def caught(curve: Curve, kind: str, within: int, **kw) -> ReplayResult:
+    result = replay(curve, **kw)
+    assert kind in result.anomalies, (result.anomalies, result.phases[-3:])
+    assert curve.onset is not None and curve.onset <= result.anomalies[kind] <= curve.onset + within, (
+        result.anomalies,
+        curve.onset,
+    )
+    early = {k: s for k, s in result.anomalies.items() if s < curve.onset}
+    assert early == {}
+    return result
+
+
+def changes(result: ReplayResult) -> int:
+    return len(result.phases) - 1
+
+
+# ---------------------------------------------------------------- a dead run
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_loss_bit_identical_from_some_step_on_is_a_dead_run_and_stalled(seed):
+    result = caught(UNHEALTHY["dead_run"](seed), "dead_run", DetectorSpec().dead_run_steps + 10)
+    assert result.phases[-1][0] == "stalled"
+
+
+def test_every_gradient_exactly_zero_is_a_dead_run():
+    monitor = DynamicsMonitor()
+    rng = np.random.default_rng(0)
+    for step in range(1, 200):
+        monitor.observe_step(step, 2.0 + 0.05 * rng.standard_normal(), grad_norm=0.0 if step > 100 else 1.0)
+    assert monitor.anomalies_raised.get("dead_run", 0) == 101 + DetectorSpec().dead_run_steps
+
+
+def test_a_loss_of_exactly_zero_is_a_perfect_fit_not_a_dead_run():
+    monitor = DynamicsMonitor()
+    for step in range(1, 300):
+        monitor.observe_step(step, 0.0 if step > 50 else 1.0 / step)
+    assert "dead_run" not in monitor.anomalies_raised
+
+
+# ---------------------------------------------------------------- a learning-rate schedule that ends early
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_logged_lr_at_zero_mid_run_is_a_schedule_bug_not_converged(seed):
+    result = caught(UNHEALTHY["lr_drops_to_zero"](seed), "lr_schedule", DetectorSpec().lr_schedule_steps + 10)
+    assert result.phases[-1][0] != "converged"
+
+
+def test_an_lr_at_zero_is_a_bug_even_when_the_run_length_is_unknown():
+    caught(UNHEALTHY["lr_drops_to_zero"](0), "lr_schedule", DetectorSpec().lr_schedule_steps + 10, max_steps=None)
+
+
+@pytest.mark.parametrize("family", ["warmup_cosine", "linear_decay_to_zero"])
+def test_a_schedule_that_reaches_zero_at_its_planned_end_is_not_a_bug(family):
+    for seed in SEEDS:
+        curve = HEALTHY[family](seed)
+        assert "lr_schedule" not in replay(curve, max_steps=len(curve.rows)).anomalies
+
+
+# ---------------------------------------------------------------- a creeping divergence
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_loss_creeping_up_30_to_60_percent_over_3000_steps_is_a_divergence(seed):
+    caught(UNHEALTHY["creeping_divergence"](seed), "divergence", 3000)
+
+
+def test_a_sustained_rise_of_a_fifth_is_caught_on_a_clean_curve():
+    rng = np.random.default_rng(3)
+    t = np.arange(1, 4001, dtype=float)
+    loss = (0.5 + 1.5 * (1 + t / 30) ** -0.6) * np.where(t > 1500, 1 + 0.2 * np.clip((t - 1500) / 1500, 0, 1), 1.0)
+    monitor = DynamicsMonitor(max_steps=4000)
+    for step, value in zip(t, loss * (1 + 0.02 * rng.standard_normal(len(t))), strict=True):
+        monitor.observe_step(int(step), float(value))
+    assert 1500 < monitor.anomalies_raised["divergence"] <= 3500
+
+
+# ---------------------------------------------------------------- a growing gradient norm
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_grad_norm_growing_100x_warns_first_then_is_exploding(seed):
+    result = caught(UNHEALTHY["grad_norm_growth_100x"](seed), "grad_norm_growth", 700)
+    assert result.anomalies["grad_norm_growth"] < result.anomalies["exploding_gradients"]  # lead time
+    assert "divergence" not in result.anomalies  # the loss still looks fine
+
+
+def test_healthy_noisy_grad_norms_raise_nothing():
+    for seed in range(5):
+        result = replay(HEALTHY["healthy_grad_norms"](seed))
+        assert not {"grad_norm_growth", "exploding_gradients"} & set(result.anomalies), result.anomalies
+
+
+# ---------------------------------------------------------------- overfitting on few evaluations
+def test_a_fine_tune_whose_eval_loss_rises_over_5_evaluations_is_overfitting():
+    """The real fine-tune: eval loss 0.31 -> 0.47 over 5 evaluations while the train loss falls to 2e-4."""
+    monitor = DynamicsMonitor(max_steps=1000)
+    evals = dict(zip((200, 400, 600, 800, 1000), (0.31, 0.33, 0.36, 0.41, 0.47), strict=True))
+    for step in range(1, 1001):
+        monitor.observe_step(step, 0.7 * math.exp(-step / 80) + 2e-4)
+        if step in evals:
+            monitor.observe_validation(step, evals[step])
+    assert 600 <= monitor.anomalies_raised["overfitting"] <= 1000
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_overfitting_with_sparse_evaluations_is_caught_within_three_of_them(seed):
+    caught(UNHEALTHY["finetune_overfit_few_evals"](seed), "overfitting", 2 * 400)
+
+
+def test_a_few_evaluations_that_wobble_are_not_overfitting():
+    for seed in range(10):
+        assert "overfitting" not in replay(HEALTHY["finetune_few_evals"](seed)).anomalies
+
+
+# ---------------------------------------------------------------- a sparse log: time in steps, not rows
+@pytest.mark.parametrize("max_steps", [True, False])
+def test_a_stalled_language_model_logged_every_50_steps_is_stalled_not_converged(max_steps):
+    curve = UNHEALTHY["sparse_stalled_lm"](0)
+    result = caught(curve, "plateau", 1500, max_steps=max_steps)
+    assert "converged" not in dict(result.phases)
+
+
+def test_the_same_curve_logged_every_1_or_every_10_steps_gets_the_same_verdict():
+    dense = UNHEALTHY["flat_from_start"](0)
+    sparse = Curve(dense.family, 0, [row for row in dense.rows if row["step"] % 10 == 0], dense.onset)
+    at_dense, at_sparse = replay(dense).anomalies["plateau"], replay(sparse).anomalies["plateau"]
+    assert abs(at_dense - at_sparse) <= 100, (at_dense, at_sparse)
+
+
+def test_a_stall_is_not_judged_before_a_share_of_a_long_run():
+    curve = UNHEALTHY["flat_from_start"](0)
+    early = replay(curve, max_steps=20_000).anomalies
+    assert "plateau" not in early  # 2000 steps are a tenth of a 20k-step run
+    assert replay(curve, max_steps=2000).anomalies["plateau"] >= 200
+
+
+# ---------------------------------------------------------------- converged too early, flapping
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_long_gpt_like_run_that_keeps_falling_is_not_converged_early_and_does_not_flap(seed):
+    curve = HEALTHY["gpt_long"](seed)
+    result = replay(curve)
+    converged = [s for p, s in result.phases if p == "converged"]
+    assert not converged or converged[0] > 0.5 * len(curve.rows) * 10, result.phases
+    assert changes(result) <= 4, result.phases
+    assert result.anomalies == {}
+
+
+@pytest.mark.parametrize("family", ["power_law_5pct", "warm_restarts", "fine_tuning", "plateau_then_descent"])
+def test_healthy_curves_change_phase_only_a_handful_of_times(family):
+    for seed in SEEDS:
+        assert changes(replay(HEALTHY[family](seed))) <= 6
+
+
+def test_a_run_that_never_learned_is_stalled_not_converged():
+    result = replay(UNHEALTHY["flat_from_start"](1))
+    assert "converged" not in dict(result.phases) and "stalled" in dict(result.phases)
+
+
+# ---------------------------------------------------------------- a bounded oscillation
+def test_a_bounded_gan_like_oscillation_is_neither_divergence_nor_plateau():
+    for seed in range(20):
+        result = replay(HEALTHY["gan_oscillation"](seed))
+        assert not {"divergence", "plateau"} & set(result.anomalies), (seed, result.anomalies)
+        assert changes(result) <= 10, (seed, result.phases)
+
+
+# ---------------------------------------------------------------- dead layers, a divergence that stays
+@pytest.mark.parametrize("seed", SEEDS)
+def test_layers_whose_gradient_went_to_exactly_zero_are_named_vanishing(seed):
+    curve = UNHEALTHY["dead_layers"](seed)
+    result = caught(curve, "vanishing_gradients", DetectorSpec().dead_layer_steps + 20)
+    detail = next(e.detail for e in result.events if e.name == "vanishing_gradients" and e.raised)
+    assert "dead" in detail and "layer0" in detail
+    assert result.phases[-1][0] == "stalled"  # collapsed is not converged
+
+
+def test_a_layer_frozen_from_the_start_is_not_a_dead_layer():
+    for seed in SEEDS:
+        assert "vanishing_gradients" not in replay(HEALTHY["frozen_layer"](seed)).anomalies
+
+
+def test_a_divergence_that_stays_high_is_raised_once_and_not_cleared():
+    monitor = DynamicsMonitor()
+    rng = np.random.default_rng(0)
+    for step in range(1, 3001):
+        level = 2.3 * math.exp(-step / 100) + 0.1 if step < 1000 else 2.3 * 1.2  # then stuck above its start
+        monitor.observe_step(step, level * (1 + 0.03 * rng.standard_normal()))
+    assert monitor.raise_counts.get("divergence") == 1 and monitor.anomalies["divergence"]
+    assert monitor.phase == "diverging"
+
+
+# ---------------------------------------------------------------- recurring spikes, mixed precision
+@pytest.mark.parametrize("seed", SEEDS)
+def test_spikes_that_recur_and_grow_are_a_divergence(seed):
+    caught(UNHEALTHY["recurring_growing_spikes"](seed), "divergence", 700)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradscaler_isolated_skips_are_counted_not_alarmed(seed):
+    curve = HEALTHY["amp_isolated_skips"](seed)
+    monitor = DynamicsMonitor(max_steps=curve.max_steps)
+    for row in curve.rows:
+        monitor.observe_step(row["step"], row["loss"], grad_norm=row.get("grad_norm"))
+    assert monitor.anomalies_raised == {}
+    assert monitor.skipped_steps >= 2  # past warm-up, each scale growth's skip
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_frequent_skipped_steps_are_a_nonfinite_alarm(seed):
+    caught(UNHEALTHY["frequent_amp_skips"](seed), "nonfinite", 80 * DetectorSpec().nonfinite_skips)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_new_detectors_survive_a_checkpoint_on_a_sparse_log():
+    curve = UNHEALTHY["sparse_stalled_lm"](0)
+    half = len(curve.rows) // 2
+    whole = replay(curve)
+    first = DynamicsMonitor(max_steps=curve.max_steps)
+    for row in curve.rows[:half]:
+        first.observe_step(row["step"], row["loss"])
+    resumed = DynamicsMonitor(max_steps=curve.max_steps)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.stride == 50
+    for row in curve.rows[half:]:
+        resumed.observe_step(row["step"], row["loss"])
+    assert resumed.anomalies_raised == whole.anomalies
+    assert resumed.phases_entered == whole.phases
