@@ -159,3 +159,50 @@ def test_a_poison_that_comes_back_every_batch_ends_the_run_failed_after_max_rewi
         trainer.train()
     assert trainer.run.rewinds == 2
     assert [r["step"] for r in _history(tmp_path) if r.get("event") == "rewind"] == [POISON_STEP, POISON_STEP]
+
+
+# ------------------------------------------------------------------ real DDP: 2 workers on Ray
+# The rewound run trains on the clean run's batches but one (left out), from the same start: its final
+# validation loss is within this share of the clean run's; without the rewind the poison puts it far off.
+CLEAN_TOLERANCE = 0.1
+
+
+def _ddp_run(tmp_path, name, steps, **overrides):
+    from workers.driver import run_job
+
+    events: list[dict] = []
+    spec = load_spec(_poison_spec(steps, world_size=2, ranks=2, name=name, **overrides))
+    result = run_job(spec, storage_path=tmp_path / name, listeners=[lambda _status, new: events.extend(new)])
+    return spec, result, events
+
+
+def test_ddp_rewind_skips_the_poisoned_batch_and_ends_like_a_clean_run(local_ray, tmp_path):
+    _, clean, clean_events = _ddp_run(tmp_path, "clean", [], on_spike="rewind")
+    spec, rewound, events = _ddp_run(tmp_path, "rewound", [POISON_STEP], on_spike="rewind")
+    _, alerted, _ = _ddp_run(tmp_path, "alerted", [POISON_STEP])
+
+    assert clean.state == "succeeded" and not [e for e in clean_events if e.get("kind") == "rewind"]
+    assert rewound.state == "succeeded", rewound.error
+    assert rewound.steps == 120 and rewound.ranks[0].param_hash == rewound.ranks[1].param_hash
+    (rewind,) = [e for e in events if e.get("kind") == "rewind"]
+    n_train = len(build_data(load_spec(_poison_spec([])).data, spec.seed).train)  # type: ignore[arg-type]
+    poisoned = poisoned_indices(n_train, [POISON_STEP], 2, BATCH, spec.seed)[POISON_STEP]
+    assert (rewind["name"], rewind["step"], rewind["to_step"]) == ("loss_spike", POISON_STEP, 50)
+    assert [(b["step"], b["indices"]) for b in rewind["skipped"]] == [(POISON_STEP, poisoned)]  # both ranks' samples
+    assert "skipping the batches of steps 60" in rewind["detail"]
+    off = abs(rewound.val_loss - clean.val_loss) / clean.val_loss
+    assert off < CLEAN_TOLERANCE, (rewound.val_loss, clean.val_loss)
+    # the poison does hurt: the same run without the rewind ends far from the clean one (or fails)
+    assert alerted.val_loss is None or abs(alerted.val_loss - clean.val_loss) / clean.val_loss > CLEAN_TOLERANCE, (
+        alerted.val_loss,
+        clean.val_loss,
+    )
+
+
+def test_ddp_a_poison_on_every_batch_after_the_rewind_ends_failed_after_max_rewinds(local_ray, tmp_path):
+    steps = list(range(POISON_STEP, POISON_STEP + 12))
+    _, result, events = _ddp_run(tmp_path, "recurring", steps, on_spike="rewind", rewind={"max_rewinds": 2})
+    assert result.state == "failed"
+    assert "loss spike at step 60 after 2 rewinds (rewind.max_rewinds is 2)" in (result.error or ""), result.error
+    rewinds = [e for e in events if e.get("kind") == "rewind"]
+    assert [(e["step"], e["skipped"][0]["step"]) for e in rewinds] == [(POISON_STEP, POISON_STEP)] * 2
