@@ -112,7 +112,9 @@ def test_a_hung_rank_raises_a_hang_event_and_training_hang_naming_it(stack):
     check_hang_event(events[0], "alert")
     assert events[0]["stuck_seconds"] >= HANG_AFTER
     alert = next(a for a in stack.client.alerts(job_id=job["id"]) if a["alertname"] == "TrainingHang")
-    assert alert["severity"] == "critical" and alert["labels"]["rank"] == "1" and alert["labels"]["phase"] == "data"
+    assert (
+        alert["severity"] == "critical" and alert["labels"]["rank"] == "1" and alert["labels"]["step_phase"] == "data"
+    )
     assert alert["summary"] == f"Rank 1 of job {job['id']} is stuck in its data phase"
     # the stack is in the job's logs and its run directory too
     logs = "\n".join(stack.client.logs(job["id"]))

@@ -5,7 +5,7 @@ collective, optimizer, checkpoint) and the time it entered the phase. Entering a
 read and a few attribute writes on the training thread: no collective, no tensor, no host sync.
 A daemon thread posts the heartbeat to the job board once a second (it runs while the training
 thread is blocked in a collective or a data loader), and a Prometheus collector exports it at
-scrape time with bounded labels (`phase`, six values).
+scrape time with bounded labels (`step_phase`, six values).
 
 The driver's `HangWatch` reads the board's heartbeats: a rank that stayed in one phase longer than
 its hang threshold (`telemetry.hang_after`, or HANG_STEP_MULTIPLE times its median step time when
@@ -163,7 +163,9 @@ class HeartbeatCollector:
         step.add_metric(labels, snap["step"])
         yield step
         phase = GaugeMetricFamily(
-            "gradwatch_rank_phase", "1 for the phase of the step this rank is in.", labels=["job_id", "rank", "phase"]
+            "gradwatch_rank_step_phase",
+            "1 for the phase of the step this rank is in.",
+            labels=["job_id", "rank", "step_phase"],
         )
         for name in PHASES:
             phase.add_metric([*labels, name], 1.0 if name == snap["phase"] and not hb.done else 0.0)
@@ -184,9 +186,9 @@ class HeartbeatCollector:
         after.add_metric(labels, snap["hang_after"])
         yield after
         spent = CounterMetricFamily(
-            "gradwatch_phase_seconds",
+            "gradwatch_step_phase_seconds",
             "Time this rank spent in each phase of its steps.",
-            labels=["job_id", "rank", "phase"],
+            labels=["job_id", "rank", "step_phase"],
         )
         for name in PHASES:
             spent.add_metric([*labels, name], snap["seconds"][name])

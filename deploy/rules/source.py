@@ -51,8 +51,8 @@ class AlertRule:
 # ---- recording rules: what several alerts (and the dashboards) share
 def _cause_share(cause: str, phases: str) -> str:
     return (
-        f'label_replace(sum by (job_id, rank) (rate(gradwatch_phase_seconds_total{{phase=~"{phases}"}}[2m])), '
-        f'"cause", "{cause}", "", "")'
+        "label_replace(sum by (job_id, rank) "
+        f'(rate(gradwatch_step_phase_seconds_total{{step_phase=~"{phases}"}}[2m])), "cause", "{cause}", "", "")'
     )
 
 
@@ -85,23 +85,23 @@ RECORDING_RULES = [
     ),
     # A rank's share of wall time per cause (workers/heartbeat.py CAUSES), how far above the job's median
     # rank it is, and the cause where it is furthest above: what TrainingStraggler names.
-    RecordingRule("job_id_rank_cause:gradwatch_phase_seconds:rate2m", _CAUSE_SHARES),
+    RecordingRule("job_id_rank_cause:gradwatch_step_phase_seconds:rate2m", _CAUSE_SHARES),
     RecordingRule(
-        "job_id_rank_cause:gradwatch_phase_seconds:excess_rate2m",
-        "job_id_rank_cause:gradwatch_phase_seconds:rate2m\n"
+        "job_id_rank_cause:gradwatch_step_phase_seconds:excess_rate2m",
+        "job_id_rank_cause:gradwatch_step_phase_seconds:rate2m\n"
         "- on (job_id, cause) group_left ()\n"
-        "quantile by (job_id, cause) (0.5, job_id_rank_cause:gradwatch_phase_seconds:rate2m)",
+        "quantile by (job_id, cause) (0.5, job_id_rank_cause:gradwatch_step_phase_seconds:rate2m)",
     ),
     RecordingRule(
-        "job_id_rank:gradwatch_phase_seconds:slowest_cause",
-        "topk by (job_id, rank) (1, job_id_rank_cause:gradwatch_phase_seconds:excess_rate2m)",
+        "job_id_rank:gradwatch_step_phase_seconds:slowest_cause",
+        "topk by (job_id, rank) (1, job_id_rank_cause:gradwatch_step_phase_seconds:excess_rate2m)",
     ),
     # Each rank past its hang threshold, with the phase it is stuck in; the value is the seconds in it.
     RecordingRule(
-        "job_id_rank_phase:gradwatch_rank_stuck_seconds:hung",
-        "max by (job_id, rank, phase) (\n"
+        "job_id_rank_step_phase:gradwatch_rank_stuck_seconds:hung",
+        "max by (job_id, rank, step_phase) (\n"
         "  (gradwatch_rank_stuck_seconds > on (job_id, rank) group_left () gradwatch_rank_hang_after_seconds)\n"
-        "  * on (job_id, rank) group_left (phase) (gradwatch_rank_phase == 1)\n"
+        "  * on (job_id, rank) group_left (step_phase) (gradwatch_rank_step_phase == 1)\n"
         ")",
     ),
 ]
@@ -290,10 +290,10 @@ ALERT_RULES = [
         # without them (no phase series) the alert comes without it.
         "(\n"
         "  (" + _STRAGGLER + ")\n"
-        "  * on (job_id, rank) group_left (cause) (0 * job_id_rank:gradwatch_phase_seconds:slowest_cause + 1)\n"
+        "  * on (job_id, rank) group_left (cause) (0 * job_id_rank:gradwatch_step_phase_seconds:slowest_cause + 1)\n"
         "  or\n"
         "  (" + _STRAGGLER + ")\n"
-        "  unless on (job_id, rank) job_id_rank:gradwatch_phase_seconds:slowest_cause\n"
+        "  unless on (job_id, rank) job_id_rank:gradwatch_step_phase_seconds:slowest_cause\n"
         ")\n" + _UNLESS_FINISHED,
         for_="1m",
         severity="warning",
@@ -310,22 +310,23 @@ ALERT_RULES = [
         # The stuck rank is the one not waiting in the gradient all-reduce (the others wait there for it);
         # when all wait in it, all are named. The threshold is the rank's own (telemetry.hang_after, or 10
         # median step times): it already is the persistence, so fire at once.
-        "max by (job_id, rank, phase) (\n"
+        "max by (job_id, rank, step_phase) (\n"
         "  (\n"
-        "    job_id_rank_phase:gradwatch_rank_stuck_seconds:hung\n"
-        '    unless on (job_id, rank) job_id_rank_phase:gradwatch_rank_stuck_seconds:hung{phase="collective"}\n'
+        "    job_id_rank_step_phase:gradwatch_rank_stuck_seconds:hung\n"
+        "    unless on (job_id, rank)\n"
+        '      job_id_rank_step_phase:gradwatch_rank_stuck_seconds:hung{step_phase="collective"}\n'
         "  )\n"
         "  or\n"
         "  (\n"
-        "    job_id_rank_phase:gradwatch_rank_stuck_seconds:hung\n"
-        '    unless on (job_id) job_id_rank_phase:gradwatch_rank_stuck_seconds:hung{phase!="collective"}\n'
+        "    job_id_rank_step_phase:gradwatch_rank_stuck_seconds:hung\n"
+        '    unless on (job_id) job_id_rank_step_phase:gradwatch_rank_stuck_seconds:hung{step_phase!="collective"}\n'
         "  )\n"
         ")\n" + _UNLESS_FINISHED,
         for_="0s",
         severity="critical",
-        summary="Rank {{ $labels.rank }} of job {{ $labels.job_id }} is stuck in its {{ $labels.phase }} phase",
+        summary="Rank {{ $labels.rank }} of job {{ $labels.job_id }} is stuck in its {{ $labels.step_phase }} phase",
         description=(
-            "Rank {{ $labels.rank }} of job {{ $labels.job_id }} has been in the {{ $labels.phase }} phase of "
+            "Rank {{ $labels.rank }} of job {{ $labels.job_id }} has been in the {{ $labels.step_phase }} phase of "
             "one step for {{ $value | humanizeDuration }}, past its hang threshold (telemetry.hang_after, or 10 "
             "median step times), and the other ranks wait for it. The job's hang event names its node and step "
             "and holds its Python stack (`gradwatch logs {{ $labels.job_id }}` too); on_hang says whether "

@@ -105,14 +105,14 @@ def test_the_collector_exports_bounded_series_read_at_scrape_time():
     count = sum(len(f.samples) for f in families.values())
     assert count == SERIES_PER_RANK
     assert families["gradwatch_rank_step"].samples[0].value == 12
-    phase = {s.labels["phase"]: s.value for s in families["gradwatch_rank_phase"].samples}
+    phase = {s.labels["step_phase"]: s.value for s in families["gradwatch_rank_step_phase"].samples}
     assert phase == {p: (1.0 if p == "forward" else 0.0) for p in PHASES}
     assert families["gradwatch_rank_hang_after_seconds"].samples[0].value == 30.0
     assert {s.labels["rank"] for f in families.values() for s in f.samples} == {"1"}
     hb.stop()  # done: no longer stuck anywhere
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert families["gradwatch_rank_stuck_seconds"].samples[0].value == 0.0
-    assert sum(s.value for s in families["gradwatch_rank_phase"].samples) == 0.0
+    assert sum(s.value for s in families["gradwatch_rank_step_phase"].samples) == 0.0
 
 
 def test_the_heartbeat_is_posted_from_its_own_thread_while_the_training_thread_waits():
