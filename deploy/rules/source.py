@@ -200,12 +200,13 @@ ALERT_RULES = [
     AlertRule(
         "TrainingStalled",
         # Detectors only: plateau (flat, and even the upper bound of what the run learned since its
-        # first plateau_window steps is under stalled_improvement) or lr_too_low (the weights barely
-        # move). A PromQL fallback on the loss EMA cannot tell a slow healthy tail from a stall and
-        # is gone. 30 s rides out a flag that flaps once.
+        # first plateau_window steps is under stalled_improvement), lr_too_low (the weights barely
+        # move), dead_run (the loss bit-identical or every gradient 0) or lr_schedule (the logged
+        # learning rate at 0 before the schedule's planned end). A PromQL fallback on the loss EMA
+        # cannot tell a slow healthy tail from a stall and is gone. 30 s rides out a flag that flaps once.
         "(\n"
         "  max by (job_id) (\n"
-        '      gradwatch_anomaly{kind=~"plateau|lr_too_low"} == 1\n'
+        '      gradwatch_anomaly{kind=~"plateau|lr_too_low|dead_run|lr_schedule"} == 1\n'
         '    or gradwatch_phase{phase="stalled"} == 1\n'
         "  )\n"
         ")\n" + _UNLESS_CONVERGED + "\n" + _UNLESS_FINISHED,
@@ -214,7 +215,8 @@ ALERT_RULES = [
         summary="Job {{ $labels.job_id }} stopped improving before converging",
         description=(
             "The smoothed train loss of job {{ $labels.job_id }} has stayed flat without learning (or "
-            "its weights barely move): the remaining steps buy little. Consider a higher learning rate or "
+            "its weights barely move, its loss has not changed at all, or its learning rate fell to 0 "
+            "before the schedule's end): the remaining steps buy little. Consider a higher learning rate or "
             "a schedule restart, a larger model, or stopping early; set telemetry.detectors.converged_loss if this "
             "loss is good enough."
         ),
@@ -279,6 +281,21 @@ ALERT_RULES = [
             "The gradient norm or the relative weight update of job {{ $labels.job_id }} is far above "
             "normal; a NaN or divergence often follows. Enable or lower grad_clip, lower the learning "
             "rate or lengthen warmup."
+        ),
+    ),
+    AlertRule(
+        "GradNormGrowing",
+        # Detector: the global grad norm grew grad_growth_factor (3x) over grad_growth_horizon steps,
+        # significantly, and stands that far above its own baseline: an early warning that most often
+        # comes before a blow-up, while the loss still looks fine. 15 s as ExplodingGradients.
+        _detector("grad_norm_growth") + "\n" + _UNLESS_FINISHED,
+        for_="15s",
+        severity="warning",
+        summary="The gradient norm of job {{ $labels.job_id }} keeps growing",
+        description=(
+            "The global gradient norm of job {{ $labels.job_id }} has grown geometrically against its own "
+            "baseline while the loss may still look fine; a divergence often follows. Lower the learning "
+            "rate, enable grad_clip or check for an unstable layer (the run board's gradient panel)."
         ),
     ),
     AlertRule(

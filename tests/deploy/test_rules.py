@@ -29,6 +29,7 @@ CONTRACT = {
     "TrainingOverfitting",
     "VanishingGradients",
     "ExplodingGradients",
+    "GradNormGrowing",
     "TrainingStraggler",
     "TrainingHang",
     "TrainingJobFailed",
