@@ -410,9 +410,10 @@ class Run:
         waited: float,
         before: list[torch.Tensor] | None,
     ) -> bool:
-        self._in_step, rewinds = False, self.rewinds
+        self._in_step, rewinds, rollbacks = False, self.rewinds, self.rollbacks
         self.end_step()  # the previous step recorded (if its all-reduce did not) and acted on
-        if self.rewinds != rewinds:  # this step's batch was fed before the rewind: no update, and no step counted
+        # this step's gradient came from the weights before the rewind or rollback: no update, no step counted
+        if self.rewinds != rewinds or self.rollbacks != rollbacks:
             self.safe = False
             return False
         tel = self._telemetry()
@@ -551,7 +552,8 @@ class Run:
         if self._rewind_due is not None and not self._in_step:
             (cause, seen_at), self._rewind_due = self._rewind_due, None
             self._rewind(cause, seen_at)
-        if self._guard_due and not (self._in_step and self.spec.on_divergence == "rewind"):
+        # weights restored between a forward and its backward would break autograd: that waits for the backward
+        if self._guard_due and not (self._in_step and self.spec.on_divergence in ("rewind", "rollback")):
             self._guard_due = False
             self._guard()
         if self._stop_reason is not None:

@@ -241,8 +241,17 @@ def unhealthy_ending(snap: dict[str, Any]) -> str | None:
     loss = final.get("train_loss", progress.get("train_loss"))  # raw: the result's own holds no NaN
     if isinstance(loss, float) and not math.isfinite(loss):
         problems.append(f"its final train loss is {loss}")
-    if (progress.get("anomalies") or {}).get("divergence"):
+    held = progress.get("anomalies") or {}
+    if held.get("divergence"):
         problems.append("it was still diverging at the end")
+    # a run that stopped learning for good (dead layers, a dead run, a schedule at 0) is no plain success
+    broken = [
+        kind for kind in ("dead_run", "lr_schedule", "vanishing_gradients", "exploding_gradients") if held.get(kind)
+    ]
+    if broken:
+        problems.append(f"it ended with {', '.join(broken)} held")
+    elif progress.get("phase") == "stalled":
+        problems.append("it ended stalled (the loss flat without learning)")
     return " and ".join(problems) or None
 
 
