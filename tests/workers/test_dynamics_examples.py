@@ -36,7 +36,10 @@ def phases(result: RunResult) -> set[str]:
 def test_example_raises_what_it_shows(dynamics_runs, name, expect_anomaly, expect_phase):
     result = RunResult.model_validate(dynamics_runs[name][1])
     assert result.state == "succeeded", result.error
-    assert result.warning is None
+    if name == "overfitting":
+        assert result.warning is None
+    else:  # a run that stopped learning reaches its last step, but it is no plain success
+        assert result.warning and ("stalled" in result.warning or expect_anomaly in result.warning), result.warning
     assert expect_anomaly in kinds(result), result.anomalies
     if expect_phase:
         assert expect_phase in phases(result), result.phases
