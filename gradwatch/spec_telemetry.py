@@ -280,4 +280,29 @@ class TelemetrySpec(Strict):
     gns_ema: float = Field(
         0.95, ge=0.0, lt=1.0, description="EMA decay, per measurement, of the gradient noise scale estimates."
     )
+    system_interval: float = Field(
+        5.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds between samples of each worker's system metrics (CPU, memory, GPU, throughput) by a "
+        "background thread; 0 turns them off (docs/system-metrics.md).",
+    )
+    flops_per_sample: float | None = Field(
+        None,
+        gt=0.0,
+        description="The model's training FLOPs per sample (forward and backward, about 6 x parameters x tokens "
+        "for a transformer): with peak_flops, the model FLOPs utilisation (MFU).",
+    )
+    peak_flops: float | None = Field(
+        None, gt=0.0, description="Peak FLOP/s of one worker's device at the training precision, for MFU."
+    )
     detectors: DetectorSpec = Field(default_factory=DetectorSpec)
+
+    @field_validator("system_interval")
+    @classmethod
+    def _system_interval(cls, value: float) -> float:
+        if 0 < value < 0.05:
+            raise ValueError(
+                "sample system metrics at most every 0.05 s (a faster sampler costs the steps), or 0 for none"
+            )
+        return value

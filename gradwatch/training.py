@@ -47,6 +47,7 @@ from workers.board import BoardClient
 from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.rewind import BatchLog, replay_batches, replayable
 from workers.session import LocalSession, RayTrainSession, Session
+from workers.system import SystemSampler
 from workers.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.training")
@@ -264,6 +265,7 @@ class Run:
         # weights before the backward would change tensors that the backward still needs)
         self._in_step = False
         self._batch_in_epoch = 0  # run.batches(): batches taken from the current epoch
+        self.system: SystemSampler | None = None  # the system metrics' background thread (workers/system.py)
         self._pending: _Pending | None = None
         self._guard_due = False
         self._stale = False
@@ -343,6 +345,7 @@ class Run:
             tel.metrics.restarts.labels(self.job_id, str(self.rank)).inc()
             log.warning("rank %d resumed from the checkpoint at step %d", self.rank, self._resumed_step)
             tel.record_event({"step": self._resumed_step, "event": "restart"})
+        self._start_system(tel)
         if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
             host, port = tel.serve(self.session.node_address())
             if self.sd_dir is not None:
@@ -718,6 +721,27 @@ class Run:
             self._named[key] = self._telemetry().metrics.named(kind, name)
         return self._named[key]
 
+    # ------------------------------------------------ system metrics
+    def tokens(self, count: int) -> None:
+        """This step's batch held `count` tokens (call once a step): tokens/s in the system metrics."""
+        if self.system is not None:
+            self.system.tokens_total += count
+
+    def _start_system(self, tel: Telemetry) -> None:
+        """The system metrics' sampler thread, every telemetry.system_interval seconds (0: none)."""
+        cfg = self.spec.telemetry
+        if not cfg.enabled or not cfg.system_interval or self.system is not None:
+            return
+        self.system = SystemSampler(
+            tel.metrics,
+            cfg.system_interval,
+            gpu_index=(self.device.index or 0) if self.device.type == "cuda" else None,
+            flops_per_sample=cfg.flops_per_sample,
+            peak_flops=cfg.peak_flops,
+            log_path=self.run_dir / f"system-rank{self.rank}.jsonl" if self.run_dir else None,
+        )
+        self.system.start()
+
     # ------------------------------------------------ rewind-and-skip
     def batches(self, loader: Any, *, indices: Callable[[Any], Any] | None = None) -> Any:
         """Endless batches of `loader` for your own loop, epoch after epoch (`run.epoch`), as rewind-and-skip
@@ -951,6 +975,9 @@ class Run:
     def close(self, grace_seconds: float | None = None) -> None:
         """Stop serving /metrics (after `grace_seconds`, default the spec's, so the last values get scraped)."""
         self.heartbeat.stop()
+        if self.system is not None:
+            self.system.stop()
+            self.system = None
         if self.telemetry is not None:
             grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
             self.telemetry.close(grace if self.serve_metrics else 0)

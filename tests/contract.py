@@ -40,8 +40,27 @@ FOR_THE_BOARDS = [
     "gradwatch_rollbacks_total",
     "gradwatch_skipped_steps_total",
 ]
+# Every rank's system metrics (workers/system.py), and those that exist only where they are known:
+# tokens (a batch that says them), MFU (FLOPs per sample and a peak given) and a GPU's (NVML).
+SYSTEM = [
+    "gradwatch_process_cpu_seconds",
+    "gradwatch_host_cpu_ratio",
+    "gradwatch_process_resident_memory_bytes",
+    "gradwatch_samples_per_second",
+]
+SYSTEM_WHERE_KNOWN = [
+    "gradwatch_tokens",
+    "gradwatch_tokens_per_second",
+    "gradwatch_model_flops_utilization_ratio",
+    "gradwatch_gpu_utilization_ratio",
+    "gradwatch_gpu_memory_used_bytes",
+    "gradwatch_gpu_temperature_celsius",
+    "gradwatch_gpu_power_watts",
+]
 # The series names Prometheus stores for the families that are not plain gauges.
 SERIES = {
+    "gradwatch_process_cpu_seconds": ["gradwatch_process_cpu_seconds_total"],
+    "gradwatch_tokens": ["gradwatch_tokens_total"],
     "gradwatch_step_duration_seconds": [
         "gradwatch_step_duration_seconds_bucket",
         "gradwatch_step_duration_seconds_sum",
@@ -54,7 +73,7 @@ SERIES = {
 
 def series_names() -> set[str]:
     """Every series name a query may use: the contract's families as Prometheus stores them."""
-    families = [*PER_RANK, ACCURACY, *RANK0_ONLY, *SERVICE, *FOR_THE_BOARDS]
+    families = [*PER_RANK, ACCURACY, *RANK0_ONLY, *SERVICE, *FOR_THE_BOARDS, *SYSTEM, *SYSTEM_WHERE_KNOWN]
     return {name for family in families for name in SERIES.get(family, [family])}
 
 

@@ -145,6 +145,8 @@ class Trainer:
             x, y, index = next(batches)
             before = self.step
             loss = self.train_step(x, y, index)
+            if self.data.task == "language_model":
+                self.run.tokens(y.numel())  # a character model trains on every position of every block
             step = self.step
             if step <= before:  # a rewind undid the step: nothing new to validate or save
                 continue

@@ -17,13 +17,16 @@ from workers.heartbeat import SERIES_PER_RANK as HEARTBEAT_SERIES
 # `*_created` series double the counters and histograms for nothing the rules or boards use.
 disable_created_metrics()
 
+SYSTEM_CPU_SERIES = 4  # process CPU, host CPU, resident memory, samples/s: every worker's system series
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def series_per_job(world_size: int, layers: int) -> int:
-    """Series one job exports: 47 per rank, plus 28 + 3 per layer on rank 0 (README: "Cardinality")."""
+def series_per_job(world_size: int, layers: int, system: bool = True) -> int:
+    """Series one job exports: 51 per rank (47 without system metrics), plus 28 + 3 per layer on rank 0
+    (README: "Cardinality"). On a GPU, with tokens or with MFU, SystemSeries adds at most 7 per rank."""
     per_rank = 14 + len(STEP_BUCKETS) + 3  # 14 plain series, the histogram's buckets, +Inf, sum and count
     per_rank += HEARTBEAT_SERIES  # the heartbeat's step, phase, stuck time, threshold and time per phase
+    per_rank += SYSTEM_CPU_SERIES if system else 0
     rank0 = 5 + len(PHASES) + 2 * len(ANOMALIES) + 1  # global gauges, phases, anomalies held and raised, info
     return per_rank * world_size + rank0 + 3 * layers
 
@@ -202,3 +205,70 @@ class JobSeries:
     def set_anomalies(self, held: dict[str, bool]) -> None:
         for kind in ANOMALIES:
             self.anomaly.labels(self.job_id, kind).set(1 if held.get(kind) else 0)
+
+
+class SystemSeries:
+    """One worker's system metrics (workers/system.py samples them off the step path), per rank: CPU and
+    memory always; throughput in tokens, MFU and the GPU's only where they exist (a GPU, a batch that says
+    its tokens, a known FLOPs per sample): at most 11 series per rank."""
+
+    def __init__(self, registry: CollectorRegistry, job_id: str, rank: str, *, gpu: bool, mfu: bool):
+        r, base, labels = registry, ["job_id", "rank"], (job_id, rank)
+        self.process_cpu = Counter(
+            "gradwatch_process_cpu_seconds", "CPU time of this worker's process, all its threads.", base, registry=r
+        ).labels(*labels)
+        self.host_cpu = Gauge(
+            "gradwatch_host_cpu_ratio",
+            "Share of the node's CPU time busy (0-1), over the last sample.",
+            base,
+            registry=r,
+        ).labels(*labels)
+        self.resident_memory = Gauge(
+            "gradwatch_process_resident_memory_bytes", "Resident memory of this worker's process.", base, registry=r
+        ).labels(*labels)
+        self.samples_per_second = Gauge(
+            "gradwatch_samples_per_second",
+            "Training examples this rank processed per second, over the last sample.",
+            base,
+            registry=r,
+        ).labels(*labels)
+        self._registry, self._labels = r, labels
+        self._tokens: tuple[Counter, Gauge] | None = None
+        self.mfu = (
+            Gauge(
+                "gradwatch_model_flops_utilization_ratio",
+                "Model FLOPs utilisation (0-1): samples/s x telemetry.flops_per_sample / telemetry.peak_flops.",
+                base,
+                registry=r,
+            ).labels(*labels)
+            if mfu
+            else None
+        )
+        self.gpu: tuple[Gauge, ...] | None = None  # utilisation, memory used, temperature, power
+        if gpu:
+            families = (
+                Gauge(
+                    "gradwatch_gpu_utilization_ratio", "Share of time the GPU was busy (0-1), NVML.", base, registry=r
+                ),
+                Gauge("gradwatch_gpu_memory_used_bytes", "GPU memory in use on the device, NVML.", base, registry=r),
+                Gauge("gradwatch_gpu_temperature_celsius", "GPU temperature, NVML.", base, registry=r),
+                Gauge("gradwatch_gpu_power_watts", "GPU power draw, NVML.", base, registry=r),
+            )
+            self.gpu = tuple(g.labels(*labels) for g in families)
+
+    def tokens(self) -> tuple[Counter, Gauge]:
+        """`gradwatch_tokens` and `gradwatch_tokens_per_second`: registered once a batch says its tokens."""
+        if self._tokens is None:
+            base = ["job_id", "rank"]
+            self._tokens = (
+                Counter("gradwatch_tokens", "Tokens this rank trained on.", base, registry=self._registry).labels(
+                    *self._labels
+                ),
+                Gauge(
+                    "gradwatch_tokens_per_second",
+                    "Tokens this rank trained on per second, over the last sample.",
+                    base,
+                    registry=self._registry,
+                ).labels(*self._labels),
+            )
+        return self._tokens
