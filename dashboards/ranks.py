@@ -145,6 +145,40 @@ def heartbeat_age() -> timeseries.Panel:
     )
 
 
+def time_in_step_phase() -> timeseries.Panel:
+    return timeseries_panel(
+        "Time in the current step phase per rank",
+        "Seconds each rank has been in the phase of its step it is in now (gradwatch_rank_stuck_seconds, "
+        "from its heartbeat), with its hang threshold (telemetry.hang_after, or 10 median step times) dashed. "
+        "A line that climbs past its threshold is a hung rank: TrainingHang names it.",
+        "s",
+    ).targets(
+        [
+            promql(f"max by (rank, node) (gradwatch_rank_stuck_seconds{{{JOB}}})", BY_RANK_NODE, ref_id="A"),
+            promql(
+                f"max by (rank, node) (gradwatch_rank_hang_after_seconds{{{JOB}}})",
+                "rank {{rank}} hang threshold",
+                ref_id="B",
+            ),
+        ]
+    )
+
+
+def step_phase_shares() -> timeseries.Panel:
+    return timeseries_panel(
+        "Where each rank's time goes",
+        "Share of wall time each rank spends in each phase of its steps (rate of "
+        "gradwatch_step_phase_seconds_total): data loading, forward, backward, the gradient all-reduce, the "
+        "optimizer, checkpoints. A straggler spends more in data or compute; the others wait in the all-reduce.",
+        "percentunit",
+    ).with_target(
+        promql(
+            f"sum by (rank, node, step_phase) (rate(gradwatch_step_phase_seconds_total{{{JOB}}}[$__rate_interval]))",
+            "rank {{rank}} {{step_phase}}",
+        )
+    )
+
+
 def ranks() -> dashboard.Dashboard:
     """The ranks board."""
     return (
@@ -157,6 +191,8 @@ def ranks() -> dashboard.Dashboard:
         .with_row(dashboard.Row("Stragglers and hangs"))
         .with_panel(straggler_ratio())
         .with_panel(heartbeat_age())
+        .with_panel(time_in_step_phase())
+        .with_panel(step_phase_shares())
         .with_row(dashboard.Row("Throughput and gradients"))
         .with_panel(throughput_per_rank())
         .with_panel(local_grad_norms())

@@ -79,6 +79,26 @@ def restarts() -> stat.Panel:
     )
 
 
+def stuck_rank() -> stat.Panel:
+    return (
+        stat_panel(
+            "Longest time in one step phase",
+            "The most seconds any rank has spent in the phase of its step it is in now "
+            "(gradwatch_rank_stuck_seconds, from the heartbeats), next to the lowest hang threshold of the "
+            "ranks (telemetry.hang_after, or 10 median step times). Above it, TrainingHang fires and the "
+            "job's hang event names the rank; the ranks board shows each rank.",
+            "s",
+        )
+        .thresholds(thresholds((None, "green"), (60, "red")))
+        .targets(
+            [
+                promql(f"max(gradwatch_rank_stuck_seconds{{{JOB}}})", "in one phase", instant=True, ref_id="A"),
+                promql(f"min(gradwatch_rank_hang_after_seconds{{{JOB}}})", "hang after", instant=True, ref_id="B"),
+            ]
+        )
+    )
+
+
 def loss() -> timeseries.Panel:
     return timeseries_panel(
         "Train and val loss",
@@ -231,6 +251,7 @@ def run() -> dashboard.Dashboard:
         .with_panel(run_info())
         .with_panel(step_and_epoch())
         .with_panel(restarts())
+        .with_panel(stuck_rank())
         .with_row(dashboard.Row("Loss"))
         .with_panel(loss())
         .with_panel(accuracy())

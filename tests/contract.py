@@ -57,8 +57,17 @@ SYSTEM_WHERE_KNOWN = [
     "gradwatch_gpu_temperature_celsius",
     "gradwatch_gpu_power_watts",
 ]
+# Every rank's heartbeat (workers/heartbeat.py), exported by the training API's runs.
+HEARTBEAT = [
+    "gradwatch_rank_step",
+    "gradwatch_rank_step_phase",
+    "gradwatch_rank_stuck_seconds",
+    "gradwatch_rank_hang_after_seconds",
+    "gradwatch_step_phase_seconds",
+]
 # The series names Prometheus stores for the families that are not plain gauges.
 SERIES = {
+    "gradwatch_step_phase_seconds": ["gradwatch_step_phase_seconds_total"],
     "gradwatch_process_cpu_seconds": ["gradwatch_process_cpu_seconds_total"],
     "gradwatch_tokens": ["gradwatch_tokens_total"],
     "gradwatch_step_duration_seconds": [
@@ -73,7 +82,7 @@ SERIES = {
 
 def series_names() -> set[str]:
     """Every series name a query may use: the contract's families as Prometheus stores them."""
-    families = [*PER_RANK, ACCURACY, *RANK0_ONLY, *SERVICE, *FOR_THE_BOARDS, *SYSTEM, *SYSTEM_WHERE_KNOWN]
+    families = [*PER_RANK, ACCURACY, *RANK0_ONLY, *SERVICE, *FOR_THE_BOARDS, *SYSTEM, *SYSTEM_WHERE_KNOWN, *HEARTBEAT]
     return {name for family in families for name in SERIES.get(family, [family])}
 
 

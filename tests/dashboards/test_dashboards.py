@@ -32,6 +32,7 @@ CONTRACT_LABELS = {
     "name", "owner", "model", "world_size", "team", "project",
     "le", "alertname", "alertstate", "severity",
     "node",  # the Ray node of a rank: a label of its scrape target (/v1/targets, file_sd)
+    "step_phase",  # the phase of a rank's step, from its heartbeat (workers/heartbeat.py)
 }  # fmt: skip
 PANEL_VARIABLES = {"job_id", "team", "project", "state"}
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}
