@@ -66,7 +66,7 @@ def test_series_count_matches_the_documented_formula(live_demo):
     from workers.metrics import series_per_job
 
     total = sum(len(s) for text in live_demo["texts"].values() for s in samples(text).values())
-    assert total == series_per_job(world_size=2, layers=3) == 51 * 2 + 28 + 3 * 3
+    assert total == series_per_job(world_size=2, layers=3) == 51 * 2 + 34 + 3 * 3
 
 
 def test_promtool_check_metrics_is_clean_on_a_live_endpoint(live_demo):
