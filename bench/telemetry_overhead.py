@@ -100,7 +100,7 @@ class UserLoop:
     """
 
     def __init__(self, spec: JobSpec, session: Any, name: str):
-        from gradwatch.training import Run
+        from workers.training import Run
         from workers.data import build_data
         from workers.models import build_model
         from workers.optim import build_optimizer

@@ -47,5 +47,5 @@ RAY_TRAIN_ENV: dict[str, str] = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_
 
 # ---- the test hook: with this set to 1 in the workers' environment each rank's final report also
 # carries a fingerprint of its parameters and the built-in loop the sample indices of its first epoch
-# (gradwatch.training.reports_for_tests), so the tests can check DDP's replicas and shards
+# (workers.training.reports_for_tests), so the tests can check DDP's replicas and shards
 TEST_REPORTS_ENV = "GRADWATCH_TEST_REPORTS"

@@ -8,25 +8,37 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The shared contract: what every side imports, so it imports none of them.
-CONTRACT = (
-    "gradwatch/spec.py",
-    "gradwatch/spec_telemetry.py",
-    "gradwatch/names.py",
-    "gradwatch/ids.py",
-    "gradwatch/status.py",
-)
+# The shared contract: every module of gradwatch/, what every side imports, so it imports none of them
+# (the training API's re-export in gradwatch/__init__.py loads workers.training by name, on first use).
+CONTRACT = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "gradwatch").rglob("*.py")))
+FIRST_PARTY = ("gradwatch", "workers", "service", "deploy", "dashboards", "bench")
 STDLIB = set(sys.stdlib_module_names)
 
 
-def imports(path: Path) -> list[tuple[str, bool]]:
-    """(top-level module, at module level?) of every import in the file."""
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """The nodes under `if TYPE_CHECKING:` (read by the type checker alone, never run)."""
+    return {
+        id(inner)
+        for node in tree.body
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+
+
+def imports(path: Path, full: bool = False) -> list[tuple[str, bool]]:
+    """(top-level module, or the full dotted name with `full`; at module level?) of every import in the
+    file that runs (not those under `if TYPE_CHECKING:`)."""
     tree = ast.parse(path.read_text())
-    top_level = {id(node) for node in tree.body}
+    top_level, typing_only = {id(node) for node in tree.body}, _type_checking_only(tree)
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if full and isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(f"{node.module}.{alias.name}", id(node) in top_level) for alias in node.names]
+            continue
         if isinstance(node, ast.Import):
-            found += [(alias.name.split(".")[0], id(node) in top_level) for alias in node.names]
+            found += [(alias.name if full else alias.name.split(".")[0], id(node) in top_level) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.module.split(".")[0], id(node) in top_level))
     return found
@@ -50,6 +62,7 @@ def test_the_service_reaches_workers_only_to_run_and_replay_a_job():
 
 
 def test_the_contract_imports_only_pydantic_yaml_and_itself():
+    assert "gradwatch/spec.py" in CONTRACT and "gradwatch/__init__.py" in CONTRACT
     for name in CONTRACT:
         found = {m for m, _ in imports(REPO / name)} - STDLIB - {"__future__"}
         assert found <= {"pydantic", "pydantic_core", "yaml", "gradwatch"}, (name, found)
@@ -59,3 +72,67 @@ def test_the_service_never_loads_torch():
     probe = "import sys, service.api, service.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """First-party module -> the first-party modules it imports at module level (what runs on import)."""
+    paths = {_module_name(p): p for package in FIRST_PARTY for p in modules(package)}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        edges = set()
+        for target, at_top in imports(path, full=True):
+            if not at_top:
+                continue
+            while target and target not in paths:  # `from a.b import c`: c is a module or a name in a.b
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    assert "workers.training" in graph and "service.api" in graph
+    assert _cycles(graph) == []

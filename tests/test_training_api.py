@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradwatch
-from gradwatch import training
+from workers import training
 from workers.session import LocalSession
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.spec import EntrypointTrain, JobSpec
-from gradwatch.training import JobContext, current, enter_job
+from workers.training import JobContext, current, enter_job
 from workers.board import BoardClient
 from workers.data import load_factory
 

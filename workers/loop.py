@@ -2,7 +2,7 @@
 
 `train_loop_per_worker` is what Ray Train's TorchTrainer calls on every rank;
 `Trainer` is constructible on its own (see tests) with a LocalSession. Telemetry,
-the update guard, rollbacks and checkpoints are those of `gradwatch.training.Run`,
+the update guard, rollbacks and checkpoints are those of `workers.training.Run`,
 the API a user's own training function calls: one implementation for both.
 """
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gradwatch.spec import JobSpec
-from gradwatch.training import DivergenceStop, Run, reports_for_tests
+from workers.training import DivergenceStop, Run, reports_for_tests
 from workers.board import BoardClient
 from workers.data import build_data
 from workers.heartbeat import FORWARD

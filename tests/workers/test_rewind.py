@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gradwatch
+import workers.training
 from gradwatch.spec import load_spec
-from gradwatch.training import DivergenceStop, enter_job
+from workers.training import DivergenceStop, enter_job
 from tests.conftest import small_spec
 from tests.workers.poison import poisoned_indices
 from workers.data import build_data
@@ -76,7 +77,7 @@ def test_replay_restarts_from_the_restored_place_and_leaves_out_the_skipped_batc
 
 
 def test_run_batches_refuses_a_loader_whose_order_does_not_replay():
-    run = gradwatch.training.Run(LocalSession(), load_spec(small_spec(scaling={"num_workers": 1})), job_id="gw-x")
+    run = workers.training.Run(LocalSession(), load_spec(small_spec(scaling={"num_workers": 1})), job_id="gw-x")
     loader = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, shuffle=True)
     with pytest.raises(ValueError, match="does not replay its order.*DistributedSampler"):
         run.batches(loader)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, TextData
-from gradwatch.training import STATE_FILE, Run
+from workers.training import STATE_FILE, Run
 from workers.data import CorpusRefused, build_data, read_corpus
 from workers.session import LocalSession
 
