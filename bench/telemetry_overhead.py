@@ -100,10 +100,10 @@ class UserLoop:
     """
 
     def __init__(self, spec: JobSpec, session: Any, name: str):
-        from workers.training import Run
         from workers.data import build_data
         from workers.models import build_model
         from workers.optim import build_optimizer
+        from workers.training import Run
 
         if spec.model is None or spec.data is None:
             raise ValueError(f"spec {spec.name}: the benchmark's loop needs a model and data section")

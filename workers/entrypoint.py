@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.spec import EntrypointTrain, JobSpec
-from workers.training import JobContext, current, enter_job
 from workers.board import BoardClient
 from workers.data import load_factory
+from workers.training import JobContext, current, enter_job
 
 
 def train_function_per_worker(config: dict[str, Any]) -> None:

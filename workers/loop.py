@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gradwatch.spec import JobSpec
-from workers.training import DivergenceStop, Run, reports_for_tests
 from workers.board import BoardClient
 from workers.data import build_data
 from workers.heartbeat import FORWARD
@@ -29,6 +28,7 @@ from workers.optim import build_optimizer, build_scheduler
 from workers.rewind import replay_batches
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.telemetry import Telemetry
+from workers.training import DivergenceStop, Run, reports_for_tests
 
 log = logging.getLogger("gradwatch.loop")
 

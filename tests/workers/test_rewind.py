@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import gradwatch
 import workers.training
 from gradwatch.spec import load_spec
-from workers.training import DivergenceStop, enter_job
 from tests.conftest import small_spec
 from tests.workers.poison import poisoned_indices
 from workers.data import build_data
 from workers.loop import Trainer
 from workers.rewind import BatchLog, replay_batches
 from workers.session import LocalSession
+from workers.training import DivergenceStop, enter_job
 
 POISON_STEP = 60
 BATCH = 32

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, TextData
-from workers.training import STATE_FILE, Run
 from workers.data import CorpusRefused, build_data, read_corpus
 from workers.session import LocalSession
+from workers.training import STATE_FILE, Run
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
