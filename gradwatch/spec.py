@@ -7,8 +7,10 @@ keys; a bad spec is refused with every error and its field path.
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
+import math
 import posixpath
 import re
 from pathlib import Path
@@ -51,6 +53,10 @@ _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 DURATION_PATTERN = (
     r"^(?=[^1-9]*[1-9])\s*(?:\d+(?:\.\d+)?|(?:\d+(?:\.\d+)?\s*d\s*)?(?:\d+(?:\.\d+)?\s*h\s*)?"
     r"(?:\d+(?:\.\d+)?\s*m\s*)?(?:\d+(?:\.\d+)?\s*s)?)\s*$"
+)
+_NON_JSON_FIX = (
+    " cannot be stored (a spec holds JSON values: text, finite numbers, true/false, null, lists, mappings): "
+    "write binary data as base64 text, dates as text, numbers finite"
 )
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -412,7 +418,21 @@ class JobSpec(Strict):
             )
         return value
 
-    @field_validator("timeout", mode="before")
+    max_queued: float | None = Field(
+        86400.0,
+        gt=0,
+        description="Longest a job may wait in the queue, e.g. '30m', '24h' or seconds; past it the job ends "
+        "failed with the reason it waited for. null waits for ever.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN},
+                {"type": "null"},
+            ]
+        },
+    )
+
+    @field_validator("timeout", "max_queued", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
@@ -571,6 +591,35 @@ def control_characters(data: Any) -> list[str]:
     return sorted(found)
 
 
+def non_json_values(data: Any) -> list[tuple[str, str]]:
+    """(field path, what it is) of at most 5 values JSON cannot hold, anywhere in the spec, `train.config`
+    included: YAML's `!!binary` (bytes), dates and timestamps, `!!set`, and non-finite floats (`.inf`,
+    `.nan`, `1e999`). The store keeps specs as JSON. Iterative, like control_characters."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack and len(found) < 5:
+        value, path = stack.pop()
+        where = path or "<spec>"
+        if isinstance(value, bytes | bytearray):
+            found.append((where, "binary data"))
+        elif isinstance(value, datetime.date | datetime.time):
+            found.append((where, f"a YAML {type(value).__name__}"))
+        elif isinstance(value, set | frozenset):
+            found.append((where, "a YAML set"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append((where, f"the non-finite number {value}"))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                key_path = f"{path}.{key}" if path else str(key)
+                if not isinstance(key, str | int | float | bool) and key is not None:
+                    found.append((key_path, f"a {type(key).__name__} key"))
+                else:
+                    stack.append((item, key_path))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, f"{path}.{i}") for i, item in enumerate(value))
+    return sorted(found)
+
+
 def check_data_path(value: str, info: ValidationInfo) -> str:
     """`data.path` on a server without user code: only under its data roots, decided without touching
     the file system (a refusal says nothing about whether a file exists). Context key `data_roots`."""
@@ -598,12 +647,17 @@ def parse_duration(text: str) -> float:
     """'2h', '1h30m', '45s', '90' -> seconds."""
     text = text.strip()
     if _NUMBER.match(text):
+        if not math.isfinite(float(text)):
+            raise ValueError(f"not a duration: {text[:20]!r}... is too large a number")
         return float(text)
     match = _DURATION.match(text)
     if not text or not match or not any(match.groups()):
         raise ValueError(f"not a duration: use e.g. '90s', '30m', '2h' or '1h30m', got {text!r}")
     days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+    if not math.isfinite(total):
+        raise ValueError(f"not a duration: {text[:20]!r}... is too large a number")
+    return total
 
 
 def format_duration(seconds: float) -> str:
@@ -738,6 +792,8 @@ def format_errors(error: ValidationError) -> list[str]:
         got = item.get("input")
         if item["type"] == "missing":
             lines.append(f"{path}: field required")
+        elif item["type"] == "finite_number":
+            lines.append(f"{path}: must be a finite number, not infinity or NaN: write a number (got {_show(got)})")
         elif item["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown field (not allowed here; check its spelling)")
         else:
@@ -796,8 +852,9 @@ def load_spec(
         except OSError as exc:
             raise SpecError([f"<spec>: cannot read {path}: {exc.strerror}"]) from None
     data = source if isinstance(source, dict) else parse_text(source)
+    odd = [f"{_CONTROL.sub('?', path)}: {what}{_NON_JSON_FIX}" for path, what in non_json_values(data)]
     try:
-        return JobSpec.model_validate(
+        spec = JobSpec.model_validate(
             data,
             context={
                 "user_code": user_code,
@@ -806,9 +863,14 @@ def load_spec(
             },
         )
     except ValidationError as exc:
-        raise SpecError(format_errors(exc)) from None
+        errors = format_errors(exc)
+        named = {line.split(":", 1)[0] for line in errors}
+        raise SpecError([line for line in odd if line.split(":", 1)[0] not in named] + errors) from None
     except RecursionError:
         raise SpecError(["<spec>: nested too deeply"]) from None
+    if odd:  # in train.config, which takes any value: the store keeps specs as JSON
+        raise SpecError(odd)
+    return spec
 
 
 def json_schema() -> dict[str, Any]:

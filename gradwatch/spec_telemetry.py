@@ -18,10 +18,11 @@ def _numbers_only(annotation: Any) -> bool:
 
 
 class Strict(BaseModel):
-    """Every model of the spec: unknown keys refused, defaults validated, and a number never given as
-    `true`/`false` (pydantic alone would read `true` as 1)."""
+    """Every model of the spec: unknown keys refused, defaults validated, every float finite (`.inf`,
+    `1e999` and `.nan` are refused, bounded or not), and a number never given as `true`/`false`
+    (pydantic alone would read `true` as 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

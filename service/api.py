@@ -208,6 +208,9 @@ async def submit_job(
             f"priority {spec.priority} is above this server's ceiling of {settings.max_priority} for "
             "non-admins: lower it, or ask an admin to submit the job",
         )
+    unfit = await run_in_threadpool(launcher.unfit, spec)
+    if unfit is not None:
+        return _spec_errors([unfit])
     try:
         job = await run_in_threadpool(
             store.create_job,

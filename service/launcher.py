@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import httpx
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, RAY_TRAIN_ENV
-from gradwatch.spec import DATA_ROOTS_ENV, SpecError, load_spec, overran
+from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, SpecError, format_duration, load_spec, overran
 from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
-from service.store import Job, JobNotFound, Store, TransitionRefused
+from service.store import Job, JobNotFound, Store, TransitionRefused, demand_of
 
 log = logging.getLogger("gradwatch.launcher")
 
@@ -40,6 +40,8 @@ log = logging.getLogger("gradwatch.launcher")
 # whose workers just came up stays reserved this long so it is not counted free twice.
 PLACED_GRACE_S = 10.0
 RESTOP_INTERVAL_S = 5.0
+# A job stored before specs carried max_queued waits as long as a new job does by default.
+DEFAULT_MAX_QUEUED_S = JobSpec.model_fields["max_queued"].default
 ACTIVE_RAY_STATES = ("PENDING", "RUNNING")
 RAY_TIMEOUT_S = 10.0
 # A cluster's first job submission starts Ray's job machinery: measured over 10 s on a busy 2-core host.
@@ -533,6 +535,8 @@ class Launcher:
         cap = self.settings.max_running_per_user
         for job in queued:
             need = self.demand(job)
+            if self._queued_too_long(job, now):
+                continue
             if running_of.get(job.owner, 0) >= cap:
                 self._note(job, f"waiting: {job.owner} already runs {cap} jobs, the limit per user")
             elif not need.fits_in(total):
@@ -557,6 +561,40 @@ class Launcher:
                 if self._launch(job):
                     free = free - need
                     running_of[job.owner] = running_of.get(job.owner, 0) + 1
+
+    def _queued_too_long(self, job: Job, now: float) -> bool:
+        """Ends a job queued past its spec's max_queued (failed, with what it waited for); True if so."""
+        limit = job.spec.get("max_queued", DEFAULT_MAX_QUEUED_S)
+        if limit is None or now - job.created_at <= limit:
+            return False
+        waited = f"; it was {job.reason}" if job.reason else ""
+        try:
+            self.store.transition(
+                job.id,
+                "failed",
+                f"queued for {format_duration(round(now - job.created_at))}, over its max_queued of "
+                f"{format_duration(limit)}{waited}"[:4000],
+                expect={"queued"},
+            )
+        except (JobNotFound, TransitionRefused):
+            return False  # cancelled or started meanwhile: that state stands
+        return True
+
+    def unfit(self, spec: JobSpec) -> str | None:
+        """Why a job of this spec can never start on the cluster as it is (its demand exceeds all the
+        cluster's resources), or None: it fits, or Ray has not said what it holds."""
+        cpus, gpus = demand_of(spec)
+        need = Resources(cpus + self.settings.job_overhead_cpus, gpus)
+        try:
+            _, total = self.cluster.resources()
+        except ClusterUnavailable:
+            return None  # judged again by the scheduler, which waits with the reason
+        if need.fits_in(total):
+            return None
+        return (
+            f"scaling: the job needs {need} (its workers and its driver) but the whole Ray cluster has {total}: "
+            "lower scaling.num_workers or the resources per worker, or add nodes and submit again"
+        )
 
     def _note(self, job: Job, reason: str) -> None:
         if job.reason != reason:
