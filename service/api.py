@@ -12,7 +12,7 @@ import asyncio
 import codecs
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -277,20 +277,59 @@ def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 429: {"model": ErrorOut}},
 )
 async def job_logs(
-    job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, _: Reader, follow: bool = False
+    job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, reader: Reader, follow: bool = False
 ) -> Response:
     """The driver's output; `follow=true` streams it until the job ends (only new bytes each time)."""
     job = await run_in_threadpool(store.get_job, job_id)
     if not follow:
         return PlainTextResponse(await run_in_threadpool(launcher.logs, job))
-    state = request.app.state
-    if state.log_followers >= state.settings.max_log_followers:
-        raise HTTPException(429, f"{state.log_followers} log streams are open, this server's limit: try again later")
-    state.log_followers += 1
-    return StreamingResponse(_follow_logs(job_id, store, launcher, state), media_type="text/plain; charset=utf-8")
+    followers: LogFollowers = request.app.state.log_followers
+    refused = followers.refusal(reader.user)
+    if refused is not None:
+        raise HTTPException(429, refused)
+    followers.open(reader.user)
+    stream = _follow_logs(job_id, store, launcher, request.app.state, lambda: followers.close(reader.user))
+    return StreamingResponse(stream, media_type="text/plain; charset=utf-8")
 
 
-async def _follow_logs(job_id: str, store: Store, launcher: Launcher, state: Any) -> AsyncIterator[str]:
+class LogFollowers:
+    """Open `logs?follow=true` streams, of everyone and per user: each user has a share, so one
+    reader's streams never lock the others out. Touched on the event loop only."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings  # its limits read at each open
+        self.of: dict[str, int] = {}
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self.of.values())
+
+    def refusal(self, user: str) -> str | None:
+        """Why one more stream for `user` is refused (the 429's text), or None."""
+        mine, everyone = self.of.get(user, 0), self.open_streams
+        if mine >= self.settings.max_log_followers_per_user:
+            return (
+                f"{user} has {mine} log streams open, the limit per user "
+                "(max_log_followers_per_user): close one, or read without follow"
+            )
+        if everyone >= self.settings.max_log_followers:
+            return f"{everyone} log streams are open, this server's limit (max_log_followers): try again later"
+        return None
+
+    def open(self, user: str) -> None:
+        self.of[user] = self.of.get(user, 0) + 1
+
+    def close(self, user: str) -> None:
+        left = self.of.get(user, 0) - 1
+        if left > 0:
+            self.of[user] = left
+        else:
+            self.of.pop(user, None)
+
+
+async def _follow_logs(
+    job_id: str, store: Store, launcher: Launcher, state: Any, closed: Callable[[], None]
+) -> AsyncIterator[str]:
     sent = 0
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
     try:
@@ -309,7 +348,7 @@ async def _follow_logs(job_id: str, store: Store, launcher: Launcher, state: Any
                 return
             await asyncio.sleep(state.settings.poll_interval)
     finally:
-        state.log_followers -= 1
+        closed()
 
 
 @jobs.get(
@@ -619,7 +658,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings, app.state.store, app.state.launcher = settings, store, launcher
-    app.state.auth, app.state.log_followers = auth, 0
+    app.state.auth = auth
+    app.state.log_followers = LogFollowers(settings)
     registry = CollectorRegistry()
     registry.register(JobStateCollector(store, settings.terminal_metric_seconds))
     app.state.registry = registry

@@ -54,7 +54,22 @@ class Settings(BaseSettings):
     max_queued_per_user: int = Field(100, ge=1, description="A user's queued jobs; more get 429.")
     max_queued_jobs: int = Field(1000, ge=1, description="Queued jobs of everyone; more get 429.")
     max_running_per_user: int = Field(16, ge=1, description="A user's running jobs; more wait queued.")
-    max_log_followers: int = Field(32, ge=1, description="Open `logs?follow=true` streams; more get 429.")
+    max_log_followers: int = Field(32, ge=1, description="Open `logs?follow=true` streams of everyone; more get 429.")
+    max_log_followers_per_user: int = Field(
+        4, ge=1, description="Open `logs?follow=true` streams of one user; more get 429 (the others' share stays)."
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a connection may take to send a request's headers (the first, or the next on a "
+        "kept-alive connection); then it is closed.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Open connections and requests in flight together; past it new requests get 503.",
+    )
     worker_memory_bytes: int = Field(
         8 * 1024**3,
         ge=64 * 1024**2,

@@ -117,9 +117,11 @@ def test_log_streams_are_capped_and_freed_when_a_follower_leaves(server):
             assert first.status_code == 200
             second = client.get(follow, params={"follow": "true"})
             assert second.status_code == 429
-            assert second.json()["detail"] == "1 log streams are open, this server's limit: try again later"
+            assert second.json()["detail"] == (
+                "1 log streams are open, this server's limit (max_log_followers): try again later"
+            )
             assert client.get(follow).status_code == 200  # a plain read is no stream
-    wait_for(lambda: app.state.log_followers == 0, timeout=10, what="the closed stream to be let go")
+    wait_for(lambda: app.state.log_followers.open_streams == 0, timeout=10, what="the closed stream to be let go")
     with (
         httpx.Client(headers=headers, timeout=10) as client,
         client.stream("GET", follow, params={"follow": "true"}) as again,
