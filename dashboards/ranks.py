@@ -179,10 +179,71 @@ def step_phase_shares() -> timeseries.Panel:
     )
 
 
+# Said by each GPU panel (workers/system.py exports the GPU's series only where NVML sees one).
+ON_GPU_ONLY = (
+    " No data on CPU workers, or where the workers lack the gpu extra (pip install 'gradwatch[gpu]': "
+    "nvidia-ml-py, NVML): that is expected, not a fault."
+)
+
+
+def cpu_per_rank() -> timeseries.Panel:
+    return timeseries_panel(
+        "CPU per rank and its node",
+        "CPU cores each rank's worker process keeps busy (rate of gradwatch_process_cpu_seconds_total over 1m), "
+        "and the share of its node's CPU time that is busy, 0 to 1 (gradwatch_host_cpu_ratio). A straggler on a "
+        "busy node is short of CPU, not slow itself.",
+        "suffix: cores",
+    ).targets(
+        [
+            promql(
+                f"sum by (rank, node) (rate(gradwatch_process_cpu_seconds_total{{{JOB}}}[1m]))",
+                BY_RANK_NODE,
+                ref_id="A",
+            ),
+            promql(f"max by (rank, node) (gradwatch_host_cpu_ratio{{{JOB}}})", "{{node}} busy (0-1)", ref_id="B"),
+        ]
+    )
+
+
+def memory_per_rank() -> timeseries.Panel:
+    return timeseries_panel(
+        "Resident memory per rank",
+        "Resident memory of each rank's worker process (gradwatch_process_resident_memory_bytes). One rank far "
+        "above the others holds something they do not (rank 0's history, a cache).",
+        "bytes",
+    ).with_target(promql(f"max by (rank, node) (gradwatch_process_resident_memory_bytes{{{JOB}}})", BY_RANK_NODE))
+
+
+def gpu_utilization_per_rank() -> timeseries.Panel:
+    return (
+        timeseries_panel(
+            "GPU utilisation per rank",
+            "Share of time each rank's GPU was busy (gradwatch_gpu_utilization_ratio, NVML). The rank the others "
+            "wait for is busy while they idle in the all-reduce." + ON_GPU_ONLY,
+            "percentunit",
+        )
+        .min(0)
+        .max(1)
+        .with_target(promql(f"max by (rank, node) (gradwatch_gpu_utilization_ratio{{{JOB}}})", BY_RANK_NODE))
+    )
+
+
+def gpu_memory_per_rank() -> timeseries.Panel:
+    return timeseries_panel(
+        "GPU memory per rank",
+        "GPU memory in use on each rank's device (gradwatch_gpu_memory_used_bytes, NVML)." + ON_GPU_ONLY,
+        "bytes",
+    ).with_target(promql(f"max by (rank, node) (gradwatch_gpu_memory_used_bytes{{{JOB}}})", BY_RANK_NODE))
+
+
 def ranks() -> dashboard.Dashboard:
     """The ranks board."""
     return (
-        new_dashboard(RANKS_UID, "gradwatch / Ranks", "The DDP ranks of one gradwatch run: speed, stragglers, hangs.")
+        new_dashboard(
+            RANKS_UID,
+            "gradwatch / Ranks",
+            "The DDP ranks of one gradwatch run: speed, stragglers, hangs, CPU, memory and GPU.",
+        )
         .with_variable(label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False))
         .with_row(dashboard.Row("Step time"))
         .with_panel(step_time_quantiles())
@@ -196,4 +257,9 @@ def ranks() -> dashboard.Dashboard:
         .with_row(dashboard.Row("Throughput and gradients"))
         .with_panel(throughput_per_rank())
         .with_panel(local_grad_norms())
+        .with_row(dashboard.Row("System"))
+        .with_panel(cpu_per_rank())
+        .with_panel(memory_per_rank())
+        .with_panel(gpu_utilization_per_rank())
+        .with_panel(gpu_memory_per_rank())
     )

@@ -1,9 +1,11 @@
-"""Run board: how one training run moves (loss, gradients, weights, phase, anomalies)."""
+"""Run board: how one training run moves (loss, gradients, weights, phase, anomalies) and what its workers use
+(CPU, memory, throughput, MFU, GPU)."""
 
 from grafana_foundation_sdk.builders import dashboard, stat, statetimeline, timeseries
 from grafana_foundation_sdk.models import common
 
 from dashboards.style import (
+    BY_RANK,
     PHASE_COLORS,
     RUN_UID,
     Built,
@@ -220,6 +222,137 @@ def anomalies() -> statetimeline.Panel:
     ).with_target(promql(f"max by (kind) (gradwatch_anomaly{{{JOB}}})", "{{kind}}"))
 
 
+# Said by each panel of a series that exists only where it is known (workers/system.py).
+ON_GPU_ONLY = (
+    " No data on CPU workers, or where the workers lack the gpu extra (pip install 'gradwatch[gpu]': "
+    "nvidia-ml-py, NVML): that is expected, not a fault."
+)
+
+
+def process_cpu() -> timeseries.Panel:
+    return timeseries_panel(
+        "CPU per rank",
+        "CPU cores each rank's worker process keeps busy, all its threads (rate of "
+        "gradwatch_process_cpu_seconds_total over 1m). A data-bound rank on CPU sits near its cpus_per_worker.",
+        "suffix: cores",
+        width=8,
+    ).with_target(promql(f"sum by (rank) (rate(gradwatch_process_cpu_seconds_total{{{JOB}}}[1m]))", BY_RANK))
+
+
+def host_cpu() -> timeseries.Panel:
+    return (
+        timeseries_panel(
+            "Node CPU busy",
+            "Share of each rank's node's CPU time that was busy over the last sample (gradwatch_host_cpu_ratio, "
+            "from /proc/stat, every telemetry.system_interval s). A node near 1 starves its ranks' data loaders.",
+            "percentunit",
+            width=8,
+        )
+        .min(0)
+        .max(1)
+        .with_target(promql(f"max by (rank) (gradwatch_host_cpu_ratio{{{JOB}}})", BY_RANK))
+    )
+
+
+def resident_memory() -> timeseries.Panel:
+    return timeseries_panel(
+        "Resident memory per rank",
+        "Resident memory of each rank's worker process (gradwatch_process_resident_memory_bytes). A line that "
+        "only climbs is a leak (tensors kept across steps, a growing cache).",
+        "bytes",
+        width=8,
+    ).with_target(promql(f"max by (rank) (gradwatch_process_resident_memory_bytes{{{JOB}}})", BY_RANK))
+
+
+def samples_per_second() -> timeseries.Panel:
+    return timeseries_panel(
+        "Samples/s per rank",
+        "Training examples each rank processed per second over the last sample (gradwatch_samples_per_second), "
+        "and all ranks together.",
+        "suffix: samples/s",
+        width=8,
+    ).targets(
+        [
+            promql(f"max by (rank) (gradwatch_samples_per_second{{{JOB}}})", BY_RANK, ref_id="A"),
+            promql(f"sum(gradwatch_samples_per_second{{{JOB}}})", "all ranks", ref_id="B"),
+        ]
+    )
+
+
+def tokens_per_second() -> timeseries.Panel:
+    return timeseries_panel(
+        "Tokens/s per rank",
+        "Tokens each rank trained on per second over the last sample (gradwatch_tokens_per_second), and all "
+        "ranks together. No data for runs whose batches do not say their tokens: the built-in loop's language "
+        "models do, a user's loop by calling run.tokens(n).",
+        "suffix: tokens/s",
+        width=8,
+    ).targets(
+        [
+            promql(f"max by (rank) (gradwatch_tokens_per_second{{{JOB}}})", BY_RANK, ref_id="A"),
+            promql(f"sum(gradwatch_tokens_per_second{{{JOB}}})", "all ranks", ref_id="B"),
+        ]
+    )
+
+
+def mfu() -> timeseries.Panel:
+    return (
+        timeseries_panel(
+            "MFU per rank",
+            "Model FLOPs utilisation of each rank (gradwatch_model_flops_utilization_ratio): samples/s x "
+            "telemetry.flops_per_sample / telemetry.peak_flops. No data unless the spec gives both.",
+            "percentunit",
+            width=8,
+        )
+        .min(0)
+        .with_target(promql(f"max by (rank) (gradwatch_model_flops_utilization_ratio{{{JOB}}})", BY_RANK))
+    )
+
+
+def gpu_utilization() -> timeseries.Panel:
+    return (
+        timeseries_panel(
+            "GPU utilisation per rank",
+            "Share of the last sample period the rank's GPU was busy (gradwatch_gpu_utilization_ratio, NVML). "
+            "Low while the others are high: that rank waits for data or for the all-reduce." + ON_GPU_ONLY,
+            "percentunit",
+            width=6,
+        )
+        .min(0)
+        .max(1)
+        .with_target(promql(f"max by (rank) (gradwatch_gpu_utilization_ratio{{{JOB}}})", BY_RANK))
+    )
+
+
+def gpu_memory() -> timeseries.Panel:
+    return timeseries_panel(
+        "GPU memory per rank",
+        "GPU memory in use on each rank's device (gradwatch_gpu_memory_used_bytes, NVML), every process on it."
+        + ON_GPU_ONLY,
+        "bytes",
+        width=6,
+    ).with_target(promql(f"max by (rank) (gradwatch_gpu_memory_used_bytes{{{JOB}}})", BY_RANK))
+
+
+def gpu_temperature() -> timeseries.Panel:
+    return timeseries_panel(
+        "GPU temperature per rank",
+        "Temperature of each rank's GPU (gradwatch_gpu_temperature_celsius, NVML). A hot GPU throttles its "
+        "clock and turns its rank into a straggler." + ON_GPU_ONLY,
+        "celsius",
+        width=6,
+    ).with_target(promql(f"max by (rank) (gradwatch_gpu_temperature_celsius{{{JOB}}})", BY_RANK))
+
+
+def gpu_power() -> timeseries.Panel:
+    return timeseries_panel(
+        "GPU power per rank",
+        "Power draw of each rank's GPU (gradwatch_gpu_power_watts, NVML)." + ON_GPU_ONLY,
+        "watt",
+        width=6,
+    ).with_target(promql(f"max by (rank) (gradwatch_gpu_power_watts{{{JOB}}})", BY_RANK))
+
+
 def alert_list() -> dashboard.Panel:
     return alert_list_panel(
         "Alerts for this run",
@@ -244,7 +377,11 @@ def alert_annotations() -> PrometheusAnnotation:
 def run() -> dashboard.Dashboard:
     """The run board."""
     return (
-        new_dashboard(RUN_UID, "gradwatch / Run", "One gradwatch training run: loss, gradients, phase, anomalies.")
+        new_dashboard(
+            RUN_UID,
+            "gradwatch / Run",
+            "One gradwatch training run: loss, gradients, phase, anomalies, and what its workers use.",
+        )
         .with_variable(label_variable("job_id", "Job", "label_values(gradwatch_job_info, job_id)", include_all=False))
         .annotation(Built(alert_annotations()))
         .with_row(dashboard.Row("Run"))
@@ -268,4 +405,15 @@ def run() -> dashboard.Dashboard:
         .with_panel(phase())
         .with_panel(anomalies())
         .with_panel(alert_list())
+        .with_row(dashboard.Row("System per rank"))
+        .with_panel(process_cpu())
+        .with_panel(host_cpu())
+        .with_panel(resident_memory())
+        .with_panel(samples_per_second())
+        .with_panel(tokens_per_second())
+        .with_panel(mfu())
+        .with_panel(gpu_utilization())
+        .with_panel(gpu_memory())
+        .with_panel(gpu_temperature())
+        .with_panel(gpu_power())
     )

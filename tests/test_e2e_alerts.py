@@ -190,6 +190,15 @@ def test_a_stalled_run_is_reported_as_stalled(stack):
 NO_DATA_FOR_A_HEALTHY_JOB = {
     ("gradwatch-run", "Alerts for this run"): "an alert list: a healthy run has no alert",
     ("gradwatch-run", "annotation: Alerts"): "alert annotations: a healthy run has no alert",
+    # System series that exist only where they are known (workers/system.py); the healthy run is digits-mlp on CPU
+    ("gradwatch-run", "Tokens/s per rank"): "an MLP on digits: its batches have no tokens",
+    ("gradwatch-run", "MFU per rank"): "the spec gives no telemetry.flops_per_sample and peak_flops",
+    ("gradwatch-run", "GPU utilisation per rank"): "CPU workers: no GPU (NVML)",
+    ("gradwatch-run", "GPU memory per rank"): "CPU workers: no GPU (NVML)",
+    ("gradwatch-run", "GPU temperature per rank"): "CPU workers: no GPU (NVML)",
+    ("gradwatch-run", "GPU power per rank"): "CPU workers: no GPU (NVML)",
+    ("gradwatch-ranks", "GPU utilisation per rank"): "CPU workers: no GPU (NVML)",
+    ("gradwatch-ranks", "GPU memory per rank"): "CPU workers: no GPU (NVML)",
 }
 
 

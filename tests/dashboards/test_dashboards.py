@@ -17,7 +17,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from dashboards import build
-from tests.contract import series_names
+from tests.contract import SERIES, SYSTEM, SYSTEM_WHERE_KNOWN, series_names
 
 REPO = Path(__file__).resolve().parents[2]
 BOARD_FILES = ["fleet.json", "run.json", "ranks.json"]
@@ -275,3 +275,43 @@ def test_dashboard_provider_loads_these_files() -> None:
     assert provider["options"]["foldersFromFilesStructure"] is False
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards/gradwatch"
     assert not (REPO / "deploy/grafana/provisioning/dashboards/alerting").exists()
+
+
+def stored(families: list[str]) -> set[str]:
+    return {name for family in families for name in SERIES.get(family, [family])}
+
+
+def test_the_run_board_shows_every_system_series_per_rank() -> None:
+    queries = build.panel_queries(load("run.json"))
+    for series in sorted(stored(SYSTEM + SYSTEM_WHERE_KNOWN) - {"gradwatch_tokens_total"}):  # tokens/s is shown
+        per_rank = [expr for _, expr in queries if re.search(rf"\b{series}\b", expr) and "by (rank)" in expr]
+        assert per_rank, f"the run board has no per-rank panel of {series}"
+
+
+def test_the_ranks_board_shows_cpu_memory_and_gpu_per_rank_and_node() -> None:
+    exprs = [expr for _, expr in build.panel_queries(load("ranks.json"))]
+    for series in (
+        "gradwatch_process_cpu_seconds_total",
+        "gradwatch_host_cpu_ratio",
+        "gradwatch_process_resident_memory_bytes",
+        "gradwatch_gpu_utilization_ratio",
+        "gradwatch_gpu_memory_used_bytes",
+    ):
+        assert any(series in expr and "by (rank, node)" in expr for expr in exprs), series
+
+
+def test_a_panel_of_series_that_exist_only_where_known_says_when_it_has_no_data(board: dict[str, Any]) -> None:
+    """Tokens, MFU and the GPU's series exist only for some runs (workers/system.py): their panels say when
+    they stay empty, so that an empty GPU panel on CPU reads as expected."""
+    where_known = stored(SYSTEM_WHERE_KNOWN)
+    checked = 0
+    for panel in all_panels(board):
+        exprs = [target.get("expr", "") for target in panel.get("targets", [])]
+        named = {m for expr in exprs for m in re.findall(r"\bgradwatch_\w+", expr)}
+        if named and named <= where_known:
+            checked += 1
+            assert "no data" in panel["description"].lower(), panel["title"]
+            if any(name.startswith("gradwatch_gpu_") for name in named):
+                assert "CPU" in panel["description"] and "gpu extra" in panel["description"], panel["title"]
+    if board["uid"] != "gradwatch-fleet":
+        assert checked >= (6 if board["uid"] == "gradwatch-run" else 2), (board["uid"], checked)
