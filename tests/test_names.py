@@ -9,7 +9,7 @@ from pathlib import Path
 from dashboards import run, style
 from gradwatch.names import ANOMALIES, JOB_STATES, NONFINITE_KINDS, PHASES, TERMINAL_STATES
 from service import cli_jobs, report, store
-from workers import detectors
+from workers import detectors, heartbeat
 
 
 def test_phase_and_anomaly_tables_cover_exactly_the_shared_names():
@@ -40,3 +40,5 @@ def test_the_rules_and_boards_name_only_shared_phases_and_kinds():
     assert kinds and phases
     assert kinds <= set(ANOMALIES) | set(NONFINITE_KINDS), kinds - set(ANOMALIES)
     assert phases <= set(PHASES), phases - set(PHASES)
+    step_phases = set(re.findall(r'\bstep_phase(?:=|!=)"(\w+)"', text))  # a step's phases: the heartbeat's
+    assert step_phases and step_phases <= set(heartbeat.PHASES), step_phases - set(heartbeat.PHASES)

@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger("gradwatch.heartbeat")
 
-# The phases of a step, in their order; exported as the `phase` label.
+# The phases of a step, in their order; exported as the `step_phase` label (`phase` is the training phase's).
 PHASES: tuple[str, ...] = ("data", "forward", "backward", "collective", "optimizer", "checkpoint")
 DATA, FORWARD, BACKWARD, COLLECTIVE, OPTIMIZER, CHECKPOINT = range(len(PHASES))
 # Where a rank stopped, in a person's words.
