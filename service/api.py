@@ -32,7 +32,7 @@ from gradwatch.spec import SpecError, load_spec
 from gradwatch.status import target_groups
 from service import push
 from service.auth import Authenticator, Principal
-from service.launcher import Cluster, Launcher, RayCluster, ray_token
+from service.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster, ray_token
 from service.models import (
     AlertmanagerWebhook,
     AlertOut,
@@ -54,6 +54,7 @@ from service.store import (
     CURSOR,
     AlertUpdate,
     BadCursor,
+    Job,
     JobNotFound,
     QueueFull,
     Store,
@@ -132,6 +133,15 @@ JsonOrYaml = Annotated[None, Depends(json_or_yaml)]
 Reader = Annotated[Principal, need("read")]
 Submitter = Annotated[Principal, need("submit")]
 JobReporter = Annotated[Principal, Depends(require_job_token)]
+
+
+def visible_job(store: Store, job_id: str, reader: Principal) -> Job:
+    """The job, when the caller may see it (their own, or any with read-all); JobNotFound (404, as
+    for a job that does not exist) otherwise, so another user's job ids do not leak."""
+    job = store.get_job(job_id)
+    if not reader.sees(job.owner):
+        raise JobNotFound(job_id)
+    return job
 
 
 def get_store(request: Request) -> Store:
@@ -233,7 +243,7 @@ def _spec_errors(errors: list[str]) -> JSONResponse:
 @jobs.get("", response_model=JobsPage)
 def list_jobs(
     store: StoreDep,
-    _: Reader,
+    reader: Reader,
     state: Annotated[list[State] | None, Query(description="Repeat for several states.")] = None,
     name: Annotated[str | None, Query(max_length=63)] = None,
     label: Annotated[
@@ -249,7 +259,8 @@ def list_jobs(
         str | None, Query(max_length=200, description="From next_cursor.", json_schema_extra={"pattern": CURSOR})
     ] = None,
 ) -> JobsPage:
-    """Jobs, newest first, filtered by state, name and labels."""
+    """Jobs, newest first, filtered by state, name and labels: the caller's own (every user's with
+    scope read-all)."""
     if len(label or []) > MAX_LABEL_FILTERS:
         raise _query_error("label", f"at most {MAX_LABEL_FILTERS} label filters (got {len(label or [])})")
     labels = {}
@@ -259,15 +270,21 @@ def list_jobs(
             raise _query_error("label", f"write key=value, e.g. team=vision (got {item!r})")
         labels[key] = value
     page, next_cursor = store.list_jobs(
-        state=state, name=name, labels=labels, limit=limit, offset=offset, cursor=cursor
+        state=state,
+        name=name,
+        labels=labels,
+        limit=limit,
+        offset=offset,
+        cursor=cursor,
+        owner=None if reader.reads_all else reader.user,
     )
     return JobsPage(data=[JobOut.of(job) for job in page], next_cursor=next_cursor)
 
 
 @jobs.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: str, store: StoreDep, _: Reader) -> JobDetail:
+def get_job(job_id: str, store: StoreDep, reader: Reader) -> JobDetail:
     """Spec, state and why, timestamps, progress, worker endpoints, transitions and alerts."""
-    job = store.get_job(job_id)
+    job = visible_job(store, job_id, reader)
     return JobDetail.full(job, store.transitions(job_id), store.list_alerts(job_id=job_id, limit=100))
 
 
@@ -280,7 +297,7 @@ async def job_logs(
     job_id: str, request: Request, store: StoreDep, launcher: LauncherDep, reader: Reader, follow: bool = False
 ) -> Response:
     """The driver's output; `follow=true` streams it until the job ends (only new bytes each time)."""
-    job = await run_in_threadpool(store.get_job, job_id)
+    job = await run_in_threadpool(visible_job, store, job_id, reader)
     if not follow:
         return PlainTextResponse(await run_in_threadpool(launcher.logs, job))
     followers: LogFollowers = request.app.state.log_followers
@@ -356,11 +373,11 @@ async def _follow_logs(
     response_class=HTMLResponse,
     responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, 501: {"model": ErrorOut}},
 )
-async def job_report(job_id: str, request: Request, store: StoreDep, _: Reader) -> Response:
+async def job_report(job_id: str, request: Request, store: StoreDep, reader: Reader) -> Response:
     """The run's report: one self-contained HTML page of its dynamics, built now (live while the job runs)."""
     from service.report import ReportError, report_for_job  # numpy and plotly only when a report is asked for
 
-    job = await run_in_threadpool(store.get_job, job_id)
+    job = await run_in_threadpool(visible_job, store, job_id, reader)
     try:
         page = await run_in_threadpool(report_for_job, job, request.app.state.settings.runs_dir)
     except ReportError as exc:
@@ -372,7 +389,7 @@ async def job_report(job_id: str, request: Request, store: StoreDep, _: Reader) 
 def cancel_job(job_id: str, store: StoreDep, launcher: LauncherDep, user: Submitter) -> JobOut:
     """A queued job ends cancelled at once; a running one is stopped (`stopping` until Ray confirms).
     Only the job's owner or an admin may cancel it."""
-    job = store.get_job(job_id)
+    job = visible_job(store, job_id, user)
     if not user.admin and job.owner != user.user:
         raise HTTPException(
             403, f"job {job_id} belongs to {job.owner or 'nobody'}: only its owner or an admin may cancel it"
@@ -385,14 +402,23 @@ targets = APIRouter(tags=["prometheus"], responses=ERRORS)
 
 
 @targets.get("/v1/targets", response_model=list[TargetGroup])
-def prometheus_targets(store: StoreDep, _: Annotated[Principal, need("targets:read")]) -> list[TargetGroup]:
-    """Prometheus HTTP service discovery: the live worker endpoints of running jobs."""
-    return [
-        TargetGroup.model_validate(group)
-        for job in store.jobs_in("running")
-        if (status := job.last_status()) is not None
-        for group in target_groups(job.id, status.endpoints)
-    ]
+def prometheus_targets(
+    request: Request, store: StoreDep, _: Annotated[Principal, need("targets:read")]
+) -> list[TargetGroup]:
+    """Prometheus HTTP service discovery: the live worker endpoints of running jobs, those on a Ray node
+    of the job's own workers with a port in 1024-65535 only (whatever a status file says)."""
+    hosts: push.WorkerHosts = request.app.state.worker_hosts
+    groups = []
+    for job in store.jobs_in("running"):
+        status = job.last_status()
+        if status is None or not status.endpoints:
+            continue
+        try:
+            allowed = hosts.of(job, {push.host_of(e) for e in status.endpoints})
+        except ClusterUnavailable:
+            allowed = hosts.known(job)  # Ray cannot be asked now: what it said last
+        groups += target_groups(job.id, push.servable(status.endpoints, allowed))
+    return [TargetGroup.model_validate(group) for group in groups]
 
 
 # ------------------------------------------------------------------- alerts
@@ -413,8 +439,10 @@ alerts = APIRouter(prefix="/v1/alerts", tags=["alerts"], responses=ERRORS)
 async def receive_alerts(
     request: Request, store: StoreDep, _: Annotated[Principal, need("alerts:write")], __: JsonOrYaml
 ) -> IngestOut:
-    """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint+startsAt.
-    Only a token with scope alerts:write (Alertmanager's) may send it; the body is read after that."""
+    """Alertmanager's webhook (v4): store each alert firing or resolved, once per fingerprint, labels and
+    startsAt; an update with other labels than the stored alert's, or older than it (a `firing` replayed
+    after its `resolved`), is counted as refused and changes nothing. Only a token with scope
+    alerts:write (Alertmanager's) may send it; the body is read after that."""
     try:
         payload = AlertmanagerWebhook.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -434,21 +462,27 @@ async def receive_alerts(
                 generator_url=alert.generatorURL,
             )
         )
-    new, updated = await run_in_threadpool(store.ingest_alerts, updates)
-    return IngestOut(received=len(updates), new=new, updated=updated)
+    done = await run_in_threadpool(store.ingest_alerts, updates)
+    return IngestOut(received=len(updates), new=done.new, updated=done.updated, refused=done.refused)
 
 
 @alerts.get("", response_model=AlertsPage)
 def list_alerts(
     store: StoreDep,
-    _: Reader,
+    reader: Reader,
     job_id: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[str | None, Query(pattern="^(firing|resolved)$")] = None,
     since_id: Annotated[int | None, Query(ge=0, le=2**62, description="Only alerts stored after this id.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AlertsPage:
-    """Alerts, newest first."""
-    rows = store.list_alerts(job_id=job_id, status=status, since_id=since_id, limit=limit)
+    """Alerts, newest first: about the caller's own jobs (every alert with scope read-all)."""
+    rows = store.list_alerts(
+        job_id=job_id,
+        status=status,
+        since_id=since_id,
+        limit=limit,
+        owner=None if reader.reads_all else reader.user,
+    )
     return AlertsPage(data=[AlertOut.of(a) for a in rows])
 
 
@@ -659,6 +693,7 @@ def create_app(
     )
     app.state.settings, app.state.store, app.state.launcher = settings, store, launcher
     app.state.auth = auth
+    app.state.worker_hosts = push.WorkerHosts(cluster)
     app.state.log_followers = LogFollowers(settings)
     registry = CollectorRegistry()
     registry.register(JobStateCollector(store, settings.terminal_metric_seconds))
@@ -735,8 +770,9 @@ def _meta_routes(app: FastAPI, launcher: Launcher, settings: Settings, registry:
         }
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse, responses=ERRORS)
-    def metrics(_: Annotated[Principal, need("targets:read", "read")]) -> Response:
-        """Prometheus metrics of the service (Prometheus' token, or any reader's)."""
+    def metrics(_: Annotated[Principal, need("targets:read", "read-all")]) -> Response:
+        """Prometheus metrics of the service, every job's state among them (Prometheus' token, or a
+        token with read-all)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

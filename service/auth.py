@@ -1,11 +1,12 @@
 """Who may do what: users, scoped tokens, and the service's own consumers' tokens.
 
 Every request but /healthz carries a bearer token. A token belongs to a user and
-carries scopes; `admin` implies every scope and `submit` implies `read`:
+carries scopes; `admin` implies every scope, `submit` and `read-all` imply `read`:
 
     admin          everything: other people's jobs, priorities above the ceiling
     submit         submit jobs, cancel your own, read
-    read           list and read jobs, logs and alerts
+    read           list and read your own jobs, their logs, reports, events and alerts
+    read-all       read every job, log, report, event and alert (operators); no changes
     alerts:write   Alertmanager's webhook (POST /v1/alerts)
     targets:read   Prometheus: worker discovery (/v1/targets) and the service's /metrics
     job:progress   one running job's driver: that job's progress, nothing else (minted at launch)
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 SCOPES: dict[str, str] = {
     "admin": "everything, including other people's jobs and priorities above the ceiling",
     "submit": "submit jobs, cancel your own jobs, and read",
-    "read": "list and read jobs, logs and alerts",
+    "read": "list and read your own jobs, their logs, reports, events and alerts",
+    "read-all": "list and read every user's jobs, logs, reports, events and alerts (operators)",
     "alerts:write": "Alertmanager's webhook (POST /v1/alerts)",
     "targets:read": "Prometheus: worker discovery (/v1/targets) and the service's /metrics",
     "job:progress": "one running job's driver: report that job's progress (minted at launch)",
@@ -42,6 +44,7 @@ GRANTABLE = tuple(s for s in SCOPES if s != "job:progress")
 IMPLIES: dict[str, frozenset[str]] = {
     "admin": frozenset(SCOPES),
     "submit": frozenset({"submit", "read"}),
+    "read-all": frozenset({"read-all", "read"}),
 }
 
 Consumer = Literal["admin", "prometheus", "alertmanager"]
@@ -70,6 +73,15 @@ class Principal:
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
+
+    @property
+    def reads_all(self) -> bool:
+        """Whether this caller reads every user's jobs (`read-all`, or `admin`, which implies it)."""
+        return "read-all" in self.scopes
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether a job of `owner` is visible to this caller: their own, or everyone's with read-all."""
+        return self.reads_all or (owner is not None and owner == self.user)
 
 
 def expand(scopes: list[str] | tuple[str, ...] | frozenset[str]) -> frozenset[str]:

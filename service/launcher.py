@@ -125,6 +125,10 @@ class Cluster(Protocol):
     def live_workers(self, submission_id: str) -> int:
         """Ray Train worker actors of this job that are not dead yet."""
 
+    def worker_hosts(self, submission_id: str) -> frozenset[str]:
+        """The addresses of the Ray nodes this job's live Ray Train workers run on: the only hosts its
+        pushed /metrics endpoints may name (service/push.py)."""
+
 
 def ray_token(settings: Settings | None = None) -> str | None:
     """The Ray cluster token: setting/RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
@@ -254,6 +258,27 @@ class RayCluster:
             limit=1000,
         )
         return len(((body.get("data") or {}).get("result") or {}).get("result") or [])
+
+    def worker_hosts(self, submission_id: str) -> frozenset[str]:
+        ray_job_id = self._ray_job_ids.get(submission_id)
+        if ray_job_id is None:
+            self.status(submission_id)
+            ray_job_id = self._ray_job_ids.get(submission_id)
+        if ray_job_id is None:
+            return frozenset()
+        actors = self._get(
+            "/api/v0/actors",
+            filter_keys=["job_id", "class_name", "state"],
+            filter_predicates=["=", "=", "="],
+            filter_values=[ray_job_id, "RayTrainWorker", "ALIVE"],
+            limit=1000,
+        )
+        node_ids = {a.get("node_id") for a in ((actors.get("data") or {}).get("result") or {}).get("result") or []}
+        if not node_ids - {None}:
+            return frozenset()
+        nodes = self._get("/api/v0/nodes", filter_keys=["state"], filter_predicates=["="], filter_values=["ALIVE"])
+        found = ((nodes.get("data") or {}).get("result") or {}).get("result") or []
+        return frozenset(n["node_ip"] for n in found if n.get("node_id") in node_ids and n.get("node_ip"))
 
 
 # ---------------------------------------------------------------- launcher

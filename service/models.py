@@ -266,3 +266,8 @@ class IngestOut(BaseModel):
     received: int
     new: int
     updated: int
+    refused: int = Field(
+        0,
+        description="Updates left unstored: a known fingerprint and startsAt with other labels, or older "
+        "than the stored alert (a `firing` after its `resolved`, a resolution before the stored endsAt).",
+    )

@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -330,8 +330,10 @@ class Store:
         limit: int = 50,
         offset: int = 0,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Newest first. Returns the page and a cursor for the next one (None at the end)."""
+        """Newest first. Returns the page and a cursor for the next one (None at the end); `owner`
+        keeps that user's jobs only."""
         if _has_nul(name, *(labels or {}).keys(), *(labels or {}).values()):
             return [], None  # no stored text holds one (and PostgreSQL refuses to compare it)
         query = select(Job).options(defer(Job.spec, raiseload=True))  # a listing shows no spec
@@ -346,6 +348,8 @@ class Store:
             query = query.where(Job.state.in_(states)) if len(states) > 1 else query.where(Job.state == states[0])
         if name:
             query = query.where(Job.name == name)
+        if owner is not None:
+            query = query.where(Job.owner == owner)
         if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             query = query.where(tuple_(*order) < tuple_(created_at, job_id))
@@ -571,23 +575,27 @@ class Store:
             return token if user is not None and user.revoked_at is None else None
 
     # ---------------------------------------------------------------- alerts
-    def ingest_alerts(
-        self, updates: Iterable[AlertUpdate], *, now: float | None = None, batch: int = 100
-    ) -> tuple[int, int]:
-        """Store firing/resolved alerts; one row per (fingerprint, startsAt). Returns (new, updated).
+    def ingest_alerts(self, updates: Iterable[AlertUpdate], *, now: float | None = None, batch: int = 100) -> Ingested:
+        """Store firing/resolved alerts; one row per alert: its fingerprint, labels and startsAt.
+
+        An update changes a stored alert only when it carries the same labels (a known fingerprint
+        with other labels is another sender's forgery, or a collision) and is not older than what
+        is stored: a resolved alert stays resolved (Prometheus gives an alert that fires again a new
+        startsAt, so a `firing` for a resolved row is a replay), and a resolution is moved only to a
+        later endsAt. Updates refused so are counted, never stored.
 
         At most `batch` alerts per write transaction, so a large notification never holds the
         store's write lock for long. Text longer than its column is clipped and NUL bytes replaced
         (PostgreSQL refuses both); the label and annotation maps keep everything.
         """
         items = list(updates)
-        new = updated = 0
+        total = Ingested(0, 0, 0)
         for start in range(0, len(items), batch):
-            n, u = self._ingest_batch(items[start : start + batch], now)
-            new, updated = new + n, updated + u
-        return new, updated
+            done = self._ingest_batch(items[start : start + batch], now)
+            total = Ingested(*(a + b for a, b in zip(total, done, strict=True)))
+        return total
 
-    def _ingest_batch(self, updates: list[AlertUpdate], now: float | None) -> tuple[int, int]:
+    def _ingest_batch(self, updates: list[AlertUpdate], now: float | None) -> Ingested:
         at = time.time() if now is None else now
         items = [_fit_alert(item) for item in updates]
         for attempt in range(_INGEST_ATTEMPTS):
@@ -600,8 +608,8 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
-    def _ingest(self, items: list[AlertUpdate], at: float) -> tuple[int, int]:
-        new = updated = 0
+    def _ingest(self, items: list[AlertUpdate], at: float) -> Ingested:
+        new = updated = refused = 0
         with self._write() as session:
             for item in items:
                 row = session.scalars(
@@ -628,6 +636,8 @@ class Store:
                     )
                     session.flush()  # a repeat inside the same notification must find this row
                     new += 1
+                elif row.labels != item.labels or _older(item, row):
+                    refused += 1
                 elif (row.status, row.ends_at, row.annotations) != (
                     item.status,
                     item.ends_at,
@@ -638,7 +648,7 @@ class Store:
                     row.description = _clip(item.annotations.get("description"))
                     row.updated_at = at
                     updated += 1
-        return new, updated
+        return Ingested(new, updated, refused)
 
     def list_alerts(
         self,
@@ -647,11 +657,15 @@ class Store:
         status: str | None = None,
         limit: int = 100,
         since_id: int | None = None,
+        owner: str | None = None,
     ) -> list[Alert]:
-        """Newest first; `since_id` keeps only alerts stored after that row."""
-        if _has_nul(job_id, status):
+        """Newest first; `since_id` keeps only alerts stored after that row, `owner` only alerts about
+        that user's jobs (an alert naming no stored job belongs to nobody)."""
+        if _has_nul(job_id, status, owner):
             return []  # stored text holds none (see _clip)
         query = select(Alert)
+        if owner is not None:
+            query = query.where(Alert.job_id.in_(select(Job.id).where(Job.owner == owner)))
         if job_id:
             query = query.where(Alert.job_id == job_id)
         if status:
@@ -664,6 +678,25 @@ class Store:
 
 
 _INGEST_ATTEMPTS = 5
+
+
+class Ingested(NamedTuple):
+    """What one notification did: alerts stored anew, stored ones changed, and updates refused
+    (another alert's labels under a known fingerprint, or older than the stored alert)."""
+
+    new: int
+    updated: int
+    refused: int
+
+
+def _older(item: AlertUpdate, row: Alert) -> bool:
+    """Whether `item` is older news than the stored `row` of the same alert: a `firing` once it was
+    resolved, or a resolution before the stored one's endsAt."""
+    if row.status != "resolved":
+        return False
+    if item.status == "firing":
+        return True
+    return row.ends_at is not None and (item.ends_at is None or item.ends_at < row.ends_at)
 
 
 def _clip(text: str | None, limit: int | None = None) -> str | None:

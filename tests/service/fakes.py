@@ -48,6 +48,7 @@ class FakeCluster:
         self.envs: dict[str, dict[str, str]] = {}  # the runtime env each job was submitted with
         self.stopped: list[str] = []
         self.refuse_submits = False
+        self.hosts = frozenset({"10.0.0.7"})  # the node address every fake worker runs on
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ Cluster API
@@ -117,6 +118,11 @@ class FakeCluster:
             self._check()
             job = self.jobs.get(submission_id)
             return 0 if job is None else job.workers
+
+    def worker_hosts(self, submission_id: str) -> frozenset[str]:
+        with self._lock:
+            self._check()
+            return self.hosts if submission_id in self.jobs else frozenset()
 
     # ---------------------------------------------------------- simulation
     def advance(self, steps: int = 1) -> None:

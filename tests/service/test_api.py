@@ -287,10 +287,20 @@ def post_alert(api, job_id, name, status, **kw):
 
 
 def test_alertmanager_webhook_stores_firing_then_resolved_once(api):
-    assert post_alert(api, "gw-aaa", "TrainingDiverging", "firing") == {"received": 1, "new": 1, "updated": 0}
-    assert post_alert(api, "gw-aaa", "TrainingDiverging", "firing") == {"received": 1, "new": 0, "updated": 0}
+    assert post_alert(api, "gw-aaa", "TrainingDiverging", "firing") == {
+        "received": 1,
+        "new": 1,
+        "updated": 0,
+        "refused": 0,
+    }
+    assert post_alert(api, "gw-aaa", "TrainingDiverging", "firing") == {
+        "received": 1,
+        "new": 0,
+        "updated": 0,
+        "refused": 0,
+    }
     resolved = post_alert(api, "gw-aaa", "TrainingDiverging", "resolved", ends="2026-01-02T03:09:05Z")
-    assert resolved == {"received": 1, "new": 0, "updated": 1}
+    assert resolved == {"received": 1, "new": 0, "updated": 1, "refused": 0}
     post_alert(api, "gw-bbb", "TrainingStalled", "firing")
     rows = api.get("/v1/alerts", params={"job_id": "gw-aaa"}).json()["data"]
     assert len(rows) == 1

@@ -31,7 +31,9 @@ def testserver_is_an_allowed_host(monkeypatch):
 
 @pytest.fixture
 def cluster():
-    return FakeCluster(cpus=4)
+    cluster = FakeCluster(cpus=4)
+    cluster.hosts = frozenset({"10.1.0.1", "10.1.0.2"})  # the Ray nodes the jobs' workers run on
+    return cluster
 
 
 @pytest.fixture

@@ -334,7 +334,8 @@ def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp
     demo_dir, _ = example_runs["digits-mlp"]
     settings = Settings(data_dir=tmp_path, token=TOKEN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
-    reader = {"Authorization": f"Bearer {app.state.store.add_user('reader', ['read'])}"}
+    reader = {"Authorization": f"Bearer {app.state.store.add_user('reader', ['read-all'])}"}
+    others = {"Authorization": f"Bearer {app.state.store.add_user('bob', ['read'])}"}
     alertmanager = {"Authorization": f"Bearer {app.state.store.add_user('am', ['alerts:write'])}"}
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         job = api.post("/v1/jobs", json=spec("live-report")).json()
@@ -343,6 +344,7 @@ def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp
         assert api.get(url, headers=alertmanager).status_code == 403  # as for the job itself
         assert api.get(f"/v1/jobs/{job['id']}", headers=alertmanager).status_code == 403
         assert api.get(url, headers=reader).status_code == 200
+        assert api.get(url, headers=others).status_code == 404  # another user's report, as for no job
         queued = api.get(url)
         assert queued.status_code == 200 and queued.headers["content-type"].startswith("text/html")
         assert 'class="state queued"' in queued.text and "No steps recorded yet." in queued.text

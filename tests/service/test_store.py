@@ -12,6 +12,7 @@ from gradwatch.status import RunStatus
 from service.store import (
     AlertUpdate,
     BadCursor,
+    Ingested,
     JobNotFound,
     Store,
     StoreError,
@@ -192,12 +193,12 @@ def test_alerts_are_deduplicated_by_fingerprint_and_start(store):
         labels={"alertname": "TrainingLossSpike", "job_id": "gw-1", "severity": "warning"},
         annotations={"summary": "loss spiked", "description": "z=9"},
     )
-    assert store.ingest_alerts([firing, firing]) == (1, 0)
-    assert store.ingest_alerts([firing]) == (0, 0)
+    assert store.ingest_alerts([firing, firing]) == (1, 0, 0)
+    assert store.ingest_alerts([firing]) == (0, 0, 0)
     resolved = AlertUpdate(**{**firing.__dict__, "status": "resolved", "ends_at": 160.0})
-    assert store.ingest_alerts([resolved]) == (0, 1)
+    assert store.ingest_alerts([resolved]) == (0, 1, 0)
     again = AlertUpdate(**{**firing.__dict__, "starts_at": 300.0})
-    assert store.ingest_alerts([again]) == (1, 0)
+    assert store.ingest_alerts([again]) == (1, 0, 0)
     rows = store.list_alerts(job_id="gw-1")
     assert [(a.status, a.starts_at, a.ends_at) for a in rows] == [
         ("firing", 300.0, None),
@@ -221,7 +222,7 @@ def test_concurrent_notifications_of_one_new_alert_store_it_once(store):
     """Alertmanager retries and HA pairs deliver the same alert at once; one row, no error."""
     threads = 8
     start = threading.Barrier(threads)
-    results: list[tuple[int, int]] = []
+    results: list[Ingested] = []
     failures: list[BaseException] = []
 
     def deliver(n: int) -> None:
@@ -245,7 +246,7 @@ def test_concurrent_notifications_of_one_new_alert_store_it_once(store):
     for t in workers:
         t.join()
     assert not failures, failures
-    assert sum(new for new, _ in results) == 2
+    assert sum(done.new for done in results) == 2
     assert sorted(a.fingerprint for a in store.list_alerts(job_id="gw-race")) == ["fp-0", "fp-1"]
 
 
@@ -261,12 +262,12 @@ def test_alert_fields_beyond_the_columns_are_clipped_not_refused(store):
         annotations={"summary": "a\x00b", "description": long},
         generator_url="http://prometheus/graph?" + long,
     )
-    assert store.ingest_alerts([update]) == (1, 0)
+    assert store.ingest_alerts([update]) == (1, 0, 0)
     [row] = store.list_alerts(status="firing")
     assert row.alertname == "x" * 200 and row.job_id == ("gw-" + long)[:64]
     assert row.severity == ("warn\ufffding" + long)[:32] and row.summary == "a\ufffdb"
     assert row.description == long and row.labels["alertname"] == long
-    assert store.ingest_alerts([update]) == (0, 0)
+    assert store.ingest_alerts([update]) == (0, 0, 0)
 
 
 def test_a_nul_byte_is_refused_in_specs_and_matches_nothing_in_filters(store):
