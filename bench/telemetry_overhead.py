@@ -24,6 +24,12 @@ The last line is `overhead_default=R1 overhead_every_step=R2 user_overhead_defau
 user_overhead_every_step=R4 user_guard_only=R5 user_telemetry_default=R6 user_telemetry_every_step=R7`:
 median step time against telemetry off (built-in: R1, R2), plain PyTorch (user: R3-R5) or the same
 loop on the API with telemetry off (user: R6, R7). Goal: <= 1.02 at the default, <= 1.10 every step.
+`--path parts` measures what two parts of the default telemetry cost, the same way: the heartbeat (each
+phase mark of a step and the thread that posts it once a second) and the system sampler (its thread, every
+telemetry.system_interval s), with and without each and at the sampler's shortest interval. Every parts
+config posts to an in-process job board, so only the part differs. Its last line is `heartbeat_cost=R1
+system_cost=R2 heartbeat_and_system_cost=R3 system_min_interval_cost=R4` (paired median ratios) and it
+writes its section of bench/RESULTS.md.
 On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
 wall time, but it does not see time spent waiting for other ranks.
 """
@@ -66,6 +72,22 @@ GUARD_ONLY = "guard_only"
 API_OFF = "api_off"
 GUARD_LOSS_BATCH = 16  # its loss mean: one all-reduce of this many steps' losses
 GOALS = {"default": 1.02, "every_step": 1.10}
+# --path parts: the default telemetry with and without the heartbeat and the system sampler.
+PARTS: dict[str, dict[str, Any]] = {
+    "default": {},  # both, at the spec's default system_interval
+    "no_heartbeat": {},  # the heartbeat's phase marks made no-ops, its posting thread never started
+    "no_system": {"system_interval": 0},
+    "neither": {"system_interval": 0},
+    "system_min": {"system_interval": 0.05},  # the sampler at its shortest interval (MIN_INTERVAL_S)
+}
+NO_HEARTBEAT = {"no_heartbeat", "neither"}
+# Each cost: (config, the config without that part).
+PART_COSTS = {
+    "heartbeat_cost": ("default", "no_heartbeat"),
+    "system_cost": ("default", "no_system"),
+    "heartbeat_and_system_cost": ("default", "neither"),
+    "system_min_interval_cost": ("system_min", "no_system"),
+}
 
 
 def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[str, Any]:
@@ -78,7 +100,10 @@ def base_spec(model: str, rounds: int, world_size: int, use_gpu: bool) -> dict[s
     return spec
 
 
-def config_spec(spec: dict[str, Any], name: str) -> JobSpec:
+def config_spec(spec: dict[str, Any], name: str, path: str = "builtin") -> JobSpec:
+    if path == "parts":
+        telemetry = {**spec["telemetry"], **PARTS[name]}
+        return JobSpec.model_validate({**spec, "telemetry": telemetry}, context={"user_code": "skip"})
     telemetry = {k: v for k, v in spec["telemetry"].items() if k not in ("enabled", "interval")}
     config = CONFIGS["off" if name in (GUARD_ONLY, API_OFF) else name]
     return JobSpec.model_validate({**spec, "telemetry": {**telemetry, **config}}, context={"user_code": "skip"})
@@ -153,17 +178,28 @@ def measure(
 ) -> dict[str, list[float]]:
     """Seconds of each config's step, `rounds - warmup` each, interleaved round by round.
 
-    `path` builtin: the built-in loop's `Trainer.train_step`; user: a user's own loop (`UserLoop`).
+    `path` builtin: the built-in loop's `Trainer.train_step`; user: a user's own loop (`UserLoop`); parts:
+    the built-in loop with and without the heartbeat and the system sampler (PARTS).
     """
     from workers.loop import Trainer
 
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # three trainers' detector events: noise here
+    if path == "parts":
+        return measure_parts(spec, session, rounds, warmup, clock)
     names = list(CONFIGS) + ([GUARD_ONLY, API_OFF] if path == "user" else [])
     # No board, no metrics server: each Trainer owns its registry, nothing leaves the process.
     trainers: dict[str, Any] = {n: Trainer(config_spec(spec, n), session, job_id=f"bench-{n}") for n in names}
     batches = {n: t.batches() for n, t in trainers.items()}
     if path == "user":
         trainers = {n: UserLoop(config_spec(spec, n), session, n) for n in names}
+    return interleave(trainers, batches, session, rounds, warmup, clock)
+
+
+def interleave(
+    trainers: dict[str, Any], batches: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str
+) -> dict[str, list[float]]:
+    """Each trainer's step times, round by round, the order rotating through every permutation."""
+    names = list(trainers)
     device = session.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     now = CLOCKS[clock]
@@ -180,6 +216,39 @@ def measure(
             if r >= warmup:
                 times[name].append(now() - t0)
     return times
+
+
+def measure_parts(spec: dict[str, Any], session: Any, rounds: int, warmup: int, clock: str) -> dict[str, list[float]]:
+    """The built-in loop's step times with and without the heartbeat and the system sampler (PARTS). Every
+    trainer posts to a job board in this process, so the heartbeat's thread runs as it does in a job."""
+    from workers.board import BoardClient, JobBoard
+    from workers.loop import Trainer
+
+    trainers = {}
+    for name in PARTS:
+        job_id = f"bench-{name}"
+        board = BoardClient(JobBoard(job_id), remote=False)
+        trainer = Trainer(config_spec(spec, name, "parts"), session, job_id=job_id, board=board)
+        if name in NO_HEARTBEAT:  # the training thread marks no phase and no thread posts
+            trainer.run.heartbeat.enter = lambda phase, step=None: None  # type: ignore[method-assign]
+            trainer.run.heartbeat.start = lambda board, node, host: None  # type: ignore[method-assign]
+        trainers[name] = trainer
+    try:
+        return interleave(trainers, {n: t.batches() for n, t in trainers.items()}, session, rounds, warmup, clock)
+    finally:
+        for trainer in trainers.values():
+            trainer.run.heartbeat.stop()
+            if trainer.run.system is not None:
+                trainer.run.system.stop()
+
+
+def part_costs(times: dict[str, list[float]]) -> dict[str, float]:
+    """Each part's cost (PART_COSTS): the paired median ratio of a config's step to the same round's step
+    without that part."""
+    return {
+        cost: statistics.median(a / b for a, b in zip(times[with_], times[without], strict=True))
+        for cost, (with_, without) in PART_COSTS.items()
+    }
 
 
 def ray_worker(config: dict[str, Any]) -> None:
@@ -295,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2 on CPU, 1 on cuda)")
     parser.add_argument(
         "--path",
-        choices=("builtin", "user", "both"),
+        choices=("builtin", "user", "both", "parts"),
         default="both",
         help="builtin: the built-in loop against telemetry off; user: a user's own loop with the "
-        "training API against the same loop in plain PyTorch and on the API with telemetry off",
+        "training API against the same loop in plain PyTorch and on the API with telemetry off; parts: "
+        "the default telemetry with and without the heartbeat and the system sampler",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="--local: torch threads (1, as in a Ray worker with 1 CPU)"
@@ -318,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         intervals[name] = f"interval {telemetry.interval}" if telemetry.enabled else "off"
     intervals[GUARD_ONLY] = "off, guard"
     intervals[API_OFF] = "off, API"
+    default_system = config_spec(spec, "default", "parts").telemetry.system_interval
+    for name, change in PARTS.items():
+        system = change.get("system_interval", default_system)
+        parts = ([] if name in NO_HEARTBEAT else ["hb"]) + ([f"sys {system:g}s"] if system else [])
+        intervals.setdefault(name, ", ".join(parts) or "neither")
 
     started = time.time()
     if use_gpu and not args.local and not ray_sees_gpus(world_size):
@@ -326,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if use_gpu and args.local and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU on this machine")
     paths = ["builtin", "user"] if args.path == "both" else [args.path]
+    if args.path == "parts":
+        intervals["default"] = f"hb, sys {default_system:g}s"
     if args.local:
         from workers.session import LocalSession
 
@@ -343,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         f"interleaved, {args.clock} clock, {time.time() - started:.0f} s"
     )
     summary = []
+    if "parts" in by_path:
+        return report_parts(by_path["parts"], intervals, where, args)
     for path, times in by_path.items():
         table, ratios = summarize(times, intervals)
         against = "telemetry off" if path == "builtin" else "the same loop in plain PyTorch"
@@ -361,6 +440,32 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
     print(" ".join(summary))
+    return 0
+
+
+def report_parts(times: dict[str, list[float]], intervals: dict[str, str], where: str, args: Any) -> int:
+    """Print the parts' table and costs, and write their section of bench/RESULTS.md."""
+    from bench.results import write_section
+
+    table, _ = summarize(times, {n: intervals[n] for n in times}, base="neither")
+    costs = part_costs(times)
+    line = " ".join(f"{name}={value:.3f}" for name, value in costs.items())
+    print(f"parts path (hb: heartbeat, sys: system sampler and its interval):\n{table}")
+    print(line)
+    body = (
+        f"The built-in loop's step ({args.model}, {where}, {args.steps} steps per config interleaved, {args.clock} "
+        "clock) with the default telemetry, with and without the heartbeat (its phase marks on the training "
+        "thread and its posting thread) and the system sampler (its thread), each posting to a job board; "
+        "hb: the heartbeat, sys: the system sampler at that interval; `paired` is the median over rounds of a "
+        "step's time over the same round's step of the base.\n\n"
+        f"```text\n{table}\n```\n\n"
+        "| cost | ratio |\n| --- | --- |\n"
+        + "\n".join(
+            f"| {name} ({PART_COSTS[name][0]} / {PART_COSTS[name][1]}) | {value:.3f} |" for name, value in costs.items()
+        )
+        + f"\n\n`{line}`"
+    )
+    write_section("heartbeat-system-cost", "What the heartbeat and the system sampler cost per step", body)
     return 0
 
 
