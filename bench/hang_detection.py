@@ -68,6 +68,8 @@ def train_func(config: dict) -> None:
     model = ray.train.torch.prepare_model(torch.nn.Linear(8, 1))
     optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
     x, y = torch.randn(32, 8), torch.randn(32, 1)
+    if run.max_steps is None:
+        raise ValueError("the hang bench's job needs max_steps in its spec")
     while run.step < run.max_steps:
         if run.rank == 1 and run.step + 1 == config["block_at"]:
             if run.run_dir is not None:  # when it blocked, for the bench to time the detection from
@@ -265,7 +267,7 @@ def detection(cpus: int, timeout: float) -> dict[str, dict[str, float]]:
     return results
 
 
-def report(results: dict[str, dict[str, float]]) -> str:
+def report(results: dict[str, dict[str, float]]) -> tuple[str, str]:
     from workers.heartbeat import HEARTBEAT_SECONDS, process_group_timeout
 
     rows = [
