@@ -286,7 +286,8 @@ class TelemetrySpec(Strict):
         ge=0.0,
         le=3600.0,
         description="Seconds between samples of each worker's system metrics (CPU, memory, GPU, throughput) by a "
-        "background thread; 0 turns them off (docs/system-metrics.md).",
+        "background thread, 0.05 at least; 0 turns them off (docs/system-metrics.md).",
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": 0.05}]},
     )
     flops_per_sample: float | None = Field(
         None,

@@ -25,7 +25,15 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _integral(value: Any) -> Any:
+    # JSON Schema's integer holds 3.0: read it as 3, even where the body is read strictly
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Number = Annotated[float | None, BeforeValidator(_finite_or_none)]
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Record(BaseModel):
@@ -36,10 +44,10 @@ class _Record(BaseModel):
 class Endpoint(_Record):
     """One rank's `/metrics` endpoint."""
 
-    rank: int = Field(ge=0)
+    rank: Int = Field(ge=0)
     host: str
-    port: int = Field(ge=1, le=65535)
-    pid: int | None = None
+    port: Int = Field(ge=1, le=65535)
+    pid: Int | None = None
     node: str | None = Field(None, description="The Ray node id the rank runs on.")
 
     @property
@@ -54,18 +62,18 @@ class LostNode(_Record):
 
     node: str
     address: str = ""
-    ranks: list[int] = Field(default_factory=list)
-    step: int | None = Field(None, description="The job's step when the loss was seen.")
+    ranks: list[Int] = Field(default_factory=list)
+    step: Int | None = Field(None, description="The job's step when the loss was seen.")
     at: float | None = None
 
 
 class Progress(_Record):
     """How far a running job got, as rank 0 last posted it."""
 
-    step: int | None = None
-    max_steps: int | None = None
-    epoch: int | None = None
-    world_size: int | None = None
+    step: Int | None = None
+    max_steps: Int | None = None
+    epoch: Int | None = None
+    world_size: Int | None = None
     train_loss: Number = None
     loss_ema: Number = None
     val_loss: Number = None
@@ -75,7 +83,7 @@ class Progress(_Record):
     samples_per_second: Number = None
     phase: str | None = None
     anomalies: dict[str, bool] = Field(default_factory=dict, description="Anomalies held now.")
-    resumed_step: int | None = Field(None, description="The checkpoint step the current worker group resumed from.")
+    resumed_step: Int | None = Field(None, description="The checkpoint step the current worker group resumed from.")
 
 
 class RunStatus(Progress):
@@ -83,8 +91,8 @@ class RunStatus(Progress):
 
     job_id: str
     state: JobState
-    restarts: int = 0
-    rollbacks: int = 0
+    restarts: Int = 0
+    rollbacks: Int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
     nodes: dict[str, str] = Field(default_factory=dict, description="Rank -> the Ray node id of its latest start.")
     lost_nodes: list[LostNode] = Field(default_factory=list, description="Nodes lost while they ran ranks.")
@@ -97,27 +105,27 @@ class RunStatus(Progress):
 
 class PhaseEntered(_Record):
     phase: str
-    step: int
+    step: Int
 
 
 class AnomalyRaised(_Record):
     kind: str
-    first_step: int
+    first_step: Int
 
 
 class RankReport(_Record):
     """What one rank ended with: DDP keeps replicas equal, so equal fingerprints say the run stayed sound."""
 
-    rank: int
-    steps: int
-    skipped_steps: int = Field(0, description="Updates skipped as unsafe (a non-finite loss or gradient).")
+    rank: Int
+    steps: Int
+    skipped_steps: Int = Field(0, description="Updates skipped as unsafe (a non-finite loss or gradient).")
     mean_step_seconds: Number = None
     # Under the test hook (gradwatch.names.TEST_REPORTS_ENV) only: a fingerprint of the final
     # parameters, and the built-in loop's first-epoch sample indices.
     params_finite: bool | None = None
     param_hash: str | None = Field(None, description="sha256 of the final parameters, as float32.")
     param_sum: float | None = None
-    first_epoch_indices: list[int] | None = None
+    first_epoch_indices: list[Int] | None = None
 
 
 class RunResult(_Record):
@@ -125,8 +133,8 @@ class RunResult(_Record):
 
     job_id: str
     state: JobState
-    steps: int = 0
-    world_size: int
+    steps: Int = 0
+    world_size: Int
     train_loss: Number = None
     val_loss: Number = None
     val_accuracy: Number = None
@@ -139,8 +147,8 @@ class RunResult(_Record):
         description="Why a run that reached its last step is still no plain "
         "success (a non-finite final loss, divergence still held).",
     )
-    restarts: int = 0
-    rollbacks: int = 0
+    restarts: Int = 0
+    rollbacks: Int = 0
     phases: list[PhaseEntered] = Field(default_factory=list)
     anomalies: list[AnomalyRaised] = Field(default_factory=list)
     ranks: list[RankReport] = Field(default_factory=list, description="Each rank's final report, by rank.")

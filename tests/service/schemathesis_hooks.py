@@ -2,7 +2,9 @@
 
 A spec refused with 422 although it satisfies the published JobSpec schema (checked here with jsonschema)
 must name one of the rules the JobSpec description says in words (service/openapi.py, UNSTATED_RULES);
-any other refusal is a rule the document hides, and fails the run.
+any other refusal is a rule the document hides, and fails the run. A driver's push refused with 422
+must likewise name a rule its route's description states: the body's job id is the route's, an
+endpoint sits on the job's own nodes with a port in 1024-65535, or a text over a push's bounds.
 """
 
 from __future__ import annotations
@@ -22,17 +24,44 @@ SAID_IN_WORDS = (
 )
 
 
+PUSH_RULES = (
+    re.compile(r"a push to job .* carries that job's id only"),
+    re.compile(r"is not the address of a Ray node this job's workers run on"),
+    re.compile(r"port \d+ is outside 1024-65535"),
+    re.compile(r"characters, over the \d+ limit of a push"),
+    re.compile(r"endpoints, over one per rank of the largest job"),
+)
+PUSHES = ("POST /v1/jobs/{job_id}/progress", "POST /v1/jobs/{job_id}/result")
+
+
 @schemathesis.check
 def spec_refused_only_for_rules_in_words(ctx, response, case):
     if case.operation.label != "POST /v1/jobs" or response.status_code != 422:
         return None
     if not isinstance(case.body, dict) or not _published_spec(case.operation.schema.raw_schema).is_valid(case.body):
         return None  # not a spec the document admits: any refusal is fine
-    errors = response.json().get("errors", [])
-    hidden = [line for line in errors if not any(rule.search(line) for rule in SAID_IN_WORDS)]
-    if hidden or not errors:
-        raise AssertionError(f"a spec valid by the published schema was refused for a rule it does not state: {hidden}")
+    _only_stated(response, SAID_IN_WORDS, "a spec valid by the published schema")
     return None
+
+
+@schemathesis.check
+def push_refused_only_for_rules_in_words(ctx, response, case):
+    if case.operation.label not in PUSHES or response.status_code != 422:
+        return None
+    document = case.operation.schema.raw_schema
+    schema = case.operation.definition.raw["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**schema, "components": document["components"]})
+    if not isinstance(case.body, dict) or not validator.is_valid(case.body):
+        return None  # not a body the document admits: any refusal is fine
+    _only_stated(response, PUSH_RULES, "a push valid by the published schema")
+    return None
+
+
+def _only_stated(response, rules, what: str) -> None:
+    errors = response.json().get("errors", [])
+    hidden = [line for line in errors if not any(rule.search(line) for rule in rules)]
+    if hidden or not errors:
+        raise AssertionError(f"{what} was refused for a rule it does not state: {hidden}")
 
 
 @functools.cache
