@@ -97,9 +97,7 @@ def host_of(endpoint: Endpoint) -> str:
     return endpoint.host.strip("[]").lower()
 
 
-def endpoint_problems(
-    endpoints: list[Endpoint], hosts: frozenset[str] | None
-) -> list[tuple[tuple[Any, ...], str]]:
+def endpoint_problems(endpoints: list[Endpoint], hosts: frozenset[str] | None) -> list[tuple[tuple[Any, ...], str]]:
     """(field path, reason) for each endpoint Prometheus must not be pointed at; hosts None when
     the job's nodes cannot be known now (only the ports are judged)."""
     low, high = ENDPOINT_PORTS
