@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import time
+
+import httpx
 import pytest
 import torch
 
 import gradwatch
+from gradwatch.status import read_result, read_status
 from workers import training
 from workers.session import LocalSession
 
 
 @pytest.fixture(autouse=True)
-def fresh_run():
+def fresh_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADWATCH_STORAGE_PATH", str(tmp_path / "storage"))  # the run directories
     training.enter_job(None)
     yield
     run = training.current()
@@ -100,7 +106,7 @@ def test_named_losses_and_scalars_are_gauges_and_their_number_is_bounded():
     run.log(temperature=0.7)
     registry, labels = run.telemetry.metrics.registry, {"job_id": run.job_id, "rank": "0"}
     assert sample(registry, "gradwatch_loss_term", **labels, term="mse") == pytest.approx(mse.item())
-    assert sample(registry, "gradwatch_loss_term", **labels, term="l1") == pytest.approx(reg.item())
+    assert sample(registry, "gradwatch_loss_term", **labels, term="l1") == pytest.approx(float(reg))
     assert sample(registry, "gradwatch_scalar", **labels, name="temperature") == pytest.approx(0.7)
 
     run.log(**{f"s{i}": float(i) for i in range(gradwatch.MAX_NAMED_SERIES - 3)})  # 16 names in all now
@@ -154,13 +160,17 @@ def test_on_divergence_stop_ends_the_run_with_a_reason():
     optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
     with pytest.raises(gradwatch.DivergenceStop, match="on_divergence is stop"):
         exploding(run, model, optimizer, 40)
+    # outside a job, rank 0 writes the result itself
+    result = read_result(run.run_dir or pytest.fail("no run directory"))
+    assert result is not None and result.state == "failed" and "on_divergence is stop" in (result.error or "")
+    assert result.steps == run.step
 
 
 def test_on_divergence_rollback_returns_to_the_last_good_checkpoint_with_a_lower_lr():
     run = start(on_divergence="rollback")
     model = tiny()
     optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.01))
-    restored = []
+    restored: list[dict] = []
     run.on_rollback = restored.append
     x, y = data()
     for step in range(1, 41):
@@ -275,3 +285,89 @@ def test_with_ddp_an_error_while_recording_surfaces_from_the_next_backward(ddp_s
     optimizer.zero_grad()
     with pytest.raises(RuntimeError, match="recording step 1 failed: disk full"):
         run.backward(loss)
+
+
+def test_outside_a_job_the_run_leaves_a_run_directory_that_report_and_replay_read(tmp_path, capsys):
+    from service.report import load_run, render_report
+    from workers.replay import replay_file
+
+    run = gradwatch.start(max_steps=30, telemetry={"interval": 5, "grace_seconds": 30}, job_id="local-run")
+    directory = run.run_dir
+    assert directory is not None and directory == tmp_path / "storage" / "local-run"
+    assert (read_status(directory) or pytest.fail("no status.json")).state == "running"
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    x, y = data()
+    while run.step < 30:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        run.backward(loss, samples=len(x))
+        optimizer.step()
+        run.log(accuracy=run.step / 100)
+    run.log_validation(0.5)
+    run.finish()
+    started = time.monotonic()
+    run.close()  # nothing scraped /metrics: no grace period to wait for
+    assert time.monotonic() - started < 5
+    assert run.max_steps == 30
+    assert training.current() is None  # the next start() makes a new run
+
+    line = [entry for entry in capsys.readouterr().err.splitlines() if entry.startswith("gradwatch: job local-run")]
+    assert len(line) == 1 and "metrics http://127.0.0.1:" in line[0] and str(directory) in line[0], line
+    status, result = read_status(directory), read_result(directory)
+    assert status is not None and status.state == "succeeded" and status.step == 30
+    assert result is not None and result.state == "succeeded" and result.steps == 30 and result.world_size == 1
+    assert [r.rank for r in result.ranks] == [0] and result.ranks[0].steps == 30
+    records = [json.loads(raw) for raw in (directory / "history.jsonl").read_text().splitlines()]
+    scalars = [r for r in records if r.get("event") == "scalars"]
+    assert [r["step"] for r in scalars] == list(range(1, 31))
+    assert scalars[-1]["scalars"] == {"accuracy": pytest.approx(0.3)}
+    assert any("val_loss" in r for r in records)
+    assert (directory / "steps-rank0.jsonl").stat().st_size > 0
+    assert json.loads((directory / "spec.json").read_text())["max_steps"] == 30
+
+    replayed = replay_file(directory / "history.jsonl")
+    assert replayed.steps == 30
+    page = render_report(load_run(directory))
+    assert "local-run" in page and "<html" in page.lower()
+
+
+def test_the_default_run_directory_is_runs_under_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADWATCH_STORAGE_PATH")
+    monkeypatch.chdir(tmp_path)
+    run = start(job_id="here")
+    assert run.run_dir == tmp_path / "runs" / "here" and (tmp_path / "runs" / "here" / "status.json").exists()
+    explicit = tmp_path / "elsewhere"
+    run.close(0)
+    result = read_result(tmp_path / "runs" / "here")
+    assert result is not None and result.state == "failed" and "before run.finish()" in (result.error or "")
+    assert start(job_id="there", run_dir=explicit).run_dir == explicit and (explicit / "spec.json").exists()
+
+
+def test_close_waits_the_grace_period_only_once_something_scraped_the_endpoint():
+    for scrape in (False, True):
+        run = gradwatch.start(max_steps=3, telemetry={"grace_seconds": 1.5}, job_id=f"grace-{scrape}")
+        model = tiny()
+        optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.05))
+        x, y = data()
+        for _ in range(3):
+            optimizer.zero_grad()
+            run.backward(torch.nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+        run.finish()
+        assert run.metrics_url is not None and not run.scraped
+        if scrape:
+            body = httpx.get(run.metrics_url, timeout=10).text
+            assert 'gradwatch_step{job_id="grace-True",rank="0"} 3.0' in body and run.scraped
+        started = time.monotonic()
+        run.close()
+        waited = time.monotonic() - started
+        assert (waited >= 1.4) if scrape else (waited < 1.0), (scrape, waited)
+
+
+def test_run_log_takes_numbers_only():
+    run = start()
+    model = tiny()
+    run.watch(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    with pytest.raises(ValueError, match=r"run.log\(acc=...\): give a number, got str"):
+        run.log(acc="high")

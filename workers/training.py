@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
 from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.rewind import BatchLog, replay_batches, replayable
+from workers.rundir import LocalRunDir, default_run_dir
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.system import SystemSampler
 from workers.telemetry import Telemetry
@@ -112,6 +114,7 @@ def start(
     on_spike: str = "alert",
     serve_metrics: bool = True,
     sd_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
     session: Session | None = None,
 ) -> Run:
     """Attach this rank to gradwatch; returns its `Run` (the same one if called again).
@@ -123,6 +126,10 @@ def start(
     `on_divergence` (`alert`, `stop` or `rollback`). Each rank serves `/metrics` on a free port
     unless `serve_metrics` is false; with `sd_dir`, each rank writes its endpoint there as a
     Prometheus file_sd file (`<job_id>-<rank>.json`).
+
+    Outside a job the run directory is `run_dir`, else `$GRADWATCH_STORAGE_PATH/<job_id>` when that
+    variable is set, else `./runs/<job_id>`: rank 0 writes spec.json, status.json, result.json and the
+    history there, every rank its steps-rankN.jsonl (workers/rundir.py), as a job's driver would.
     """
     global _run
     if _run is not None:
@@ -155,13 +162,21 @@ def start(
         "telemetry": telemetry.model_dump() if isinstance(telemetry, TelemetrySpec) else telemetry or {},
     }
     spec = JobSpec.model_validate(settings, context={"user_code": "skip"})
+    job_id = job_id or new_job_id()
+    directory = Path(run_dir).absolute() if run_dir else default_run_dir(job_id)
+    local = LocalRunDir(directory, job_id, spec) if session.rank == 0 else None
+    if local is None:
+        directory.mkdir(parents=True, exist_ok=True)  # this rank's steps-rankN.jsonl
     _run = Run(
         session,
         spec,
-        job_id=job_id or new_job_id(),
+        job_id=job_id,
+        run_dir=directory,
+        board=local.client() if local else None,
         serve_metrics=serve_metrics and spec.telemetry.enabled,
         sd_dir=Path(sd_dir) if sd_dir else None,
     )
+    _run.local_dir, _run.own_run_dir = local, True
     _run.max_steps = max_steps
     return _run
 
@@ -174,6 +189,25 @@ def _default_session() -> Session:
     except (ImportError, RuntimeError):  # not inside a Ray Train worker: this process alone
         return LocalSession()
     return RayTrainSession()
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under the wrappers around it: gradwatch's `GuardedOptimizer`, accelerate's
+    `AcceleratedOptimizer` (itself a torch Optimizer subclass with none of the step hooks' state) and
+    Lightning's `LightningOptimizer`. Its step hooks fire when the update is really made."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"gradwatch needs a torch.optim.Optimizer (or a wrapper around one), got {type(optimizer).__name__}"
+        )
+    return optimizer
 
 
 class GuardedOptimizer:
@@ -282,6 +316,11 @@ class Run:
         self._mark = time.perf_counter()
         self._last_post = 0.0
         self._sd_file: Path | None = None
+        # start() outside a job: the ranks write the run directory themselves (rank 0's local_dir), no driver
+        self.own_run_dir = False
+        self.local_dir: LocalRunDir | None = None
+        self.scraped = False  # whether anything fetched this rank's /metrics yet (close() waits only then)
+        self.metrics_url: str | None = None
         # where this rank is in its step, for the hang watch (workers/heartbeat.py)
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
 
@@ -304,6 +343,7 @@ class Run:
         if self.telemetry is not None:
             raise RuntimeError("run.watch() was called twice: gradwatch watches one model and optimizer per run")
         inner = model.module if hasattr(model, "module") else model
+        optimizer = inner_optimizer(optimizer)  # the hooks go on the optimizer that makes the update
         peak_lr = max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
         view = SimpleNamespace(
             telemetry=self.spec.telemetry,
@@ -348,15 +388,36 @@ class Run:
         self._start_system(tel)
         if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
             host, port = tel.serve(self.session.node_address())
+            self._track_scrapes(tel)
+            self.metrics_url = f"http://{host}:{port}/metrics"
             if self.sd_dir is not None:
                 self._sd_file = self.sd_dir / f"{self.job_id}-{self.rank}.json"
                 from gradwatch.status import Endpoint, target_groups, write_atomic
 
                 groups = target_groups(self.job_id, [Endpoint(rank=self.rank, host=host, port=port)])
                 write_atomic(self._sd_file, json.dumps(groups))
+        if self.rank == 0:
+            metrics = self.metrics_url or "not served (serve_metrics is off)"
+            where = self.run_dir if self.run_dir is not None else "none"
+            print(f"gradwatch: job {self.job_id} metrics {metrics} run directory {where}", file=sys.stderr, flush=True)
         self._mark = time.perf_counter()
         self.heartbeat.enter(DATA, self.step + 1)
         self.heartbeat.start(self.board, self.session.node_id(), self.session.node_address())
+
+    def _track_scrapes(self, tel: Telemetry) -> None:
+        """Note the first request to /metrics: close() keeps the endpoint up for the last scrape only
+        when something scrapes it at all."""
+        server = getattr(tel, "_server", None)
+        if server is None or not hasattr(server, "get_app"):
+            self.scraped = True  # cannot tell: wait as configured
+            return
+        app = server.get_app()
+
+        def counted(environ: dict[str, Any], start_response: Any) -> Any:
+            self.scraped = True
+            return app(environ, start_response)
+
+        server.set_app(counted)
 
     def _telemetry(self) -> Telemetry:
         if self.telemetry is None:
@@ -561,7 +622,7 @@ class Run:
             self._guard()
         if self._stop_reason is not None:
             reason, self._stop_reason = self._stop_reason, None
-            self.finish()  # the result keeps the run's last step, phases and anomalies
+            self.finish(error=reason)  # the result keeps the run's last step, phases and anomalies
             raise DivergenceStop(reason)
 
     def _record(self, p: _Pending) -> None:
@@ -633,17 +694,21 @@ class Run:
             self._rewind("divergence", self.step)
             return
         if self.spec.on_divergence == "stop":
-            raise DivergenceStop(
+            reason = (
                 f"training diverged at step {self.step} (loss EMA {tel.monitor.loss_ema:.4g}); on_divergence is stop"
             )
+            self._failed(reason)
+            raise DivergenceStop(reason)
         self._rollback(self.spec.rollback)
 
     def _rollback(self, cfg: RollbackSpec) -> None:
         tel = self._telemetry()
         if self.rollbacks >= cfg.max_rollbacks:
-            raise DivergenceStop(
+            reason = (
                 f"training diverged again at step {self.step} after {self.rollbacks} rollbacks (rollback.max_rollbacks)"
             )
+            self._failed(reason)
+            raise DivergenceStop(reason)
         assert self._good is not None and self.optimizer is not None
         bad_step, good = self.step, self._good
         self.rollbacks += 1
@@ -695,10 +760,18 @@ class Run:
 
     def log(self, **scalars: float) -> None:
         """Custom scalars, one gauge each (`gradwatch_scalar{name}`), per rank; at most
-        MAX_NAMED_SERIES names with the loss terms."""
+        MAX_NAMED_SERIES names with the loss terms. Rank 0's also go to the history, one line a call
+        (`{"step", "event": "scalars", "scalars": {...}}`)."""
+        values: dict[str, float] = {}
         for name, value in scalars.items():
             self._check_name(name, "scalar")
-            self._gauge("scalar", name).set(float(value))
+            try:
+                values[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"run.log({name}=...): give a number, got {type(value).__name__}") from None
+            self._gauge("scalar", name).set(values[name])
+        if values:  # the history (rank 0's) keeps them with the step: `gradwatch report` and replays read them
+            self._telemetry().record_event({"step": self.step, "event": "scalars", "scalars": values})
 
     def _check_name(self, name: str, what: str) -> None:
         if name in self._named or f"term:{name}" in self._named or f"scalar:{name}" in self._named:
@@ -775,11 +848,12 @@ class Run:
         tel = self._telemetry()
         cfg, what = self.spec.rewind, "loss spike" if cause == "loss_spike" else "divergence"
         if self.rewinds >= cfg.max_rewinds:
-            self.finish()  # the result keeps the run's last step, phases and anomalies
-            raise DivergenceStop(
+            reason = (
                 f"{what} at step {seen_at} after {self.rewinds} rewinds (rewind.max_rewinds is {cfg.max_rewinds}): "
                 f"skipping the batches that fed them did not help; {len(self.batch_log.skipped)} batches skipped"
             )
+            self.finish(error=reason)  # the result keeps the run's last step, phases and anomalies
+            raise DivergenceStop(reason)
         assert self._good is not None
         good = self._good
         left_out = self.batch_log.rewind(good["step"], seen_at, cfg.skip_steps)
@@ -924,8 +998,22 @@ class Run:
         )
 
     # ------------------------------------------------------------ end
-    def finish(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The run is over on this rank: post its outcome (rank 0) and this rank's report; returns the outcome."""
+    def _failed(self, reason: str) -> None:
+        """The run stops here with `reason`: outside a job, result.json says so (inside one, the driver does)."""
+        if self.local_dir is None:
+            return
+        report: dict[str, Any] = {"rank": self.rank, "steps": self.step, "skipped_steps": self.skipped_steps}
+        if self.telemetry is not None:
+            self.telemetry.flush()
+            self.post_progress(force=True)  # where it stopped
+            report = self.rank_report()
+        self.local_dir.finish({self.rank: report}, error=reason)
+
+    def finish(self, report: dict[str, Any] | None = None, *, error: str | None = None) -> dict[str, Any]:
+        """The run is over on this rank: post its outcome (rank 0) and this rank's report; returns the outcome.
+
+        Outside a job every rank calls it (with more than one rank it gathers the ranks' reports) and rank 0
+        writes result.json: succeeded, or failed with `error`."""
         self.end_step()
         tel = self._telemetry()
         outcome = {
@@ -941,11 +1029,21 @@ class Run:
                 "anomalies": [{"kind": k, "first_step": s} for k, s in tel.anomalies_raised.items()],
             },
         }
+        mine = {**self.rank_report(), **(report or {})}
         if self.board and not self._finished:
-            self.board.post_rank_report(self.rank, {**self.rank_report(), **(report or {})})
+            self.board.post_rank_report(self.rank, mine)
             if self.rank == 0:
                 self.post_progress(force=True)
                 self.board.post_final(outcome)
+        if self.own_run_dir and not self._finished:  # outside a job: rank 0 writes result.json
+            ranks = {self.rank: mine}
+            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+                everyone: list[Any] = [None] * self.world_size
+                dist.all_gather_object(everyone, mine)
+                ranks = {r: rep for r, rep in enumerate(everyone) if rep is not None}
+            if self.local_dir is not None:
+                tel.flush()  # the history is complete before the result says the run is over
+                self.local_dir.finish(ranks, error=error)
         self._finished = True
         self.heartbeat.stop()  # done: the grace period that follows is no hang
         return outcome
@@ -973,14 +1071,21 @@ class Run:
         return report
 
     def close(self, grace_seconds: float | None = None) -> None:
-        """Stop serving /metrics (after `grace_seconds`, default the spec's, so the last values get scraped)."""
+        """Stop serving /metrics: after `grace_seconds` (default the spec's telemetry.grace_seconds) so the
+        last values get scraped, at once when nothing has scraped the endpoint yet. Outside a job, a run
+        closed before `finish()` ends failed in result.json."""
+        global _run
         self.heartbeat.stop()
+        if self.local_dir is not None and self.local_dir.result is None:
+            self._failed(f"the run was closed at step {self.step} before run.finish(): the training ended early")
         if self.system is not None:
             self.system.stop()
             self.system = None
         if self.telemetry is not None:
             grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
-            self.telemetry.close(grace if self.serve_metrics else 0)
+            self.telemetry.close(grace if self.serve_metrics and self.scraped else 0)
         if self._sd_file is not None:
             self._sd_file.unlink(missing_ok=True)
             self._sd_file = None
+        if _run is self:  # a later gradwatch.start() in this process makes a new run
+            _run = None
