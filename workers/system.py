@@ -28,7 +28,7 @@ MIN_INTERVAL_S = 0.05  # a faster sampler would cost the steps more than it tell
 def load_nvml() -> Any:
     """The `pynvml` module (nvidia-ml-py), initialised; None when it is not installed or finds no driver."""
     try:
-        import pynvml  # type: ignore[import-not-found,unused-ignore]
+        import pynvml
     except ImportError:
         return None
     try:
