@@ -48,6 +48,20 @@ def median_sorted(ordered: list[float]) -> float:
     return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
+def resolution(value: float) -> float:
+    """The step between neighbouring values at the precision `value` was written with: 1e-4 for 0.0004 or
+    1.2345, 1e-15 for a loss straight from a float tensor. A log that rounds its losses (the Hugging Face
+    Trainer keeps 4 decimals) repeats a value, and moves by whole steps of this, without anything being
+    frozen or spiking. 0 for a whole number (1.0, 3.0): nothing says it was rounded."""
+    if not math.isfinite(value) or value == 0.0:
+        return 0.0
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    decimals = mantissa.partition(".")[2].rstrip("0")
+    if not decimals and not exponent:
+        return 0.0
+    return 10.0 ** (int(exponent or 0) - len(decimals))
+
+
 class SortedWindow:
     """The last `size` values, also kept sorted, so the median costs nothing per step."""
 

@@ -12,9 +12,19 @@ from collections import deque
 import numpy as np
 
 from gradwatch.spec_telemetry import DetectorSpec
-from workers.detectors.base import MAD_TO_SIGMA, QUIET, BlockMedians, Finding, mann_kendall_z, median_sorted, theil_sen
+from workers.detectors.base import (
+    MAD_TO_SIGMA,
+    QUIET,
+    BlockMedians,
+    Finding,
+    mann_kendall_z,
+    median_sorted,
+    resolution,
+    theil_sen,
+)
 
 DEAD_MIN_VALUES = 5  # a dead run needs at least this many identical logged values, however sparse the log
+DEAD_RESOLUTION = 1e-3  # identical values prove nothing when written to coarser than this share of themselves
 DEAD_LAYER_MEASUREMENTS = 3  # a dead layer: exactly 0 on at least this many measurements
 GRAD_LEVEL_VALUES = 5  # the grad norm's level is the median of at least this many values
 TREND_BLOCKS = 20  # the shorter trend horizon is cut into this many blocks
@@ -25,7 +35,9 @@ class DeadRunDetector:
     """Nothing moves: the loss bit-identical, or every gradient exactly 0, for `dead_run_steps` steps.
 
     A loss of exactly 0 is a perfect fit, not a dead run. A log that rounds its losses (4 digits) can
-    repeat a value on a flat curve, hence at least `DEAD_MIN_VALUES` identical values as well."""
+    repeat a value on a flat curve, hence at least `DEAD_MIN_VALUES` identical values as well, and a value
+    written to fewer than about 4 significant digits (0.0003 in a log of 4 decimals: a fine-tune's train
+    loss near 0) repeats whenever the curve moves by less than the rounding: it is not counted."""
 
     def __init__(self, spec: DetectorSpec) -> None:
         self.steps = spec.dead_run_steps
@@ -53,7 +65,12 @@ class DeadRunDetector:
             self.count += 1
         else:
             self.value, self.since, self.count = loss, step, 1
-        if self.value is not None and self.count >= DEAD_MIN_VALUES and step - self.since >= self.steps:
+        if (
+            self.value is not None
+            and self.count >= DEAD_MIN_VALUES
+            and step - self.since >= self.steps
+            and resolution(self.value) <= DEAD_RESOLUTION * abs(self.value)
+        ):
             return Finding(
                 True,
                 f"the loss has been exactly {self.value!r} for {step - self.since} steps ({self.count} values): "
