@@ -5,13 +5,18 @@ plot of a real run of that kind: a trend (power law, exponential, cosine-schedul
 per-batch noise (Gaussian, or right-skewed gamma for small batches), a validation loss every
 `VAL_EVERY` steps, the learning rate, and for the learning-rate families the per-layer update
 ratios a worker measures. Used by bench/detector_quality.py and the detector tests.
+
+Beside them, `real_logs()`: public training logs (bench/data/real, labelled in its logs.json and
+SOURCES.md), each a `Curve` whose seed is its place in that list.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -591,4 +596,66 @@ MEANT_FOR: dict[str, tuple[str, str]] = {
     "recurring_growing_spikes": ("divergence", "TrainingDiverging"),
     "frequent_amp_skips": ("nonfinite", "TrainingLossNonFinite"),
     "dead_layers": ("vanishing_gradients", "VanishingGradients"),
+}
+
+
+# ------------------------------------------------------------------ real public logs
+REAL_DIR = Path(__file__).resolve().parent / "data" / "real"
+_COLUMNS = ("loss", "val_loss", "lr", "grad_norm")
+
+
+@dataclass
+class RealLog:
+    """One public log and its label: `onset` None for a healthy run, else the detector `kind` must fire
+    at or after it and within `within` steps."""
+
+    curve: Curve
+    file: str
+    repo: str
+    commit: str
+    kind: str | None = None
+    within: int | None = None
+
+
+def _read_real(path: Path) -> list[dict]:
+    import csv
+
+    rows = []
+    with path.open(newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict = {"step": int(raw["step"])}
+            row.update({k: float(raw[k]) for k in _COLUMNS if raw.get(k)})
+            rows.append(row)
+    return rows
+
+
+def real_logs(directory: Path = REAL_DIR) -> list[RealLog]:
+    """Every log of `directory`/logs.json, read and labelled."""
+    manifest = directory / "logs.json"
+    try:
+        entries = json.loads(manifest.read_text())["logs"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"{manifest}: cannot read the real logs' list ({exc}); it must be JSON with a `logs` list"
+        ) from None
+    out = []
+    for seed, entry in enumerate(entries):
+        missing = {"file", "family", "repo", "commit", "max_steps", "warmup_steps", "onset"} - set(entry)
+        if missing:
+            raise ValueError(f"{manifest}: entry {seed} ({entry.get('file')}) lacks {sorted(missing)}")
+        if entry["onset"] is not None and not {"kind", "within"} <= set(entry):
+            raise ValueError(f"{manifest}: {entry['file']} has an onset, so it needs `kind` and `within` too")
+        rows = _read_real(directory / entry["file"])
+        curve = Curve(entry["family"], seed, rows, entry["onset"], entry["warmup_steps"], entry["max_steps"])
+        out.append(
+            RealLog(curve, entry["file"], entry["repo"], entry["commit"], entry.get("kind"), entry.get("within"))
+        )
+    return out
+
+
+# What each real unhealthy family must be caught by, as MEANT_FOR.
+REAL_MEANT_FOR: dict[str, tuple[str, str]] = {
+    "real_overfit_logs": ("overfitting", "TrainingOverfitting"),
+    "real_mild_overfit_logs": ("overfitting", "TrainingOverfitting"),
+    "real_diverged_logs": ("divergence", "TrainingDiverging"),
 }

@@ -1,6 +1,6 @@
 """Detector quality: false-alarm rates on healthy runs, detection rates and delays on broken ones.
 
-    python bench/detector_quality.py [--seeds 100] [--real 50] [--json]
+    python bench/detector_quality.py [--seeds 100] [--real 50] [--json] [--no-write]
 
 Every curve goes through `workers.replay` (the detectors the workers run, at default thresholds)
 and, side by side on the same curves, through the rules other trainers ship:
@@ -11,17 +11,22 @@ and, side by side on the same curves, through the rules other trainers ship:
   rlrop      ReduceLROnPlateau on val loss, patience 10, threshold 1e-4 relative
 Alerts are the Prometheus alerts the anomalies and phases feed (deploy/rules/source.py).
 
-Curves: bench/corpus.py's synthetic families (seeds 0..N-1 each), and with --real, runs of
+Curves: bench/corpus.py's synthetic families (seeds 0..N-1 each), the public training logs of
+bench/data/real (families real_*_logs, one log a "seed"; labels and sources in its SOURCES.md), and with --real, runs of
 gradwatch's own trainer in this process (no Ray) over models, optimizers, schedules, batch sizes
 and seeds, plus broken runs (learning rate far too high or too low, a deep sigmoid net).
 A healthy row counts the share of runs where each fired at all; an unhealthy row the share caught
 at or after the onset, with the delay in steps (p10/p50/p90); a firing before the onset is a
-false alarm ("early").
+false alarm ("early"). Lead time: how many steps a precursor (grad_norm_growth) fires before the
+failure it warns of (exploding_gradients). The tables and the goals they miss are written to the
+"Detector quality" section of bench/RESULTS.md (--no-write to leave it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import math
@@ -37,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus import HEALTHY, MEANT_FOR, UNHEALTHY, Curve  # noqa: E402
+from bench.corpus import HEALTHY, MEANT_FOR, REAL_MEANT_FOR, UNHEALTHY, Curve, real_logs  # noqa: E402
 from gradwatch.names import ANOMALIES  # noqa: E402
 from workers.replay import ReplayResult, replay_rows  # noqa: E402
 
@@ -54,6 +59,8 @@ ALERTS = (
 ANCHORS = ("megatron", "olmo", "composer", "lightning", "rlrop")
 GOAL_FALSE_ALARM = 0.01
 GOAL_DETECTION = 0.95
+# precursor -> the failure it warns of, per family: the lead time is the steps between them
+PRECURSORS = {"grad_norm_growth_100x": ("grad_norm_growth", "exploding_gradients")}
 
 
 # ------------------------------------------------------------------ what fired, per curve
@@ -266,6 +273,44 @@ def print_tables(table: dict[str, dict], out=sys.stdout) -> list[str]:
     return misses
 
 
+def print_lead_times(verdicts: dict[str, list[Verdict]], out=sys.stdout) -> list[str]:
+    """Steps from each precursor to the failure it warns of; returns the goals missed, in words."""
+    misses: list[str] = []
+    print(
+        "\nLead time of precursors (steps from the warning to the failure; goal: the warning first in >= 95%):",
+        file=out,
+    )
+    print("| family | runs | precursor | failure | warned first | lead p10/p50/p90 |", file=out)
+    print("|---|---:|---|---|---:|---|", file=out)
+    for family, (early, late) in PRECURSORS.items():
+        runs = verdicts.get(family)
+        if not runs:
+            continue
+        leads = [v.fired[late] - v.fired[early] for v in runs if early in v.fired and late in v.fired]
+        first = sum(lead > 0 for lead in leads) / len(runs)
+        cell = "/".join(f"{x:.0f}" for x in np.percentile(leads, [10, 50, 90])) if leads else "-"
+        print(f"| {family} | {len(runs)} | {early} | {late} | {_pct(first)} | {cell} |", file=out)
+        if first < GOAL_DETECTION:
+            misses.append(f"{early} warns before {late} on {_pct(first)} of {family} (goal >= {_pct(GOAL_DETECTION)})")
+    return misses
+
+
+def judge_real_logs() -> tuple[dict[str, list[Verdict]], list[str]]:
+    """The public logs of bench/data/real, by family, and one line per log: what it is and what fired."""
+    verdicts: dict[str, list[Verdict]] = {}
+    lines = []
+    for log in real_logs():
+        verdict = judge(log.curve)
+        verdicts.setdefault(log.curve.family, []).append(verdict)
+        ours = {k: s for k, s in verdict.fired.items() if k in ANOMALIES}
+        label = (
+            "healthy" if log.curve.onset is None else f"{log.kind} from step {log.curve.onset} (within {log.within})"
+        )
+        fired = ", ".join(f"{k} at {s}" for k, s in sorted(ours.items(), key=lambda i: i[1])) or "nothing"
+        lines.append(f"| {log.file} | {log.repo} | {label} | {fired} |")
+    return verdicts, lines
+
+
 # ------------------------------------------------------------------ real runs of the trainer
 def real_specs(count: int) -> list[tuple[str, dict, bool, str | None]]:
     """(family, spec, healthy, expected kind) for `count` healthy runs and the broken ones."""
@@ -386,7 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real", type=int, default=50, help="Healthy real trainer runs (0 to skip; default 50).")
     parser.add_argument("--json", action="store_true", help="Print the table as JSON instead.")
     parser.add_argument("--keep-runs", type=Path, help="Keep the real runs' directories here (to replay them).")
+    parser.add_argument("--no-write", action="store_true", help="Do not write the section of bench/RESULTS.md.")
     args = parser.parse_args(argv)
+    if args.seeds < 0 or args.real < 0:
+        parser.error("--seeds and --real count curves and runs: give 0 or more")
 
     families: dict[str, Callable[[int], Curve]] = {**HEALTHY, **UNHEALTHY}
     curves = {name: [make(seed) for seed in range(args.seeds)] for name, make in families.items() if args.seeds}
@@ -397,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             replay_rows(((c.family, r) for r in c.rows), warmup_steps=c.warmup_steps)
     replay_rate = steps / max(time.process_time() - started, 1e-9)
     verdicts = {name: [judge(c) for c in runs] for name, runs in curves.items()}
+    logs, log_lines = judge_real_logs()
+    verdicts.update(logs)
+    MEANT_FOR.update(REAL_MEANT_FOR)
     if args.real:
         real, meant = run_real(args.real, args.keep_runs)
         verdicts.update(real)
@@ -411,12 +462,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(table, indent=1, sort_keys=True))
         return 0
-    print(
-        f"detector quality: {args.seeds} curves per synthetic family ({steps:,} steps), {args.real} healthy "
-        f"real runs of the trainer\nreplay speed: {replay_rate:,.0f} steps/s on one core (goal >= 50,000)"
-    )
-    misses = print_tables(table)
-    print("\ngoals missed:" if misses else "\nall goals met", *(f"  - {m}" for m in misses), sep="\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print(
+            f"detector quality: {args.seeds} curves per synthetic family ({steps:,} steps), "
+            f"{sum(map(len, logs.values()))} public training logs, {args.real} healthy real runs of the trainer\n"
+            f"replay speed: {replay_rate:,.0f} steps/s on one core (goal >= 50,000)"
+        )
+        misses = print_tables(table, out)
+        misses += print_lead_times(verdicts, out)
+        print("\nPublic training logs (bench/data/real/SOURCES.md says why each is labelled so):")
+        print("| file | source | label | what fired |\n|---|---|---|---|", *log_lines, sep="\n")
+        if replay_rate < 50_000:
+            misses.append(f"replay speed {replay_rate:,.0f} steps/s (goal >= 50,000)")
+        print("\ngoals missed:" if misses else "\nall goals met", *(f"  - {m}" for m in misses), sep="\n")
+    print(out.getvalue(), end="")
+    if not args.no_write:
+        import torch  # noqa: F401  (the machine line names a GPU when there is one)
+
+        from bench.results import write_section
+
+        write_section("detector-quality", "Detector quality", out.getvalue())
     return 0
 
 
