@@ -1,0 +1,1 @@
+"""Callbacks for the frameworks' own trainers: `gradwatch.integrations.transformers` and `.lightning`."""

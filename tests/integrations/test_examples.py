@@ -1,0 +1,111 @@
+"""The framework examples as a user runs them: `python examples/...py` in a process of its own, scraped by a
+real Prometheus (file_sd, as `gradwatch up` finds endpoints), its run directory read by the report and
+the replay; and a 2-rank Lightning DDP run under torchrun with a NaN on one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradwatch.status import read_result, read_status
+from tests.conftest import EXAMPLES, REPO
+from tests.promstack import free_port, query, start_prometheus, wait_for
+
+pytest.importorskip("transformers")
+pytest.importorskip("lightning")
+
+HERE = Path(__file__).resolve().parent
+
+
+def _prometheus_config(sd_dir: Path) -> str:
+    return f"""
+global:
+  scrape_interval: 500ms
+  scrape_timeout: 400ms
+scrape_configs:
+  - job_name: gradwatch
+    honor_labels: true
+    file_sd_configs:
+      - files: ["{sd_dir}/*.json"]
+        refresh_interval: 1s
+"""
+
+
+def _value(url: str, promql: str) -> float | None:
+    found = query(url, promql)
+    return float(found[0]["value"][1]) if found else None
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize(("example", "steps"), [("hf_trainer.py", 400), ("lightning_fit.py", 400)])
+def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(
+    tmp_path: Path, example: str, steps: int
+) -> None:
+    from service.report import load_run, render_report
+    from workers.replay import replay_file
+
+    job_id = f"example-{Path(example).stem.replace('_', '-')}"
+    sd_dir, storage = tmp_path / "sd", tmp_path / "runs"
+    sd_dir.mkdir()
+    with start_prometheus(_prometheus_config(sd_dir), tmp_path) as prom:
+        command = [sys.executable, str(EXAMPLES / example), "--steps", str(steps), "--job-id", job_id]
+        command += ["--prometheus-sd-dir", str(sd_dir), "--grace-seconds", "3"]
+        env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(storage), "PYTHONPATH": str(REPO)}
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+        assert done.returncode == 0, done.stderr[-4000:]
+        run_dir = storage / job_id
+        lines = [line for line in done.stderr.splitlines() if line.startswith(f"gradwatch: job {job_id} ")]
+        assert len(lines) == 1 and "metrics http://127.0.0.1:" in lines[0] and str(run_dir) in lines[0], lines
+        # The grace period after the last step let Prometheus scrape the final values.
+        last = f'max_over_time(gradwatch_step{{job_id="{job_id}",rank="0"}}[10m])'
+        assert wait_for(lambda: _value(prom.url, last) == steps, timeout=15, what=f"{last} == {steps}")
+        layers = query(prom.url, f'last_over_time(gradwatch_layer_grad_norm{{job_id="{job_id}"}}[10m])')
+        assert len(layers) >= 2 and all(float(s["value"][1]) > 0 for s in layers), layers
+        epoch = _value(prom.url, f'max_over_time(gradwatch_epoch{{job_id="{job_id}"}}[10m])')
+        assert epoch is not None and epoch >= 1  # the framework's epoch: both examples run past their first
+
+    result, status = read_result(run_dir), read_status(run_dir)
+    assert result is not None and result.state == "succeeded" and result.steps == steps, result
+    assert status is not None and status.state == "succeeded" and status.step == steps
+    assert result.val_loss is not None and result.first_val_loss is not None and result.val_loss < result.first_val_loss
+    assert not list(sd_dir.glob("*.json"))  # the endpoint's file_sd entry went with the endpoint
+    assert (run_dir / "steps-rank0.jsonl").stat().st_size > 0
+    assert replay_file(run_dir / "history.jsonl").steps == steps
+    page = render_report(load_run(run_dir))
+    assert job_id in page and "<html" in page.lower()
+
+
+def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
+    """torchrun starts both ranks, Lightning makes the gloo group, no Ray: rank 1 alone gets a NaN gradient
+    at step 5, the guard's decision (all-reduced) skips that update on both ranks, and the replicas stay equal."""
+    steps, job_id = 20, "ddp-nan"
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    command += [str(HERE / "lightning_ddp_nan.py"), str(out), job_id, str(steps)]
+    env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(tmp_path / "runs"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["step"] == steps and rank["finite"], ranks
+        assert rank["unchanged"] and rank["skipped"] == 1, ranks  # the NaN step was skipped on both ranks
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # the replicas are equal afterwards
+    result = read_result(tmp_path / "runs" / job_id)
+    assert result is not None and result.state == "succeeded" and result.world_size == 2
+    assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
+    assert result.ranks[0].param_hash is not None and result.ranks[0].param_hash == result.ranks[1].param_hash
+    assert (tmp_path / "runs" / job_id / "steps-rank1.jsonl").exists()

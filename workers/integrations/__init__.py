@@ -1,0 +1,1 @@
+"""Callbacks that attach gradwatch to a framework's own trainer (Hugging Face, Lightning)."""

@@ -1,0 +1,65 @@
+"""What both callbacks share: the run they feed, the rank's session and the update guard's skip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from workers.session import LocalSession
+from workers.training import Run, current, inner_optimizer, start
+
+__all__ = ["begin", "inner_optimizer", "skip_update"]
+
+
+class _ProcessGroupSession(LocalSession):
+    """A rank of a process group the framework launched itself (torchrun, Lightning's DDP), no Ray."""
+
+    def __init__(self) -> None:
+        backend = str(dist.get_backend())
+        device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" and torch.cuda.is_available() else "cpu"
+        super().__init__(device=device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+
+def begin(job_id: str | None, start_kwargs: dict[str, Any]) -> tuple[Run, bool]:
+    """The process's run and whether the callback made it (and so ends it): the job's inside a gradwatch
+    job or one `gradwatch.start()` already made, else a new one for this rank."""
+    run = current()
+    if run is not None:
+        return run, False
+    session = None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            import ray.train
+
+            ray.train.get_context()
+        except (ImportError, RuntimeError):
+            session = _ProcessGroupSession()
+        if job_id is None and session is not None:
+            raise ValueError(
+                "GradwatchCallback(job_id=...): under DDP every rank needs the same job_id "
+                "(e.g. GradwatchCallback(job_id='my-run')); each rank would make up its own otherwise"
+            )
+    return start(job_id=job_id, session=session, **start_kwargs), True
+
+
+def skip_update(model: torch.nn.Module, optimizer: Any = None) -> None:
+    """The update guard where the framework calls `optimizer.step()` itself: every gradient set to None,
+    so the torch optimizers leave every parameter (and its momentum) as it was this step.
+
+    Under a GradScaler (accelerate's, as `optimizer.scaler`) the scaler must have checked the gradients
+    for infs before they are dropped, or its `step()` fails with no inf checks recorded: the gradients
+    are unscaled first when the framework has not done so yet."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        from torch.amp.grad_scaler import OptState
+
+        inner = inner_optimizer(optimizer)
+        state = scaler._per_optimizer_states[id(inner)]  # the scaler's own record of this step
+        if state["stage"] is OptState.READY:
+            scaler.unscale_(inner)
+    for p in model.parameters():
+        p.grad = None
