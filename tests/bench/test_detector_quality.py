@@ -1,0 +1,26 @@
+"""bench/detector_quality.py on the public training logs: the rows it prints and the goals it says are missed."""
+
+import io
+
+from bench import detector_quality as dq
+from bench.corpus import MEANT_FOR, REAL_MEANT_FOR, real_logs
+from gradwatch.names import ANOMALIES
+
+
+def test_the_public_logs_make_one_row_per_family_and_the_misses_are_named() -> None:
+    verdicts, lines = dq.judge_real_logs()
+    assert len(lines) == len(real_logs()) and sum(map(len, verdicts.values())) == len(lines)
+    MEANT_FOR.update(REAL_MEANT_FOR)
+    table = dq.rate_rows(verdicts)
+    healthy = table["real_healthy_logs"]
+    assert healthy["healthy"] and healthy["runs"] == 7
+    assert all(healthy[kind]["rate"] == 0.0 for kind in ANOMALIES)
+    assert table["real_overfit_logs"]["overfitting"]["rate"] == 1.0
+    assert table["real_overfit_logs"]["overfitting"]["p50"] == 1000.0  # the third evaluation, 1000 after the turn
+    out = io.StringIO()
+    misses = dq.print_tables(table, out)
+    text = out.getvalue()
+    assert "| real_healthy_logs | 7 |" in text and "| real_diverged_logs | 2 | divergence | 50% |" in text
+    assert any("real_mild_overfit_logs" in m for m in misses)
+    assert any("real_diverged_logs" in m for m in misses)
+    assert not any("real_overfit_logs" in m or "real_healthy_logs" in m for m in misses)
