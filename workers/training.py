@@ -104,6 +104,11 @@ def current() -> Run | None:
     return _run
 
 
+def in_job() -> bool:
+    """Whether this process runs a rank of a gradwatch job (whose worker entry ends the run)."""
+    return _job is not None
+
+
 def start(
     *,
     job_id: str | None = None,

@@ -1,7 +1,7 @@
 """Run under torchrun (2 CPU processes): examples/lightning_fit.py's module under Lightning DDP (gloo), a
 NaN written into rank 1's gradient after the all-reduce at POISON_STEP. Each rank writes what it saw to
 OUT/rank<r>.json: whether its weights stayed as they were on that step, its skipped updates, a hash of
-its final weights."""
+its final weights. The checkout must be on PYTHONPATH."""
 
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from lightning_fit import Regressor, loaders  # noqa: E402
-
-from gradwatch.integrations.lightning import GradwatchCallback  # noqa: E402
+from examples.lightning_fit import Regressor, loaders
+from gradwatch.integrations.lightning import GradwatchCallback
 
 POISON_STEP = 5
 

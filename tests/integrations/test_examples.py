@@ -109,3 +109,44 @@ def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: 
     assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
     assert result.ranks[0].param_hash is not None and result.ranks[0].param_hash == result.ranks[1].param_hash
     assert (tmp_path / "runs" / job_id / "steps-rank1.jsonl").exists()
+
+
+@pytest.mark.ray
+def test_the_lightning_callback_inside_a_gradwatch_job_feeds_the_job_and_skips_a_nan_on_both_ranks(
+    tmp_path: Path,
+) -> None:
+    """`train.entrypoint` on a real 2-worker Ray Train: the callback joins the job's run (its id, spec,
+    board and run directory) instead of making one, and the job's driver writes the result."""
+    import yaml
+
+    from tests.stack import gradwatch_run
+
+    spec = {
+        "name": "lightning-in-a-job",
+        "train": {
+            "entrypoint": "tests.integrations.job_code:train_lightning",
+            "config": {"steps": 30, "nan_at_step": 5},
+        },
+        "max_steps": 30,
+        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+        "telemetry": {"interval": 5, "grace_seconds": 0},
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    proc = gradwatch_run(spec_file, tmp_path / "runs")
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["state"] == "succeeded" and result["steps"] == 30 and result["world_size"] == 2, result
+    ranks = result["ranks"]
+    assert [r["skipped_steps"] for r in ranks] == [1, 1] and all(r["params_finite"] for r in ranks), ranks
+    assert ranks[0]["param_hash"] == ranks[1]["param_hash"], "the replicas drifted apart"
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent == (tmp_path / "runs").resolve()  # the job's run directory, not the callback's own
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").open()]
+    assert any(r.get("val_loss") is not None for r in history) and max(r["step"] for r in history) == 30

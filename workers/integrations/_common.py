@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from workers.session import LocalSession
-from workers.training import Run, current, inner_optimizer, start
+from workers.training import Run, current, in_job, inner_optimizer, start
 
 __all__ = ["begin", "inner_optimizer", "skip_update"]
 
@@ -43,7 +43,8 @@ def begin(job_id: str | None, start_kwargs: dict[str, Any]) -> tuple[Run, bool]:
                 "GradwatchCallback(job_id=...): under DDP every rank needs the same job_id "
                 "(e.g. GradwatchCallback(job_id='my-run')); each rank would make up its own otherwise"
             )
-    return start(job_id=job_id, session=session, **start_kwargs), True
+    # inside a gradwatch job the job's worker entry ends the run when the training function returns
+    return start(job_id=job_id, session=session, **start_kwargs), not in_job()
 
 
 def skip_update(model: torch.nn.Module, optimizer: Any = None) -> None:
