@@ -173,3 +173,49 @@ def test_a_skip_under_a_grad_scaler_leaves_the_weights_and_lets_the_scaler_step(
     scaler.update()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert not optimizer.state  # Adam never stepped: no moments made
+
+
+def test_lightning_with_gradient_accumulation_reports_one_step_per_update_and_refuses_a_rollback() -> None:
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    x = torch.randn(96, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    seen: list[float] = []
+
+    class Losses(pl.Callback):  # type: ignore[name-defined]
+        def on_before_backward(self, trainer: Any, module: Any, loss: Any) -> None:
+            seen.append(float(loss.detach()))
+
+    callback = GradwatchCallback(serve_metrics=False)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[Losses(), callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accumulate_grad_batches=2,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_Tiny(), loader)
+    run = callback.run
+    assert run is not None and run.step == trainer.global_step == 3 and len(seen) == 6
+    run.flush()
+    assert _value(run, "gradwatch_samples_total") == 6 * 16  # both micro-batches of each of the 3 updates
+    # each micro-batch's loss came divided by accumulate_grad_batches: their sum is the update's mean loss
+    telemetry = run.telemetry
+    assert telemetry is not None and telemetry.last["loss"] == pytest.approx(seen[-2] + seen[-1], rel=1e-5)
+
+    training._run = None
+    refused = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[GradwatchCallback(on_divergence="rollback", serve_metrics=False)],
+    )
+    with pytest.raises(ValueError, match="on_divergence='rollback' needs gradwatch to own the training loop"):
+        refused.fit(_Tiny(), loader)
+    assert training.current() is None  # the refused run was closed, not left behind

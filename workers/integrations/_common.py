@@ -44,7 +44,30 @@ def begin(job_id: str | None, start_kwargs: dict[str, Any]) -> tuple[Run, bool]:
                 "(e.g. GradwatchCallback(job_id='my-run')); each rank would make up its own otherwise"
             )
     # inside a gradwatch job the job's worker entry ends the run when the training function returns
-    return start(job_id=job_id, session=session, **start_kwargs), not in_job()
+    run = start(job_id=job_id, session=session, **start_kwargs)
+    try:
+        check_guard(run)
+    except ValueError:
+        if not in_job():
+            run.close(0)  # result.json says why it never trained
+        raise
+    return run, not in_job()
+
+
+def check_guard(run: Run) -> None:
+    """What the guard can do where the framework owns the loop: skip an update, alert, stop. A rollback
+    or rewind would have to move the framework's own step counter, scheduler and data loader back."""
+    spec = run.spec
+    for field, value, instead in (
+        ("on_divergence", spec.on_divergence, "'alert' or 'stop'"),
+        ("on_spike", spec.on_spike, "'alert'"),
+    ):
+        if value in ("rollback", "rewind"):
+            raise ValueError(
+                f"GradwatchCallback: {field}={value!r} needs gradwatch to own the training loop (its step, "
+                f"scheduler and data order); with a framework's Trainer use {field}={instead} "
+                "(docs/training-api.md)"
+            )
 
 
 def skip_update(model: torch.nn.Module, optimizer: Any = None) -> None:

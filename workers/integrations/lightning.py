@@ -49,8 +49,10 @@ class GradwatchCallback(pl.Callback):
         self.job_id, self.start_kwargs = job_id, start_kwargs
         self.run: Run | None = None
         self._owned = False
-        self._loss: torch.Tensor | None = None
-        self._samples: int | None = None
+        # this optimizer step's micro-batches: their losses (Lightning divides each by accumulate_grad_batches
+        # before the backward, so their sum is the step's mean loss) and samples
+        self._losses: list[torch.Tensor] = []
+        self._samples = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
@@ -73,20 +75,21 @@ class GradwatchCallback(pl.Callback):
             self.run.epoch = trainer.current_epoch
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, _i: int) -> None:
-        self._samples = _batch_size(batch)
+        self._samples += _batch_size(batch) or 0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self._loss = loss.detach()
+        self._losses.append(loss.detach())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.run is None or self._loss is None:
+        if self.run is None or not self._losses:
             raise RuntimeError(
                 "GradwatchCallback: no loss seen before the optimizer step (automatic optimization only)"
             )
-        loss, self._loss = self._loss, None
-        if not self.run.report(loss, samples=self._samples):
+        loss, samples = torch.stack(self._losses).float().sum(), self._samples
+        self._losses, self._samples = [], 0
+        if not self.run.report(loss, samples=samples or None):
             skip_update(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
