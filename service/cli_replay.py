@@ -20,16 +20,19 @@ def register(app: typer.Typer) -> None:
 
 
 def _detector_spec(spec_file: Path | None, settings: list[str]):
-    """The thresholds to replay with and the schedule's warm-up: the spec's, then each --set."""
+    """The thresholds to replay with, the schedule's warm-up and the run's planned length: the spec's,
+    then each --set."""
     from gradwatch.spec_telemetry import DetectorSpec
     from service.cli import _load_or_exit
 
     values: dict = {}
     warmup = 0
+    planned = None
     if spec_file is not None:
         spec = _load_or_exit(spec_file, user_code="skip")
         values = spec.telemetry.detectors.model_dump(exclude_unset=True)
         warmup = spec.schedule.warmup_steps
+        planned = spec.max_steps
     for item in settings:
         key, sep, raw = item.partition("=")
         key = key.strip().removeprefix(_PREFIX)
@@ -43,7 +46,7 @@ def _detector_spec(spec_file: Path | None, settings: list[str]):
         except yaml.YAMLError:
             values[key] = raw
     try:
-        return DetectorSpec.model_validate(values), warmup
+        return DetectorSpec.model_validate(values), warmup, planned
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "detectors"
@@ -54,11 +57,17 @@ def _detector_spec(spec_file: Path | None, settings: list[str]):
 def replay(
     files: list[Path] = typer.Argument(
         ...,
-        help="history.jsonl of a run, or JSONL/CSV rows with step, loss and "
-        "optionally val_loss, lr, grad_norm and per-layer values.",
+        help="A run's history.jsonl (or its run directory), JSONL or CSV rows (`,`, tab or `;`; Lightning's "
+        "metrics.csv too) or a Hugging Face trainer_state.json. Read: step (global_step, iter, iteration), "
+        "loss (train_loss, train/loss, train_loss_step), val_loss (eval_loss, val/loss, eval/loss, "
+        "validation_loss, val_loss_epoch), lr (learning_rate, lr-NAME), grad_norm (gradient_norm, "
+        "train/grad_norm) and layer_grad_norm/NAME, layer_update_ratio/NAME; names trimmed, any case.",
     ),
     spec_file: Path | None = typer.Option(
-        None, "--spec", help="Take the detector thresholds (and the schedule's warm-up) from this job spec."
+        None,
+        "--spec",
+        help="Take the detector thresholds, the schedule's warm-up and max_steps (when the file states none) "
+        "from this job spec.",
     ),
     settings: list[str] = typer.Option(
         [], "--set", help="Try another threshold: telemetry.detectors.NAME=VALUE (repeatable; after --spec)."
@@ -66,24 +75,39 @@ def replay(
     warmup_steps: int | None = typer.Option(
         None, "--warmup-steps", min=0, help="The schedule's warm-up, when the rows carry no lr column."
     ),
+    max_steps: int | None = typer.Option(
+        None,
+        "--max-steps",
+        min=1,
+        help="The run's planned length (before the file's own, as a trainer_state.json states, and --spec's).",
+    ),
     as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per file: file, steps, events, anomalies, phases."
+        False,
+        "--json",
+        help="One JSON object per file: file, steps, max_steps, events, anomalies, phases, warnings.",
     ),
 ) -> None:
     """Replay recorded loss curves through the online detectors and print what would have fired.
 
     The same code the workers run, at the default thresholds or those of --spec/--set: how to tune
-    thresholds on past runs ("would this have paged me last week?"). Exits 2 on a file it cannot read.
+    thresholds on past runs ("would this have paged me last week?"). Rows of one step are merged (a
+    validation row beside the training row); a column it does not read is a warning on stderr. Exits 2
+    on a file it cannot replay: no loss in any row, a value that is not a number, steps that go back, or
+    a step given twice with different values (each named with its file and line).
     """
-    from workers.replay import ReplayError, replay_file
+    from workers.replay import ReplayError, open_input, replay_input
 
-    detectors, warmup = _detector_spec(spec_file, settings)
+    detectors, warmup, planned = _detector_spec(spec_file, settings)
     if warmup_steps is not None:
         warmup = warmup_steps
     failed = False
     for path in files:
         try:
-            result = replay_file(path, detectors, warmup_steps=warmup)
+            source = open_input(path)
+            for warning in source.warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            length = max_steps if max_steps is not None else source.max_steps or planned
+            result = replay_input(source, detectors, warmup_steps=warmup, max_steps=length)
         except ReplayError as exc:
             typer.echo(str(exc), err=True)
             failed = True
@@ -93,7 +117,9 @@ def replay(
             continue
         anomalies = ", ".join(f"{k}@{s}" for k, s in sorted(result.anomalies.items(), key=lambda i: i[1]))
         phases = ", ".join(f"{p}@{s}" for p, s in result.phases)
-        typer.echo(f"{path}: {result.steps} steps\n  anomalies: {anomalies or 'none'}\n  phases: {phases or '-'}")
+        typer.echo(
+            f"{result.file}: {result.steps} steps\n  anomalies: {anomalies or 'none'}\n  phases: {phases or '-'}"
+        )
         for event in result.events:
             if event.kind == "anomaly" and event.raised:
                 typer.echo(f"  {event_line(dataclasses.asdict(event))}")
