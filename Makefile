@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-alone setup tools lint format generate check-generated clean bench
+.PHONY: demo test test-alone setup tools lint format generate check-generated clean bench docs-check
 
 setup: $(STAMP)
 
@@ -46,7 +46,7 @@ demo: setup
 	$(VENV)/bin/gradwatch run examples/digits-mlp.yaml
 
 test: setup tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # Each test file in a pytest of its own: a file that passes only after another left state behind fails
 # here. The Ray files take most of the time; PYTEST_ARGS='-m "not ray and not prometheus"' skips them.
@@ -55,6 +55,10 @@ test-alone: setup tools
 	  echo "== $$f"; $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $$f; rc=$$?; \
 	  [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; \
 	done
+
+# Every shell command shown in README.md and docs/*.md is run (or listed with why not), every relative link resolves.
+docs-check: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_docs.py
 
 CODE := gradwatch service workers dashboards deploy tests bench examples
 
