@@ -375,14 +375,14 @@ async def _follow_logs(
 )
 async def job_report(job_id: str, request: Request, store: StoreDep, reader: Reader) -> Response:
     """The run's report: one self-contained HTML page of its dynamics, built now (live while the job runs)."""
-    from service.report import ReportError, report_for_job  # numpy and plotly only when a report is asked for
+    from service.report import ReportError, report_for_job, response_headers  # numpy and plotly only when asked
 
     job = await run_in_threadpool(visible_job, store, job_id, reader)
     try:
         page = await run_in_threadpool(report_for_job, job, request.app.state.settings.runs_dir)
     except ReportError as exc:
         raise HTTPException(501, str(exc)) from None
-    return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(page, headers=response_headers())  # its CSP, nosniff, no framing, no caching
 
 
 @jobs.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}, 403: {"model": ErrorOut}})

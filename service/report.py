@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import html
 import json
 import math
@@ -33,6 +34,41 @@ MAX_POINTS = 4_000  # measured steps drawn per series; longer histories are thin
 MAX_LINE_BYTES = 1 << 20  # a history line longer than this is skipped as unreadable
 RATIO_FLOOR = 1e-12  # norms and ratios of exactly zero are drawn here on log scales
 MAX_MARKER_LINES = 200  # vertical lines per kind of marker (restarts, rollbacks, skipped steps); markers show all
+MAX_SCALAR_CHARTS = 32  # custom scalars drawn, a chart each (the training API allows 16 named series)
+# What the telemetry writes in a step's history line; any other number there is a custom scalar.
+STEP_KEYS = frozenset(
+    {
+        "step",
+        "epoch",
+        "loss",
+        "global_loss",
+        "loss_ema",
+        "grad_norm",
+        "lr",
+        "step_seconds",
+        "time",
+        "weight_norm",
+        "local_grad_norm",
+        "gradient_noise_scale",
+        "critical_batch_hint",
+        "nonfinite",
+        "phase",
+        "anomalies",
+    }
+)
+# A system metrics row's series (workers/system.py): title, unit, scale to that unit.
+SYSTEM_SERIES = (
+    ("process_cpu_cores", "CPU used by the worker process", "cores", 1.0),
+    ("host_cpu_ratio", "CPU use of the worker's node", "%", 100.0),
+    ("rss_bytes", "Resident memory of the worker process", "MiB", 1 / 2**20),
+    ("samples_per_second", "Samples per second", "samples/s", 1.0),
+    ("tokens_per_second", "Tokens per second", "tokens/s", 1.0),
+    ("mfu_ratio", "Model FLOPs utilisation (MFU)", "%", 100.0),
+    ("gpu_utilization_ratio", "GPU utilisation", "%", 100.0),
+    ("gpu_memory_used_bytes", "GPU memory used", "GiB", 1 / 2**30),
+    ("gpu_temperature_celsius", "GPU temperature", "°C", 1.0),
+    ("gpu_power_watts", "GPU power", "W", 1.0),
+)
 TEMPLATE = Path(__file__).with_name("report.html")
 
 PHASE_WORDS = {
@@ -157,6 +193,8 @@ class Run:
     nonfinite: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     ranks: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    scalars: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    system: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     stride: int = 1
     unreadable_lines: int = 0
 
@@ -235,15 +273,23 @@ def load_run(
     if history.exists():
         lines = _count_lines(history)
         run.stride = max(1, math.ceil(lines / MAX_POINTS))
-        # Thin only the measured steps: validations, non-finite steps and events are few and all matter.
+        # Thin only the steps and the custom scalars (each by its own count, as they interleave):
+        # validations, non-finite steps and the other events are few and all matter.
         rare = (b'"val_loss"', b'"nonfinite"', b'"event"')
+        seen = {"steps": 0, "scalars": 0}
 
         def keep(i: int, raw: bytes) -> bool:
-            return run.stride == 1 or i % run.stride == 0 or i >= lines - 1 or any(k in raw for k in rare)
+            kind = "scalars" if b'"scalars"' in raw else "steps"
+            if run.stride == 1 or i >= lines - 1 or (kind == "steps" and any(k in raw for k in rare)):
+                return True
+            seen[kind] += 1
+            return (seen[kind] - 1) % run.stride == 0
 
         for record in _jsonl(history, keep):
             if record is None or not isinstance(record.get("step"), int):
                 run.unreadable_lines += 1
+            elif record.get("event") == "scalars":
+                _add_scalars(run, record["step"], record.get("scalars"))
             elif "event" in record:
                 run.events.append(record)
             elif "val_loss" in record:
@@ -253,11 +299,34 @@ def load_run(
                     run.nonfinite.append(record)
                 if "layer_grad_norm" in record or not record.get("nonfinite"):
                     run.steps.append(record)
+                extra = {k: v for k, v in record.items() if k not in STEP_KEYS and not k.startswith("layer_")}
+                if extra:
+                    _add_scalars(run, record["step"], extra)
     for path in sorted(run_dir.glob("steps-rank*.jsonl")):
         rank = path.stem.removeprefix("steps-rank")
         if rank.isdigit():
             run.ranks[int(rank)] = [r for r in _jsonl(path) if r and isinstance(r.get("step"), int)]
+    for path in sorted(run_dir.glob("system-rank*.jsonl")):
+        rank = path.stem.removeprefix("system-rank")
+        if rank.isdigit():
+            stride = max(1, math.ceil(_count_lines(path) / MAX_POINTS))
+            run.system[int(rank)] = [
+                r for r in _jsonl(path, lambda i, _, k=stride: i % k == 0) if r and _finite(r.get("time"))
+            ]
     return run
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _add_scalars(run: Run, step: int, scalars: Any) -> None:
+    """A history line's custom scalars (`run.log(name=value)`): numbers only, a series per name."""
+    if not isinstance(scalars, dict):
+        return
+    for name, value in scalars.items():
+        if _finite(value) and (name in run.scalars or len(run.scalars) < MAX_SCALAR_CHARTS):
+            run.scalars.setdefault(str(name), []).append({"step": step, "value": float(value)})
 
 
 # ------------------------------------------------------------ what happened
@@ -435,37 +504,44 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def _line(records: list[dict[str, Any]], key: str, *, positive: bool = False) -> tuple[dict, dict] | None:
-    """x and y of one series; a step that goes back (a restart or rollback) breaks the line instead of
-    drawing it backwards."""
+def _line(
+    records: list[dict[str, Any]], key: str, *, positive: bool = False, x: str = "step"
+) -> tuple[dict, dict, bool] | None:
+    """x and y of one series, drawn from its own finite points (a value measured every few steps is absent
+    from the steps between); a step that goes back (a restart or rollback) breaks the line instead of
+    drawing it backwards. The flag says some stretch has a single point (it needs a marker to be seen)."""
     xs: list[float] = []
     ys: list[float] = []
     last = None
+    run_length, single = 0, False
     for record in records:
         value = _num(record.get(key))
-        if positive and not value > 0:
-            value = math.nan
-        step = record["step"]
+        if not math.isfinite(value) or (positive and not value > 0):
+            continue
+        step = record[x]
         if last is not None and step <= last:
             xs.append(last)
             ys.append(math.nan)
+            single = single or run_length == 1
+            run_length = 0
         xs.append(step)
         ys.append(value)
         last = step
-    if not any(math.isfinite(y) for y in ys):
+        run_length += 1
+    if not xs:
         return None
-    return _typed(xs), _typed(ys)
+    return _typed(xs), _typed(ys), single or run_length == 1
 
 
 def _trace(
     records: list[dict[str, Any]], key: str, name: str, color: str, *, positive: bool = False, **extra: Any
 ) -> dict[str, Any] | None:
-    xy = _line(records, key, positive=positive)
+    xy = _line(records, key, positive=positive, x=extra.pop("x_key", "step"))
     if xy is None:
         return None
-    return {
+    trace = {
         "type": "scatter",
-        "mode": "lines",
+        "mode": "lines+markers" if xy[2] else "lines",
         "name": name,
         "x": xy[0],
         "y": xy[1],
@@ -473,6 +549,9 @@ def _trace(
         "connectgaps": False,
         **extra,
     }
+    if xy[2]:
+        trace.setdefault("marker", {"size": 4, "color": color})
+    return trace
 
 
 def _layout(title: str, ytitle: str, *, log: bool = False, height: int = 320, **extra: Any) -> dict[str, Any]:
@@ -746,16 +825,20 @@ def update_ratio_chart(run: Run) -> dict[str, Any] | None:
     layers, steps, matrix = found
     x = _typed(steps)
     traces = []
+    steps_arr = np.asarray(steps, dtype=float)
     for i, name in enumerate(layers):
         row = np.clip(matrix[i], RATIO_FLOOR, None)  # an update of exactly zero (a dead layer) stays visible
-        if np.isfinite(row).any():
+        finite = np.isfinite(row)
+        if finite.any():
+            # a layer measured at only some steps is drawn through its own points
+            xs = x if finite.all() else _typed(steps_arr[finite])
             traces.append(
                 {
                     "type": "scatter",
-                    "mode": "lines",
+                    "mode": "lines" if finite.sum() > 1 else "markers",
                     "name": name,
-                    "x": x,
-                    "y": _typed(row),
+                    "x": xs,
+                    "y": _typed(row[finite]),
                     "line": {"color": _depth_color(i, len(layers)), "width": 1.2},
                 }
             )
@@ -806,6 +889,43 @@ def step_time_chart(run: Run) -> dict[str, Any] | None:
     return {"data": traces, "layout": _layout("Step time per rank", "ms per step (mean over the interval)")}
 
 
+def scalar_charts(run: Run) -> list[tuple[str, str, dict[str, Any]]]:
+    """A chart for each custom scalar (`run.log(name=value)`), and the validation accuracy where measured."""
+    charts = []
+    if any(_finite(v.get("val_accuracy")) for v in run.vals):
+        trace = _trace(run.vals, "val_accuracy", "val accuracy", "#e6550d", mode="lines+markers", marker={"size": 5})
+        if trace:
+            charts.append(
+                ("val-accuracy", "half", {"data": [trace], "layout": _layout("Validation accuracy", "accuracy")})
+            )
+    for i, (name, records) in enumerate(sorted(run.scalars.items())):
+        trace = _trace(records, "value", name, RANK_COLORS[i % len(RANK_COLORS)])
+        if trace:
+            layout = _layout(f"{name} (custom scalar, run.log)", name, showlegend=False)
+            charts.append((f"scalar-{i}", "half", {"data": [trace], "layout": layout}))
+    return charts
+
+
+def system_charts(run: Run) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each rank's system metrics (system-rankN.jsonl) against the seconds since the run's first sample."""
+    if not run.system:
+        return []
+    start = min((rows[0]["time"] for rows in run.system.values() if rows), default=0.0)
+    charts = []
+    for key, title, unit, scale in SYSTEM_SERIES:
+        traces = []
+        for i, rank in enumerate(sorted(run.system)):
+            rows = [{"t": r["time"] - start, "v": r[key] * scale} for r in run.system[rank] if _finite(r.get(key))]
+            trace = _trace(rows, "v", f"rank {rank}", RANK_COLORS[i % len(RANK_COLORS)], x_key="t")
+            if trace:
+                traces.append(trace)
+        if traces:
+            layout = _layout(f"{title} per rank", unit)
+            layout["xaxis"]["title"]["text"] = "seconds since the first sample"
+            charts.append((f"system-{key.replace('_', '-')}", "half", {"data": traces, "layout": layout}))
+    return charts
+
+
 CHARTS = (
     ("loss", "wide", loss_chart),
     ("lr", "half", lr_chart),
@@ -823,13 +943,16 @@ EMPTY_WHY = {
     "update-ratio": "no per-layer update ratios recorded (telemetry off, or no measured step yet)",
     "noise-scale": "no gradient noise scale: it needs 2 or more workers and a few measured steps",
     "step-time": "no step times recorded yet",
+    "system": "no system metrics recorded: telemetry.system_interval is 0, or no sample was taken yet",
+    "system-gpu": "no GPU metrics: a CPU run, or NVML is missing (pip install 'gradwatch[gpu]')",
 }
 
 
 # -------------------------------------------------------------------- page
 @lru_cache(maxsize=1)
-def plotly_js_packed() -> tuple[str, str]:
-    """plotly.js (the `report` extra's copy), gzip-compressed and base64-encoded, and its name and version."""
+def plotly_js_packed() -> tuple[str, str, str, str]:
+    """plotly.js (the `report` extra's copy), gzip-compressed and base64-encoded, its name and version, and
+    the CSP sources of its script text and of the style sheets it adds."""
     try:
         from plotly import __version__ as plotly_version
         from plotly.offline import get_plotlyjs
@@ -838,12 +961,80 @@ def plotly_js_packed() -> tuple[str, str]:
     js = get_plotlyjs()
     found = re.search(r"plotly\.js v([\w.-]+)", js[:2000])
     version = f"plotly.js {found.group(1)}" if found else f"plotly {plotly_version}"
-    return base64.b64encode(gzip.compress(js.encode(), compresslevel=9, mtime=0)).decode(), version
+    # plotly.js adds style sheets of its own as it loads (its map controls'): their text sits in the bundle
+    styles = " ".join(_sha256(css) for css in PLOTLY_STYLE.findall(js) if "\\" not in css)
+    packed = base64.b64encode(gzip.compress(js.encode(), compresslevel=9, mtime=0)).decode()
+    return packed, version, _sha256(js), styles
+
+
+PLOTLY_STYLE = re.compile(r"""createElement\("style"\);[^;]{0,200}?textContent='((?:[^'\\]|\\.)*)'""")
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def content_security_policy(*, header: bool = True) -> str:
+    """The report's policy: nothing loads from anywhere; only its own loader and the plotly.js it unpacks run
+    (their sha256), only its own style sheet (and the empty one plotly fills through the CSSOM) applies, and
+    plotly's style attributes and data: images are allowed. `frame-ancestors` works only as a header (a <meta>
+    policy must leave it out, or the browser reports it)."""
+    template = TEMPLATE.read_text()
+    scripts = [_sha256(m) for m in re.findall(r"<script>(.*?)</script>", template, re.S)]
+    styles = [_sha256(m) for m in re.findall(r"<style>(.*?)</style>", template, re.S)] + [_sha256("")]
+    policy = [
+        "default-src 'none'",
+        f"script-src {' '.join([*scripts, plotly_js_packed()[2]])}",
+        f"style-src-elem {' '.join(styles)} {plotly_js_packed()[3]}",
+        "style-src-attr 'unsafe-inline'",
+        "img-src data: blob:",
+        "font-src data:",
+        "worker-src blob:",
+        "base-uri 'none'",
+        "form-action 'none'",
+    ]
+    if header:
+        policy.append("frame-ancestors 'none'")
+    return "; ".join(policy)
+
+
+def response_headers() -> dict[str, str]:
+    """What the service sends with a report: its policy, no MIME sniffing, no framing, no caching."""
+    return {
+        "Content-Security-Policy": content_security_policy(header=True),
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
 
 
 def _safe_json(value: Any) -> str:
-    """JSON that can sit inside a <script> element: no '</' can close it early."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    """JSON that can sit inside a <script> element: no '<', '>' or '&' (so no '</script>' or '<!--' can end
+    or bend the element), no line separators; JSON.parse reads the escapes back as the same characters."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escape)
+    return text
+
+
+def _plotly_text(value: Any, key: str = "") -> Any:
+    """Every string of a figure with '&', '<' and '>' as HTML entities: plotly renders a subset of HTML in
+    names, tick labels, titles and annotations (links included), and shows entities as their characters.
+    Only the report's own hover templates keep their markup (what they substitute is escaped here)."""
+    if isinstance(value, str):
+        return value if key == "hovertemplate" else html.escape(value, quote=False)
+    if isinstance(value, dict):
+        return {k: _plotly_text(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plotly_text(v, key) for v in value]
+    return value
 
 
 def _clean(value: Any) -> Any:
@@ -857,9 +1048,50 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _spec_summary(spec: dict[str, Any]) -> list[tuple[str, str]]:
+def lr_story(run: Run) -> str | None:
+    """The learning rate as the run logged it, in words: its warm-up, then constant or the decay's shape
+    (cosine, linear, exponential, step) read off the curve."""
+    by_step = {r["step"]: float(r["lr"]) for r in run.steps if _finite(r.get("lr"))}
+    if not by_step:
+        return None
+    steps = np.asarray(sorted(by_step), dtype=float)
+    lrs = np.asarray([by_step[int(s)] for s in steps])
+    peak = float(lrs.max())
+    top = int(np.argmax(lrs >= peak * (1 - 1e-9)))
+    parts = []
+    if top > 0 and lrs[0] < 0.9 * peak:
+        parts.append(f"warm-up from {lrs[0]:.3g} to {peak:.3g} over steps {int(steps[0])}-{int(steps[top])}")
+    tail, at = lrs[top:], steps[top:]
+    end = float(tail[-1])
+    if np.all(np.abs(tail - peak) <= 1e-3 * peak) or len(tail) < 3:
+        parts.append(f"constant at {peak:.3g}" if parts else f"constant {peak:.3g}")
+    elif np.any(np.diff(tail) > 1e-6 * peak):
+        parts.append(f"varying between {float(tail.min()):.3g} and {peak:.3g} (not only falling)")
+    else:
+        t = (at - at[0]) / (at[-1] - at[0])
+        y = (tail - end) / (peak - end)
+        fits = {"cosine": 0.5 * (1 + np.cos(np.pi * t)), "linear": 1 - t}
+        errors = {name: float(np.sqrt(np.mean((y - f) ** 2))) for name, f in fits.items()}
+        if end > 0:
+            logs = (np.log(tail) - math.log(end)) / (math.log(peak) - math.log(end))
+            errors["exponential"] = float(np.sqrt(np.mean((logs - (1 - t)) ** 2)))
+        drops = int(np.count_nonzero(np.diff(tail) < -1e-6 * peak))
+        name = min(errors, key=errors.__getitem__)
+        if drops <= 10 and drops < len(tail) / 10:
+            shape = f"step decay ({drops} drop{'s' if drops != 1 else ''})"
+        else:
+            shape = f"{name} decay" if errors[name] < 0.03 else "decay"
+        parts.append(f"{shape} from {peak:.3g} to {end:.3g} by step {int(at[-1])}")
+    return ", then ".join(parts) + " (as logged)"
+
+
+def _spec_summary(spec: dict[str, Any], run: Run | None = None) -> list[tuple[str, str]]:
     if not spec:
         return []
+    story = lr_story(run) if run is not None else None
+    train = spec.get("train") or {}
+    if isinstance(train, dict) and train.get("entrypoint"):
+        return _entrypoint_summary(spec, train, run, story)
     model, data, opt = spec.get("model") or {}, spec.get("data") or {}, spec.get("optimizer") or {}
     scaling, schedule = spec.get("scaling") or {}, spec.get("schedule") or {}
     model_bits = ", ".join(f"{k} {v}" for k, v in model.items() if k != "name" and v not in (None, [], {}))
@@ -885,9 +1117,43 @@ def _spec_summary(spec: dict[str, Any]) -> list[tuple[str, str]]:
             f"every {(spec.get('telemetry') or {}).get('interval')} steps; on divergence: {spec.get('on_divergence')}",
         ),
     ]
-    if spec.get("labels"):
-        rows.append(("labels", ", ".join(f"{k}={v}" for k, v in spec["labels"].items())))
-    return rows
+    if story:
+        rows.insert(3, ("learning rate", story))
+    return rows + _labels(spec)
+
+
+def _labels(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    labels = spec.get("labels")
+    return [("labels", ", ".join(f"{k}={v}" for k, v in labels.items()))] if isinstance(labels, dict) and labels else []
+
+
+def _entrypoint_summary(
+    spec: dict[str, Any], train: dict[str, Any], run: Run | None, story: str | None
+) -> list[tuple[str, str]]:
+    """A training function's run: its spec's model, data, optimizer and schedule are unused (the function
+    makes its own), so the header says what the run itself reported."""
+    result, status = (run.result or {}) if run else {}, run.status if run else {}
+    reported = result.get("optimizer") or status.get("optimizer")
+    if isinstance(reported, dict):
+        reported = " ".join(str(v) for v in (reported.get("name"), reported.get("lr")) if v is not None)
+    optimizer = str(reported) if reported else "made by the training function (its class is not reported)"
+    world = result.get("world_size") or status.get("world_size") or (spec.get("scaling") or {}).get("num_workers")
+    done = result.get("steps") or status.get("step")
+    total = spec.get("max_steps") if (spec.get("max_steps") or 0) < 100_000_000 else None
+    steps = f"{done} steps" if done else "no steps yet"
+    steps += f" of {total}" if total else ""
+    device = "GPU" if (spec.get("scaling") or {}).get("use_gpu") else "CPU"
+    rows = [
+        ("entrypoint", f"{train['entrypoint']} (its own model, data and optimizer)"),
+        ("optimizer", optimizer),
+        ("learning rate", story or "none logged yet"),
+        ("training", f"{steps} on {world} {device} worker{'s' if world != 1 else ''}"),
+        (
+            "telemetry",
+            f"every {(spec.get('telemetry') or {}).get('interval')} steps; on divergence: {spec.get('on_divergence')}",
+        ),
+    ]
+    return rows + _labels(spec)
 
 
 def _outcome(run: Run, reason: str | None) -> str:
@@ -920,26 +1186,44 @@ def _outcome(run: Run, reason: str | None) -> str:
 
 def render_report(run: Run, *, reason: str | None = None) -> str:
     """The page, as one HTML string."""
-    packed, plotly_version = plotly_js_packed()
+    packed, plotly_version, _, _ = plotly_js_packed()
     figures: dict[str, Any] = {}
     blocks = []
+
+    def empty(chart_id: str, width: str) -> None:
+        why = html.escape(EMPTY_WHY[chart_id])
+        blocks.append(f'<section class="chart {width} empty" id="{chart_id}-empty"><p>{why}</p></section>')
+
+    def drawn(chart_id: str, width: str, figure: dict[str, Any]) -> None:
+        figures[chart_id] = _plotly_text(_clean(figure))
+        blocks.append(f'<section class="chart {width}"><div class="gw-chart" id="{chart_id}"></div></section>')
+
     for chart_id, width, build in CHARTS:
         figure = build(run)
         if figure is None:
-            blocks.append(
-                f'<section class="chart {width} empty" id="{chart_id}-empty">'
-                f"<p>{html.escape(EMPTY_WHY[chart_id])}</p></section>"
-            )
+            empty(chart_id, width)
         else:
-            figures[chart_id] = _clean(figure)
-            blocks.append(f'<section class="chart {width}"><div class="gw-chart" id="{chart_id}"></div></section>')
+            drawn(chart_id, width, figure)
+    for chart_id, width, figure in scalar_charts(run):
+        drawn(chart_id, width, figure)
+    system = system_charts(run)
+    if system:
+        blocks.append('<h2 class="group">System metrics per rank</h2>')
+    for chart_id, width, figure in system:
+        drawn(chart_id, width, figure)
+    if not system and (run.steps or run.system):
+        empty("system", "half")
+    elif system and not any(chart_id.startswith("system-gpu") for chart_id, _, _ in system):
+        empty("system-gpu", "half")
     notes = []
     if run.stride > 1:
         notes.append(f"long history: every {run.stride}th measured step is drawn")
     if run.unreadable_lines:
         notes.append(f"{run.unreadable_lines} unreadable history lines skipped")
     name = run.spec.get("name") or run.job_id
-    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _spec_summary(run.spec))
+    facts = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _spec_summary(run.spec, run)
+    )
     words = "".join(f"<li>{html.escape(line)}</li>" for line in diagnosis(run))
     summary = {
         "job_id": run.job_id,
@@ -962,6 +1246,7 @@ def render_report(run: Run, *, reason: str | None = None) -> str:
         summary_json=_safe_json(summary),
         figures_json=_safe_json(figures),
         plotly_gz=packed,
+        csp=html.escape(content_security_policy(header=False)),
     )
 
 
@@ -994,6 +1279,8 @@ __all__ = [
     "diagnosis",
     "load_run",
     "phases",
+    "content_security_policy",
     "render_report",
     "report_for_job",
+    "response_headers",
 ]

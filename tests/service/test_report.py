@@ -99,7 +99,8 @@ def open_report(browser, path: Path):
 
 def assert_every_chart_drew(page, expected: set[str]) -> list[dict]:
     charts = page.evaluate(CHECK_CHARTS)
-    assert {c["id"] for c in charts} == expected, charts
+    ids = {c["id"] for c in charts}
+    assert expected <= ids and all(i.startswith(("scalar-", "val-", "system-")) for i in ids - expected), charts
     for chart in charts:
         assert chart["svg"] >= 1 and chart["traces"] >= 1, chart
         assert chart["width"] > 300 and chart["height"] > 200, chart
@@ -308,7 +309,7 @@ def test_a_10000_step_32_layer_report_is_under_5_mb_in_under_5_s(browser, tmp_pa
 def test_a_longer_history_is_thinned_but_keeps_every_validation_and_event(tmp_path):
     run_dir = tmp_path / "gw-thin"
     run_dir.mkdir()
-    lines = []
+    lines: list[dict] = []
     for step in range(1, 3 * MAX_POINTS + 1):
         lines.append({"step": step, "loss": 1.0, "global_loss": 1.0, "loss_ema": 1.0, "grad_norm": 1.0})
         if step % 100 == 0:
