@@ -16,8 +16,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -219,3 +221,35 @@ def test_relative_links_resolve(page: Path) -> None:
         elif fragment and file.suffix == ".md" and fragment not in _anchors(file):
             broken.append(f"{target}: no heading #{fragment} in {file.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in part.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def test_yaml_specs_shown_validate(tmp_path: Path) -> None:
+    """A ```yaml block with a top-level `name:` is a whole job spec; any other is a part of one, checked
+    merged into examples/digits-mlp.yaml. Each must pass `gradwatch validate`."""
+    base = yaml.safe_load((ROOT / "examples/digits-mlp.yaml").read_text())
+    files = []
+    for page in PAGES:
+        for i, block in enumerate(re.findall(r"^```yaml\n(.*?)^```", page.read_text(), re.S | re.M)):
+            shown = yaml.safe_load(block)
+            assert isinstance(shown, dict), f"{page.name}: a yaml block that is no mapping: {block[:80]!r}"
+            spec = shown if "name" in shown else _merge(base, shown)
+            path = tmp_path / f"{page.stem}-{i}.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            files.append((page.name, path))
+    assert files
+
+    def check(item: tuple[str, Path]) -> str | None:
+        page, path = item
+        done = subprocess.run([GRADWATCH, "validate", str(path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        return None if done.returncode == 0 else f"{page}: {path.name}:\n{done.stdout}{done.stderr}"
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for f in pool.map(check, files) if f]
+    assert not failures, "\n".join(failures)
