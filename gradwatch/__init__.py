@@ -1,6 +1,6 @@
 """gradwatch: training-dynamics telemetry, guards and alerts for PyTorch on Ray.
 
-`import gradwatch` gives the training API (`gradwatch.start()`, README "Your own training loop");
+`import gradwatch` gives the training API (`gradwatch.start()`, docs/training-api.md);
 the submodules hold what the service and the workers share: the job spec (`gradwatch.spec`), the
 names (`gradwatch.names`), job ids (`gradwatch.ids`) and the driver's status and result
 (`gradwatch.status`). The training API is the runtime's (`workers.training`); this package only

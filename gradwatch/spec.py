@@ -233,7 +233,7 @@ class BuiltinTrain(Strict):
 
 class EntrypointTrain(Strict):
     """User code: your own training function, `package.module:function`, called on every rank as
-    function(config). It reports to gradwatch through `import gradwatch` (README: "Your own training loop")."""
+    function(config). It reports to gradwatch through `import gradwatch` (docs/training-api.md)."""
 
     entrypoint: str = Field(
         json_schema_extra={"pattern": _IMPORT_PATH.pattern},

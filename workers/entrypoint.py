@@ -38,7 +38,7 @@ def train_function_per_worker(config: dict[str, Any]) -> None:
         if run is None:
             raise RuntimeError(
                 f"{spec.train.entrypoint} returned without calling gradwatch.start(): a training "
-                "function reports its steps through gradwatch (see README, 'Your own training loop')"
+                "function reports its steps through gradwatch (see docs/training-api.md)"
             )
         run.finish()
     finally:

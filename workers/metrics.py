@@ -23,7 +23,7 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 def series_per_job(world_size: int, layers: int, system: bool = True) -> int:
     """Series one job exports: 51 per rank (47 without system metrics), plus 34 + 3 per layer on rank 0
-    (README: "Cardinality"). On a GPU, with tokens or with MFU, SystemSeries adds at most 7 per rank."""
+    (docs/metrics.md: "Cardinality"). On a GPU, with tokens or with MFU, SystemSeries adds at most 7 per rank."""
     per_rank = 14 + len(STEP_BUCKETS) + 3  # 14 plain series, the histogram's buckets, +Inf, sum and count
     per_rank += HEARTBEAT_SERIES  # the heartbeat's step, phase, stuck time, threshold and time per phase
     per_rank += SYSTEM_CPU_SERIES if system else 0

@@ -1,1 +1,1 @@
-"""Training functions of your own under gradwatch (README: "Your own training loop")."""
+"""Training functions of your own under gradwatch (docs/training-api.md)."""
