@@ -18,6 +18,11 @@ EXAMPLES = REPO / "examples"
 # Every Ray process the tests start inherits the test hook: the ranks' final reports carry the
 # parameter fingerprints and first-epoch indices the tests check.
 os.environ[TEST_REPORTS_ENV] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers inherit COLUMNS=80 and LINES=24 from execnet; a rich Console made at import
+    # would keep 80 columns for good, where a test sets COLUMNS for the commands it runs.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 # The reason a run ends failed once its updates were skipped max_skipped_steps steps (workers/loop.py).
 DIVERGED = re.compile(
     r"diverged: (?:(?P<steps>\d+) consecutive non-finite steps|(?P<skipped>\d+) of the "
@@ -42,8 +47,23 @@ def mypy_run() -> subprocess.Popen:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if any(item.name == "test_types_are_clean" for item in session.items):
+    # Under pytest-xdist every worker collects every test, and only one runs test_types_are_clean:
+    # there mypy starts when that test asks for it.
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and any(
+        item.name == "test_types_are_clean" for item in session.items
+    ):
         mypy_run()
+
+
+# The session fixtures that run the example jobs are costly (a few Ray jobs): under pytest-xdist
+# (`make test` runs two workers, --dist loadgroup) every test that reads them runs in one worker.
+EXAMPLE_FIXTURES = {"example_jobs", "example_runs", "dynamics_runs", "live_demo"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if EXAMPLE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("examples"))
 
 
 @pytest.fixture(scope="module")

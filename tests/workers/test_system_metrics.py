@@ -142,7 +142,8 @@ def test_a_run_writes_system_rows_with_tokens_for_a_language_model(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "system-rank0.jsonl").read_text().splitlines()]
     assert len(rows) >= 2
     tokens = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
-    assert tokens and all(t > 0 for t in tokens)
+    # a window in which no step ended (a busy machine) counts 0 tokens
+    assert tokens and all(t >= 0 for t in tokens) and any(t > 0 for t in tokens)
     assert any(r.get("samples_per_second", 0) > 0 for r in rows)
     assert trainer.run.system is None  # closed with the run
 
