@@ -234,12 +234,18 @@ def _jsonl(path: Path, keep: Any = None) -> Iterator[dict[str, Any] | None]:
             yield record if isinstance(record, dict) else None
 
 
-def _count_lines(path: Path) -> int:
-    n = 0
+def _count_lines(path: Path, also: bytes = b"") -> int:
+    return _count(path, also)[0]
+
+
+def _count(path: Path, also: bytes = b"") -> tuple[int, int]:
+    """Lines of a file, and how many hold `also` (about: one cut by a chunk's edge is missed)."""
+    n = m = 0
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             n += chunk.count(b"\n")
-    return n
+            m += chunk.count(also) if also else 0
+    return n, m
 
 
 def load_run(
@@ -271,8 +277,9 @@ def load_run(
         result=result,
     )
     if history.exists():
-        lines = _count_lines(history)
-        run.stride = max(1, math.ceil(lines / MAX_POINTS))
+        lines, scalar_lines = _count(history, b'"event": "scalars"')
+        # the steps and the custom scalars' lines each thinned to about MAX_POINTS
+        run.stride = max(1, math.ceil(max(lines - scalar_lines, scalar_lines) / MAX_POINTS))
         # Thin only the steps and the custom scalars (each by its own count, as they interleave):
         # validations, non-finite steps and the other events are few and all matter.
         rare = (b'"val_loss"', b'"nonfinite"', b'"event"')
