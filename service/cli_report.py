@@ -40,8 +40,8 @@ def report(
     token: TokenOpt = None,
 ) -> None:
     """Write a run's report: loss with phases and anomalies, learning rate, norms, per-layer gradients and
-    update ratios, gradient noise scale, step time per rank, and a diagnosis in words. One HTML file that
-    opens with no network."""
+    update ratios, gradient noise scale, step time per rank, custom scalars, system metrics per rank, and a
+    diagnosis in words. One HTML file that opens with no network, under a strict Content-Security-Policy."""
     from service.report import ReportError, build_report
 
     candidates = [Path(target), storage_path / target]
