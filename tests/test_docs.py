@@ -1,8 +1,9 @@
 """The commands and links shown in README.md and docs/*.md hold (`make docs-check`).
 
 Every command in a ```bash or ```sh block is either run here (and must exit 0) or matched by NOT_RUN,
-which says why it is not run in a test of seconds. Every `gradwatch` command shown, run or not, must
-name a real command and only options that command's `--help` lists. Every relative link in the pages
+which says why it is not run in a test of seconds. Every `gradwatch` command shown, in a block or in
+the text, run or not, must name a real command and only options that command's `--help` lists. Every
+job spec (or part of one) in a ```yaml block must pass `gradwatch validate`. Every relative link in the pages
 must resolve to a file in the repository (and a `#fragment` to a heading of a Markdown target).
 """
 
@@ -101,6 +102,12 @@ def _split_top(command: str) -> list[str]:
     return [*parts, command[start:]]
 
 
+def inline_commands(page: Path) -> list[str]:
+    """`gradwatch ...` in the page's text outside code blocks, whitespace joined."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return [" ".join(m.split()) for m in re.findall(r"`((?:\.venv/bin/)?gradwatch [^`]+)`", text)]
+
+
 def all_commands() -> list[tuple[str, str]]:
     return [(page.relative_to(ROOT).as_posix(), c) for page in PAGES for c in shell_commands(page)]
 
@@ -140,7 +147,8 @@ def test_pages_have_commands_and_readme_is_short() -> None:
 
 def test_every_gradwatch_command_shown_exists_with_its_options() -> None:
     wrong = []
-    shown = [(page, c, args) for page, c in all_commands() if (args := _gradwatch_args(c)) is not None]
+    inline = [(page.relative_to(ROOT).as_posix(), c) for page in PAGES for c in inline_commands(page)]
+    shown = [(page, c, args) for page, c in all_commands() + inline if (args := _gradwatch_args(c)) is not None]
     paths = set()
     for _, _, args in shown:
         if args and args[0] in GROUPS and len(args) > 1:
