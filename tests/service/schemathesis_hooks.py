@@ -5,12 +5,17 @@ must name one of the rules the JobSpec description says in words (service/openap
 any other refusal is a rule the document hides, and fails the run. A driver's push refused with 422
 must likewise name a rule its route's description states: the body's job id is the route's, an
 endpoint sits on the job's own nodes with a port in 1024-65535, or a text over a push's bounds.
+
+The token of each run is of the scope GRADWATCH_FUZZ_SCOPE names (tests/service/test_api_fuzz.py):
+`token_does_only_what_its_scope_allows` fails a read or read-all token let into a route that changes
+something, and a job's token (its job GRADWATCH_FUZZ_JOB) let into any route but that job's pushes.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 
 import jsonschema
@@ -54,6 +59,31 @@ def push_refused_only_for_rules_in_words(ctx, response, case):
     if not isinstance(case.body, dict) or not validator.is_valid(case.body):
         return None  # not a body the document admits: any refusal is fine
     _only_stated(response, PUSH_RULES, "a push valid by the published schema")
+    return None
+
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+OPEN = frozenset({"GET /healthz"})  # needs no token
+# Refused before any route runs: 400 a Content-Length that is no number, 413 a body over the size limit
+REFUSED = frozenset({400, 403, 413})
+
+
+@schemathesis.check
+def token_does_only_what_its_scope_allows(ctx, response, case):
+    scope, token = os.environ.get("GRADWATCH_FUZZ_SCOPE"), os.environ.get("GRADWATCH_FUZZ_TOKEN")
+    label, status = case.operation.label, response.status_code
+    if scope is None or label in OPEN or status in REFUSED or status == 401:
+        return None
+    if response.request.headers.get("Authorization") != f"Bearer {token}":
+        return None  # the auth checks' own requests, without the token or with another
+    if case.method.upper() != case.operation.method.upper():
+        return None  # a probe with a method the path lacks (405)
+    if scope in ("read", "read-all") and case.operation.method.upper() in MUTATING:
+        raise AssertionError(f"a {scope} token was let into {label} ({status})")
+    if scope == "job:progress":
+        job = os.environ["GRADWATCH_FUZZ_JOB"]
+        if label not in PUSHES or case.path_parameters != {"job_id": job}:
+            raise AssertionError(f"job {job}'s token was let into {label} {case.path_parameters} ({status})")
     return None
 
 
