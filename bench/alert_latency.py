@@ -11,13 +11,15 @@ Alertmanager with the shipped configs at 1 s scrape and evaluation intervals), t
   part of what is measured).
 
 Arrival is the service's `received_at` of the alert. The last line is exactly
-`nonfinite_to_alert_seconds=S1 stall_to_alert_seconds=S2`.
+`nonfinite_to_alert_seconds=S1 stall_to_alert_seconds=S2`; the table is written to the
+`alert-latency` section of bench/RESULTS.md (`--no-write` leaves it as it is).
 
     python bench/alert_latency.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from tests.promstack import start_alertmanager, start_prometheus, wait_for  # no
 from tests.stack import TOKEN, Service, ray_head  # noqa: E402
 
 SCRAPE = EVAL = "1s"
+GOAL_NONFINITE_S = 10.0
 
 
 def history(data_dir: Path, job_id: str) -> list[dict]:
@@ -61,12 +64,37 @@ def run(client, data_dir: Path, example: str, alert: str, onset_of) -> float:
     onset = onset_of(history(data_dir, job["id"]))
     client.cancel(job["id"])
     latency = arrived - onset
+    RUNS.append((example, alert, onset, arrived))
     print(
         f"{example:10s} {alert:22s} onset {datetime.fromtimestamp(onset):%H:%M:%S.%f} "
         f"alert received {datetime.fromtimestamp(arrived):%H:%M:%S.%f} -> {latency:.2f} s",
         flush=True,
     )
     return latency
+
+
+RUNS: list[tuple[str, str, float, float]] = []  # (example, alert, onset, arrival) of each run
+
+
+def section(line: str) -> str:
+    """The markdown of this run for bench/RESULTS.md: one row per alert, against its goal."""
+    goals = {
+        "TrainingLossNonFinite": lambda s: f"<= {GOAL_NONFINITE_S:g} s: {'met' if s <= GOAL_NONFINITE_S else 'missed'}",
+        "TrainingStalled": lambda s: "none set (the rule's `for: 30s` and the detectors' judgement are in it)",
+    }
+    rows = "\n".join(
+        f"| `examples/{example}.yaml` | {alert} | {datetime.fromtimestamp(onset):%H:%M:%S.%f} "
+        f"| {datetime.fromtimestamp(arrived):%H:%M:%S.%f} | {arrived - onset:.2f} | {goals[alert](arrived - onset)} |"
+        for example, alert, onset, arrived in RUNS
+    )
+    return (
+        "A local stack on 127.0.0.1: a Ray head (2 CPUs), `gradwatch up`, Prometheus and Alertmanager with the "
+        f"shipped configs at {SCRAPE} scrape and {EVAL} rule evaluation, Alertmanager group_wait 1s. Onset: the "
+        "diverging job's first non-finite step, and the stalled job's (lr 1e-7) first step, both from the run's "
+        "history.jsonl; arrival: the service's `received_at` of the alert. One run of each.\n\n"
+        "| job | alert | onset | received | seconds | goal |\n| --- | --- | --- | --- | --- | --- |\n"
+        f"{rows}\n\n`{line}`"
+    )
 
 
 def first_nonfinite(records: list[dict]) -> float:
@@ -77,7 +105,10 @@ def first_step(records: list[dict]) -> float:
     return min(r["time"] for r in records if r.get("step") == 1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing bench/RESULTS.md")
+    args = parser.parse_args(argv)
     print(f"scrape interval {SCRAPE}, rule evaluation interval {EVAL}, Alertmanager group_wait 1s", flush=True)
     with tempfile.TemporaryDirectory(prefix="gw-alert-bench-") as tmp_name, ray_head(cpus=2) as address:
         tmp = Path(tmp_name)
@@ -106,7 +137,12 @@ def main() -> int:
                     stall = run(svc.client, data_dir, "stalled", "TrainingStalled", first_step)
         finally:
             svc.stop()
-    print(f"nonfinite_to_alert_seconds={nonfinite:.2f} stall_to_alert_seconds={stall:.2f}")
+    line = f"nonfinite_to_alert_seconds={nonfinite:.2f} stall_to_alert_seconds={stall:.2f}"
+    if not args.no_write:
+        from bench.results import write_section
+
+        write_section("alert-latency", "From a problem's onset to its alert reaching the service", section(line))
+    print(line)
     return 0
 
 

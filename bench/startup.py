@@ -30,7 +30,8 @@ after the run, so no polling delay enters a figure.
     .venv/bin/python bench/startup.py --repeats 5 --json
 
 Goals: start-up <= plain + 2 s and resume <= plain + 2 s (medians). The last line is
-`startup_extra_seconds=A resume_extra_seconds=B` (gradwatch's median minus plain's).
+`startup_extra_seconds=A resume_extra_seconds=B` (gradwatch's median minus plain's); the
+tables are written to the `startup` section of bench/RESULTS.md (`--no-write` leaves it as it is).
 """
 
 from __future__ import annotations
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternating (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing bench/RESULTS.md")
     parser.add_argument("--plain-driver", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_driver:
@@ -442,8 +444,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(lines))
     extra = summary["extra_s"]
-    print(f"startup_extra_seconds={extra['startup']:.2f} resume_extra_seconds={extra['resume']:.2f}")
+    line = f"startup_extra_seconds={extra['startup']:.2f} resume_extra_seconds={extra['resume']:.2f}"
+    if not args.no_write:
+        from bench.results import write_section
+
+        write_section("startup", "What gradwatch adds to a job's start-up and resume", section(runs, summary, line))
+    print(line)
     return 0
+
+
+def section(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], line: str) -> str:
+    """The markdown of this run for bench/RESULTS.md: medians per kind, and gradwatch's extra against the goal."""
+    medians = "\n".join(
+        f"| {kind} | {summary[kind]['startup_median_s']:.1f} ({spread([r['startup_s'] for r in rows])}) "
+        f"| {summary[kind]['resume_median_s']:.1f} ({spread([r['resume_s'] for r in rows])}) |"
+        for kind, rows in runs.items()
+    )
+    extra = "\n".join(
+        f"| {label} | {summary['extra_s'][what]:+.1f} | <= +{GOAL_EXTRA_S:g} s: "
+        f"{'met' if summary['extra_s'][what] <= GOAL_EXTRA_S else 'missed'} |"
+        for what, label in (("startup", "start-up"), ("resume", "resume"))
+    )
+    return (
+        "The digits MLP (64-128-64-10), 2 CPU workers over gloo, a checkpoint every 100 steps, on one Ray head "
+        "(2 CPUs) with `gradwatch up --no-monitoring`. gradwatch: the spec submitted to the service; plain: the "
+        "same job as a Ray Train script submitted through Ray's Job Submission API. Start-up: from the submit "
+        "call to the end of the first step; resume: from SIGKILL of a training worker to the end of the first "
+        f"step after it. {summary['repeats']} run(s) of each kind, alternating, {summary['seconds']} s; load "
+        f"average {summary['load_average_before']} before, {summary['load_average_after']} after.\n\n"
+        "| kind | start-up s, median (min-max) | resume s, median (min-max) |\n| --- | --- | --- |\n"
+        f"{medians}\n\n"
+        "| gradwatch - plain (medians) | seconds | goal |\n| --- | --- | --- |\n"
+        f"{extra}\n\n`{line}`"
+    )
 
 
 if __name__ == "__main__":
