@@ -29,7 +29,7 @@ phase mark of a step and the thread that posts it once a second) and the system 
 telemetry.system_interval s), with and without each and at the sampler's shortest interval. Every parts
 config posts to an in-process job board, so only the part differs. Its last line is `heartbeat_cost=R1
 system_cost=R2 heartbeat_and_system_cost=R3 system_min_interval_cost=R4` (paired median ratios) and it
-writes its section of bench/RESULTS.md.
+writes its section of bench/RESULTS.md; the other paths write the `telemetry-overhead-MODEL` section.
 On a busy shared machine, `--clock cpu` (process CPU time) is far steadier than
 wall time, but it does not see time spent waiting for other ranks.
 """
@@ -422,10 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     if "parts" in by_path:
         return report_parts(by_path["parts"], intervals, where, args)
+    tables: list[tuple[str, str, dict[str, float]]] = []  # (heading, table, ratios) for RESULTS.md
     for path, times in by_path.items():
         table, ratios = summarize(times, intervals)
         against = "telemetry off" if path == "builtin" else "the same loop in plain PyTorch"
         print(f"{path} path (against {against}):\n{table}")
+        tables.append((f"{path} path (against {against})", table, ratios))
         prefix = "" if path == "builtin" else "user_"
         summary.append(
             f"{prefix}overhead_default={ratios['default']:.3f} {prefix}overhead_every_step={ratios['every_step']:.3f}"
@@ -435,12 +437,44 @@ def main(argv: list[str] | None = None) -> int:
         if API_OFF in times:  # the built-in figure's baseline: the same loop on the API with telemetry off
             table, ratios = summarize({n: times[n] for n in (API_OFF, "default", "every_step")}, intervals, API_OFF)
             print(f"{path} path (against the same loop on the training API with telemetry off):\n{table}")
+            tables.append(
+                (f"{path} path (against the same loop on the training API with telemetry off)", table, ratios)
+            )
             summary.append(
                 f"user_telemetry_default={ratios['default']:.3f} user_telemetry_every_step={ratios['every_step']:.3f}"
             )
     print(f"goal: default <= {GOALS['default']}, every_step <= {GOALS['every_step']} (median ratio)")
+    from bench.results import write_section
+
+    write_section(
+        f"telemetry-overhead-{args.model}",
+        f"What telemetry costs a training step ({args.model})",
+        overhead_section(tables, where, args, time.time() - started, " ".join(summary)),
+    )
     print(" ".join(summary))
     return 0
+
+
+def overhead_section(
+    tables: list[tuple[str, str, dict[str, float]]], where: str, args: Any, seconds: float, line: str
+) -> str:
+    """The markdown of a builtin/user run for bench/RESULTS.md: its tables and each goal, met or missed."""
+    parts = [
+        f"{args.model} ({EXAMPLE[args.model]}), {where}, {args.steps} steps per config interleaved, {args.clock} "
+        f"clock, {seconds:.0f} s; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end. "
+        "`ratio` is a config's median step time over the baseline's; `paired` is the median over rounds of a "
+        "step's time over the same round's step of the baseline."
+    ]
+    for heading, table, ratios in tables:
+        goals = "\n".join(
+            f"| {name} | {ratios[name]:.3f} | <= {goal:g}: {'met' if ratios[name] <= goal else 'missed'} |"
+            for name, goal in GOALS.items()
+            if name in ratios
+        )
+        parts.append(
+            f"{heading}:\n\n```text\n{table}\n```\n\n| config | median ratio | goal |\n| --- | --- | --- |\n{goals}"
+        )
+    return "\n\n".join([*parts, f"`{line}`"])
 
 
 def report_parts(times: dict[str, list[float]], intervals: dict[str, str], where: str, args: Any) -> int:
