@@ -10,6 +10,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # No debconf questions (tzdata, pulled in by postgresql, asks for a time zone): the defaults.
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
+# `make test` runs two pytest-xdist workers: much of a Ray test is waiting (a job's start and end, a rule's
+# `for`), and the example-job tests share one worker (tests/conftest.py groups them). 1 runs them in order.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-alone setup tools lint format generate check-generated clean bench docs-check
 
@@ -46,7 +49,7 @@ demo: setup
 	$(VENV)/bin/gradwatch run examples/digits-mlp.yaml
 
 test: setup tools
-	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Each test file in a pytest of its own: a file that passes only after another left state behind fails
 # here. The Ray files take most of the time; PYTEST_ARGS='-m "not ray and not prometheus"' skips them.
