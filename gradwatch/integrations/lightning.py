@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gradwatch._lazy import reexport
 
 if TYPE_CHECKING:
     from workers.integrations.lightning import GradwatchCallback
@@ -11,7 +12,4 @@ if TYPE_CHECKING:
 __all__ = ["GradwatchCallback"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("workers.integrations.lightning"), name)
-    raise AttributeError(f"module 'gradwatch.integrations.lightning' has no attribute {name!r}")
+__getattr__ = reexport(__name__, "workers.integrations.lightning", __all__)
