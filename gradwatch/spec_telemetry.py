@@ -270,7 +270,12 @@ class TelemetrySpec(Strict):
     max_layers: int = Field(
         32, ge=1, le=1024, description="Cap on per-layer series; larger models are grouped by module path."
     )
-    grace_seconds: float = Field(15.0, ge=0.0, le=3600, description="Endpoints stay up this long after the last step.")
+    grace_seconds: float = Field(
+        15.0,
+        ge=0.0,
+        le=3600,
+        description="After the last step, endpoints stay up until scraped again, at most this long.",
+    )
     hang_after: float = Field(
         60.0,
         ge=10.0,

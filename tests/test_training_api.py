@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -363,6 +364,46 @@ def test_close_waits_the_grace_period_only_once_something_scraped_the_endpoint()
         run.close()
         waited = time.monotonic() - started
         assert (waited >= 1.4) if scrape else (waited < 1.0), (scrape, waited)
+
+
+def test_close_ends_as_soon_as_a_scrape_after_the_last_step_is_answered():
+    run = gradwatch.start(max_steps=4, telemetry={"interval": 1, "grace_seconds": 60}, job_id="scraped-last")
+    model = tiny()
+    optimizer = run.watch(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    x, y = data()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        run.backward(torch.nn.functional.mse_loss(model(x), y))
+        optimizer.step()
+
+    step()  # the endpoint is served from the first step on
+    url = run.metrics_url
+    assert url is not None
+    bodies: list[str] = []
+    stop, first = threading.Event(), threading.Event()
+
+    def scrape() -> None:  # a scraper every 0.2 s, like Prometheus
+        while not stop.wait(0.2):
+            try:
+                bodies.append(httpx.get(url, timeout=10).text)
+            except httpx.HTTPError:
+                return  # the endpoint closed
+            first.set()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    assert first.wait(timeout=30), "the endpoint was never scraped"
+    for _ in range(3):
+        step()
+    run.finish()
+    started = time.monotonic()
+    run.close()
+    waited = time.monotonic() - started
+    stop.set()
+    scraper.join(timeout=10)
+    assert waited < 10, f"close() waited {waited:.1f} s though the endpoint was scraped every 0.2 s"
+    assert 'gradwatch_step{job_id="scraped-last",rank="0"} 4.0' in bodies[-1], bodies[-1][-2000:]
 
 
 def test_run_log_takes_numbers_only():

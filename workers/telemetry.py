@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +190,10 @@ class Telemetry:
         self._children = self._step_children()
         self._server: WSGIServer | None = None
         self.endpoint: tuple[str, int] | None = None
+        # Scrapes of /metrics: how many began, and the latest-begun one that was answered in full.
+        self._scrapes = threading.Condition()
+        self._scrapes_begun = 0
+        self._scrape_answered = 0
         self._last: dict[str, Any] = {}
         self._group_layers(model, device)
         self._rank0_gauges: SimpleNamespace | None = None
@@ -337,12 +342,40 @@ class Telemetry:
         from prometheus_client import start_http_server
 
         self._server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
+        self._count_scrapes(self._server)
         self.endpoint = (host, self._server.server_port)
         if self.board:
             self.board.post_endpoint(self.rank, host, self.endpoint[1], os.getpid())
         return self.endpoint
 
-    def close(self, grace_seconds: float) -> None:
+    @property
+    def scraped(self) -> bool:
+        """Whether anything has fetched this rank's /metrics yet."""
+        return self._scrapes_begun > 0
+
+    def _count_scrapes(self, server: WSGIServer) -> None:
+        """Number each request to /metrics and note when its whole body has been written, so close()
+        knows when the final values have been scraped."""
+        app = server.get_app()
+        if app is None:
+            return
+
+        def counted(environ: dict[str, Any], start_response: Any) -> Any:
+            with self._scrapes:
+                self._scrapes_begun += 1
+                number = self._scrapes_begun
+            yield from app(environ, start_response)  # the server writes each chunk before asking for the next
+            with self._scrapes:
+                self._scrape_answered = max(self._scrape_answered, number)
+                self._scrapes.notify_all()
+
+        server.set_app(counted)
+
+    def close(self, grace_seconds: float, discoverable: bool = False) -> None:
+        """Flush, then stop serving /metrics once a scrape begun after the flush has been answered (the
+        final values reached Prometheus), at most `grace_seconds` later. At once when nothing ever
+        scraped the endpoint, unless it is `discoverable` (announced to Prometheus: a short run may end
+        before its first scrape)."""
         self.flush()  # the last steps reach the gauges and the history
         if self.history:
             self.history.close()
@@ -352,7 +385,10 @@ class Telemetry:
             self.step_times = None
         if self._server is None:
             return
-        time.sleep(grace_seconds)  # let Prometheus scrape the final values
+        if (self.scraped or discoverable) and grace_seconds > 0:
+            with self._scrapes:
+                after = self._scrapes_begun + 1
+                self._scrapes.wait_for(lambda: self._scrape_answered >= after, timeout=grace_seconds)
         if self.board:
             self.board.drop_endpoint(self.rank)
         self._server.shutdown()

@@ -324,7 +324,6 @@ class Run:
         # start() outside a job: the ranks write the run directory themselves (rank 0's local_dir), no driver
         self.own_run_dir = False
         self.local_dir: LocalRunDir | None = None
-        self.scraped = False  # whether anything fetched this rank's /metrics yet (close() waits only then)
         self.metrics_url: str | None = None
         # where this rank is in its step, for the hang watch (workers/heartbeat.py)
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
@@ -393,7 +392,6 @@ class Run:
         self._start_system(tel)
         if self.serve_metrics:  # after the restore, so the first scrape already counts the restart
             host, port = tel.serve(self.session.node_address())
-            self._track_scrapes(tel)
             self.metrics_url = f"http://{host}:{port}/metrics"
             if self.sd_dir is not None:
                 self._sd_file = self.sd_dir / f"{self.job_id}-{self.rank}.json"
@@ -408,21 +406,6 @@ class Run:
         self._mark = time.perf_counter()
         self.heartbeat.enter(DATA, self.step + 1)
         self.heartbeat.start(self.board, self.session.node_id(), self.session.node_address())
-
-    def _track_scrapes(self, tel: Telemetry) -> None:
-        """Note the first request to /metrics: close() keeps the endpoint up for the last scrape only
-        when something scrapes it at all."""
-        server = getattr(tel, "_server", None)
-        if server is None or not hasattr(server, "get_app"):
-            self.scraped = True  # cannot tell: wait as configured
-            return
-        app = server.get_app()
-
-        def counted(environ: dict[str, Any], start_response: Any) -> Any:
-            self.scraped = True
-            return app(environ, start_response)
-
-        server.set_app(counted)
 
     def _telemetry(self) -> Telemetry:
         if self.telemetry is None:
@@ -1075,10 +1058,16 @@ class Run:
             )
         return report
 
+    @property
+    def scraped(self) -> bool:
+        """Whether anything has fetched this rank's /metrics yet (close() waits for a last scrape only then)."""
+        return self.telemetry is not None and self.telemetry.scraped
+
     def close(self, grace_seconds: float | None = None) -> None:
-        """Stop serving /metrics: after `grace_seconds` (default the spec's telemetry.grace_seconds) so the
-        last values get scraped, at once when nothing has scraped the endpoint yet. Outside a job, a run
-        closed before `finish()` ends failed in result.json."""
+        """Stop serving /metrics once the last values have been scraped, at most `grace_seconds` (default
+        the spec's telemetry.grace_seconds) after the last step; at once when nothing has scraped the
+        endpoint yet and nothing was told where it is (no job, no `prometheus_sd_dir`). Outside a job, a
+        run closed before `finish()` ends failed in result.json."""
         global _run
         self.heartbeat.stop()
         if self.local_dir is not None and self.local_dir.result is None:
@@ -1088,7 +1077,9 @@ class Run:
             self.system = None
         if self.telemetry is not None:
             grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
-            self.telemetry.close(grace if self.serve_metrics and self.scraped else 0)
+            # In a job the service announces the endpoint to Prometheus; outside one, prometheus_sd_dir does.
+            announced = self._sd_file is not None or (self.board is not None and not self.own_run_dir)
+            self.telemetry.close(grace if self.serve_metrics else 0, discoverable=announced)
         if self._sd_file is not None:
             self._sd_file.unlink(missing_ok=True)
             self._sd_file = None

@@ -54,7 +54,7 @@ def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(
     sd_dir.mkdir()
     with start_prometheus(_prometheus_config(sd_dir), tmp_path) as prom:
         command = [sys.executable, str(EXAMPLES / example), "--steps", str(steps), "--job-id", job_id]
-        command += ["--prometheus-sd-dir", str(sd_dir), "--grace-seconds", "3"]
+        command += ["--prometheus-sd-dir", str(sd_dir), "--grace-seconds", "30"]
         env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(storage), "PYTHONPATH": str(REPO)}
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
         assert done.returncode == 0, done.stderr[-4000:]

@@ -43,7 +43,7 @@ class GradwatchCallback(pl.Callback):
     gradwatch job).
 
     Outside a gradwatch job the callback ends the run it made when training ends (result.json, and
-    /metrics closed after `telemetry.grace_seconds` once something scraped it)."""
+    /metrics closed once its last values were scraped, at most `telemetry.grace_seconds` later)."""
 
     def __init__(self, job_id: str | None = None, **start_kwargs: Any):
         self.job_id, self.start_kwargs = job_id, start_kwargs
