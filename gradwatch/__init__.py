@@ -9,16 +9,13 @@ re-exports it, loaded on first use, so the contract imports neither `workers` no
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gradwatch._lazy import reexport
 
 if TYPE_CHECKING:
     from workers.training import MAX_NAMED_SERIES, DivergenceStop, GuardedOptimizer, Run, current, start
 
 __all__ = ["MAX_NAMED_SERIES", "DivergenceStop", "GuardedOptimizer", "Run", "current", "start"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("workers.training"), name)
-    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+__getattr__ = reexport("gradwatch", "workers.training", __all__)
