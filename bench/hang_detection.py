@@ -112,7 +112,7 @@ def ray_head(tmp: Path, cpus: int) -> Iterator[str]:
     `ray stop`, which would end every Ray cluster of this user)."""
     import httpx
 
-    from service.launcher import ray_token
+    from service.scheduler.launcher import ray_token
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     if ray_token() is None:

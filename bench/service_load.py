@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch.ids import new_job_id  # noqa: E402
 from gradwatch.spec import load_spec  # noqa: E402
-from service.store import Job, JobLabel, Store, Transition, demand_of  # noqa: E402
+from service.store.store import Job, JobLabel, Store, Transition, demand_of  # noqa: E402
 
 TOKEN = "bench"
 GOAL_P99_MS = 50.0
@@ -181,7 +181,7 @@ def main() -> None:
             sys.executable,
             "-m",
             "uvicorn",
-            "service.main:create_app",
+            "service.api.main:create_app",
             "--factory",
             "--host",
             "127.0.0.1",

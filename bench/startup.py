@@ -197,7 +197,7 @@ def checkpoint_registered(run_dir: Path) -> bool:
 
 class Bench:
     def __init__(self, ray_address: str, service: Any, workdir: Path):
-        from service.launcher import ray_token
+        from service.scheduler.launcher import ray_token
 
         self.address, self.service, self.workdir = ray_address, service, workdir
         self.runs_dir = workdir / "gradwatch" / "runs"  # the service's storage path under its data dir
@@ -227,7 +227,7 @@ class Bench:
 
     def wait_idle(self) -> None:
         """No training worker alive and every CPU free, so each run starts on an idle cluster."""
-        from service.launcher import ClusterUnavailable, RayCluster
+        from service.scheduler.launcher import ClusterUnavailable, RayCluster
         from tests.promstack import wait_for
 
         cluster = RayCluster(self.address, self.headers.get("Authorization", "")[7:] or None)

@@ -28,7 +28,7 @@ from gradwatch.status import write_atomic
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.store import Store
+    from service.store.store import Store
 
 SCOPES: dict[str, str] = {
     "admin": "everything, including other people's jobs and priorities above the ceiling",

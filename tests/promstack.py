@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.monitoring import MonitoringUnavailable, alertmanager_command, prometheus_command, start_child
+from service.stack.monitoring import MonitoringUnavailable, alertmanager_command, prometheus_command, start_child
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -134,7 +134,7 @@ def _serve(
     command: Callable[[str, Path, Path, int], list[str]],
     timeout: float,
 ) -> Iterator[Running]:
-    """Start it the way `gradwatch up` does (service/monitoring.py), in its own folder under `tmpdir`."""
+    """Start it the way `gradwatch up` does (service/stack/monitoring.py), in its own folder under `tmpdir`."""
     path = require(binary)
     workdir = Path(tmpdir) / name
     workdir.mkdir(parents=True, exist_ok=True)

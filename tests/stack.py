@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from service.client import Client
-from service.launcher import ray_token
+from service.scheduler.launcher import ray_token
 from tests.promstack import free_port, wait_for
 
 BIN = Path(sys.executable).parent
@@ -176,7 +176,7 @@ def launch(args: Sequence[str], cwd: Path = REPO, stderr: int = subprocess.PIPE)
 
 
 def gradwatch_run(spec_file: Path, storage_path: Path, sd_file: Path | None = None) -> subprocess.Popen[str]:
-    """`gradwatch run SPEC --json` (as `python -m service.cli`) with its runs under `storage_path` and,
+    """`gradwatch run SPEC --json` (as `python -m service.cli.main`) with its runs under `storage_path` and,
     given `sd_file`, its ranks' scrape targets written there; the result is stdout's last line."""
     sd = ["--prometheus-sd-file", str(sd_file)] if sd_file else []
-    return launch(["-m", "service.cli", "run", str(spec_file), "--json", *sd, "--storage-path", str(storage_path)])
+    return launch(["-m", "service.cli.main", "run", str(spec_file), "--json", *sd, "--storage-path", str(storage_path)])

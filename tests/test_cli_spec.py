@@ -13,7 +13,7 @@ from tests.conftest import EXAMPLES, REPO, small_spec
 
 def gradwatch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "service.cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=120
     )
 
 

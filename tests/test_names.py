@@ -8,7 +8,9 @@ from pathlib import Path
 
 from dashboards import run, style
 from gradwatch.names import ANOMALIES, JOB_STATES, NONFINITE_KINDS, PHASES, TERMINAL_STATES
-from service import cli_jobs, report, store
+from service.cli import jobs as cli_jobs
+from service.report import report
+from service.store import store
 from workers import detectors, heartbeat
 
 

@@ -289,7 +289,7 @@ def test_with_ddp_an_error_while_recording_surfaces_from_the_next_backward(ddp_s
 
 
 def test_outside_a_job_the_run_leaves_a_run_directory_that_report_and_replay_read(tmp_path, capsys):
-    from service.report import load_run, render_report
+    from service.report.report import load_run, render_report
     from workers.replay import replay_file
 
     run = gradwatch.start(max_steps=30, telemetry={"interval": 5, "grace_seconds": 30}, job_id="local-run")

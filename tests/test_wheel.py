@@ -94,7 +94,7 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
         installed,
         "python",
         "-c",
-        "import gradwatch, service.grafana as g, deploy.render as r, json; "
+        "import gradwatch, service.stack.grafana as g, deploy.render as r, json; "
         "print(json.dumps([gradwatch.__file__, str(g.default_dashboards_dir()), str(r.RULE_FILE)]))",
         cwd=tmp_path,
     )

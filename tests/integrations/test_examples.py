@@ -46,7 +46,7 @@ def _value(url: str, promql: str) -> float | None:
 def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(
     tmp_path: Path, example: str, steps: int
 ) -> None:
-    from service.report import load_run, render_report
+    from service.report.report import load_run, render_report
     from workers.replay import replay_file
 
     job_id = f"example-{Path(example).stem.replace('_', '-')}"

@@ -20,7 +20,7 @@ from typing import Any
 from gradwatch.names import JobState
 from gradwatch.spec import ScalingSpec
 from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
-from service.launcher import ClusterUnavailable, RayJob, Resources
+from service.scheduler.launcher import ClusterUnavailable, RayJob, Resources
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """schemathesis hooks for tests/service/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
 A spec refused with 422 although it satisfies the published JobSpec schema (checked here with jsonschema)
-must name one of the rules the JobSpec description says in words (service/openapi.py, UNSTATED_RULES);
+must name one of the rules the JobSpec description says in words (service/api/openapi.py, UNSTATED_RULES);
 any other refusal is a rule the document hides, and fails the run. A driver's push refused with 422
 must likewise name a rule its route's description states: the body's job id is the route's, an
 endpoint sits on the job's own nodes with a port in 1024-65535, or a text over a push's bounds.

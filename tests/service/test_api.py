@@ -8,7 +8,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service.api import create_app
+from service.api.routes import create_app
 from service.settings import Settings
 from tests.service.fakes import FakeCluster, spec
 

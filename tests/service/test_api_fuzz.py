@@ -26,7 +26,7 @@ import pytest
 
 from gradwatch.spec import load_spec
 from service.settings import Settings
-from service.store import Store
+from service.store.store import Store
 from tests.promstack import free_port, wait_for
 from tests.service.fakes import spec
 
@@ -92,7 +92,7 @@ def serving(data: Path) -> Iterator[Service]:
     }
     log = open(data / "service.log", "wb")
     process = subprocess.Popen(
-        [str(BIN / "uvicorn"), "service.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "uvicorn"), "service.api.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=log,

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from service.api import create_app
+from service.api.routes import create_app
 from service.auth import consumer_token, split_token
-from service.cli import app as cli
+from service.cli.main import app as cli
 from service.settings import Settings
 from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec

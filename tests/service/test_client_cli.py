@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gradwatch.spec import load_spec
-from service.api import create_app
-from service.cli import app as cli
+from service.api.routes import create_app
+from service.cli.main import app as cli
 from service.client import Client, GradwatchError
 from service.settings import Settings
 from tests.promstack import free_port, wait_for

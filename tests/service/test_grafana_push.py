@@ -21,8 +21,8 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from service import grafana
-from service.grafana import GrafanaError, push_dashboards
+from service.stack import grafana
+from service.stack.grafana import GrafanaError, push_dashboards
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "glsa_test_token"
@@ -350,8 +350,8 @@ def test_cli_push_refuses_a_bad_token_file_naming_it(
 
 
 def test_grafana_module_stays_light() -> None:
-    """The CLI imports service.grafana at start-up: no torch, no ray."""
-    source = (REPO / "service" / "grafana.py").read_text(encoding="utf-8")
+    """The CLI imports service.stack.grafana at start-up: no torch, no ray."""
+    source = (REPO / "service" / "stack" / "grafana.py").read_text(encoding="utf-8")
     top_level_imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     third_party = {line.split()[1].split(".")[0] for line in top_level_imports} - {
         "__future__", "json", "os", "re", "dataclasses", "pathlib", "typing",

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from gradwatch.spec import load_spec
-from service.launcher import ClusterUnavailable, Launcher
+from service.scheduler.launcher import ClusterUnavailable, Launcher
 from service.settings import Settings
-from service.store import Store
+from service.store.store import Store
 from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec
 
@@ -258,7 +258,7 @@ def test_the_scheduler_connects_to_rays_job_api_when_it_starts_not_at_the_first_
     job = submit(store, "first", steps=1)
     launcher.start()
     try:
-        # the store says running before Ray is asked (service/launcher.py): wait for the submit itself
+        # the store says running before Ray is asked (service/scheduler/launcher.py): wait for the submit itself
         wait_for(lambda: cluster.submitted == [job.id], timeout=10, interval=0.05, what="the job submitted to Ray")
         assert state(store, job) == "running"  # a failed connect does not hold the scheduler up
         assert cluster.connected_before == [[]]

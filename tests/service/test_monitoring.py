@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from service.monitoring import Monitoring, MonitoringUnavailable, choose_port, find_binaries, service_url
 from service.settings import Settings
+from service.stack.monitoring import Monitoring, MonitoringUnavailable, choose_port, find_binaries, service_url
 from tests.promstack import ALERTMANAGER, PROMETHEUS, free_port, require, wait_for
 
 
@@ -111,7 +111,7 @@ def test_they_die_with_a_killed_service(tmp_path):
     require(ALERTMANAGER)
     script = (
         "import signal\n"
-        "from service.monitoring import Monitoring\n"
+        "from service.stack.monitoring import Monitoring\n"
         "from service.settings import Settings\n"
         f"m = Monitoring.start(Settings(data_dir={str(tmp_path)!r}, port={free_port()}, token='t'), 0, 0)\n"
         "print(m.prometheus.process.pid, m.alertmanager.process.pid, flush=True)\n"

@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
+from service.api.routes import create_app
 from service.settings import Settings
 from tests.service.fakes import FakeCluster
 
@@ -72,7 +72,7 @@ def test_the_spec_schema_states_the_rules_between_fields(api):
 def test_data_paths_are_stated_as_this_server_reads_them(tmp_path):
     import jsonschema
 
-    from service.openapi import job_spec_schema
+    from service.api.openapi import job_spec_schema
 
     def path_ok(roots: str, path: str) -> bool:
         settings = Settings(data_dir=tmp_path, token="t", data_roots=roots)

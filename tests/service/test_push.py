@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from gradwatch.names import RAY_TRAIN_ENV
 from gradwatch.status import Endpoint, RunResult, RunStatus
-from service.api import create_app
+from service.api.routes import create_app
 from service.settings import Settings
 from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec

@@ -22,9 +22,9 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from service.api import create_app
-from service.cli import app as cli
-from service.report import MAX_POINTS, PHASE_WORDS, anomaly_name, load_run, plotly_js_packed, render_report
+from service.api.routes import create_app
+from service.cli.main import app as cli
+from service.report.report import MAX_POINTS, PHASE_WORDS, anomaly_name, load_run, plotly_js_packed, render_report
 from service.settings import Settings
 from tests.conftest import EXAMPLES
 from tests.promstack import free_port, require

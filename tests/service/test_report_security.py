@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
-from service.report import content_security_policy, load_run, render_report
+from service.api.routes import create_app
+from service.report.report import content_security_policy, load_run, render_report
 from service.settings import Settings
 from tests.conftest import REPO
 from tests.service.fakes import FakeCluster, spec

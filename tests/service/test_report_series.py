@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.report import MAX_POINTS, load_run, lr_story, render_report, scalar_charts
+from service.report.report import MAX_POINTS, load_run, lr_story, render_report, scalar_charts
 
 
 def write_run(run_dir: Path, steps: int, lr, *, scalars_every: int = 0) -> None:

@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from gradwatch.spec import DATA_ROOTS_ENV, MAX_SPEC_NODES
-from service.api import JobReporter, create_app
+from service.api.routes import JobReporter, create_app
 from service.auth import JOB_TOKEN_FILE_ENV, consumer_token, consumer_token_file, split_token
-from service.launcher import Launcher, ray_environment
+from service.scheduler.launcher import Launcher, ray_environment
 from service.settings import Settings
-from service.store import AlertUpdate
+from service.store.store import AlertUpdate
 from tests.service.fakes import FakeCluster, spec
 
 ADMIN = "operator-s3cret"
@@ -229,7 +229,7 @@ def test_a_job_token_is_minted_at_launch_for_that_job_only(http, app, cluster, t
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     launched = cluster.jobs[mine["id"]]
     assert launched.env[JOB_TOKEN_FILE_ENV] == str(token_file)
-    # the path, and the token itself for nodes that cannot read the service's disk (service/push.py)
+    # the path, and the token itself for nodes that cannot read the service's disk (service/scheduler/push.py)
     assert launched.env["GRADWATCH_PUSH_TOKEN"] == token_file.read_text().strip()
     job_token = bearer(token_file.read_text().strip())
 
@@ -268,7 +268,7 @@ def test_uvicorn_factory_launch_refuses_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
     env.update(GRADWATCH_DATA_DIR=str(tmp_path / "data"), RAY_ADDRESS="http://127.0.0.1:9")
     done = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--port", "0"],
+        [sys.executable, "-m", "uvicorn", "service.api.main:create_app", "--factory", "--port", "0"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -466,17 +466,17 @@ def test_a_spec_with_thousands_of_keys_is_refused_quickly(http):
 
 
 def test_spec_parsing_runs_off_the_event_loop(http, monkeypatch):
-    import service.api
+    import service.api.routes
 
     parsing, release = threading.Event(), threading.Event()
-    real = service.api.load_spec
+    real = service.api.routes.load_spec
 
     def slow_parse(*args, **kwargs):
         parsing.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service.api, "load_spec", slow_parse)
+    monkeypatch.setattr(service.api.routes, "load_spec", slow_parse)
     result = {}
     submitter = threading.Thread(
         target=lambda: result.update(r=http.post("/v1/jobs", json=spec("slow"), headers=bearer(ADMIN)))

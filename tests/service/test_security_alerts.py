@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
+from service.api.routes import create_app
 from service.auth import consumer_token
 from service.settings import Settings
 from tests.service.fakes import FakeCluster

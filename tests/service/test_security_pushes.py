@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gradwatch.status import Endpoint, RunResult, RunStatus
-from service.api import create_app
+from service.api.routes import create_app
 from service.auth import consumer_token
-from service.push import MAX_TEXT
+from service.scheduler.push import MAX_TEXT
 from service.settings import Settings
 from tests.service.fakes import FakeCluster, spec
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from gradwatch.spec import load_spec
 from gradwatch.status import RunStatus
-from service.api import create_app
+from service.api.routes import create_app
 from service.auth import consumer_token
 from service.settings import Settings
 from tests.service.fakes import FakeCluster, spec

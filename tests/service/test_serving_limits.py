@@ -14,8 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from service.api import LogFollowers, create_app
-from service.serving import server_config
+from service.api.routes import LogFollowers, create_app
+from service.api.serving import server_config
 from service.settings import Settings
 from tests.promstack import wait_for
 from tests.service.fakes import FakeCluster, spec

@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gradwatch.spec import SpecError, load_spec
-from service.api import create_app
-from service.launcher import Launcher
+from service.api.routes import create_app
+from service.scheduler.launcher import Launcher
 from service.settings import Settings
-from service.store import Store
+from service.store.store import Store
 from tests.service.fakes import FakeCluster, spec
 
 TOKEN = "s3cret"

@@ -9,7 +9,7 @@ import pytest
 
 from gradwatch.spec import SpecError, load_spec
 from gradwatch.status import RunStatus
-from service.store import (
+from service.store.store import (
     AlertUpdate,
     BadCursor,
     Ingested,

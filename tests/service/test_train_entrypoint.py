@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
+from service.api.routes import create_app
 from service.settings import Settings
 from tests.service.fakes import FakeCluster
 

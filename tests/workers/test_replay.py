@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bench.corpus import UNHEALTHY
 from gradwatch.spec import load_spec
-from service.cli import app
+from service.cli.main import app
 from tests.conftest import EXAMPLES
 from workers.loop import Trainer
 from workers.session import LocalSession

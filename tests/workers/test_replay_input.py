@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.corpus import UNHEALTHY
-from service.cli import app
+from service.cli.main import app
 from workers.replay import ReplayError, open_input, replay_file
 
 runner = CliRunner()

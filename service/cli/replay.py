@@ -23,13 +23,13 @@ def _detector_spec(spec_file: Path | None, settings: list[str]):
     """The thresholds to replay with, the schedule's warm-up and the run's planned length: the spec's,
     then each --set."""
     from gradwatch.spec_telemetry import DetectorSpec
-    from service.cli import _load_or_exit
+    from service.cli.specs import load_or_exit
 
     values: dict = {}
     warmup = 0
     planned = None
     if spec_file is not None:
-        spec = _load_or_exit(spec_file, user_code="skip")
+        spec = load_or_exit(spec_file, user_code="skip")
         values = spec.telemetry.detectors.model_dump(exclude_unset=True)
         warmup = spec.schedule.warmup_steps
         planned = spec.max_steps

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from service.auth import GRANTABLE, SCOPES, check_scopes
 from service.settings import Settings
-from service.store import Store, StoreError
+from service.store.store import Store, StoreError
 
 users = typer.Typer(
     name="user",

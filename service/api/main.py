@@ -1,18 +1,18 @@
-"""Run the service: `uvicorn service.main:create_app --factory`, or `gradwatch up`."""
+"""Run the service: `uvicorn service.api.main:create_app --factory`, or `gradwatch up`."""
 
 from __future__ import annotations
 
 import logging
 
-from service.api import create_app
-from service.serving import server_config
+from service.api.routes import create_app
+from service.api.serving import server_config
 from service.settings import Settings, check_bind
 
 
 def serve(settings: Settings) -> None:
     """Serve the API until interrupted; refuses to start without a token, or on a wildcard address
     while only loopback Host names are allowed. Headers must arrive within `header_timeout` and at most
-    `max_connections` connections are served at once (service/serving.py)."""
+    `max_connections` connections are served at once (service/api/serving.py)."""
     import uvicorn
 
     check_bind(settings)

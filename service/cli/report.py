@@ -1,4 +1,4 @@
-"""`gradwatch report`: a run's dynamics as one self-contained HTML page (service/report.py draws it)."""
+"""`gradwatch report`: a run's dynamics as one self-contained HTML page (service/report/report.py draws it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from service.cli_jobs import TokenOpt, UrlOpt, _client
+from service.cli.jobs import TokenOpt, UrlOpt, _client
 from service.client import GradwatchError
 
 errors = Console(stderr=True, highlight=False)
@@ -42,7 +42,7 @@ def report(
     """Write a run's report: loss with phases and anomalies, learning rate, norms, per-layer gradients and
     update ratios, gradient noise scale, step time per rank, custom scalars, system metrics per rank, and a
     diagnosis in words. One HTML file that opens with no network, under a strict Content-Security-Policy."""
-    from service.report import ReportError, build_report
+    from service.report.report import ReportError, build_report
 
     candidates = [Path(target), storage_path / target]
     run_dir = next((p for p in candidates if p.is_dir()), None)

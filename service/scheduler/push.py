@@ -25,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from gradwatch.status import Endpoint, RunResult, RunStatus
-from service.launcher import Cluster, ClusterUnavailable
-from service.store import Job, JobNotFound, Store, TransitionRefused
+from service.scheduler.launcher import Cluster, ClusterUnavailable
+from service.store.store import Job, JobNotFound, Store, TransitionRefused
 
 KEEP_EVENTS = 200  # the newest events a job's status keeps
 MAX_EVENTS = 1000  # events in one push (a driver pushes about every second)

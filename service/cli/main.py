@@ -15,8 +15,9 @@ from rich.live import Live
 from rich.table import Table
 
 from gradwatch.ids import new_job_id
-from gradwatch.spec import SpecError, json_schema, load_spec
+from gradwatch.spec import json_schema
 from gradwatch.status import RunResult, RunStatus, event_line
+from service.cli.specs import load_or_exit
 
 app = typer.Typer(
     name="gradwatch",
@@ -28,21 +29,10 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-def _load_or_exit(spec_file: Path, user_code: str = "import"):
-    if user_code == "import" and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # user code imports from here, as on the local Ray's workers
-    try:
-        return load_spec(spec_file, user_code=user_code)
-    except SpecError as exc:
-        for line in exc.errors:
-            typer.echo(f"{spec_file}: {line}" if line.startswith("<spec>") else line, err=True)
-        raise typer.Exit(2) from None
-
-
 @app.command()
 def validate(spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON.")) -> None:
     """Check a job spec: prints OK, or every error as `field.path: reason (got VALUE)` and exits 2."""
-    spec = _load_or_exit(spec_file)
+    spec = load_or_exit(spec_file)
     typer.echo(f"OK {spec.summary()}")
 
 
@@ -73,7 +63,7 @@ def run(
     Exits 0 when the job succeeds, 1 when it fails or reaches its end with a warning (a non-finite
     loss, divergence still held; the cause is printed), 2 on a bad spec.
     """
-    spec = _load_or_exit(spec_file)
+    spec = load_or_exit(spec_file)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         _quiet_ray()
@@ -206,13 +196,14 @@ def _print_summary(result: RunResult) -> None:
 
 
 def _register_extensions() -> None:
-    from service import cli_jobs, cli_replay, cli_report, cli_users, grafana
+    from service.cli import jobs, replay, report, users
+    from service.stack import grafana
 
-    cli_jobs.register(app)
-    cli_replay.register(app)
+    jobs.register(app)
+    replay.register(app)
     grafana.register(app)
-    cli_report.register(app)
-    cli_users.register(app)
+    report.register(app)
+    users.register(app)
 
 
 _register_extensions()

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from gradwatch.spec import DEFAULT_WORKER_MEMORY_BYTES, JobSpec
-from service.models import AlertmanagerWebhook, ErrorOut, SpecErrorsOut
+from service.api.models import AlertmanagerWebhook, ErrorOut, SpecErrorsOut
 from service.settings import Settings
 
 # Any text a spec holds: no C0 control but tab and newline, no DEL, no C1 (gradwatch/spec.py refuses them),

@@ -92,8 +92,8 @@ def up(
     """Start the service, a local Ray head unless RAY_ADDRESS names a cluster, and Prometheus and
     Alertmanager (from PATH) with gradwatch's rules. Ray stays up after the service stops; Prometheus
     and Alertmanager stop with it."""
+    from service.api.main import serve
     from service.auth import consumer_token
-    from service.main import serve
     from service.settings import Settings, check_bind
 
     overrides: dict[str, Any] = {
@@ -133,7 +133,13 @@ def up(
 def _ray_cluster(settings: Any, dashboard_port: int, num_cpus: int | None) -> str:
     """The Ray cluster's dashboard address: RAY_ADDRESS's, else a local head's (the one running on
     `dashboard_port` when it takes our token, or a new one)."""
-    from service.launcher import foreign_ray_error, local_ray_address, probe_dashboard, ray_token, start_local_ray
+    from service.scheduler.launcher import (
+        foreign_ray_error,
+        local_ray_address,
+        probe_dashboard,
+        ray_token,
+        start_local_ray,
+    )
 
     if settings.ray_address:
         found, answer = probe_dashboard(settings.ray_address, ray_token(settings))
@@ -163,7 +169,7 @@ def _exit_quietly(signum: int, frame: Any) -> None:
 
 def _start_monitoring(settings: Any, prometheus_port: int | None, alertmanager_port: int | None) -> Any:
     """Prometheus and Alertmanager for this service, or None (with a warning) when they are not installed."""
-    from service.monitoring import Monitoring, MonitoringUnavailable, find_binaries
+    from service.stack.monitoring import Monitoring, MonitoringUnavailable, find_binaries
 
     try:
         find_binaries()

@@ -30,10 +30,7 @@ from pydantic import ValidationError, WithJsonSchema
 from gradwatch.names import DEFAULT_RAY_DASHBOARD, JOB_STATES
 from gradwatch.spec import SpecError, load_spec
 from gradwatch.status import target_groups
-from service import push
-from service.auth import Authenticator, Principal
-from service.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster, ray_token
-from service.models import (
+from service.api.models import (
     AlertmanagerWebhook,
     AlertOut,
     AlertsPage,
@@ -47,10 +44,13 @@ from service.models import (
     TargetGroup,
     parse_time,
 )
-from service.openapi import allowed_methods
-from service.openapi import document as openapi_document
+from service.api.openapi import allowed_methods
+from service.api.openapi import document as openapi_document
+from service.auth import Authenticator, Principal
+from service.scheduler import push
+from service.scheduler.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster, ray_token
 from service.settings import Settings, check_bind
-from service.store import (
+from service.store.store import (
     CURSOR,
     AlertUpdate,
     BadCursor,
@@ -375,7 +375,7 @@ async def _follow_logs(
 )
 async def job_report(job_id: str, request: Request, store: StoreDep, reader: Reader) -> Response:
     """The run's report: one self-contained HTML page of its dynamics, built now (live while the job runs)."""
-    from service.report import ReportError, report_for_job, response_headers  # numpy and plotly only when asked
+    from service.report.report import ReportError, report_for_job, response_headers  # numpy and plotly only when asked
 
     job = await run_in_threadpool(visible_job, store, job_id, reader)
     try:
@@ -777,7 +777,7 @@ def _meta_routes(app: FastAPI, launcher: Launcher, settings: Settings, registry:
 
 
 class _App(FastAPI):
-    """The service's app: its OpenAPI document is service/openapi.py's, for the settings it runs with."""
+    """The service's app: its OpenAPI document is service/api/openapi.py's, for the settings it runs with."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:

@@ -2,7 +2,7 @@
 
 One Ray job per gradwatch job: its entrypoint is `python -m workers.driver`,
 which runs Ray Train on the cluster, pushes its status to the API about every
-second (service/push.py) and rewrites `<storage>/<job id>/status.json` as a
+second (service/scheduler/push.py) and rewrites `<storage>/<job id>/status.json` as a
 local artifact. A scheduler thread starts queued jobs when the cluster has
 room (priority, then first come), follows running ones through Ray's job status
 and the pushed status (status.json where the run folder is shared), enforces
@@ -32,7 +32,7 @@ from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, SpecError, format_duration, 
 from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
-from service.store import Job, JobNotFound, Store, TransitionRefused, demand_of
+from service.store.store import Job, JobNotFound, Store, TransitionRefused, demand_of
 
 log = logging.getLogger("gradwatch.launcher")
 
@@ -127,7 +127,7 @@ class Cluster(Protocol):
 
     def worker_hosts(self, submission_id: str) -> frozenset[str]:
         """The addresses of the Ray nodes this job's live Ray Train workers run on: the only hosts its
-        pushed /metrics endpoints may name (service/push.py)."""
+        pushed /metrics endpoints may name (service/scheduler/push.py)."""
 
 
 def ray_token(settings: Settings | None = None) -> str | None:
@@ -665,7 +665,7 @@ class Launcher:
         write_atomic(token_file, token + "\n", mode=0o600)
         env = {JOB_TOKEN_FILE_ENV: str(token_file), **RAY_TRAIN_ENV}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
-        # its progress to the API (service/push.py) with the token, sent along for nodes without the file.
+        # its progress to the API (service/scheduler/push.py) with the token, sent along for nodes without the file.
         env.update(
             {
                 "GRADWATCH_SPEC_JSON": json.dumps(job.spec),
