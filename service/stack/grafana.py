@@ -26,7 +26,7 @@ import typer
 
 from gradwatch.names import DATASOURCE_UID
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, or the site-packages the wheel is in
 DATASOURCE_NAME = "gradwatch-prometheus"  # its name, as deploy/grafana/provisioning/datasources names it
 ALERTING_FILE = Path("deploy/grafana/provisioning/alerting/gradwatch.yaml")
 
