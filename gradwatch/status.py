@@ -1,8 +1,11 @@
 """What a job's driver tells the service: its live status and its final result.
 
-The driver writes `<storage>/<job id>/status.json` (a `RunStatus`, about every second) and, at
-the end, `result.json` (a `RunResult`); the service, the CLI and the test fakes read and write
-them through these models alone. Non-finite numbers (a NaN loss) travel as null: JSON has no NaN.
+The driver pushes a `RunStatus` to the service about every second and a `RunResult` at the end
+(workers/push.py): that push is the one way the service learns a running job's status. It also
+writes both to the run folder, `<storage>/<job id>/status.json` and `result.json`, the run's local
+artifacts (report, replay, `gradwatch run --json`); the service reads result.json only when the
+result's push could not be delivered. The service, the CLI and the test fakes read and write them
+through these models alone. Non-finite numbers (a NaN loss) travel as null: JSON has no NaN.
 """
 
 from __future__ import annotations

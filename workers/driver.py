@@ -3,8 +3,9 @@
 Used by `gradwatch run` (foreground, live display) and by the service, which
 submits `python -m workers.driver --spec-file F --job-id ID --storage-path DIR`
 as a Ray job. While the job runs the driver rewrites `DIR/ID/status.json`
-about every second; at the end it writes `DIR/ID/result.json`. Under the
-service it also pushes both over HTTP (workers/push.py).
+about every second; at the end it writes `DIR/ID/result.json`: the run's
+artifacts. Under the service it pushes both over HTTP (workers/push.py), the
+one way the service learns a running job's status.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""The driver's reports to the service over HTTP, for clusters without a disk shared with it.
+"""The driver's reports to the service over HTTP: the one way the service learns a job's status.
 
 The service gives each driver its job's URL and a token good for that job only
 (GRADWATCH_PUSH_URL, GRADWATCH_PUSH_TOKEN). A background thread sends the newest status with the
-events not yet delivered, so a slow or restarting service never holds up training and loses no
-event; `finish` delivers the last status and the result before the driver exits. The run folder's
-status.json and result.json are still written: they stay the run's local artifacts.
+events not yet delivered, retrying every RETRY_SECONDS for as long as the job runs, so a slow or
+restarting service never holds up training and loses no event (past MAX_PENDING_EVENTS undelivered
+the oldest are dropped and counted); `finish` delivers the last status and the result before the
+driver exits, retrying for its `timeout`. A result it could not deliver is still in the run folder's
+result.json, which the service reads where it sees that folder; status.json and result.json stay
+the run's local artifacts either way.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ which runs Ray Train on the cluster, pushes its status to the API about every
 second (service/scheduler/push.py) and rewrites `<storage>/<job id>/status.json` as a
 local artifact. A scheduler thread starts queued jobs when the cluster has
 room (priority, then first come), follows running ones through Ray's job status
-and the pushed status (status.json where the run folder is shared), enforces
+and the pushed status (the one status path: status.json is never read here), enforces
 timeouts, carries out cancels, and on service start picks up the jobs the store
-says are running.
+says are running. The result comes by push too; result.json is read only where the
+push could not be delivered (the service unreachable for the driver's whole retry
+window at the end, workers/push.py) and the run folder is shared.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import httpx
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, RAY_TRAIN_ENV
 from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, SpecError, format_duration, load_spec, overran
-from gradwatch.status import RunResult, RunStatus, read_result, read_status, write_atomic
+from gradwatch.status import RunResult, RunStatus, read_result, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
 from service.store.store import Job, JobNotFound, Store, TransitionRefused, demand_of
@@ -423,22 +425,17 @@ class Launcher:
 
     # ------------------------------------------------------------ following
     def _status(self, job: Job) -> RunStatus | None:
-        """The driver's latest status: pushed over HTTP, or status.json where the run folder is
-        shared, whichever is newer."""
-        found = [s for s in (job.last_status(), read_status(self.settings.runs_dir / job.id)) if s is not None]
-        return max(found, key=lambda s: s.updated_at, default=None)
+        """The driver's latest status, as it pushed it (the store keeps the last push)."""
+        return job.last_status()
 
     def _result(self, job: Job) -> RunResult | None:
-        """The driver's result: pushed over HTTP, else result.json where the run folder is shared."""
+        """The driver's result as it pushed it; else, where the run folder is shared, the result.json it
+        wrote when the push could not be delivered (the driver logs that it could not)."""
         return job.final_result() or read_result(self.settings.runs_dir / job.id)
 
     def _follow(self, job: Job) -> None:
         now = time.time()
-        status = self._status(job)
-        if status is not None and status.model_dump(mode="json") != job.run_status:
-            job = self.store.update_job(
-                job.id, run_status=status.model_dump(mode="json"), world_size=status.world_size or job.world_size
-            )
+        status = self._status(job)  # the store already holds it, with its world size: nothing to copy
         if status is not None and (status.endpoints or (status.step or 0) > 0):
             self._placed_at.setdefault(job.id, now)
         sid = job.ray_submission_id or job.id

@@ -2,9 +2,13 @@
 
 It honours the driver contract the way `workers.driver` does, through the same
 models (gradwatch.status): a submitted job waits until its workers fit, then each
-`advance()` is one training step that rewrites `<storage>/<job id>/status.json`;
-at max_steps it writes result.json and succeeds. A spec label `fake: fail` makes it fail at step 2 (with result.json),
-`fake: crash` kills the driver at step 2 (no result.json), `fake: nonfinite` succeeds on an inf loss.
+`advance()` is one training step whose status the driver pushes to the service (into the store of the
+data directory its spec file is in, what the push routes do with a driver's report) and writes to
+`<storage>/<job id>/status.json`, its local artifact; at max_steps it pushes its result, writes
+result.json and succeeds. A spec label `fake: fail` makes it fail at step 2 (with a result),
+`fake: crash` kills the driver at step 2 (no result), `fake: nonfinite` succeeds on an inf loss, and
+`fake: unreachable` runs a driver that cannot reach the service: nothing pushed, only the run folder's
+files written.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from gradwatch.names import JobState
 from gradwatch.spec import ScalingSpec
 from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
 from service.scheduler.launcher import ClusterUnavailable, RayJob, Resources
+from service.settings import Settings
+from service.store.store import Store, TransitionRefused
 
 
 @dataclass
@@ -37,6 +43,7 @@ class FakeJob:
     log: list[str] = field(default_factory=list)
     message: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # the runtime_env variables it was given
+    data_dir: Path | None = None  # the service's data directory (its spec file is in <data_dir>/jobs/<id>/)
 
 
 class FakeCluster:
@@ -50,6 +57,9 @@ class FakeCluster:
         self.refuse_submits = False
         self.hosts = frozenset({"10.0.0.7"})  # the node address every fake worker runs on
         self._lock = threading.RLock()
+        self._stores: dict[str, Store] = {}  # where the drivers' pushes land, per service data directory
+        self.pushes: list[tuple[str, str]] = []  # (job id, "status" or "result") of each delivered push
+        self.pushing = True  # False: the drivers push nothing (a test pushes for them, over HTTP)
 
     # ------------------------------------------------------------ Cluster API
     def _check(self) -> None:
@@ -76,7 +86,8 @@ class FakeCluster:
             if self.refuse_submits:
                 raise ClusterUnavailable("Ray submit_job failed: ReadTimeout")
             args = shlex.split(entrypoint)
-            spec = json.loads(Path(args[args.index("--spec-file") + 1]).read_text())
+            spec_file = Path(args[args.index("--spec-file") + 1])
+            spec = json.loads(spec_file.read_text())
             demand = ScalingSpec.model_validate(spec["scaling"]).demand()  # what the driver asks Ray for
             self.jobs[submission_id] = FakeJob(
                 sid=submission_id,
@@ -87,6 +98,7 @@ class FakeCluster:
                 gpus=demand.get("GPU", 0.0),
                 log=[f"Running entrypoint for job {submission_id}: {entrypoint}"],
                 env=dict(env),
+                data_dir=spec_file.parents[2],
             )
             self.submitted.append(submission_id)
             self.envs[submission_id] = dict(env)
@@ -178,6 +190,7 @@ class FakeCluster:
             updated_at=time.time(),
         )
         write_record(job.storage / job.job_id / STATUS_FILE, status)
+        self._push(job, status=status)
 
     def _write_result(self, job: FakeJob, state: JobState, error: str | None, warning: str | None = None) -> None:
         result = RunResult(
@@ -192,6 +205,28 @@ class FakeCluster:
             warning=warning,
         )
         write_record(job.storage / job.job_id / RESULT_FILE, result)
+        self._push(job, result=result)
+
+    def _push(self, job: FakeJob, status: RunStatus | None = None, result: RunResult | None = None) -> None:
+        """What workers/push.py delivers: the status, or the result, into the service's store; a job
+        that ended meanwhile refuses it (409 to a real driver), and an unreachable driver delivers nothing."""
+        if not self.pushing or job.spec.get("labels", {}).get("fake") == "unreachable" or job.data_dir is None:
+            return
+        url = Settings(data_dir=job.data_dir).database_url
+        assert url is not None
+        store = self._stores.get(url)
+        if store is None:
+            store = self._stores[url] = Store(url)
+        try:
+            store.push_progress(job.job_id, status, [], result)
+        except TransitionRefused:
+            return
+        self.pushes.append((job.job_id, "status" if status is not None else "result"))
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
 
 
 def spec(name: str = "job", *, workers: int = 1, steps: int = 3, priority: int = 0, **extra: Any) -> dict[str, Any]:

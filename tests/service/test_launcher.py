@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gradwatch.spec import load_spec
+from gradwatch.status import STATUS_FILE, write_record
 from service.scheduler.launcher import ClusterUnavailable, Launcher
 from service.settings import Settings
 from service.store.store import Store
@@ -264,3 +265,42 @@ def test_the_scheduler_connects_to_rays_job_api_when_it_starts_not_at_the_first_
         assert cluster.connected_before == [[]]
     finally:
         launcher.shutdown()
+
+
+def test_the_pushed_status_is_the_one_the_launcher_reads_never_status_json(settings, store):
+    cluster = FakeCluster(cpus=4)
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "pushed", workers=1, steps=5)
+    launcher.tick()
+    cluster.advance(3)  # placed, steps 1 and 2, each pushed
+    assert cluster.pushes == [(job.id, "status"), (job.id, "status")]
+    assert "--prometheus-sd-file" not in cluster.jobs[job.id].log[0]  # discovery: /v1/targets alone
+    # a status.json newer than the push, in the shared run folder, says something else: not read
+    newer = store.get_job(job.id).last_status().model_copy(update={"step": 4, "updated_at": 4e9})
+    write_record(settings.runs_dir / job.id / STATUS_FILE, newer)
+    launcher.tick()
+    assert store.get_job(job.id).last_status().step == 2
+    cluster.advance(3)
+    launcher.tick()
+    done = store.get_job(job.id)
+    assert done.state == "succeeded" and done.last_status().step == 5
+    assert done.final_result() is not None and done.final_result().steps == 5
+
+
+def test_a_driver_that_could_not_push_ends_by_its_result_json_and_shows_no_status(settings, store):
+    """The result.json fallback: the service was out of the driver's reach (workers/push.py gave up on
+    the result); where the run folder is shared its result.json still ends the job as it ended."""
+    cluster = FakeCluster(cpus=4)
+    launcher = Launcher(store, settings, cluster)
+    job = submit(store, "unreachable", workers=1, steps=3, labels={"fake": "unreachable"})
+    launcher.tick()
+    cluster.advance(3)
+    launcher.tick()
+    running = store.get_job(job.id)
+    assert running.state == "running" and (settings.runs_dir / job.id / STATUS_FILE).exists()
+    assert running.last_status() is None and cluster.pushes == []  # status.json is the run's artifact only
+    cluster.advance(2)
+    launcher.tick()
+    done = store.get_job(job.id)
+    assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
+    assert done.world_size == 1 and done.last_status() is None

@@ -33,6 +33,7 @@ def testserver_is_an_allowed_host(monkeypatch):
 def cluster():
     cluster = FakeCluster(cpus=4)
     cluster.hosts = frozenset({"10.1.0.1", "10.1.0.2"})  # the Ray nodes the jobs' workers run on
+    cluster.pushing = False  # these tests push for the drivers, over HTTP
     return cluster
 
 
