@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,12 @@ import pytest
 from gradwatch.status import read_result, read_status
 from tests.conftest import EXAMPLES, REPO
 from tests.promstack import free_port, query, start_prometheus, wait_for
+from tests.service.test_report import assert_every_chart_drew, browser, open_report
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
+
+__all__ = ["browser"]  # the Chromium fixture, shared with tests/service/test_report.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,43 +45,95 @@ def _value(url: str, promql: str) -> float | None:
     return float(found[0]["value"][1]) if found else None
 
 
-@pytest.mark.prometheus
-@pytest.mark.parametrize(("example", "steps"), [("hf_trainer.py", 400), ("lightning_fit.py", 400)])
-def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(
-    tmp_path: Path, example: str, steps: int
-) -> None:
-    from service.report.report import load_run, render_report
-    from workers.replay import replay_file
+STEPS = 400
 
+
+@dataclass
+class ExampleRun:
+    """One example's process as a user runs it, what Prometheus scraped from it, and its run directory."""
+
+    job_id: str
+    run_dir: Path
+    sd_dir: Path
+    stderr: str
+    last_step: float | None
+    layers: list[dict]
+    epoch: float | None
+
+
+@pytest.fixture(scope="module", params=["hf_trainer.py", "lightning_fit.py"])
+def example_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
+    """Each example run once for the module: the scrape test and the Chromium test share its run directory."""
+    example = request.param
+    tmp_path = tmp_path_factory.mktemp(Path(example).stem)
     job_id = f"example-{Path(example).stem.replace('_', '-')}"
     sd_dir, storage = tmp_path / "sd", tmp_path / "runs"
     sd_dir.mkdir()
     with start_prometheus(_prometheus_config(sd_dir), tmp_path) as prom:
-        command = [sys.executable, str(EXAMPLES / example), "--steps", str(steps), "--job-id", job_id]
+        command = [sys.executable, str(EXAMPLES / example), "--steps", str(STEPS), "--job-id", job_id]
         command += ["--prometheus-sd-dir", str(sd_dir), "--grace-seconds", "30"]
         env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(storage), "PYTHONPATH": str(REPO)}
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
         assert done.returncode == 0, done.stderr[-4000:]
-        run_dir = storage / job_id
-        lines = [line for line in done.stderr.splitlines() if line.startswith(f"gradwatch: job {job_id} ")]
-        assert len(lines) == 1 and "metrics http://127.0.0.1:" in lines[0] and str(run_dir) in lines[0], lines
         # The grace period after the last step let Prometheus scrape the final values.
         last = f'max_over_time(gradwatch_step{{job_id="{job_id}",rank="0"}}[10m])'
-        assert wait_for(lambda: _value(prom.url, last) == steps, timeout=15, what=f"{last} == {steps}")
-        layers = query(prom.url, f'last_over_time(gradwatch_layer_grad_norm{{job_id="{job_id}"}}[10m])')
-        assert len(layers) >= 2 and all(float(s["value"][1]) > 0 for s in layers), layers
-        epoch = _value(prom.url, f'max_over_time(gradwatch_epoch{{job_id="{job_id}"}}[10m])')
-        assert epoch is not None and epoch >= 1  # the framework's epoch: both examples run past their first
+        wait_for(lambda: _value(prom.url, last) == STEPS, timeout=15, what=f"{last} == {STEPS}")
+        return ExampleRun(
+            job_id=job_id,
+            run_dir=storage / job_id,
+            sd_dir=sd_dir,
+            stderr=done.stderr,
+            last_step=_value(prom.url, last),
+            layers=query(prom.url, f'last_over_time(gradwatch_layer_grad_norm{{job_id="{job_id}"}}[10m])'),
+            epoch=_value(prom.url, f'max_over_time(gradwatch_epoch{{job_id="{job_id}"}}[10m])'),
+        )
+
+
+@pytest.mark.prometheus
+def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(example_run: ExampleRun) -> None:
+    from service.report.report import load_run, render_report
+    from workers.replay import replay_file
+
+    job_id, run_dir, steps = example_run.job_id, example_run.run_dir, STEPS
+    lines = [line for line in example_run.stderr.splitlines() if line.startswith(f"gradwatch: job {job_id} ")]
+    assert len(lines) == 1 and "metrics http://127.0.0.1:" in lines[0] and str(run_dir) in lines[0], lines
+    assert example_run.last_step == steps
+    layers = example_run.layers
+    assert len(layers) >= 2 and all(float(s["value"][1]) > 0 for s in layers), layers
+    # the framework's epoch: both examples run past their first
+    assert example_run.epoch is not None and example_run.epoch >= 1
 
     result, status = read_result(run_dir), read_status(run_dir)
     assert result is not None and result.state == "succeeded" and result.steps == steps, result
     assert status is not None and status.state == "succeeded" and status.step == steps
     assert result.val_loss is not None and result.first_val_loss is not None and result.val_loss < result.first_val_loss
-    assert not list(sd_dir.glob("*.json"))  # the endpoint's file_sd entry went with the endpoint
+    assert not list(example_run.sd_dir.glob("*.json"))  # the endpoint's file_sd entry went with the endpoint
     assert (run_dir / "steps-rank0.jsonl").stat().st_size > 0
     assert replay_file(run_dir / "history.jsonl").steps == steps
     page = render_report(load_run(run_dir))
     assert job_id in page and "<html" in page.lower()
+
+
+# What a one-process callback run draws: no noise scale (one rank has no second gradient to compare).
+CALLBACK_CHARTS = {"loss", "lr", "norms", "layer-grad", "update-ratio", "step-time"}
+
+
+@pytest.mark.prometheus
+def test_an_example_report_draws_every_chart_in_chromium(example_run: ExampleRun, browser, tmp_path: Path) -> None:
+    """The example's run directory rendered and opened in headless Chromium: every chart has drawn data
+    (a line, points or the heatmap's image), offline, with no error in the page."""
+    from service.report.report import load_run, render_report
+
+    path = tmp_path / "report.html"
+    path.write_text(render_report(load_run(example_run.run_dir)))
+    page, problems, requests = open_report(browser, path)
+    assert problems == []
+    assert requests == [path.resolve().as_uri()], "the page must not fetch anything"
+    charts = assert_every_chart_drew(page, CALLBACK_CHARTS)
+    assert any(c["id"].startswith("val-") or c["id"] == "loss" for c in charts)
+    header = page.inner_text("header")
+    assert example_run.job_id in header and "succeeded" in header
+    page.close()
 
 
 def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
