@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ def sequences(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": t, "labels": t} for t in tokens]
 
 
-def main(argv: list[str] | None = None) -> transformers.Trainer:
+def main(argv: list[str] | None = None, callbacks: Sequence[transformers.TrainerCallback] = ()) -> transformers.Trainer:
+    """Train and return the Trainer; `callbacks` run before gradwatch's at each event."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     parser.add_argument("--job-id", help="the run's id (default: a new gw- id; under DDP give every rank the same)")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         args=training_args,
         train_dataset=sequences(1024, seed=1),
         eval_dataset=sequences(64, seed=2),
-        callbacks=[gradwatch],
+        callbacks=[*callbacks, gradwatch],
     )
     trainer.train()
     return trainer

@@ -1,6 +1,6 @@
 """The framework examples as a user runs them: `python examples/...py` in a process of its own, scraped by a
 real Prometheus (file_sd, as `gradwatch up` finds endpoints), its run directory read by the report and
-the replay; and a 2-rank Lightning DDP run under torchrun with a NaN on one rank."""
+the replay, each report drawn in Chromium; 2-rank DDP runs of both frameworks under torchrun with a NaN on one rank."""
 
 from __future__ import annotations
 
@@ -165,6 +165,32 @@ def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: 
     assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
     assert result.ranks[0].param_hash is not None and result.ranks[0].param_hash == result.ranks[1].param_hash
     assert (tmp_path / "runs" / job_id / "steps-rank1.jsonl").exists()
+
+
+def test_the_hf_trainer_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
+    """examples/hf_trainer.py's Trainer on 2 CPU ranks under torchrun (gloo), no Ray: rank 1 alone gets a NaN
+    gradient at step 5; the guard's decision (all-reduced) drops that update's gradients on both ranks, as
+    docs/training-api.md says of the transformers callback; both ranks' metrics land in one run directory."""
+    steps, job_id = 20, "hf-ddp-nan"
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), str(HERE / "hf_ddp_nan.py"), str(out), job_id, str(steps)]
+    env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(runs), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["step"] == steps and rank["finite"], ranks
+        assert rank["unchanged"] and rank["skipped"] == 1, ranks  # the NaN step was skipped on both ranks
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # the replicas are equal afterwards
+    assert [p.name for p in runs.iterdir()] == [job_id]  # one run directory for both ranks
+    result = read_result(runs / job_id)
+    assert result is not None and result.state == "succeeded" and result.world_size == 2
+    assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
+    for r in range(2):
+        records = [json.loads(line) for line in (runs / job_id / f"steps-rank{r}.jsonl").open()]
+        assert records and max(rec["step"] for rec in records) == steps, records[-3:]
 
 
 @pytest.mark.ray
