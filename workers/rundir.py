@@ -12,6 +12,7 @@ place `gradwatch run` writes its jobs to), or the `run_dir` given to `gradwatch.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -26,6 +27,20 @@ from workers.board import BoardClient, JobBoard
 STORAGE_ENV = "GRADWATCH_STORAGE_PATH"
 DEFAULT_STORAGE = "runs"
 STATUS_SECONDS = 1.0  # status.json is rewritten at most this often while the run goes on
+OPTIMIZER_FILE = "optimizer.json"  # beside spec.json: what the training code gave run.watch()
+
+
+def write_optimizer(run_dir: Path, optimizer: Any, scheduler: Any = None) -> None:
+    """`optimizer.json` in the run directory: the optimizer's class and peak learning rate, and the
+    learning-rate scheduler's class if there is one. A training function's spec does not say what it made;
+    the report's header reads this file instead."""
+    lrs = [g.get("initial_lr", g.get("lr")) for g in getattr(optimizer, "param_groups", [])]
+    record = {
+        "name": type(optimizer).__name__,
+        "lr": max((float(lr) for lr in lrs if isinstance(lr, int | float)), default=None),
+        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+    }
+    write_atomic(run_dir / OPTIMIZER_FILE, json.dumps(record))
 
 
 def default_run_dir(job_id: str) -> Path:

@@ -47,7 +47,7 @@ from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
 from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.rewind import BatchLog, replay_batches, replayable
-from workers.rundir import LocalRunDir, default_run_dir
+from workers.rundir import LocalRunDir, default_run_dir, write_optimizer
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.system import SystemSampler
 from workers.telemetry import Telemetry
@@ -370,6 +370,8 @@ class Run:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._float_grads = all(p.dtype == torch.float32 for p in self._params)
         self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        if self.rank == 0 and self.run_dir is not None:  # the report names what the training code made
+            write_optimizer(self.run_dir, optimizer, scheduler)
         optimizer.register_step_post_hook(lambda *_: self._updated())
         self._good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
         self.telemetry.metrics.registry.register(HeartbeatCollector(self.heartbeat))
