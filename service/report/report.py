@@ -1134,15 +1134,23 @@ def _labels(spec: dict[str, Any]) -> list[tuple[str, str]]:
     return [("labels", ", ".join(f"{k}={v}" for k, v in labels.items()))] if isinstance(labels, dict) and labels else []
 
 
+def _optimizer_file(run: Run) -> dict[str, Any] | None:
+    """What the training code gave run.watch(): optimizer.json beside spec.json (workers/rundir.py)."""
+    return _read_json(run.run_dir / "optimizer.json")
+
+
 def _entrypoint_summary(
     spec: dict[str, Any], train: dict[str, Any], run: Run | None, story: str | None
 ) -> list[tuple[str, str]]:
     """A training function's run: its spec's model, data, optimizer and schedule are unused (the function
     makes its own), so the header says what the run itself reported."""
     result, status = (run.result or {}) if run else {}, run.status if run else {}
-    reported = result.get("optimizer") or status.get("optimizer")
+    reported = result.get("optimizer") or status.get("optimizer") or (_optimizer_file(run) if run else None)
     if isinstance(reported, dict):
-        reported = " ".join(str(v) for v in (reported.get("name"), reported.get("lr")) if v is not None)
+        name, lr, scheduler = reported.get("name"), reported.get("lr"), reported.get("scheduler")
+        reported = (
+            f"{name}" + (f" lr {_fmt(lr)}" if lr is not None else "") + (f", {scheduler} schedule" if scheduler else "")
+        )
     optimizer = str(reported) if reported else "made by the training function (its class is not reported)"
     world = result.get("world_size") or status.get("world_size") or (spec.get("scaling") or {}).get("num_workers")
     done = result.get("steps") or status.get("step")

@@ -114,6 +114,9 @@ def test_an_example_is_scraped_and_leaves_a_run_directory_for_report_and_replay(
     assert job_id in page and "<html" in page.lower()
 
 
+# What each example's header names: the Trainer's AdamW with its linear warm-up (a LambdaLR), the module's Adam.
+OPTIMIZERS = {"example-hf-trainer": "AdamW lr 0.003, LambdaLR schedule", "example-lightning-fit": "Adam lr 0.01"}
+
 # What a one-process callback run draws: no noise scale (one rank has no second gradient to compare).
 CALLBACK_CHARTS = {"loss", "lr", "norms", "layer-grad", "update-ratio", "step-time"}
 
@@ -133,6 +136,8 @@ def test_an_example_report_draws_every_chart_in_chromium(example_run: ExampleRun
     assert any(c["id"].startswith("val-") or c["id"] == "loss" for c in charts)
     header = page.inner_text("header")
     assert example_run.job_id in header and "succeeded" in header
+    # the optimizer (and schedule) the training code made, recorded by run.watch() in optimizer.json
+    assert OPTIMIZERS[example_run.job_id] in header, header
     page.close()
 
 

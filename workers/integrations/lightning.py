@@ -68,7 +68,8 @@ class GradwatchCallback(pl.Callback):
         if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
             max_steps = int(trainer.estimated_stepping_batches)
         self.run, self._owned = begin(self.job_id, {"max_steps": max_steps, **self.start_kwargs})
-        self.run.watch(pl_module, inner_optimizer(trainer.optimizers[0]))
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self.run.watch(pl_module, inner_optimizer(trainer.optimizers[0]), schedulers[0] if schedulers else None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is not None:

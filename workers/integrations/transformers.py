@@ -43,7 +43,8 @@ class GradwatchCallback(TrainerCallback):
             raise RuntimeError("GradwatchCallback: the Trainer gave no model or optimizer at on_train_begin")
         kwargs = {"max_steps": state.max_steps, **self.start_kwargs}
         self.run, self._owned = begin(self.job_id, kwargs)
-        self.run.watch(model, inner_optimizer(optimizer), batch_size=args.per_device_train_batch_size)
+        scheduler = kw.get("lr_scheduler")
+        self.run.watch(model, inner_optimizer(optimizer), scheduler, batch_size=args.per_device_train_batch_size)
         self.run.epoch = int(state.epoch or 0)
 
         def keep_loss(_module: Any, _inputs: Any, outputs: Any) -> None:
