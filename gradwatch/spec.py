@@ -699,7 +699,16 @@ def check_import_path(value: str, info: ValidationInfo) -> str:
     module_name, attr = value.split(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's to fix
+    except ModuleNotFoundError as exc:
+        if exc.name and not (module_name == exc.name or module_name.startswith(f"{exc.name}.")):
+            raise ValueError(
+                f"cannot import module {module_name!r}: it imports {exc.name!r}, which is not installed: install it"
+            ) from None
+        raise ValueError(
+            f"cannot import module {module_name!r}: {exc}: run from the folder that holds "
+            f"{module_name.split('.')[0]!r}, add that folder to PYTHONPATH, or install its package"
+        ) from None
+    except Exception as exc:  # any other import failure is the user's code to fix
         raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
     if not callable(getattr(module, attr, None)):
         raise ValueError(f"module {module_name!r} has no callable {attr!r}")

@@ -4,19 +4,45 @@ for built-in jobs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 from tests.contract import PER_RANK, RANK0_ONLY, samples, value
 from tests.promstack import wait_for
 from tests.stack import gradwatch_run
 
-pytestmark = pytest.mark.ray
 
 
+@pytest.mark.parametrize(
+    ("module", "body", "expected"),
+    [
+        ("no_such_training_module", None, "run from the folder that holds 'no_such_training_module'"),
+        ("needs_a_package", "import no_such_dependency_pkg\n", "it imports 'no_such_dependency_pkg', which is not"),
+    ],
+)
+def test_gradwatch_run_names_an_entrypoint_it_cannot_import_and_how_to_fix_it(tmp_path, module, body, expected):
+    """The spec is refused before Ray starts (exit 2): the message names the module and what to do."""
+    if body is not None:
+        (tmp_path / f"{module}.py").write_text(body + "def train(config):\n    pass\n")
+    spec = {"name": "missing", "train": {"entrypoint": f"{module}:train"}, "max_steps": 10}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "service.cli.main", "run", str(spec_file), "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert f"train.entrypoint: cannot import module '{module}'" in message and expected in message, message
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.ray
 def test_gradwatch_run_runs_the_custom_example_and_skips_a_nan_on_both_ranks(tmp_path):
     spec = yaml.safe_load((EXAMPLES / "custom" / "autoencoder.yaml").read_text())
     spec["train"]["config"].update(nan_at_step=7, rank1_step_delay=0.005)
