@@ -18,7 +18,6 @@ from tests.promstack import wait_for
 from tests.stack import gradwatch_run
 
 
-
 @pytest.mark.parametrize(
     ("module", "body", "expected"),
     [
