@@ -5,8 +5,6 @@ The checkout must be on PYTHONPATH. Arguments: OUT JOB_ID STEPS."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from transformers import TrainerCallback
 
 from examples.hf_trainer import main as train
 from gradwatch.integrations.transformers import GradwatchCallback
+from tests.integrations.ddp_nan import write_rank_report
 
 POISON_STEP = 5
 
@@ -44,19 +43,7 @@ def main() -> None:
     gradwatch = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GradwatchCallback))
     run = gradwatch.run
     assert run is not None and trainer.model is not None
-    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
-    (out / f"rank{dist.get_rank()}.json").write_text(
-        json.dumps(
-            {
-                "unchanged": poison.unchanged,
-                "skipped": run.skipped_steps,
-                "step": run.step,
-                "world_size": run.world_size,
-                "finite": bool(torch.isfinite(flat).all()),
-                "hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
-            }
-        )
-    )
+    write_rank_report(out, dist.get_rank(), poison.unchanged, run, trainer.model.parameters())
 
 
 if __name__ == "__main__":

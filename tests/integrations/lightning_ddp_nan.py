@@ -5,8 +5,6 @@ its final weights. The checkout must be on PYTHONPATH."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import torch
 
 from examples.lightning_fit import Regressor, loaders
 from gradwatch.integrations.lightning import GradwatchCallback
+from tests.integrations.ddp_nan import write_rank_report
 
 POISON_STEP = 5
 
@@ -52,21 +51,9 @@ def main() -> None:
     )
     module = Regressor()
     trainer.fit(module, train, val)
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     run = gradwatch.run
     assert run is not None
-    (out / f"rank{trainer.global_rank}.json").write_text(
-        json.dumps(
-            {
-                "unchanged": poison.unchanged,
-                "skipped": run.skipped_steps,
-                "step": run.step,
-                "world_size": run.world_size,
-                "finite": bool(torch.isfinite(flat).all()),
-                "hash": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
-            }
-        )
-    )
+    write_rank_report(out, trainer.global_rank, getattr(poison, "unchanged", None), run, module.parameters())
 
 
 if __name__ == "__main__":

@@ -141,48 +141,15 @@ def test_an_example_report_draws_every_chart_in_chromium(example_run: ExampleRun
     page.close()
 
 
-def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
-    """torchrun starts both ranks, Lightning makes the gloo group, no Ray: rank 1 alone gets a NaN gradient
-    at step 5, the guard's decision (all-reduced) skips that update on both ranks, and the replicas stay equal."""
-    steps, job_id = 20, "ddp-nan"
-    out = tmp_path / "out"
-    out.mkdir()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    command += [str(HERE / "lightning_ddp_nan.py"), str(out), job_id, str(steps)]
-    env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(tmp_path / "runs"), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for rank in ranks:
-        assert rank["world_size"] == 2 and rank["step"] == steps and rank["finite"], ranks
-        assert rank["unchanged"] and rank["skipped"] == 1, ranks  # the NaN step was skipped on both ranks
-    assert ranks[0]["hash"] == ranks[1]["hash"]  # the replicas are equal afterwards
-    result = read_result(tmp_path / "runs" / job_id)
-    assert result is not None and result.state == "succeeded" and result.world_size == 2
-    assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
-    assert result.ranks[0].param_hash is not None and result.ranks[0].param_hash == result.ranks[1].param_hash
-    assert (tmp_path / "runs" / job_id / "steps-rank1.jsonl").exists()
-
-
-def test_the_hf_trainer_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
-    """examples/hf_trainer.py's Trainer on 2 CPU ranks under torchrun (gloo), no Ray: rank 1 alone gets a NaN
-    gradient at step 5; the guard's decision (all-reduced) drops that update's gradients on both ranks, as
-    docs/training-api.md says of the transformers callback; both ranks' metrics land in one run directory."""
-    steps, job_id = 20, "hf-ddp-nan"
+def _torchrun_with_a_nan_on_rank_1(tmp_path: Path, script: str, job_id: str, steps: int, timeout: float) -> Path:
+    """Run `script` on 2 ranks under torchrun (rank 1 alone gets a NaN gradient at step 5) and check what both
+    ranks saw: the update skipped on both, the replicas equal afterwards, both ranks in one run directory."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     out.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--master-port", str(free_port()), str(HERE / "hf_ddp_nan.py"), str(out), job_id, str(steps)]
+    command += ["--master-port", str(free_port()), str(HERE / script), str(out), job_id, str(steps)]
     env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(runs), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
@@ -193,9 +160,25 @@ def test_the_hf_trainer_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path:
     result = read_result(runs / job_id)
     assert result is not None and result.state == "succeeded" and result.world_size == 2
     assert [(r.rank, r.steps, r.skipped_steps) for r in result.ranks] == [(0, steps, 1), (1, steps, 1)]
+    assert result.ranks[0].param_hash is not None and result.ranks[0].param_hash == result.ranks[1].param_hash
+    assert (runs / job_id / "steps-rank1.jsonl").exists()
+    return runs / job_id
+
+
+def test_lightning_ddp_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
+    """torchrun starts both ranks, Lightning makes the gloo group, no Ray: rank 1 alone gets a NaN gradient
+    at step 5, the guard's decision (all-reduced) skips that update on both ranks, and the replicas stay equal."""
+    _torchrun_with_a_nan_on_rank_1(tmp_path, "lightning_ddp_nan.py", "ddp-nan", steps=20, timeout=90)
+
+
+def test_the_hf_trainer_under_torchrun_skips_a_nan_on_one_rank_on_both(tmp_path: Path) -> None:
+    """examples/hf_trainer.py's Trainer on 2 CPU ranks under torchrun (gloo), no Ray: rank 1 alone gets a NaN
+    gradient at step 5; the guard's decision (all-reduced) drops that update's gradients on both ranks, as
+    docs/training-api.md says of the transformers callback; both ranks' metrics land in one run directory."""
+    run_dir = _torchrun_with_a_nan_on_rank_1(tmp_path, "hf_ddp_nan.py", "hf-ddp-nan", steps=20, timeout=120)
     for r in range(2):
-        records = [json.loads(line) for line in (runs / job_id / f"steps-rank{r}.jsonl").open()]
-        assert records and max(rec["step"] for rec in records) == steps, records[-3:]
+        records = [json.loads(line) for line in (run_dir / f"steps-rank{r}.jsonl").open()]
+        assert records and max(rec["step"] for rec in records) == 20, records[-3:]
 
 
 @pytest.mark.ray
