@@ -55,8 +55,10 @@ def main() -> None:
     parser.add_argument("--grace-seconds", type=float, default=15.0, help="Keep /metrics up this long at the end.")
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # A Ray of its own unless RAY_ADDRESS names a cluster (never a stray one that runs on this machine).
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    # A Ray of its own unless RAY_ADDRESS names a cluster (never a stray one that runs on this machine). Its
+    # dashboard serves the State API that Ray Train's placement-group cleaner polls: without it the cleaner
+    # warns every few seconds that it cannot see the controller.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
