@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None, callbacks: list[pl.Callback] | None = No
     parser.add_argument("--job-id", help="the run's id (default: a new gw- id; required with --devices > 1)")
     parser.add_argument("--prometheus-sd-dir", type=Path, help="write each rank's endpoint there as a file_sd file")
     parser.add_argument(
-        "--grace-seconds", type=float, default=5.0, help="keep /metrics up this long at the end once scraped"
+        "--grace-seconds",
+        type=float,
+        default=5.0,
+        help="at the end, /metrics stays up until scraped again, at most this long",
     )
     args = parser.parse_args(argv)
     if args.devices > 1 and not args.job_id:

@@ -1068,7 +1068,7 @@ class Run:
     def close(self, grace_seconds: float | None = None) -> None:
         """Stop serving /metrics once the last values have been scraped, at most `grace_seconds` (default
         the spec's telemetry.grace_seconds) after the last step; at once when nothing has scraped the
-        endpoint yet and nothing was told where it is (no job, no `prometheus_sd_dir`). Outside a job, a
+        endpoint yet and nothing was told where it is (no job, no `sd_dir`). Outside a job, a
         run closed before `finish()` ends failed in result.json."""
         global _run
         self.heartbeat.stop()
@@ -1079,7 +1079,7 @@ class Run:
             self.system = None
         if self.telemetry is not None:
             grace = self.spec.telemetry.grace_seconds if grace_seconds is None else grace_seconds
-            # In a job the service announces the endpoint to Prometheus; outside one, prometheus_sd_dir does.
+            # In a job the service announces the endpoint to Prometheus; outside one, start(sd_dir=...) does.
             announced = self._sd_file is not None or (self.board is not None and not self.own_run_dir)
             self.telemetry.close(grace if self.serve_metrics else 0, discoverable=announced)
         if self._sd_file is not None:

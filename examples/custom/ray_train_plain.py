@@ -52,7 +52,12 @@ def main() -> None:
     parser.add_argument("--job-id", default="plain-ray-train")
     parser.add_argument("--sd-dir", default=None, help="Write each rank's endpoint here for Prometheus' file_sd.")
     parser.add_argument("--storage-path", default=os.path.abspath("runs"))
-    parser.add_argument("--grace-seconds", type=float, default=15.0, help="Keep /metrics up this long at the end.")
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=15.0,
+        help="Keep /metrics up at the end until scraped again, at most this long.",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # A Ray of its own unless RAY_ADDRESS names a cluster (never a stray one that runs on this machine). Its
