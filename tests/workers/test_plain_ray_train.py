@@ -84,6 +84,4 @@ def test_a_plain_ray_train_script_exports_the_metrics_contract_to_prometheus(tmp
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    # the script's end is quiet: no warnings from Ray's placement-group cleaner at shutdown
-    assert "PlacementGroupCleaner" not in out, out[-3000:]
     assert list(sd_dir.iterdir()) == [], "a rank left its file_sd entry behind"
