@@ -418,7 +418,7 @@ def run_real(count: int, keep: Path | None = None) -> tuple[dict[str, list[Verdi
             run_local(spec, run_dir=run_dir)
             rows = [row for _, row in read_rows(run_dir / "history.jsonl")]
             warmup = spec.schedule.warmup_steps
-            curve = Curve(family, n, rows, None if healthy else 1, warmup)
+            curve = Curve(family, n, rows, None if healthy else 1, warmup, max_steps=spec.max_steps)  # as the run had
             verdicts.setdefault(family, []).append(judge(curve))
             if kind:
                 meant[family] = kind

@@ -34,6 +34,7 @@ from workers.detectors.signals import (
     SkipCounter,
     SpikeRecurrence,
     TrendDetector,
+    ValidationDivergence,
 )
 
 _SPIKE_SCALE_FLOOR = 0.01  # in log space: a perfectly flat history still needs a 1 % x spike_z jump
@@ -449,8 +450,11 @@ class OverfittingDetector:
     counts by its lower bound. With fewer (a fine-tune's 3-5): the last `overfit_evals` evaluations all
     after the best, each above the one before, the last `overfit_few_rise` above the best, the train loss
     falling; a rise twice that size needs one evaluation fewer (a Whisper fine-tune evaluated every 1000
-    steps whose eval loss goes 0.32, 0.36, 0.39 is overfitting at the third, not the fourth). Holds until
-    the validation loss comes back.
+    steps whose eval loss goes 0.32, 0.36, 0.39 is overfitting at the third, not the fourth). That fast
+    path is for a run that will have few evaluations: when `max_steps` and the evaluations' spacing say
+    twice `_FEW_EVALS` or more are planned, it waits for the noise. A rise under `overfit_min_rise`
+    counts when it is monotone over `overfit_evals` + 1 evaluations and beyond noise (`_creeping`). Holds
+    until the validation loss comes back.
     """
 
     def __init__(self, spec: DetectorSpec) -> None:
@@ -465,17 +469,26 @@ class OverfittingDetector:
         self.curvature: deque[float] = deque(maxlen=16)
         self.count = 0
         self.streak = 0
+        self.last_step: int | None = None
 
-    def update(self, val_loss: float, train_ema: float | None) -> Finding:
+    def update(
+        self, val_loss: float, train_ema: float | None, step: int | None = None, max_steps: int | None = None
+    ) -> Finding:
         if not math.isfinite(val_loss):
             return _QUIET
         self.count += 1
         self.values.append(val_loss)
         self.trains.append(train_ema)
+        gap = None if step is None or self.last_step is None else step - self.last_step
+        self.last_step = step
         if len(self.values) >= 3:
             a, b, c = self.values[-3], self.values[-2], self.values[-1]
             self.curvature.append(abs(c - 2.0 * b + a))
         if self.count < _FEW_EVALS:
+            # a run that will have many evaluations waits for their noise: enough are left to judge with
+            if step is not None and max_steps is not None and gap is not None and gap > 0:
+                if self.count + (max_steps - step) // gap >= 2 * _FEW_EVALS:
+                    return _QUIET
             return self._few(val_loss, train_ema)
         # |x_i - 2 x_{i-1} + x_{i-2}| of iid noise has median 0.6745 * sqrt(6) * sigma
         noise = _median_sorted(sorted(self.curvature)) * _MAD_TO_SIGMA / math.sqrt(6.0)
@@ -488,12 +501,46 @@ class OverfittingDetector:
         best = self.best_upper
         train_falling = train_ema is not None and self.train_at_best is not None and train_ema < self.train_at_best
         self.streak = self.streak + 1 if lower > best + self.min_rise * abs(best) and train_falling else 0
-        if self.streak < self.evals:
+        if self.streak >= self.evals:
+            return Finding(
+                True,
+                f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
+                f"evaluations while the train loss kept falling",
+            )
+        return self._creeping(val_loss, train_ema)
+
+    def _creeping(self, val_loss: float, train_ema: float | None) -> Finding:
+        """A slow rise under `overfit_min_rise` of the best level (yet at least that share of the fall from
+        the first evaluation to the best): every one of the last `overfit_evals` + 1 evaluations above
+        the one before, all after the lowest, the last above it beyond the noise of the evaluations from just
+        before the lowest on (their second differences: the noise falls with the loss level, and the steep
+        part of the curve would inflate it), the train loss falling. Noise alone rarely climbs that many
+        times in a row out of its minimum."""
+        values = list(self.values)
+        best_at = min(range(len(values)), key=values.__getitem__)
+        run = values[best_at:]
+        train_best = self.trains[best_at]
+        best = values[best_at]
+        rise = val_loss - best
+        if (
+            rise >= self.min_rise * abs(best)  # a rise that size is the streak's to judge, with its noise bounds
+            or rise < self.min_rise * (values[0] - best)  # a speck against what the evaluations had learned
+            or len(run) < self.evals + 2
+            or train_ema is None
+            or train_best is None
+            or train_ema >= train_best
+            or not all(b > a for a, b in zip(run[-self.evals - 2 :], run[-self.evals - 1 :], strict=False))
+        ):
+            return _QUIET
+        near = values[max(0, best_at - 2) :]  # the noise where the loss is now, not where it fell from
+        curvature = sorted(abs(c - 2.0 * b + a) for a, b, c in zip(near, near[1:], near[2:], strict=False))
+        noise = _median_sorted(curvature) * _MAD_TO_SIGMA / math.sqrt(6.0)
+        if rise <= 2.0 * self.sigmas * noise:  # a margin on each side of the difference
             return _QUIET
         return Finding(
             True,
-            f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
-            f"evaluations while the train loss kept falling",
+            f"val loss rose at each of the last {self.evals + 1} evaluations, from its best "
+            f"{best:.4g} to {val_loss:.4g} ({val_loss / best - 1.0:+.1%}), while the train loss kept falling",
         )
 
     def _few(self, val_loss: float, train_ema: float | None) -> Finding:
@@ -784,6 +831,7 @@ class DynamicsMonitor:
         self.dead = DeadRunDetector(self.spec)
         self.lr_schedule = LrScheduleDetector(self.spec)
         self.trend = TrendDetector(self.spec, self.max_steps)
+        self.val_divergence = ValidationDivergence(self.spec)
         self.grad_norms = GradNormTracker(self.spec)
         self.recurring = SpikeRecurrence(self.spec)
         self.skips = SkipCounter(self.spec)
@@ -828,7 +876,9 @@ class DynamicsMonitor:
         else:
             self.recurring.update(step, spike.holds, self.spikes.ratio)
         trend = self.trend.update(step, loss, past) if finite else _QUIET
-        self._judge(step, "divergence", diverged if diverged.holds else trend, past)
+        if not diverged.holds:
+            diverged = trend if trend.holds else self.val_divergence.finding
+        self._judge(step, "divergence", diverged, past)
         diverging = self.latches["divergence"].held
         self.dead.note_grad(step, grad_norm)
         self._judge(step, "dead_run", self.dead.update(step, loss), past)
@@ -884,7 +934,11 @@ class DynamicsMonitor:
         if self._opening("validation", step, val_loss):
             return
         past = self._past_warmup(step)
-        self._judge(step, "overfitting", self.overfitting.update(float(val_loss), self.loss.ema), past)
+        found = self.overfitting.update(float(val_loss), self.loss.ema, step, self.max_steps)
+        self._judge(step, "overfitting", found, past)
+        worse = self.val_divergence.update(float(val_loss), self.loss.ema)
+        if worse.holds:
+            self._judge(step, "divergence", worse, past)
 
     # ------------------------------------------------------------------ state
     @property

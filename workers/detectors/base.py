@@ -31,7 +31,8 @@ class Event:
 class Finding:
     """One detector's verdict on one observation: does its condition hold, and why, in words.
 
-    `urgent` findings (a non-finite loss or gradient) count even during warmup.
+    `urgent` findings (a non-finite loss or gradient, both losses rising over several evaluations) count
+    even during warmup.
     """
 
     holds: bool

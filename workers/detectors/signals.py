@@ -122,7 +122,10 @@ class TrendDetector:
     `trend_rise` above its best level beyond noise, and rising significantly (Mann-Kendall z above
     `trend_z`) over two nested horizons, `trend_horizon` steps and twice that. Requiring both horizons is
     what keeps a bounded oscillation quiet: over the longer one it does not rise. Once raised it holds
-    until the level is back within half of `trend_rise` of the best."""
+    until the level is back within half of `trend_rise` of the best. A rise too slow to reach `trend_rise`
+    (a loss whose fall goes on under the creep) counts by its length instead: beyond noise, rising over
+    the longer horizon and over the whole window since the best level, at least twice that horizon; it
+    then holds until the level is back within half of the rise it was raised at."""
 
     def __init__(self, spec: DetectorSpec, max_steps: int | None) -> None:
         horizon = max(spec.trend_horizon, (max_steps or 0) // 40)
@@ -135,6 +138,8 @@ class TrendDetector:
         self.sigmas = spec.noise_sigmas
         self.best: float | None = None
         self.curvature: deque[float] = deque(maxlen=64)  # |second differences| of the block medians
+        self.since_best: list[float] = []  # the block medians since the best level, thinned to at most 8 n
+        self.raised_at = self.rise  # the rise it was raised at: it clears below half of it
         self.finding = QUIET
 
     def update(self, step: int, loss: float, past_warmup: bool) -> Finding:
@@ -148,27 +153,92 @@ class TrendDetector:
         level = median_sorted(sorted(list(blocks)[-self.level_blocks :]))
         if past_warmup and (self.best is None or level < self.best):
             self.best = level
+            self.since_best = []
+        else:
+            self.since_best.append(blocks[-1])
+            if len(self.since_best) > 8 * self.n:  # halve the resolution, keep the whole window
+                pairs = self.since_best
+                self.since_best = [0.5 * (a + b) for a, b in zip(pairs[::2], pairs[1::2], strict=False)]
         if self.best is None:
             return self.finding
         rise = level - self.best
         if self.finding.holds:
-            if rise < 0.5 * self.rise:
+            if rise < 0.5 * min(self.rise, self.raised_at):
                 self.finding = QUIET
             return self.finding
         # one block median's noise, from second differences (a trend does not inflate them)
         noise = median_sorted(sorted(self.curvature)) * MAD_TO_SIGMA / math.sqrt(6.0)
         margin = self.sigmas * math.sqrt(2.0) * 1.25 * noise / math.sqrt(self.level_blocks)
-        if rise <= self.rise + margin or len(blocks) < 2 * self.n:
+        if rise <= margin or len(blocks) < 2 * self.n:
             return self.finding
         longer = self.series.last(2 * self.n)
         z_short, z_long = mann_kendall_z(longer[-self.n :]), mann_kendall_z(longer)
-        if z_short > self.z and z_long > self.z:
-            self.finding = Finding(
-                True,
+        if rise > self.rise + margin and z_short > self.z and z_long > self.z:
+            self._raise(
+                rise,
                 f"the loss has crept up to {math.expm1(rise):.0%} above its best level {math.exp(self.best):.4g} "
                 f"and keeps rising over the last {self.n * self.block} and {2 * self.n * self.block} steps "
                 f"(Mann-Kendall z {z_short:.1f}, {z_long:.1f})",
             )
+            return self.finding
+        # a rise too slow for `trend_rise` by now: the whole window since the best level, at least twice the
+        # longer horizon, rising significantly and still rising over the longer horizon. The evidence is the
+        # rise's length, not its size: a bounded oscillation around its level does not rise over the whole.
+        if len(self.since_best) >= 4 * self.n:
+            z_all = mann_kendall_z(np.asarray(self.since_best, dtype=float))
+            if z_all > self.z and z_long > self.z:
+                self._raise(
+                    rise,
+                    f"the loss has crept up to {math.expm1(rise):.0%} above its best level "
+                    f"{math.exp(self.best):.4g} and has kept rising since it was there, over "
+                    f"{len(self.since_best)} blocks (Mann-Kendall z {z_all:.1f}, {z_long:.1f} over the last "
+                    f"{2 * self.n * self.block} steps)",
+                )
+        return self.finding
+
+    def _raise(self, rise: float, detail: str) -> None:
+        self.finding, self.raised_at = Finding(True, detail), rise
+
+
+class ValidationDivergence:
+    """Worse than at the start on both losses: the last `overfit_evals` evaluations all at least `trend_rise`
+    above the first one, and the train loss EMA `trend_rise` above where it was at the first evaluation (or
+    at its first value after it, in a log whose train loss starts later). A run that learned and then
+    oscillates (a GAN, warm restarts) stays below where it began; overfitting is the case where the train
+    loss falls. It counts during warm-up too: evaluations are averages over a whole set, and a rise sustained
+    over several of them with the train loss rising as well is no warm-up transient but a peak learning rate
+    too high (a Whisper fine-tune at a hundred times its usual rate: eval loss 2.55, then 3.2-4.5, the
+    train loss 1.24 -> 2.03 as the warm-up climbs). Holds until an evaluation breaks the condition."""
+
+    def __init__(self, spec: DetectorSpec) -> None:
+        self.evals = spec.overfit_evals
+        self.rise = spec.trend_rise
+        self.first: float | None = None
+        self.train_first: float | None = None
+        self.above = 0  # evaluations in a row `trend_rise` above the first
+        self.finding = QUIET
+
+    def update(self, val_loss: float, train_ema: float | None) -> Finding:
+        if not math.isfinite(val_loss):
+            return self.finding
+        if self.first is None:
+            self.first = val_loss
+        if self.train_first is None:
+            self.train_first = train_ema
+        self.above = self.above + 1 if val_loss > self.first * (1.0 + self.rise) else 0
+        base = self.train_first
+        worse = train_ema is not None and base is not None and base > 0.0 and train_ema > base * (1.0 + self.rise)
+        if self.above < self.evals or not worse:
+            self.finding = QUIET
+            return self.finding
+        assert train_ema is not None and base is not None
+        self.finding = Finding(
+            True,
+            f"the val loss is {val_loss / self.first - 1.0:+.0%} over its first evaluation {self.first:.4g} for "
+            f"{self.above} evaluations and the train loss EMA {train_ema / base - 1.0:+.0%} over where it was "
+            f"then: the run is worse than at its start on both (a learning rate too high?)",
+            urgent=True,
+        )
         return self.finding
 
 
