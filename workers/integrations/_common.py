@@ -10,7 +10,7 @@ import torch.distributed as dist
 from workers.session import LocalSession
 from workers.training import Run, current, in_job, inner_optimizer, start
 
-__all__ = ["begin", "inner_optimizer", "skip_update"]
+__all__ = ["Attached", "begin", "inner_optimizer", "skip_update"]
 
 
 class _ProcessGroupSession(LocalSession):
@@ -22,6 +22,40 @@ class _ProcessGroupSession(LocalSession):
         super().__init__(device=device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+
+
+class Attached:
+    """What each callback holds: the job id and `start()` keywords it was given, the run it feeds, and
+    whether it made that run (and so ends it: inside a gradwatch job or under a user's own
+    `gradwatch.start()` the run is someone else's)."""
+
+    def __init__(self, job_id: str | None = None, **start_kwargs: Any) -> None:
+        self.job_id, self.start_kwargs = job_id, start_kwargs
+        self.run: Run | None = None
+        self._owned = False
+
+    def attach(self, **defaults: Any) -> Run:
+        """The rank's run, made or found; `defaults` (what the framework knows, as max_steps) give way
+        to the keywords the user passed."""
+        self.run, self._owned = begin(self.job_id, {**defaults, **self.start_kwargs})
+        return self.run
+
+    def need(self) -> Run:
+        if self.run is None:
+            raise RuntimeError(
+                "GradwatchCallback: the training did not start through the callback (add it before training)"
+            )
+        return self.run
+
+    def end(self, *, failed: bool = False) -> None:
+        """Training ended: the run's result written (unless it `failed`: then closed before finish(), and
+        result.json says so) and, when the callback made it, its endpoint closed."""
+        if self.run is None:
+            return
+        if not failed:
+            self.run.finish()
+        if self._owned:
+            self.run.close()
 
 
 def begin(job_id: str | None, start_kwargs: dict[str, Any]) -> tuple[Run, bool]:

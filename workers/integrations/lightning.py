@@ -17,8 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from workers.integrations._common import begin, inner_optimizer, skip_update
-from workers.training import Run
+from workers.integrations._common import Attached, inner_optimizer, skip_update
 
 __all__ = ["GradwatchCallback"]
 
@@ -37,7 +36,7 @@ def _batch_size(batch: Any) -> int | None:
     return None
 
 
-class GradwatchCallback(pl.Callback):
+class GradwatchCallback(Attached, pl.Callback):
     """Attach gradwatch to a Lightning Trainer (one optimizer, automatic optimization). `job_id`: the same
     on every rank under DDP; the other keyword arguments go to `gradwatch.start()` (ignored inside a
     gradwatch job).
@@ -46,9 +45,7 @@ class GradwatchCallback(pl.Callback):
     /metrics closed once its last values were scraped, at most `telemetry.grace_seconds` later)."""
 
     def __init__(self, job_id: str | None = None, **start_kwargs: Any):
-        self.job_id, self.start_kwargs = job_id, start_kwargs
-        self.run: Run | None = None
-        self._owned = False
+        super().__init__(job_id, **start_kwargs)
         # this optimizer step's micro-batches: their losses (Lightning divides each by accumulate_grad_batches
         # before the backward, so their sum is the step's mean loss) and samples
         self._losses: list[torch.Tensor] = []
@@ -67,9 +64,9 @@ class GradwatchCallback(pl.Callback):
         max_steps: int | None = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
             max_steps = int(trainer.estimated_stepping_batches)
-        self.run, self._owned = begin(self.job_id, {"max_steps": max_steps, **self.start_kwargs})
+        run = self.attach(max_steps=max_steps)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        self.run.watch(pl_module, inner_optimizer(trainer.optimizers[0]), schedulers[0] if schedulers else None)
+        run.watch(pl_module, inner_optimizer(trainer.optimizers[0]), schedulers[0] if schedulers else None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is not None:
@@ -84,13 +81,14 @@ class GradwatchCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.run is None or not self._losses:
+        run = self.need()
+        if not self._losses:
             raise RuntimeError(
                 "GradwatchCallback: no loss seen before the optimizer step (automatic optimization only)"
             )
         loss, samples = torch.stack(self._losses).float().sum(), self._samples
         self._losses, self._samples = [], 0
-        if not self.run.report(loss, samples=samples or None):
+        if not run.report(loss, samples=samples or None):
             skip_update(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -104,11 +102,7 @@ class GradwatchCallback(pl.Callback):
             self.run.log_validation(float(value), reduce=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.run is not None:
-            self.run.finish()
-            if self._owned:
-                self.run.close()
+        self.end()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.run is not None and self._owned:
-            self.run.close()  # result.json: failed, closed before finish()
+        self.end(failed=True)

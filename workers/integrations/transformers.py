@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from workers.integrations._common import begin, inner_optimizer, skip_update
-from workers.training import Run
+from workers.integrations._common import Attached, inner_optimizer, skip_update
 
 __all__ = ["GradwatchCallback"]
 
 
-class GradwatchCallback(TrainerCallback):
+class GradwatchCallback(Attached, TrainerCallback):
     """Attach gradwatch to a Hugging Face Trainer. `job_id`: the same on every rank under DDP; the other
     keyword arguments go to `gradwatch.start()` (ignored inside a gradwatch job, where the job gives them).
 
@@ -30,9 +29,7 @@ class GradwatchCallback(TrainerCallback):
     /metrics closed once its last values were scraped, at most `telemetry.grace_seconds` later)."""
 
     def __init__(self, job_id: str | None = None, **start_kwargs: Any):
-        self.job_id, self.start_kwargs = job_id, start_kwargs
-        self.run: Run | None = None
-        self._owned = False
+        super().__init__(job_id, **start_kwargs)
         self._losses: list[torch.Tensor] = []
         self._hook: Any = None
 
@@ -41,11 +38,10 @@ class GradwatchCallback(TrainerCallback):
     ) -> None:
         if model is None or optimizer is None:
             raise RuntimeError("GradwatchCallback: the Trainer gave no model or optimizer at on_train_begin")
-        kwargs = {"max_steps": state.max_steps, **self.start_kwargs}
-        self.run, self._owned = begin(self.job_id, kwargs)
+        run = self.attach(max_steps=state.max_steps)
         scheduler = kw.get("lr_scheduler")
-        self.run.watch(model, inner_optimizer(optimizer), scheduler, batch_size=args.per_device_train_batch_size)
-        self.run.epoch = int(state.epoch or 0)
+        run.watch(model, inner_optimizer(optimizer), scheduler, batch_size=args.per_device_train_batch_size)
+        run.epoch = int(state.epoch or 0)
 
         def keep_loss(_module: Any, _inputs: Any, outputs: Any) -> None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
@@ -61,7 +57,7 @@ class GradwatchCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kw: Any
     ) -> None:
-        run = self._need()
+        run = self.need()
         if not self._losses:
             raise RuntimeError(
                 "GradwatchCallback: the model returned no `loss` in its output this step; gradwatch reads the "
@@ -82,12 +78,4 @@ class GradwatchCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.run is not None:
-            self.run.finish()
-            if self._owned:
-                self.run.close()
-
-    def _need(self) -> Run:
-        if self.run is None:
-            raise RuntimeError("GradwatchCallback: on_train_begin did not run (add the callback before train())")
-        return self.run
+        self.end()
