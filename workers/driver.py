@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from gradwatch.ids import new_job_id
 from gradwatch.names import RAY_TRAIN_ENV, JobState
@@ -41,6 +41,7 @@ from workers.board import BoardClient, create_board_actor
 from workers.heartbeat import HangWatch, process_group_timeout
 from workers.placement import NodeWatch, PlacementImpossible, check_placement, strategy
 from workers.push import Pusher
+from workers.rank_output import OUTPUT_MARK_LINE, RANK_LINE, with_rank_output
 
 log = logging.getLogger("gradwatch.driver")
 STOP_WAIT_S = 30.0  # how long a job cut short waits for fit() to return: after the abort, again after Ray's shutdown
@@ -77,20 +78,97 @@ def check_cluster(spec: JobSpec) -> None:
 
 
 def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
+    """Connect to RAY_ADDRESS, else start a local Ray. The workers' output reaches this process
+    (`log_to_driver`) and WorkerOutput shows their ranks' own lines; Ray's and gradwatch's other
+    worker output only when not `quiet`."""
     import ray
 
+    worker_output.verbose = not quiet
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # A local Ray's processes inherit them; the service's jobs get them in their runtime environment.
     for name, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
-    kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": not quiet}
+    kwargs: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     # No RAY_ADDRESS: a fresh local Ray, never whatever cluster happens to run on this machine.
     ray.init(address=address or "local", **kwargs)
+    worker_output.install()
+
+
+class WorkerOutput:
+    """Takes the place of Ray's printer of the workers' output (its handler "ray_print_logs"): a rank's
+    own lines (`[rank N] line`, workers/entrypoint.rank_output) are printed as they are, to stdout or
+    stderr as the rank wrote them (or all to `sink`); the rest (Ray's worker start lines, Ray Train's
+    banners and warnings, gradwatch's worker logs) goes to Ray's printer only when `verbose`."""
+
+    HANDLER = "gradwatch_worker_output"
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.sink: TextIO | None = None
+        self.ray_printer: Callable[[dict[str, Any]], None] | None = None
+        # job id -> "begin"/"end" -> (rank, is_err) of the marks seen (workers/rank_output.OUTPUT_MARK)
+        self.marks: dict[str, dict[str, set[tuple[int, bool]]]] = {}
+        self.lock = threading.Condition()
+
+    def install(self) -> bool:
+        """Replace Ray's printer with this one; False when this process gets no worker output (Ray was
+        started without `log_to_driver`)."""
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        thread = getattr(ray_worker.global_worker, "logger_thread", None)
+        if thread is None or not thread.is_alive():
+            return False
+        with dispatcher._lock:
+            handlers = dict(dispatcher.handlers)
+        if self.HANDLER in handlers:
+            return True
+        self.ray_printer = handlers.get("ray_print_logs")
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler(self.HANDLER, self)
+        return True
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        others = []
+        for line in data.get("lines", []):
+            if RANK_LINE.match(line):
+                sink = self.sink or (sys.stderr if data.get("is_err") else sys.stdout)
+                print(line, file=sink, flush=True)
+            elif (mark := OUTPUT_MARK_LINE.fullmatch(line)) is not None:
+                with self.lock:
+                    marks = self.marks.setdefault(mark["job"], {"begin": set(), "end": set()})
+                    marks[mark["what"]].add((int(mark["rank"]), bool(data.get("is_err"))))
+                    self.lock.notify_all()
+            elif self.verbose:
+                others.append(line)
+        if others and self.ray_printer is not None:
+            self.ray_printer({**data, "lines": others})
+
+    def wait(self, job_id: str, world_size: int | None, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until the output of every rank of the job that began has
+        arrived, and with `world_size` until all of its ranks began: Ray forwards a line a moment after
+        the rank wrote it, and a Ray shut down before then loses it."""
+
+        def complete() -> bool:
+            marks = self.marks.get(job_id, {"begin": set(), "end": set()})
+            began = {rank for rank, _ in marks["begin"]}
+            if world_size is not None and len(began) < world_size:
+                return False
+            return all((rank, is_err) in marks["end"] for rank in began for is_err in (False, True))
+
+        with self.lock:
+            done = self.lock.wait_for(complete, timeout)
+            self.marks.pop(job_id, None)
+        return done
+
+
+OUTPUT_WAIT_S = 5.0  # how long a finished job waits for its ranks' last output lines
+worker_output = WorkerOutput()
 
 
 class JobWatch:
@@ -186,12 +264,16 @@ def run_job(
     listeners: list[Listener] | None = None,
     poll_seconds: float = 0.5,
     own_timeout: bool = True,
+    verbose: bool = False,
+    output: TextIO | None = None,
 ) -> RunResult:
     """Run one job to the end on the connected (or a new local) Ray; returns its result (result.json).
 
     `own_timeout`: this driver ends the job at the spec's timeout (False under the service, whose
     launcher times jobs out on its own clock). A job cut short (timeout, Ctrl-C) leaves no worker
     behind: Ray is shut down before the result is written, the trainer's actors with it.
+    The ranks' own stdout and stderr lines are printed here as `[rank N] line` as they come: on
+    stdout and stderr as the ranks wrote them, or all on `output`; `verbose`: Ray's worker output too.
     """
     job_id = job_id or new_job_id()
     storage_path = Path(storage_path).resolve()
@@ -199,7 +281,9 @@ def run_job(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "spec.json", spec.model_dump_json(indent=1))
     started = time.time()
-    init_ray()
+    init_ray(quiet=not verbose)
+    worker_output.sink = output
+    forwarded = worker_output.install()
     watch = JobWatch(job_id, run_dir, create_board_actor(job_id), sd_file, listeners or [], NodeWatch(spec))
     fit = Fit(spec, job_id, run_dir, storage_path, watch.board)
     fit.start()
@@ -215,6 +299,8 @@ def run_job(
         fit.join(STOP_WAIT_S)
     else:
         state, error = ("failed", explain_failure(fit.error, watch, snap)) if fit.error else ("succeeded", None)
+        if forwarded:  # the ranks' last lines may still be on their way; a job that failed waits for those that began
+            worker_output.wait(job_id, None if fit.error else spec.scaling.num_workers, OUTPUT_WAIT_S)
     node_fields = watch.node_fields()
     result = run_result(job_id, spec, run_dir, snap, state, error, time.time() - started, node_fields)
     if state == "succeeded":
@@ -335,7 +421,7 @@ class Fit(threading.Thread):
         spec = self.spec
         per_worker = train_function_per_worker if isinstance(spec.train, EntrypointTrain) else train_loop_per_worker
         return TorchTrainer(
-            per_worker,
+            with_rank_output(per_worker),
             train_loop_config={
                 "spec": spec.model_dump(mode="json"),
                 "job_id": self.job_id,

@@ -56,9 +56,14 @@ def run(
         None, "--prometheus-sd-file", help="Keep a Prometheus file_sd JSON of the live worker endpoints here."
     ),
     job_id: str | None = typer.Option(None, "--job-id", help="Run id (default: a new gw-<hex> id)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show Ray's own logs and its output from the workers."
+    ),
 ) -> None:
     """Run a job in the foreground on a local Ray (or the cluster at RAY_ADDRESS).
+
+    What the training code prints on each rank is shown as `[rank N] line` (with --json on stderr,
+    so stdout holds only the summary); Ray's own output only with -v.
 
     Exits 0 when the job succeeds, 1 when it fails or reaches its end with a warning (a non-finite
     loss, divergence still held; the cause is printed), 2 on a bad spec.
@@ -82,11 +87,19 @@ def run(
                     storage_path=storage_path,
                     sd_file=prometheus_sd_file,
                     listeners=[display.update],
+                    verbose=verbose,
                 )
                 live.update(display.render())
             err.print()
         else:
-            result = run_job(spec, job_id=job_id, storage_path=storage_path, sd_file=prometheus_sd_file)
+            result = run_job(
+                spec,
+                job_id=job_id,
+                storage_path=storage_path,
+                sd_file=prometheus_sd_file,
+                verbose=verbose,
+                output=sys.stderr,  # stdout holds the JSON summary alone
+            )
     except ClusterTooSmall as exc:
         err.print(f"[red]cannot run {spec.name}:[/] {exc}")
         raise typer.Exit(1) from None
