@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import yaml
 from tests.conftest import EXAMPLES
 from tests.contract import PER_RANK, RANK0_ONLY, samples, value
 from tests.promstack import wait_for
-from tests.stack import Service
+from tests.stack import TOKEN, Service, checkout_on_path
+from tests.workers.test_rank_output import MARKER, print_spec
 from workers.metrics import series_per_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -119,3 +122,25 @@ def test_the_custom_example_runs_through_the_service_with_the_contract_guards_an
     assert ranks[0]["param_hash"] == ranks[1]["param_hash"] and all(r["params_finite"] for r in ranks)
     assert [r["skipped_steps"] for r in ranks] == [1, 1]  # the skip survived the restart
     assert result["val_loss"] < result["first_val_loss"]
+
+
+def test_gradwatch_logs_shows_and_follows_each_rank_s_prints(service):
+    """What the training function prints on each rank reaches `gradwatch logs` as `[rank N] line`, while
+    the job runs (`--follow`, started at once) and from the saved log once it ended; Ray's own noise not."""
+    client = service.client
+    job_id = client.submit(print_spec())["id"]
+    env = {**os.environ, "GRADWATCH_URL": service.url, "GRADWATCH_TOKEN": TOKEN, "PYTHONPATH": checkout_on_path()}
+    logs = [sys.executable, "-m", "service.cli.main", "logs", job_id]
+    follow = subprocess.run([*logs, "--follow"], env=env, capture_output=True, text=True, timeout=240)
+    assert follow.returncode == 0, follow.stderr[-3000:]
+    job = client.get(job_id)
+    assert job["state"] == "succeeded", job
+    saved = subprocess.run(logs, env=env, capture_output=True, text=True, timeout=60)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    for output in (follow.stdout, saved.stdout):
+        lines = output.splitlines()
+        for rank in (0, 1):
+            for line in (MARKER, f"{MARKER} (stderr)", f"{MARKER} done at step 3"):
+                assert f"[rank {rank}] {line}" in lines, output[-3000:]
+        for noise in ("PlacementGroupCleaner", "RayTrainWorker pid=", "gradwatch-output-"):
+            assert noise not in output, output[-3000:]
