@@ -361,7 +361,8 @@ def logs(
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """The job's driver output."""
+    """The job's driver output: its progress and events, and what the training code prints on each rank
+    as `\\[rank N] line`."""
     try:
         for line in _client(url, token).logs(job_id, follow=follow):
             print(plain(line), flush=True)

@@ -62,7 +62,7 @@ def run(
 ) -> None:
     """Run a job in the foreground on a local Ray (or the cluster at RAY_ADDRESS).
 
-    What the training code prints on each rank is shown as `[rank N] line` (with --json on stderr,
+    What the training code prints on each rank is shown as `\\[rank N] line` (with --json on stderr,
     so stdout holds only the summary); Ray's own output only with -v.
 
     Exits 0 when the job succeeds, 1 when it fails or reaches its end with a warning (a non-finite
