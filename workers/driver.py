@@ -101,7 +101,7 @@ def init_ray(quiet: bool = True, log_dir: Path | None = None) -> None:
 
 class WorkerOutput:
     """Takes the place of Ray's printer of the workers' output (its handler "ray_print_logs"): a rank's
-    own lines (`[rank N] line`, workers/entrypoint.rank_output) are printed as they are, to stdout or
+    own lines (`[rank N] line`, workers/rank_output.rank_output) are printed as they are, to stdout or
     stderr as the rank wrote them (or all to `sink`); the rest (Ray's worker start lines, Ray Train's
     banners and warnings, gradwatch's worker logs) goes to Ray's printer only when `verbose`."""
 
@@ -126,11 +126,11 @@ class WorkerOutput:
             return False
         with dispatcher._lock:
             handlers = dict(dispatcher.handlers)
-        if self.HANDLER in handlers:
-            return True
-        self.ray_printer = handlers.get("ray_print_logs")
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler(self.HANDLER, self)
+        if "ray_print_logs" in handlers:  # each ray.init adds it again
+            self.ray_printer = handlers["ray_print_logs"]
+            dispatcher.remove_handler("ray_print_logs")
+        if self.HANDLER not in handlers:
+            dispatcher.add_handler(self.HANDLER, self)
         return True
 
     def __call__(self, data: dict[str, Any]) -> None:

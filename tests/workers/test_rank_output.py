@@ -8,12 +8,14 @@ real 2-worker job whose training function prints a marker on every rank.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 
 import pytest
 import yaml
 
+from tests.conftest import small_spec
 from tests.stack import gradwatch_run
 from workers.driver import WorkerOutput
 from workers.rank_output import RankLines
@@ -109,3 +111,23 @@ def test_gradwatch_run_shows_each_rank_s_prints_and_not_ray_s_noise(tmp_path):
         assert f"[rank {rank}] {MARKER} done at step 3" in lines, err[-3000:]
     for noise in ("PlacementGroupCleaner", "RayTrainWorker", "TrainController", "gradwatch-output-"):
         assert noise not in err, err[-3000:]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_built_in_job_s_rank_0_line_is_shown_with_its_rank(tmp_path):
+    spec = small_spec(max_steps=4, validation={"every_steps": 4}, checkpoint={"every_steps": 4, "keep": 1})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    proc = gradwatch_run(spec_file, tmp_path / "runs")
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    job_id = json.loads(out)["job_id"]
+    started = [line for line in err.splitlines() if f"gradwatch: job {job_id} metrics" in line]
+    # gradwatch.start() prints it on rank 0 only (docs/training-api.md)
+    assert len(started) == 1 and started[0].startswith(f"[rank 0] gradwatch: job {job_id} metrics"), err[-3000:]
+    assert "PlacementGroupCleaner" not in err, err[-3000:]
