@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,10 +61,51 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 EXAMPLE_FIXTURES = {"example_jobs", "example_runs", "dynamics_runs", "live_demo"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def module_fixtures(item: pytest.Item) -> set[str]:
+    """The module-scoped fixtures of the tests' own (conftest files and test modules) that ITEM uses."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {
+        name
+        for name, defs in info.name2fixturedefs.items()
+        if defs and defs[-1].scope == "module" and defs[-1].baseid.startswith("tests")
+    }
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    # --dist loadgroup hands every test that has no group to whichever worker is free, one at a time: the
+    # tests of one module would then set up its module fixtures (a local Ray, a `gradwatch up` stack, the
+    # jobs a module shares) once on each worker, side by side on the same cores. A module whose tests share
+    # such a fixture is one group, run in order on one worker, as a plain `pytest` runs it.
+    groups: list[tuple[pytest.Item, str]] = []
     for item in items:
         if EXAMPLE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("examples"))
+            groups.append((item, "examples"))
+        elif module_fixtures(item):
+            groups.append((item, item.nodeid.split("::")[0]))
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(groups[-1][1]))
+    result = yield  # pytest-xdist's own hook among them: it names each test's group in the id it reports
+    if getattr(config.option, "loadgroup", False):  # set by pytest-xdist in its workers under --dist loadgroup
+        _name_groups_in_ids(groups)
+    return result
+
+
+def _name_groups_in_ids(groups: list[tuple[pytest.Item, str]]) -> None:
+    """Give each grouped test the id "ID@GROUP" that --dist loadgroup schedules by, where pytest-xdist could
+    not: it sets the item's `_nodeid`, which pytest 9.2 no longer reads (an item's id is a structured `_id`),
+    so without this every group would be split over the workers and its fixtures set up on each."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # an older pytest, where pytest-xdist's own renaming works
+        return
+    for item, group in groups:
+        if not isinstance(getattr(item, "_id", None), NodeId) or item.nodeid.rsplit("@", 1)[-1] == group:
+            continue
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +125,7 @@ def local_ray():
 
 def small_spec(**overrides) -> dict:
     """A quick job on the real digits data; override any field."""
-    spec = {
+    spec: dict[str, Any] = {
         "name": "test-job",
         "model": {"name": "mlp", "hidden": [32]},
         "data": {"name": "digits"},
