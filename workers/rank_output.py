@@ -72,6 +72,11 @@ class RankLines(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.stream, "encoding", None) or "utf-8"
 
+    def __getattr__(self, name: str) -> Any:  # `buffer` and the like: the stream's own, untagged
+        if name == "stream":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
 
 @contextlib.contextmanager
 def rank_output(job_id: str, rank: int) -> Iterator[None]:

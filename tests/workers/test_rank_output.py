@@ -35,8 +35,12 @@ def print_spec(marker: str = MARKER) -> dict:
 
 
 def test_a_rank_s_lines_get_its_prefix_and_logging_goes_through_unchanged():
-    sink = io.StringIO()
+    sink = io.TextIOWrapper(io.BytesIO(), write_through=True)
     tagged = RankLines(sink, 3)
+
+    def written() -> str:
+        return sink.buffer.getvalue().decode()
+
     print("one", file=tagged)
     tagged.write("two\nthr")
     tagged.write("ee\n")
@@ -47,10 +51,11 @@ def test_a_rank_s_lines_get_its_prefix_and_logging_goes_through_unchanged():
         logger.warning("a log line")
     finally:
         logger.removeHandler(handler)
+    tagged.buffer.write(b"raw bytes\n")  # the stream's own buffer: untagged
     tagged.write("no newline")
-    assert sink.getvalue() == "[rank 3] one\n[rank 3] two\n[rank 3] three\na log line\n"
+    assert written() == "[rank 3] one\n[rank 3] two\n[rank 3] three\na log line\nraw bytes\n"
     tagged.finish()
-    assert sink.getvalue().endswith("a log line\n[rank 3] no newline\n")
+    assert written().endswith("a log line\nraw bytes\n[rank 3] no newline\n")
 
 
 def forwarded(lines: list[str], is_err: bool = False) -> dict:
