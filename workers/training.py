@@ -25,7 +25,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -45,8 +44,10 @@ from gradwatch.names import TEST_REPORTS_ENV
 from gradwatch.spec import EntrypointTrain, JobSpec, RollbackSpec
 from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
-from workers.heartbeat import BACKWARD, CHECKPOINT, COLLECTIVE, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
+from workers.heartbeat import BACKWARD, CHECKPOINT, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.rewind import BatchLog, replay_batches, replayable
+from workers.run.guard import RECOVERY_STEPS as RECOVERY_STEPS
+from workers.run.guard import GuardedOptimizer, UpdateGuard
 from workers.rundir import LocalRunDir, default_run_dir, write_optimizer
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.system import SystemSampler
@@ -61,9 +62,6 @@ _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")
 _SUSPECT = ("divergence", "exploding_gradients", "loss_spike")
 
 
-# Applied updates in a row that end a stretch of skipped ones; fewer (a finite batch now and then
-# while the loss is inf) do not: the run has not recovered.
-RECOVERY_STEPS = 10
 # A rewind's event lists at most this many skipped batches (the run's history lists them all).
 MAX_LISTED_BATCHES = 64
 
@@ -215,28 +213,6 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-class GuardedOptimizer:
-    """The watched optimizer: `step()` applies the update only when the run said it is safe.
-
-    Everything else is the wrapped optimizer's (`param_groups`, `state_dict`, ...); a learning-rate
-    scheduler takes the wrapped one, `guarded.optimizer`.
-    """
-
-    def __init__(self, run: Run, optimizer: torch.optim.Optimizer):
-        self._run, self.optimizer = run, optimizer
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if not self._run.safe:
-            return None
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str) -> Any:  # param_groups, state, state_dict, ...
-        return getattr(self.optimizer, name)
-
-
 @dataclass
 class _Pending:
     """A reported step waiting for its optimizer update (to measure the update it made)."""
@@ -278,16 +254,10 @@ class Run:
         self.max_steps: int | None = spec.max_steps
         self.step = 0
         self.epoch = 0
-        self.safe = True
-        self.skipped_steps = 0
         self.last_loss = float("nan")  # this rank's loss at the last reported step
-        # a stretch of skipped updates: how many, since when, applied ones since, the last applied (step, loss)
-        self._skipped_in_a_row, self._skipped_since, self._applied_in_a_row = 0, 0, 0
-        self._last_applied: tuple[int, float] | None = None
         self._stop_reason: str | None = None
         self.rollbacks = 0
         self.lr_scale = 1.0
-        self.skip_until_step = 0
         self.first_val_loss: float | None = None
         self.last_val: tuple[float, float | None] | None = None
         self.telemetry: Telemetry | None = None
@@ -307,10 +277,7 @@ class Run:
         self.system: SystemSampler | None = None  # the system metrics' background thread (workers/system.py)
         self._pending: _Pending | None = None
         self._guard_due = False
-        self._stale = False
         self._initial_lrs: list[float] = []
-        self._params: list[torch.Tensor] = []
-        self._float_grads = True
         self._good: dict[str, Any] | None = None
         self._named: dict[str, Any] = {}
         self._begun = False
@@ -327,6 +294,35 @@ class Run:
         self.metrics_url: str | None = None
         # where this rank is in its step, for the hang watch (workers/heartbeat.py)
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
+        # whether each update is safe, and when skipped ones mean the run diverged (workers/run/guard.py)
+        self.guard = UpdateGuard(self.world_size, self.device, self.heartbeat, spec.max_skipped_steps)
+
+    @property
+    def safe(self) -> bool:
+        """Whether the last reported step's update is applied (the same answer on every rank)."""
+        return self.guard.safe
+
+    @safe.setter
+    def safe(self, value: bool) -> None:
+        self.guard.safe = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped so far (non-finite, or in a rollback's skip window)."""
+        return self.guard.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.guard.skipped_steps = value
+
+    @property
+    def skip_until_step(self) -> int:
+        """A rollback skips the updates of the steps before this one."""
+        return self.guard.skip_until_step
+
+    @skip_until_step.setter
+    def skip_until_step(self, value: int) -> None:
+        self.guard.skip_until_step = value
 
     # --------------------------------------------------------------- setup
     def watch(
@@ -367,8 +363,7 @@ class Run:
         if "rewind" in (self.spec.on_spike, self.spec.on_divergence):
             self.telemetry.metrics.rewinds  # noqa: B018 - the series exists before the first rewind
         self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._float_grads = all(p.dtype == torch.float32 for p in self._params)
+        self.guard.attach([p for p in model.parameters() if p.requires_grad], grad_clip)
         self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         if self.rank == 0 and self.run_dir is not None:  # the report names what the training code made
             write_optimizer(self.run_dir, optimizer, scheduler)
@@ -377,7 +372,7 @@ class Run:
         self.telemetry.metrics.registry.register(HeartbeatCollector(self.heartbeat))
         if self.telemetry.hook is not None:  # the hook marks the wait in the gradient all-reduce
             self.telemetry.hook.heartbeat = self.heartbeat
-        return GuardedOptimizer(self, optimizer)
+        return GuardedOptimizer(self.guard, optimizer)
 
     def _begin(self) -> None:
         """First contact of this rank with the job: post the start, count a restart, serve /metrics."""
@@ -471,56 +466,11 @@ class Run:
             self.safe = False
             return False
         tel = self._telemetry()
-        loss_t = self._scalar(loss)
         terms = losses or {}
         for term in terms:
             self._check_name(term, "loss term")
-        param_norms = tel.grad_norms()  # before clipping, measured steps only
-        # One fused norm per parameter; their squares are summed on the host, where the values go anyway.
-        whole = tel.reduced_grad_norm() if param_norms is None else None
-        if param_norms is not None:
-            norms = param_norms
-        elif whole is not None:
-            norms = [whole]
-        else:
-            norms = list(torch._foreach_norm([p.grad for p in self._params if p.grad is not None]))
-        if not self._float_grads:
-            norms = [n.float() for n in norms]
-        # a measured step's |G_small|^2 on this rank, read now: the hook starts the next step's sum
-        local_sq = tel.local_sq()
-        stats = torch.stack(
-            [loss_t, *norms, *(self._scalar(v) for v in terms.values()), *([local_sq] if local_sq is not None else [])]
-        )
-        k, n_terms = 1 + len(norms), len(terms)
-        flagged = False  # whether a rank's non-finite gradient comes as a count (no DDP hook)
-        shared = None
-        if self.world_size > 1:
-            shared = tel.mean_loss()  # [mean loss, ...] over the ranks, carried by DDP's gradient all-reduce
-            if shared is None:  # no DDP hook: one small collective of its own (loss, non-finite gradient flag)
-                norm = torch.linalg.vector_norm(stats[1:k])
-                shared = torch.stack([loss_t / self.world_size, (~torch.isfinite(norm)).float()])
-                self.heartbeat.enter(COLLECTIVE)
-                dist.all_reduce(shared)
-                self.heartbeat.enter(OPTIMIZER)
-                flagged = True
-            if stats.device.type != "cpu":  # one copy to the host (on CPU, two reads cost less than a cat)
-                stats, shared = torch.cat([stats, shared]), None
-        # note: the one CPU-GPU sync of every step: loss and norm decide whether the update is applied
-        values = stats.tolist()
-        loss_value = self.last_loss = values[0]
-        norm_value = math.sqrt(sum(v * v for v in values[1:k]))
-        term_values = dict(zip(terms, values[k : k + n_terms], strict=True))
-        rest = values[k + n_terms :]
-        local_value = rest.pop(0) if local_sq is not None else None
-        shared_values = rest if shared is None else shared.tolist()
-        global_loss = shared_values[0] if shared_values else loss_value
-        grads_finite = math.isfinite(norm_value) and not (flagged and shared_values[1])
-        rolled_back = self._stale or self.step < self.skip_until_step
-        self._stale = False
-        self.safe = grads_finite and math.isfinite(global_loss) and not rolled_back
-        if self.safe and self.grad_clip is not None:
-            total = torch.linalg.vector_norm(stats[1:k])  # on the device: no copy back for the clip
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, total)
+        decision = self.guard.decide(tel, loss, terms, self.step)
+        self.last_loss = decision.loss
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
         n = samples or 0
         if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
@@ -529,31 +479,24 @@ class Run:
                 tel.metrics.job.global_batch.labels(self.job_id).set(samples * self.world_size)
         self._pending = _Pending(
             self.step + 1,
-            loss_value,
-            global_loss,
-            norm_value,
-            values[1:k] if param_norms is not None else None,
-            None if flagged or len(shared_values) < 2 else shared_values[1],  # the hook's mean |G_small|^2
-            term_values,
+            decision.loss,
+            decision.global_loss,
+            decision.grad_norm,
+            decision.param_norms,
+            decision.mean_local_sq,
+            decision.terms,
             n,
             waited,
             lr,
-            self.safe,
+            decision.safe,
             time.perf_counter(),
             before,
-            local_value,
+            decision.local_sq,
         )
         if not self.safe:
-            self.skipped_steps += 1
             self.end_step()  # no update to wait for
             self.heartbeat.enter(DATA, self.step + 1)
         return self.safe
-
-    def _scalar(self, value: torch.Tensor | float) -> torch.Tensor:
-        """`value` as a float32 scalar tensor on the run's device, detached (no copy when it already is one)."""
-        if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device == self.device:
-            return value.detach() if value.dim() == 0 else value.detach().reshape(())
-        return torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
 
     def _updated(self) -> None:
         """The optimizer's step post-hook: the update is made, so the step can be measured and recorded.
@@ -641,43 +584,10 @@ class Run:
         self._guard_due = self.spec.on_divergence != "alert" and bool(tel.monitor.anomalies.get("divergence"))
         if self.spec.on_spike == "rewind" and self._rewind_due is None and tel.monitor.anomalies.get("loss_spike"):
             self._rewind_due = ("loss_spike", p.step)
-        self._stop_reason = self._check_skipped(p.applied, p.global_loss)
+        self._stop_reason = self.guard.check_skipped(self.step, p.applied, p.global_loss)
         self.post_progress(force=self.max_steps is not None and p.step >= self.max_steps)
 
     # -------------------------------------------------------- the guard
-    def _check_skipped(self, applied: bool, loss: float) -> str | None:
-        """Why the run must end, once max_skipped_steps steps passed since an update was first skipped with
-        no recovery (RECOVERY_STEPS applied updates in a row) in between: its weights no longer move."""
-        if self.step < self._skipped_since:  # rolled back to before the stretch: judge afresh
-            self._skipped_in_a_row = 0
-        if self._skipped_in_a_row == 0:  # healthy so far
-            if applied:
-                self._last_applied = (self.step, loss)
-                return None
-            self._skipped_since, self._applied_in_a_row = self.step, 0
-        self._skipped_in_a_row += not applied
-        self._applied_in_a_row = self._applied_in_a_row + 1 if applied else 0
-        if self._applied_in_a_row >= RECOVERY_STEPS:
-            self._skipped_in_a_row, self._last_applied = 0, (self.step, loss)
-            return None
-        steps = self.step - self._skipped_since + 1
-        limit = self.spec.max_skipped_steps
-        if limit is None or steps < limit:
-            return None
-        since, all_skipped = self._skipped_since, self._skipped_in_a_row == steps
-        last = (
-            f"last finite loss{'' if all_skipped else ' before them'} {self._last_applied[1]:.4g} at step "
-            f"{self._last_applied[0]}"
-            if self._last_applied
-            else "no finite loss before them"
-        )
-        if all_skipped:
-            return f"diverged: {steps} consecutive non-finite steps since step {since}; {last}"
-        return (
-            f"diverged: {self._skipped_in_a_row} of the {steps} steps since step {since} were non-finite, "
-            f"never {RECOVERY_STEPS} finite in a row; {last}"
-        )
-
     def _guard(self) -> None:
         tel = self._telemetry()
         if self.spec.on_divergence == "rewind":
@@ -710,7 +620,7 @@ class Run:
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [lr * self.lr_scale for lr in self._initial_lrs]
         self.skip_until_step = self.step + cfg.skip_batches
-        self._stale = True
+        self.guard.stale = True
         tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
         detail = f"diverged at step {bad_step}; back to step {self.step}, lr x{self.lr_scale:g}"
         log.warning("rank %d: %s", self.rank, detail)
@@ -1052,7 +962,7 @@ class Run:
             "mean_step_seconds": step_sum / step_count if step_count else None,
         }
         if reports_for_tests():
-            flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self._params])
+            flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.guard.params])
             report.update(
                 param_sum=float(flat.double().sum()),
                 param_hash=hashlib.sha256(flat.numpy().tobytes()).hexdigest(),

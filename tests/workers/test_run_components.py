@@ -1,0 +1,94 @@
+"""The parts of `Run` (workers/run/), each driven alone in one process: no Ray, no job, no loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradwatch.spec import load_spec
+from tests.conftest import small_spec
+from workers.heartbeat import Heartbeat
+from workers.run.guard import RECOVERY_STEPS, GuardedOptimizer, UpdateGuard
+from workers.telemetry import Telemetry
+
+SPEC = load_spec(small_spec(scaling={"num_workers": 1}, telemetry={"interval": 1000}))
+
+
+def _model_and_telemetry() -> tuple[torch.nn.Linear, Telemetry]:
+    spec = SPEC
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    return model, Telemetry(spec, "gw-parts", 0, 1, model, torch.device("cpu"))
+
+
+def _guard(max_skipped_steps: int | None = 5) -> UpdateGuard:
+    return UpdateGuard(1, torch.device("cpu"), Heartbeat("gw-parts", 0, SPEC.telemetry.hang_after), max_skipped_steps)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.cat(grads)).item()
+
+
+# ------------------------------------------------------------------ the update guard
+def test_the_guard_skips_a_non_finite_gradient_and_the_guarded_optimizer_leaves_the_weights():
+    model, tel = _model_and_telemetry()
+    guard = _guard()
+    guard.attach(list(model.parameters()), grad_clip=None)
+    optimizer = GuardedOptimizer(guard, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(8, 4)
+
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    decision = guard.decide(tel, loss, {"half": loss / 2}, step=0)
+    assert decision.safe and guard.safe and guard.skipped_steps == 0
+    assert decision.loss == pytest.approx(loss.item()) and decision.global_loss == decision.loss
+    assert decision.terms["half"] == pytest.approx(loss.item() / 2)
+    assert decision.grad_norm == pytest.approx(_grad_norm(model), rel=1e-5)
+
+    optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    grad = model.weight.grad
+    assert grad is not None
+    grad[0, 0] = float("nan")
+    decision = guard.decide(tel, loss, {}, step=1)
+    assert not decision.safe and not guard.safe and guard.skipped_steps == 1
+    optimizer.step()  # skipped: the weights stay as they were
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_guard_clips_a_safe_update_and_skips_inside_a_rollback_window():
+    model, tel = _model_and_telemetry()
+    guard = _guard()
+    guard.attach(list(model.parameters()), grad_clip=0.01)
+    (model(torch.randn(8, 4)) * 100).pow(2).mean().backward()
+    assert guard.decide(tel, 1.0, {}, step=0).safe
+    assert _grad_norm(model) == pytest.approx(0.01, rel=1e-3)
+    guard.skip_until_step = 3
+    assert not guard.decide(tel, 1.0, {}, step=2).safe  # a finite step, but inside the skip window
+    assert guard.decide(tel, 1.0, {}, step=3).safe
+    guard.stale = True  # the gradient came from the weights before a rollback
+    assert not guard.decide(tel, 1.0, {}, step=4).safe and not guard.stale
+    assert guard.skipped_steps == 2
+
+
+def test_a_stretch_of_skipped_updates_ends_the_run_unless_it_recovers():
+    guard = _guard(max_skipped_steps=5)
+    assert guard.check_skipped(1, True, 2.5) is None
+    for step in range(2, 6):
+        assert guard.check_skipped(step, False, float("nan")) is None
+    reason = guard.check_skipped(6, False, float("nan"))
+    assert reason == "diverged: 5 consecutive non-finite steps since step 2; last finite loss 2.5 at step 1"
+
+    recovering = _guard(max_skipped_steps=50)
+    recovering.check_skipped(1, False, float("nan"))
+    for step in range(2, 2 + RECOVERY_STEPS):
+        assert recovering.check_skipped(step, True, 1.0) is None
+    # recovered: a later stretch is counted from its own start
+    assert recovering.check_skipped(20, False, float("nan")) is None
+    assert recovering._skipped_since == 20
+
+    unlimited = _guard(max_skipped_steps=None)
+    assert all(unlimited.check_skipped(step, False, float("inf")) is None for step in range(1, 200))
