@@ -31,7 +31,7 @@ import httpx
 
 from gradwatch.names import DEFAULT_RAY_DASHBOARD_PORT, RAY_TRAIN_ENV
 from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, SpecError, format_duration, load_spec, overran
-from gradwatch.status import RunResult, RunStatus, read_result, write_atomic
+from gradwatch.status import RunResult, read_result, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
 from service.store.store import Job, JobNotFound, Store, TransitionRefused, demand_of
@@ -424,10 +424,6 @@ class Launcher:
         return text[offset : offset + limit]
 
     # ------------------------------------------------------------ following
-    def _status(self, job: Job) -> RunStatus | None:
-        """The driver's latest status, as it pushed it (the store keeps the last push)."""
-        return job.last_status()
-
     def _result(self, job: Job) -> RunResult | None:
         """The driver's result as it pushed it; else, where the run folder is shared, the result.json it
         wrote when the push could not be delivered (the driver logs that it could not)."""
@@ -435,7 +431,7 @@ class Launcher:
 
     def _follow(self, job: Job) -> None:
         now = time.time()
-        status = self._status(job)  # the store already holds it, with its world size: nothing to copy
+        status = job.last_status()  # the driver's last push, with its world size: nothing to copy
         if status is not None and (status.endpoints or (status.step or 0) > 0):
             self._placed_at.setdefault(job.id, now)
         sid = job.ray_submission_id or job.id
@@ -501,7 +497,7 @@ class Launcher:
     def _finish(self, job: Job, state: str, reason: str, result: RunResult | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        status = self._status(self.store.get_job(job.id))
+        status = self.store.get_job(job.id).last_status()
         if status is not None:  # an ended job has no live endpoints and waits for nothing
             fields["run_status"] = status.model_copy(update={"endpoints": [], "waiting": None}).model_dump(mode="json")
         if result is not None:
