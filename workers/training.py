@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -48,6 +47,8 @@ from workers.heartbeat import BACKWARD, CHECKPOINT, DATA, OPTIMIZER, Heartbeat, 
 from workers.rewind import BatchLog, replay_batches, replayable
 from workers.run.guard import RECOVERY_STEPS as RECOVERY_STEPS
 from workers.run.guard import GuardedOptimizer, UpdateGuard
+from workers.run.recording import MAX_NAMED_SERIES as MAX_NAMED_SERIES
+from workers.run.recording import Pending, Recorder
 from workers.rundir import LocalRunDir, default_run_dir, write_optimizer
 from workers.session import LocalSession, RayTrainSession, Session
 from workers.system import SystemSampler
@@ -56,8 +57,6 @@ from workers.telemetry import Telemetry
 log = logging.getLogger("gradwatch.training")
 
 STATE_FILE = "state.pt"
-MAX_NAMED_SERIES = 16  # named loss terms and custom scalars together, per rank: series stay bounded
-_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$")
 # While one of these holds, the weights are suspect: a checkpoint is saved but not kept as the rollback target.
 _SUSPECT = ("divergence", "exploding_gradients", "loss_spike")
 
@@ -213,26 +212,6 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-@dataclass
-class _Pending:
-    """A reported step waiting for its optimizer update (to measure the update it made)."""
-
-    step: int
-    loss: float
-    global_loss: float
-    grad_norm: float
-    param_norms: list[float] | None
-    mean_local_sq: float | None
-    terms: dict[str, float]
-    samples: int
-    waited: float
-    lr: float
-    applied: bool
-    ended: float  # when the step was over: its update made, or its skip decided
-    before: list[torch.Tensor] | None  # a measured step's weights before its update
-    local_sq: float | None  # a measured step's |G_small|^2 on this rank (from the DDP hook)
-
-
 class Run:
     """One rank's view of a training run: what it measured, what it decided, where it stands."""
 
@@ -258,8 +237,6 @@ class Run:
         self._stop_reason: str | None = None
         self.rollbacks = 0
         self.lr_scale = 1.0
-        self.first_val_loss: float | None = None
-        self.last_val: tuple[float, float | None] | None = None
         self.telemetry: Telemetry | None = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -275,17 +252,16 @@ class Run:
         self._in_step = False
         self._batch_in_epoch = 0  # run.batches(): batches taken from the current epoch
         self.system: SystemSampler | None = None  # the system metrics' background thread (workers/system.py)
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
+        # the steps' recording, the validation results and the named series (workers/run/recording.py)
+        self.recorder = Recorder(self._telemetry, self.world_size, self.device)
         self._guard_due = False
         self._initial_lrs: list[float] = []
         self._good: dict[str, Any] | None = None
-        self._named: dict[str, Any] = {}
         self._begun = False
         self._finished = False
         self._resumed_step: int | None = None
-        self._samples = 0
         self._t_start = time.time()
-        self._mark = time.perf_counter()
         self._last_post = 0.0
         self._sd_file: Path | None = None
         # start() outside a job: the ranks write the run directory themselves (rank 0's local_dir), no driver
@@ -296,6 +272,20 @@ class Run:
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
         # whether each update is safe, and when skipped ones mean the run diverged (workers/run/guard.py)
         self.guard = UpdateGuard(self.world_size, self.device, self.heartbeat, spec.max_skipped_steps)
+
+    @property
+    def first_val_loss(self) -> float | None:
+        """The run's first validation loss (kept across checkpoints)."""
+        return self.recorder.first_val_loss
+
+    @first_val_loss.setter
+    def first_val_loss(self, value: float | None) -> None:
+        self.recorder.first_val_loss = value
+
+    @property
+    def last_val(self) -> tuple[float, float | None] | None:
+        """The last validation result: (loss, accuracy or None)."""
+        return self.recorder.last_val
 
     @property
     def safe(self) -> bool:
@@ -400,7 +390,7 @@ class Run:
             metrics = self.metrics_url or "not served (serve_metrics is off)"
             where = self.run_dir if self.run_dir is not None else "none"
             print(f"gradwatch: job {self.job_id} metrics {metrics} run directory {where}", file=sys.stderr, flush=True)
-        self._mark = time.perf_counter()
+        self.recorder.restart_clock()
         self.heartbeat.enter(DATA, self.step + 1)
         self.heartbeat.start(self.board, self.session.node_id(), self.session.node_address())
 
@@ -468,16 +458,16 @@ class Run:
         tel = self._telemetry()
         terms = losses or {}
         for term in terms:
-            self._check_name(term, "loss term")
+            self.recorder.check_name(term, "loss term")
         decision = self.guard.decide(tel, loss, terms, self.step)
         self.last_loss = decision.loss
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
         n = samples or 0
-        if samples and not self._samples:  # the noise scale's small batch: what one rank's step sees
+        if samples and not self.recorder.samples:  # the noise scale's small batch: what one rank's step sees
             tel.batch_size = samples
             if tel.metrics.job is not None:
                 tel.metrics.job.global_batch.labels(self.job_id).set(samples * self.world_size)
-        self._pending = _Pending(
+        self._pending = Pending(
             self.step + 1,
             decision.loss,
             decision.global_loss,
@@ -558,29 +548,11 @@ class Run:
             self.finish(error=reason)  # the result keeps the run's last step, phases and anomalies
             raise DivergenceStop(reason)
 
-    def _record(self, p: _Pending) -> None:
+    def _record(self, p: Pending) -> None:
         self._pending = None
         tel = self._telemetry()
-        seconds, self._mark = max(0.0, p.ended - self._mark - p.waited), p.ended
         self.step = p.step
-        self._samples += p.samples
-        tel.end_step(
-            p.step,
-            self.epoch,
-            loss=p.loss,
-            global_loss=p.global_loss,
-            grad_norm=p.grad_norm,
-            param_grad_norms=p.param_norms,
-            mean_local_sq=p.mean_local_sq,
-            local_sq=p.local_sq,
-            before=p.before,
-            lr=p.lr,
-            samples=p.samples,
-            seconds=seconds,
-            applied=p.applied,
-        )
-        for term, value in p.terms.items():
-            self._gauge("term", term).set(value)
+        self.recorder.record(p, self.epoch)
         self._guard_due = self.spec.on_divergence != "alert" and bool(tel.monitor.anomalies.get("divergence"))
         if self.spec.on_spike == "rewind" and self._rewind_due is None and tel.monitor.anomalies.get("loss_spike"):
             self._rewind_due = ("loss_spike", p.step)
@@ -644,55 +616,14 @@ class Run:
         """A validation result at the current step. With `reduce`, every rank calls it and the mean over
         ranks is what counts; else pass the same (already reduced) value on every rank."""
         self.end_step()
-        tel = self._telemetry()
-        if reduce and self.world_size > 1:
-            values = torch.tensor(
-                [loss, -1.0 if accuracy is None else accuracy], dtype=torch.float64, device=self.device
-            )
-            dist.all_reduce(values)
-            loss, acc = (values / self.world_size).tolist()
-            accuracy = None if accuracy is None else acc
-        if self.first_val_loss is None:
-            self.first_val_loss = loss
-        self.last_val = (loss, accuracy)
-        tel.observe_validation(self.step, loss, accuracy)
+        self.recorder.validation(self.step, loss, accuracy, reduce=reduce)
         self.post_progress(force=True)
 
     def log(self, **scalars: float) -> None:
         """Custom scalars, one gauge each (`gradwatch_scalar{name}`), per rank; at most
         MAX_NAMED_SERIES names with the loss terms. Rank 0's also go to the history, one line a call
         (`{"step", "event": "scalars", "scalars": {...}}`)."""
-        values: dict[str, float] = {}
-        for name, value in scalars.items():
-            self._check_name(name, "scalar")
-            try:
-                values[name] = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"run.log({name}=...): give a number, got {type(value).__name__}") from None
-            self._gauge("scalar", name).set(values[name])
-        if values:  # the history (rank 0's) keeps them with the step: `gradwatch report` and replays read them
-            self._telemetry().record_event({"step": self.step, "event": "scalars", "scalars": values})
-
-    def _check_name(self, name: str, what: str) -> None:
-        if name in self._named or f"term:{name}" in self._named or f"scalar:{name}" in self._named:
-            return
-        if not _NAME.match(name):
-            raise ValueError(
-                f"{what} name {name!r}: use letters, digits and '_' (a Prometheus label value "
-                "that reads well), at most 63 characters"
-            )
-        if len(self._named) >= MAX_NAMED_SERIES:
-            raise ValueError(
-                f"{what} {name!r} would be named series number {len(self._named) + 1}: gradwatch keeps "
-                f"at most {MAX_NAMED_SERIES} named losses and scalars per run so the series stay "
-                f"bounded (have: {', '.join(sorted(self._named))})"
-            )
-
-    def _gauge(self, kind: str, name: str) -> Any:
-        key = f"{kind}:{name}"
-        if key not in self._named:
-            self._named[key] = self._telemetry().metrics.named(kind, name)
-        return self._named[key]
+        self.recorder.log(self.step, scalars)
 
     # ------------------------------------------------ system metrics
     def tokens(self, count: int) -> None:
@@ -890,7 +821,7 @@ class Run:
                 "val_accuracy": self.last_val[1] if self.last_val else None,
                 "grad_norm": last.get("grad_norm"),
                 "lr": last.get("lr"),
-                "samples_per_second": self._samples * self.world_size / max(now - self._t_start, 1e-9),
+                "samples_per_second": self.recorder.samples * self.world_size / max(now - self._t_start, 1e-9),
                 "phase": monitor.phase,
                 "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
                 "rollbacks": self.rollbacks,

@@ -9,6 +9,7 @@ from gradwatch.spec import load_spec
 from tests.conftest import small_spec
 from workers.heartbeat import Heartbeat
 from workers.run.guard import RECOVERY_STEPS, GuardedOptimizer, UpdateGuard
+from workers.run.recording import MAX_NAMED_SERIES, Pending, Recorder
 from workers.telemetry import Telemetry
 
 SPEC = load_spec(small_spec(scaling={"num_workers": 1}, telemetry={"interval": 1000}))
@@ -92,3 +93,44 @@ def test_a_stretch_of_skipped_updates_ends_the_run_unless_it_recovers():
 
     unlimited = _guard(max_skipped_steps=None)
     assert all(unlimited.check_skipped(step, False, float("inf")) is None for step in range(1, 200))
+
+
+# ------------------------------------------------------------------ recording
+def _no_telemetry() -> Telemetry:
+    raise RuntimeError("call run.watch(model, optimizer) first")
+
+
+def test_the_recorder_records_a_step_its_terms_and_the_validation_into_the_telemetry(tmp_path):
+    _, tel = _model_and_telemetry()
+    recorder = Recorder(lambda: tel, 1, torch.device("cpu"))
+    recorder.check_name("recon", "loss term")
+    pending = Pending(1, 0.5, 0.5, 2.0, None, None, {"recon": 0.25}, 32, 0.0, 0.1, True, 0.0, None, None)
+    recorder.record(pending, epoch=0)
+    recorder.validation(1, 0.75, 0.5, reduce=True)  # one rank: nothing to reduce
+    recorder.validation(2, 0.5, None, reduce=False)
+    recorder.log(2, {"temperature": 3})
+    tel.flush()
+    registry, labels = tel.metrics.registry, {"job_id": "gw-parts", "rank": "0"}
+    assert registry.get_sample_value("gradwatch_step", labels) == 1
+    assert registry.get_sample_value("gradwatch_loss", {**labels, "split": "train"}) == 0.5
+    assert recorder.samples == 32
+    assert recorder.first_val_loss == 0.75 and recorder.last_val == (0.5, None)
+    assert registry.get_sample_value("gradwatch_loss_term", {**labels, "term": "recon"}) == 0.25
+    assert registry.get_sample_value("gradwatch_scalar", {**labels, "name": "temperature"}) == 3.0
+
+
+def test_the_recorder_refuses_bad_names_and_more_than_the_bounded_number_of_series():
+    recorder = Recorder(_no_telemetry, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="name 'bad-name': use letters, digits and '_'"):
+        recorder.check_name("bad-name", "scalar")
+    with pytest.raises(ValueError, match=r"run.log\(lr=...\): give a number, got str"):
+        Recorder(lambda: _model_and_telemetry()[1], 1, torch.device("cpu")).log(0, {"lr": "high"})
+    with pytest.raises(RuntimeError, match="run.watch"):  # a series needs the telemetry
+        recorder.gauge("scalar", "x")
+    _, tel = _model_and_telemetry()
+    full = Recorder(lambda: tel, 1, torch.device("cpu"))
+    for i in range(MAX_NAMED_SERIES):
+        full.gauge("scalar", f"s{i}")
+    full.check_name("s0", "scalar")  # a known name is fine
+    with pytest.raises(ValueError, match=f"named series number {MAX_NAMED_SERIES + 1}"):
+        full.check_name("one_more", "loss term")
