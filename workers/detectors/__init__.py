@@ -452,9 +452,9 @@ class OverfittingDetector:
     falling; a rise twice that size needs one evaluation fewer (a Whisper fine-tune evaluated every 1000
     steps whose eval loss goes 0.32, 0.36, 0.39 is overfitting at the third, not the fourth). That fast
     path is for a run that will have few evaluations: when `max_steps` and the evaluations' spacing say
-    twice `_FEW_EVALS` or more are planned, it waits for the noise. A rise under `overfit_min_rise`
-    counts when it is monotone over `overfit_evals` + 1 evaluations and beyond noise (`_creeping`). Holds
-    until the validation loss comes back.
+    twice `_FEW_EVALS` or more are planned, it waits for the noise. In a run of fewer than that, a rise
+    under `overfit_min_rise` counts when it is monotone over `overfit_evals` + 1 evaluations and beyond
+    noise (`_creeping`). Holds until the validation loss comes back.
     """
 
     def __init__(self, spec: DetectorSpec) -> None:
@@ -484,12 +484,12 @@ class OverfittingDetector:
         if len(self.values) >= 3:
             a, b, c = self.values[-3], self.values[-2], self.values[-1]
             self.curvature.append(abs(c - 2.0 * b + a))
+        planned = self.count  # the evaluations the run will have, when its length and their spacing say
+        if step is not None and max_steps is not None and gap is not None and gap > 0:
+            planned += max(0, max_steps - step) // gap
         if self.count < _FEW_EVALS:
             # a run that will have many evaluations waits for their noise: enough are left to judge with
-            if step is not None and max_steps is not None and gap is not None and gap > 0:
-                if self.count + (max_steps - step) // gap >= 2 * _FEW_EVALS:
-                    return _QUIET
-            return self._few(val_loss, train_ema)
+            return _QUIET if planned >= 2 * _FEW_EVALS else self._few(val_loss, train_ema)
         # |x_i - 2 x_{i-1} + x_{i-2}| of iid noise has median 0.6745 * sqrt(6) * sigma
         noise = _median_sorted(sorted(self.curvature)) * _MAD_TO_SIGMA / math.sqrt(6.0)
         upper, lower = val_loss + self.sigmas * noise, val_loss - self.sigmas * noise
@@ -507,7 +507,9 @@ class OverfittingDetector:
                 f"val loss {val_loss:.4g} is above its best level {best:.4g} for {self.streak} "
                 f"evaluations while the train loss kept falling",
             )
-        return self._creeping(val_loss, train_ema)
+        # with few evaluations their noise cannot be told from the curve's own bend and a monotone rise is
+        # the evidence; with more, the noise is measured and a monotone run of noise turns up by chance
+        return self._creeping(val_loss, train_ema) if planned < 2 * _FEW_EVALS else _QUIET
 
     def _creeping(self, val_loss: float, train_ema: float | None) -> Finding:
         """A slow rise under `overfit_min_rise` of the best level (yet at least that share of the fall from
