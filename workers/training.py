@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
 from workers.heartbeat import BACKWARD, CHECKPOINT, DATA, OPTIMIZER, Heartbeat, HeartbeatCollector
 from workers.rewind import BatchLog, replay_batches, replayable
+from workers.run.checkpoints import STATE_FILE as STATE_FILE
+from workers.run.checkpoints import Checkpoints
 from workers.run.guard import RECOVERY_STEPS as RECOVERY_STEPS
 from workers.run.guard import GuardedOptimizer, UpdateGuard
 from workers.run.recording import MAX_NAMED_SERIES as MAX_NAMED_SERIES
@@ -55,10 +56,6 @@ from workers.system import SystemSampler
 from workers.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.training")
-
-STATE_FILE = "state.pt"
-# While one of these holds, the weights are suspect: a checkpoint is saved but not kept as the rollback target.
-_SUSPECT = ("divergence", "exploding_gradients", "loss_spike")
 
 
 # A rewind's event lists at most this many skipped batches (the run's history lists them all).
@@ -235,17 +232,12 @@ class Run:
         self.epoch = 0
         self.last_loss = float("nan")  # this rank's loss at the last reported step
         self._stop_reason: str | None = None
-        self.rollbacks = 0
-        self.lr_scale = 1.0
         self.telemetry: Telemetry | None = None
-        self.model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: Any = None
         self.grad_clip: float | None = None
         self.on_rollback: Callable[[dict[str, Any]], None] | None = None
-        # rewind-and-skip (workers/rewind.py): the batches fed per step, those left out, and the rewind to make
-        self.batch_log = BatchLog()
-        self.rewinds = 0
+        # the model, optimizer and scheduler with their checkpoints, rollbacks and rewinds (workers/run/checkpoints.py)
+        self.checkpoints = Checkpoints(session, self.rank, self.device)
+        # rewind-and-skip (workers/rewind.py): the rewind to make
         self._rewind_due: tuple[str, int] | None = None  # (the anomaly, the step it was seen at)
         # between a step's first gradwatch call and its decision: a rewind waits for the decision (loading the
         # weights before the backward would change tensors that the backward still needs)
@@ -256,8 +248,6 @@ class Run:
         # the steps' recording, the validation results and the named series (workers/run/recording.py)
         self.recorder = Recorder(self._telemetry, self.world_size, self.device)
         self._guard_due = False
-        self._initial_lrs: list[float] = []
-        self._good: dict[str, Any] | None = None
         self._begun = False
         self._finished = False
         self._resumed_step: int | None = None
@@ -272,6 +262,41 @@ class Run:
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
         # whether each update is safe, and when skipped ones mean the run diverged (workers/run/guard.py)
         self.guard = UpdateGuard(self.world_size, self.device, self.heartbeat, spec.max_skipped_steps)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The watched model (as given to `watch()`: a DDP model stays one)."""
+        return self.checkpoints.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The watched torch optimizer (under any wrappers it came in)."""
+        return self.checkpoints.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        """The watched learning-rate scheduler, if any."""
+        return self.checkpoints.scheduler
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks so far (kept across checkpoints)."""
+        return self.checkpoints.rollbacks
+
+    @property
+    def lr_scale(self) -> float:
+        """What the rollbacks scaled the learning rate by."""
+        return self.checkpoints.lr_scale
+
+    @property
+    def rewinds(self) -> int:
+        """Rewinds so far (kept across checkpoints)."""
+        return self.checkpoints.rewinds
+
+    @property
+    def batch_log(self) -> BatchLog:
+        """The batches fed per step and those a rewind left out (workers/rewind.py)."""
+        return self.checkpoints.batch_log
 
     @property
     def first_val_loss(self) -> float | None:
@@ -352,13 +377,13 @@ class Run:
         )
         if "rewind" in (self.spec.on_spike, self.spec.on_divergence):
             self.telemetry.metrics.rewinds  # noqa: B018 - the series exists before the first rewind
-        self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        self.checkpoints.attach(model, optimizer, scheduler)
+        self.grad_clip = grad_clip
         self.guard.attach([p for p in model.parameters() if p.requires_grad], grad_clip)
-        self._initial_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         if self.rank == 0 and self.run_dir is not None:  # the report names what the training code made
             write_optimizer(self.run_dir, optimizer, scheduler)
         optimizer.register_step_post_hook(lambda *_: self._updated())
-        self._good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
+        self.checkpoints.good = self._snapshot(extra={})  # a rollback before the first checkpoint starts over
         self.telemetry.metrics.registry.register(HeartbeatCollector(self.heartbeat))
         if self.telemetry.hook is not None:  # the hook marks the wait in the gradient all-reduce
             self.telemetry.hook.heartbeat = self.heartbeat
@@ -581,16 +606,9 @@ class Run:
             )
             self._failed(reason)
             raise DivergenceStop(reason)
-        assert self._good is not None and self.optimizer is not None
-        bad_step, good = self.step, self._good
-        self.rollbacks += 1
-        self.lr_scale *= cfg.lr_factor
-        self._load(good)
-        ratio = self.lr_scale / good["lr_scale"]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= ratio
-        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-            self.scheduler.base_lrs = [lr * self.lr_scale for lr in self._initial_lrs]
+        bad_step = self.step
+        good = self.checkpoints.rollback(cfg)  # the weights, optimizer and scheduler, the learning rate lowered
+        self._load_position(good)
         self.skip_until_step = self.step + cfg.skip_batches
         self.guard.stale = True
         tel.metrics.rollbacks.labels(self.job_id, str(self.rank)).inc()
@@ -685,11 +703,8 @@ class Run:
             )
             self.finish(error=reason)  # the result keeps the run's last step, phases and anomalies
             raise DivergenceStop(reason)
-        assert self._good is not None
-        good = self._good
-        left_out = self.batch_log.rewind(good["step"], seen_at, cfg.skip_steps)
-        self.rewinds += 1
-        self._load(good)
+        good, left_out = self.checkpoints.rewind(seen_at, cfg.skip_steps)
+        self._load_position(good)
         mine = [b.describe() for b in left_out]
         everyone: list[Any] = [mine]
         if self.world_size > 1:  # every rank rewinds at the same step (the detectors see all-reduced losses)
@@ -726,32 +741,22 @@ class Run:
 
     # ----------------------------------------------------- checkpoints
     def _snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
-        assert self.model is not None and self.optimizer is not None
-        inner: torch.nn.Module = getattr(self.model, "module", self.model)  # DDP's wrapped model, or the model
-        return {
-            "model": copy.deepcopy(inner.state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+        position = {
             "step": self.step,
             "epoch": self.epoch,
-            "lr_scale": self.lr_scale,
-            "rollbacks": self.rollbacks,
             "skipped_steps": self.skipped_steps,
             "first_val_loss": self.first_val_loss,
             "detectors": self.telemetry.detector_state() if self.telemetry else None,
-            "extra": copy.deepcopy(extra),
             "batch_in_epoch": self._batch_in_epoch,
-            "rewinds": self.rewinds,
-            "batch_log": self.batch_log.state_dict(),
         }
+        return self.checkpoints.snapshot(position, extra)
 
     def _load(self, state: dict[str, Any]) -> None:
-        assert self.model is not None and self.optimizer is not None
-        inner: torch.nn.Module = getattr(self.model, "module", self.model)
-        inner.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.checkpoints.load_weights(state)
+        self._load_position(state)
+
+    def _load_position(self, state: dict[str, Any]) -> None:
+        """Where the run stands as `state` has it: step, epoch, the detectors, the place in the epoch."""
         self.step, self.epoch = state["step"], state["epoch"]
         self._pending = None
         if self.telemetry is not None:  # the detectors go on from the checkpoint's state, remembering since
@@ -765,36 +770,25 @@ class Run:
         self.heartbeat.enter(CHECKPOINT)
         tel = self._telemetry()
         state = self._snapshot(extra or {})
-        if not any(tel.monitor.anomalies.get(k) for k in _SUSPECT):
-            self._good = state  # every rank keeps the last good state in memory: a rollback must not wait on storage
-        checkpoint_dir = None
-        if self.rank == 0:
-            checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradwatch-ckpt-"))
-            torch.save(state, checkpoint_dir / STATE_FILE)
         metrics = {
             "step": self.step,
             "train_loss": tel.last.get("loss"),
             "val_loss": self.last_val[0] if self.last_val else None,
         }
-        self.session.report(metrics, checkpoint_dir)
+        self.checkpoints.save(state, tel.monitor.anomalies, metrics)
         self.heartbeat.enter(DATA)
 
     def restore(self) -> dict[str, Any] | None:
         """Load the latest checkpoint (after a worker-group restart) into the watched model, optimizer and
         scheduler; returns the `extra` state saved with it, or None when the run starts fresh."""
         self._telemetry()
-        with self.session.latest_checkpoint_dir() as path:
-            if path is None:
-                self._begin()
-                return None
-            # weights_only: a checkpoint in shared storage is data, never code to unpickle.
-            state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
+        state = self.checkpoints.latest()
+        if state is None:
+            self._begin()
+            return None
         self._load(state)
-        self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
+        self.checkpoints.resume(state)
         self.skipped_steps, self.first_val_loss = state["skipped_steps"], state["first_val_loss"]
-        self._good = state
-        self.rewinds = state.get("rewinds", 0)
-        self.batch_log.load_state_dict(state.get("batch_log"))
         self._resumed_step = self.step
         self._begin()
         return state["extra"]

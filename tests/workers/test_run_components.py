@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradwatch.spec import load_spec
+from gradwatch.spec import RollbackSpec, load_spec
 from tests.conftest import small_spec
 from workers.heartbeat import Heartbeat
+from workers.run.checkpoints import STATE_FILE, Checkpoints
 from workers.run.guard import RECOVERY_STEPS, GuardedOptimizer, UpdateGuard
 from workers.run.recording import MAX_NAMED_SERIES, Pending, Recorder
+from workers.session import LocalSession
 from workers.telemetry import Telemetry
 
 SPEC = load_spec(small_spec(scaling={"num_workers": 1}, telemetry={"interval": 1000}))
@@ -134,3 +136,72 @@ def test_the_recorder_refuses_bad_names_and_more_than_the_bounded_number_of_seri
     full.check_name("s0", "scalar")  # a known name is fine
     with pytest.raises(ValueError, match=f"named series number {MAX_NAMED_SERIES + 1}"):
         full.check_name("one_more", "loss term")
+
+
+# ------------------------------------------------------------------ checkpoints, rollback, rewind
+def _watched(tmp_path) -> tuple[torch.nn.Linear, Checkpoints, LocalSession]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
+    session = LocalSession(tmp_path / "ckpt")
+    checkpoints = Checkpoints(session, 0, torch.device("cpu"))
+    checkpoints.attach(model, optimizer, scheduler)
+    return model, checkpoints, session
+
+
+def _train_a_step(model: torch.nn.Linear, checkpoints: Checkpoints) -> None:
+    assert checkpoints.optimizer is not None
+    checkpoints.optimizer.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    checkpoints.optimizer.step()
+
+
+def test_a_saved_checkpoint_is_read_back_and_a_suspect_one_is_not_the_rollback_target(tmp_path):
+    model, checkpoints, session = _watched(tmp_path)
+    assert checkpoints.latest() is None
+    _train_a_step(model, checkpoints)
+    state = checkpoints.snapshot({"step": 7, "epoch": 1}, {"note": "mine"})
+    checkpoints.save(state, {}, {"step": 7})
+    assert checkpoints.good is state and session.reports == [{"step": 7}]
+    suspect = checkpoints.snapshot({"step": 9, "epoch": 1}, {})
+    checkpoints.save(suspect, {"loss_spike": True}, {"step": 9})
+    assert checkpoints.good is state  # saved, but the weights are suspect: not where a rollback goes
+    read = checkpoints.latest()
+    assert read is not None and read["step"] == 9 and read["extra"] == {}
+    assert torch.equal(read["model"]["weight"], model.weight.detach())
+    assert (tmp_path / "ckpt" / "checkpoint_000001" / STATE_FILE).is_file()
+
+
+def test_a_rollback_restores_the_good_weights_and_lowers_the_learning_rate(tmp_path):
+    model, checkpoints, _ = _watched(tmp_path)
+    checkpoints.good = checkpoints.snapshot({"step": 0, "epoch": 0}, {})
+    good_weight = model.weight.detach().clone()
+    _train_a_step(model, checkpoints)
+    assert not torch.equal(model.weight, good_weight)
+    back = checkpoints.rollback(RollbackSpec(lr_factor=0.5))
+    assert back["step"] == 0 and torch.equal(model.weight, good_weight)
+    assert checkpoints.rollbacks == 1 and checkpoints.lr_scale == 0.5
+    assert checkpoints.optimizer is not None and checkpoints.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert checkpoints.scheduler.base_lrs == [pytest.approx(0.05)]
+    checkpoints.rollback(RollbackSpec(lr_factor=0.5))  # the good state had scale 1: the lr is scaled from it
+    assert checkpoints.lr_scale == 0.25 and checkpoints.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_a_rewind_goes_back_to_the_good_state_and_leaves_out_the_batches_before_the_anomaly(tmp_path):
+    model, checkpoints, _ = _watched(tmp_path)
+    for step in range(1, 4):
+        checkpoints.batch_log.fed(step, epoch=0, batch=step - 1, indices=[step])
+    checkpoints.good = checkpoints.snapshot({"step": 3, "epoch": 0}, {})
+    good_weight = model.weight.detach().clone()
+    for step in range(4, 7):
+        checkpoints.batch_log.fed(step, epoch=0, batch=step - 1, indices=[step])
+        _train_a_step(model, checkpoints)
+    back, left_out = checkpoints.rewind(seen_at=6, skip_steps=2)
+    assert back["step"] == 3 and torch.equal(model.weight, good_weight) and checkpoints.rewinds == 1
+    assert [b.step for b in left_out] == [5, 6]
+    assert checkpoints.batch_log.skips(0, 4) and checkpoints.batch_log.skips(0, 5)
+    assert not checkpoints.batch_log.skips(0, 3)
+    resumed = Checkpoints(LocalSession(tmp_path / "other"), 0, torch.device("cpu"))
+    resumed.resume(checkpoints.snapshot({"step": 3, "epoch": 0}, {}))
+    assert resumed.rewinds == 1 and resumed.batch_log.skipped == {(0, 4), (0, 5)}
