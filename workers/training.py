@@ -22,10 +22,8 @@ loop (workers/loop.py) runs on this same API.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +36,6 @@ import torch
 import torch.distributed as dist
 
 from gradwatch.ids import new_job_id
-from gradwatch.names import TEST_REPORTS_ENV
 from gradwatch.spec import EntrypointTrain, JobSpec, RollbackSpec
 from gradwatch.spec_telemetry import TelemetrySpec
 from workers.board import BoardClient
@@ -48,6 +45,8 @@ from workers.run.checkpoints import STATE_FILE as STATE_FILE
 from workers.run.checkpoints import Checkpoints
 from workers.run.guard import RECOVERY_STEPS as RECOVERY_STEPS
 from workers.run.guard import GuardedOptimizer, UpdateGuard
+from workers.run.progress import Progress, rank_report
+from workers.run.progress import reports_for_tests as reports_for_tests
 from workers.run.recording import MAX_NAMED_SERIES as MAX_NAMED_SERIES
 from workers.run.recording import Pending, Recorder
 from workers.rundir import LocalRunDir, default_run_dir, write_optimizer
@@ -60,12 +59,6 @@ log = logging.getLogger("gradwatch.training")
 
 # A rewind's event lists at most this many skipped batches (the run's history lists them all).
 MAX_LISTED_BATCHES = 64
-
-
-def reports_for_tests() -> bool:
-    """Whether the test hook (gradwatch.names.TEST_REPORTS_ENV) is on: normal jobs neither copy their
-    parameters to the host for a fingerprint nor keep sample indices."""
-    return os.environ.get(TEST_REPORTS_ENV) == "1"
 
 
 class DivergenceStop(RuntimeError):
@@ -249,19 +242,33 @@ class Run:
         self.recorder = Recorder(self._telemetry, self.world_size, self.device)
         self._guard_due = False
         self._begun = False
-        self._finished = False
         self._resumed_step: int | None = None
-        self._t_start = time.time()
-        self._last_post = 0.0
         self._sd_file: Path | None = None
-        # start() outside a job: the ranks write the run directory themselves (rank 0's local_dir), no driver
-        self.own_run_dir = False
-        self.local_dir: LocalRunDir | None = None
+        # progress and the end, for the driver or rank 0's own run directory (workers/run/progress.py)
+        self.progress = Progress(self.rank, self.world_size, board)
         self.metrics_url: str | None = None
         # where this rank is in its step, for the hang watch (workers/heartbeat.py)
         self.heartbeat = Heartbeat(job_id, self.rank, spec.telemetry.hang_after)
         # whether each update is safe, and when skipped ones mean the run diverged (workers/run/guard.py)
         self.guard = UpdateGuard(self.world_size, self.device, self.heartbeat, spec.max_skipped_steps)
+
+    @property
+    def own_run_dir(self) -> bool:
+        """start() outside a job: the ranks write the run directory themselves (rank 0's local_dir), no driver."""
+        return self.progress.own_run_dir
+
+    @own_run_dir.setter
+    def own_run_dir(self, value: bool) -> None:
+        self.progress.own_run_dir = value
+
+    @property
+    def local_dir(self) -> LocalRunDir | None:
+        """Rank 0's run directory when the ranks write it themselves (start() outside a job)."""
+        return self.progress.local_dir
+
+    @local_dir.setter
+    def local_dir(self, value: LocalRunDir | None) -> None:
+        self.progress.local_dir = value
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -796,30 +803,17 @@ class Run:
     # -------------------------------------------------------- progress
     def post_progress(self, force: bool = False) -> None:
         """Rank 0 tells the job's driver how far it got (at most twice a second unless forced)."""
-        if self.rank != 0 or self.board is None or self.telemetry is None:
+        if self.telemetry is None:
             return
-        now = time.time()
-        if not force and now - self._last_post < 0.5:
-            return
-        self._last_post = now
-        monitor, last = self.telemetry.monitor, self.telemetry.last
-        self.board.post_progress(
-            {
-                "step": self.step,
-                "max_steps": self.max_steps,
-                "epoch": self.epoch,
-                "world_size": self.world_size,
-                "train_loss": last.get("global_loss", last.get("loss")),
-                "loss_ema": monitor.loss_ema,
-                "val_loss": self.last_val[0] if self.last_val else None,
-                "val_accuracy": self.last_val[1] if self.last_val else None,
-                "grad_norm": last.get("grad_norm"),
-                "lr": last.get("lr"),
-                "samples_per_second": self.recorder.samples * self.world_size / max(now - self._t_start, 1e-9),
-                "phase": monitor.phase,
-                "anomalies": {k: v for k, v in monitor.anomalies.items() if v},
-                "rollbacks": self.rollbacks,
-            }
+        self.progress.post(
+            self.telemetry,
+            step=self.step,
+            max_steps=self.max_steps,
+            epoch=self.epoch,
+            last_val=self.last_val,
+            samples=self.recorder.samples,
+            rollbacks=self.rollbacks,
+            force=force,
         )
 
     # ------------------------------------------------------------ end
@@ -855,45 +849,14 @@ class Run:
             },
         }
         mine = {**self.rank_report(), **(report or {})}
-        if self.board and not self._finished:
-            self.board.post_rank_report(self.rank, mine)
-            if self.rank == 0:
-                self.post_progress(force=True)
-                self.board.post_final(outcome)
-        if self.own_run_dir and not self._finished:  # outside a job: rank 0 writes result.json
-            ranks = {self.rank: mine}
-            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-                everyone: list[Any] = [None] * self.world_size
-                dist.all_gather_object(everyone, mine)
-                ranks = {r: rep for r, rep in enumerate(everyone) if rep is not None}
-            if self.local_dir is not None:
-                tel.flush()  # the history is complete before the result says the run is over
-                self.local_dir.finish(ranks, error=error)
-        self._finished = True
+        self.progress.finish(tel, outcome, mine, error=error, post_progress=lambda: self.post_progress(force=True))
         self.heartbeat.stop()  # done: the grace period that follows is no hang
         return outcome
 
     def rank_report(self) -> dict[str, Any]:
         """What this rank ended with: its steps, skipped updates and mean step time; under the test
         hook also a fingerprint of its parameters (a copy of all of them to the host)."""
-        tel = self._telemetry()
-        registry, labels = tel.metrics.registry, {"job_id": self.job_id, "rank": str(self.rank)}
-        step_sum = registry.get_sample_value("gradwatch_step_duration_seconds_sum", labels) or 0.0
-        step_count = registry.get_sample_value("gradwatch_step_duration_seconds_count", labels) or 0.0
-        report: dict[str, Any] = {
-            "rank": self.rank,
-            "steps": self.step,
-            "skipped_steps": self.skipped_steps,
-            "mean_step_seconds": step_sum / step_count if step_count else None,
-        }
-        if reports_for_tests():
-            flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in self.guard.params])
-            report.update(
-                param_sum=float(flat.double().sum()),
-                param_hash=hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
-                params_finite=bool(torch.isfinite(flat).all()),
-            )
-        return report
+        return rank_report(self._telemetry(), self.job_id, self.rank, self.step, self.skipped_steps, self.guard.params)
 
     @property
     def scraped(self) -> bool:

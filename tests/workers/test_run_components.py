@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from tests.conftest import small_spec
 from workers.heartbeat import Heartbeat
 from workers.run.checkpoints import STATE_FILE, Checkpoints
 from workers.run.guard import RECOVERY_STEPS, GuardedOptimizer, UpdateGuard
+from workers.run.progress import Progress, rank_report, reports_for_tests
 from workers.run.recording import MAX_NAMED_SERIES, Pending, Recorder
+from workers.rundir import LocalRunDir
 from workers.session import LocalSession
 from workers.telemetry import Telemetry
 
@@ -205,3 +209,38 @@ def test_a_rewind_goes_back_to_the_good_state_and_leaves_out_the_batches_before_
     resumed = Checkpoints(LocalSession(tmp_path / "other"), 0, torch.device("cpu"))
     resumed.resume(checkpoints.snapshot({"step": 3, "epoch": 0}, {}))
     assert resumed.rewinds == 1 and resumed.batch_log.skipped == {(0, 4), (0, 5)}
+
+
+# ------------------------------------------------------------------ progress and the end
+def test_progress_posts_at_most_twice_a_second_and_the_end_writes_the_result_once(tmp_path):
+    _, tel = _model_and_telemetry()
+    local = LocalRunDir(tmp_path / "run", "gw-parts", SPEC)
+    progress = Progress(0, 1, local.client())
+    progress.own_run_dir, progress.local_dir = True, local
+
+    def post(step: int, rank: Progress = progress, force: bool = False) -> None:
+        rank.post(tel, step=step, max_steps=10, epoch=0, last_val=(0.5, 0.9), samples=64, rollbacks=1, force=force)
+
+    post(3)
+    post(4)  # under half a second later: not posted
+    assert local.board.progress["step"] == 3 and local.board.progress["val_accuracy"] == 0.9
+    post(5, force=True)
+    assert local.board.progress["step"] == 5 and local.board.progress["rollbacks"] == 1
+    post(9, rank=Progress(1, 2, local.client()), force=True)  # only rank 0 posts
+    assert local.board.progress["step"] == 5
+
+    mine = rank_report(tel, "gw-parts", 0, 5, 2, [torch.ones(3)])
+    assert {k: mine[k] for k in ("rank", "steps", "skipped_steps", "mean_step_seconds")} == {
+        "rank": 0,
+        "steps": 5,
+        "skipped_steps": 2,
+        "mean_step_seconds": None,  # no step recorded
+    }
+    assert ("param_sum" in mine) == reports_for_tests() and mine.get("param_sum", 3.0) == 3.0
+    outcome = {"steps": 5, "train_loss": 0.4, "val_loss": 0.5, "val_accuracy": 0.9, "rollbacks": 1}
+    posted = []
+    progress.finish(tel, outcome, mine, error=None, post_progress=lambda: posted.append("progress"))
+    progress.finish(tel, outcome, mine, error="too late", post_progress=lambda: posted.append("again"))
+    assert posted == ["progress"] and local.board.final == outcome and local.board.ranks[0] == mine
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["state"] == "succeeded" and result["steps"] == 5 and result["error"] is None
