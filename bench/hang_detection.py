@@ -106,58 +106,8 @@ def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-@contextmanager
-def ray_head(tmp: Path, cpus: int) -> Iterator[str]:
-    """`ray start --head --block` on free ports in its own session; stopped by signalling it (never
-    `ray stop`, which would end every Ray cluster of this user)."""
-    import httpx
-
-    from service.scheduler.launcher import ray_token
-
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-    if ray_token() is None:
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    temp_dir = tempfile.mkdtemp(prefix="gwbench-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard = free_port()
-    with open(tmp / "ray.log", "wb") as log:
-        head = subprocess.Popen(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--num-cpus={cpus}",
-                "--disable-usage-stats",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--port={free_port()}",
-                f"--ray-client-server-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--temp-dir={temp_dir}",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    address = f"http://127.0.0.1:{dashboard}"
-
-    def ready() -> bool:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited {head.returncode}: see {tmp / 'ray.log'}")
-        answer = httpx.get(f"{address}/api/cluster_status", headers={"Authorization": f"Bearer {ray_token()}"})
-        return bool(((answer.json().get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
-
-    try:
-        wait_for(ready, 120, "the Ray head", interval=1.0)
-        yield address
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+def _head_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @contextmanager
@@ -249,10 +199,12 @@ def measure(client: Any, data_dir: Path, hang_after: float | None, timeout: floa
 
 def detection(cpus: int, timeout: float) -> dict[str, dict[str, float]]:
     from gradwatch.spec_telemetry import TelemetrySpec
+    from service.scheduler.local_ray import private_ray_head
 
     minimum = TelemetrySpec.model_fields["hang_after"].metadata[0].ge
     results = {}
-    with tempfile.TemporaryDirectory(prefix="gw-hang-bench-") as tmp_name, ray_head(Path(tmp_name), cpus) as address:
+    head = private_ray_head(cpus, env=_head_env(), prefix="gwbench-")
+    with tempfile.TemporaryDirectory(prefix="gw-hang-bench-") as tmp_name, head as address:
         data_dir = Path(tmp_name) / "gradwatch"
         data_dir.mkdir()
         with gradwatch_up(address, data_dir) as client:

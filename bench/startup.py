@@ -197,7 +197,7 @@ def checkpoint_registered(run_dir: Path) -> bool:
 
 class Bench:
     def __init__(self, ray_address: str, service: Any, workdir: Path):
-        from service.scheduler.launcher import ray_token
+        from service.scheduler.local_ray import ray_token
 
         self.address, self.service, self.workdir = ray_address, service, workdir
         self.runs_dir = workdir / "gradwatch" / "runs"  # the service's storage path under its data dir

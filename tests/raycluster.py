@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from service.scheduler.launcher import ray_token
+from service.scheduler.local_ray import ray_token
 from tests.promstack import free_port, wait_for
 
 # Workers import the tests' user code (tests/workers/user_code.py) by module path.

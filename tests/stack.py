@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from service.client import Client
-from service.scheduler.launcher import ray_token
+from service.scheduler.local_ray import private_ray_head
 from tests.promstack import free_port, wait_for
 
 BIN = Path(sys.executable).parent
@@ -33,67 +32,16 @@ def checkout_on_path() -> str:
 
 
 @contextmanager
-def ray_head(cpus: int = 2):
+def ray_head(cpus: int = 2) -> Iterator[str]:
+    """A private Ray head for the tests (service/scheduler/local_ray.py), with the checkout on its path."""
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": checkout_on_path(),
         # On SIGTERM the head drains first, up to 30 s by default (Ray 2.60): nothing here needs draining.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
-    if ray_token() is None:
-        subprocess.run(
-            [str(BIN / "ray"), "get-auth-token", "--generate"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    temp_dir = tempfile.mkdtemp(prefix="gwray-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard_port = free_port()
-    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--num-cpus={cpus}",
-            "--disable-usage-stats",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    headers = {"Authorization": f"Bearer {ray_token()}"}
-
-    def ready() -> bool:
-        if head.poll() is not None:
-            output = (Path(temp_dir) / "ray-start.log").read_text()
-            raise RuntimeError(f"ray start exited {head.returncode}: {output}")
-        body = httpx.get(f"{address}/api/cluster_status", headers=headers, timeout=5).json()
-        return bool(((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport"))
-
-    try:
-        wait_for(ready, timeout=120, interval=1, what="the Ray head")
+    with private_ray_head(cpus, env=env) as address:
         yield address
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
 
 
 class Service:

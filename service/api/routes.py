@@ -48,7 +48,8 @@ from service.api.openapi import allowed_methods
 from service.api.openapi import document as openapi_document
 from service.auth import Authenticator, Principal
 from service.scheduler import push
-from service.scheduler.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster, ray_token
+from service.scheduler.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster
+from service.scheduler.local_ray import ray_token
 from service.settings import Settings, check_bind
 from service.store.store import (
     CURSOR,

@@ -133,7 +133,7 @@ def up(
 def _ray_cluster(settings: Any, dashboard_port: int, num_cpus: int | None) -> str:
     """The Ray cluster's dashboard address: RAY_ADDRESS's, else a local head's (the one running on
     `dashboard_port` when it takes our token, or a new one)."""
-    from service.scheduler.launcher import (
+    from service.scheduler.local_ray import (
         foreign_ray_error,
         local_ray_address,
         probe_dashboard,

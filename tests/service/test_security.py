@@ -26,7 +26,8 @@ from sqlalchemy import event
 from gradwatch.spec import DATA_ROOTS_ENV, MAX_SPEC_NODES
 from service.api.routes import JobReporter, create_app
 from service.auth import JOB_TOKEN_FILE_ENV, consumer_token, consumer_token_file, split_token
-from service.scheduler.launcher import Launcher, ray_environment
+from service.scheduler.launcher import Launcher
+from service.scheduler.local_ray import ray_environment
 from service.settings import Settings
 from service.store.store import AlertUpdate
 from tests.service.fakes import FakeCluster, spec

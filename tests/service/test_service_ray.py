@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.client import Client
-from service.scheduler.launcher import ray_token
+from service.scheduler.local_ray import ray_token
 from tests.promstack import query, start_prometheus, wait_for
 from tests.stack import TOKEN, Service
 
