@@ -17,6 +17,10 @@ One object per rank, a `Run`, made by `gradwatch.start()`:
 Whether an update is safe is decided on values that are identical on every rank (the all-reduced
 loss and gradient norm), so all ranks skip together and the replicas stay equal. The built-in
 loop (workers/loop.py) runs on this same API.
+
+`Run` is the facade; its parts, each with a narrow interface of its own, are in workers/run/: the update
+guard (guard.py), the recording (recording.py), checkpoints with rollback and rewind (checkpoints.py), and
+progress and the end (progress.py).
 """
 
 from __future__ import annotations
@@ -226,7 +230,6 @@ class Run:
         self.last_loss = float("nan")  # this rank's loss at the last reported step
         self._stop_reason: str | None = None
         self.telemetry: Telemetry | None = None
-        self.grad_clip: float | None = None
         self.on_rollback: Callable[[dict[str, Any]], None] | None = None
         # the model, optimizer and scheduler with their checkpoints, rollbacks and rewinds (workers/run/checkpoints.py)
         self.checkpoints = Checkpoints(session, self.rank, self.device)
@@ -269,6 +272,15 @@ class Run:
     @local_dir.setter
     def local_dir(self, value: LocalRunDir | None) -> None:
         self.progress.local_dir = value
+
+    @property
+    def grad_clip(self) -> float | None:
+        """The global gradient norm safe updates are clipped to (None: not clipped)."""
+        return self.guard.grad_clip
+
+    @grad_clip.setter
+    def grad_clip(self, value: float | None) -> None:
+        self.guard.grad_clip = value
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -385,7 +397,6 @@ class Run:
         if "rewind" in (self.spec.on_spike, self.spec.on_divergence):
             self.telemetry.metrics.rewinds  # noqa: B018 - the series exists before the first rewind
         self.checkpoints.attach(model, optimizer, scheduler)
-        self.grad_clip = grad_clip
         self.guard.attach([p for p in model.parameters() if p.requires_grad], grad_clip)
         if self.rank == 0 and self.run_dir is not None:  # the report names what the training code made
             write_optimizer(self.run_dir, optimizer, scheduler)
