@@ -991,6 +991,9 @@ class DynamicsMonitor:
             if name in vars(self) and name not in ("spec", "rows_spec"):
                 setattr(self, name, _decode(value, getattr(self, name)))
         self.pending_events = []
+        # both losses worse over evaluations in a row: after a rollback the run goes on another way, so
+        # the evaluations before the checkpoint do not count towards it (a resume waits a few longer)
+        self.val_divergence.restart()
 
     # ------------------------------------------------------------------ internals
     def _opening(self, kind: str, *args: Any) -> bool:

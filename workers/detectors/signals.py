@@ -218,6 +218,10 @@ class ValidationDivergence:
         self.above = 0  # evaluations in a row `trend_rise` above the first
         self.finding = QUIET
 
+    def restart(self) -> None:
+        """Count evaluations in a row afresh (the first evaluation and train loss stay the reference)."""
+        self.above, self.finding = 0, QUIET
+
     def update(self, val_loss: float, train_ema: float | None) -> Finding:
         if not math.isfinite(val_loss):
             return self.finding
