@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, seconds, outputs, ok = [], [], [], True
     for i in range(1, args.runs + 1):
         secs, rc, output = run_once(target)
+        (work / f"run-{i}.log").write_text(output)  # kept with --keep: what failed, and the durations
         counts = _counts(output)
         passed = rc == 0
         ok &= passed
