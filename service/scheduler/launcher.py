@@ -160,7 +160,7 @@ class RayCluster:
         body = self._get("/api/cluster_status")
         report = ((body.get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport") or {}
         usage = report.get("usage")
-        if not usage:
+        if not usage or "CPU" not in usage:  # nodes still joining report memory before their CPUs
             raise ClusterUnavailable("Ray has not reported its resources yet")
         used_cpu, total_cpu = usage.get("CPU", [0.0, 0.0])
         used_gpu, total_gpu = usage.get("GPU", [0.0, 0.0])
