@@ -122,19 +122,10 @@ def start_local_ray(
 
     The cluster outlives the service on purpose: a restarted service finds its jobs still running.
     """
-    import sys
-
     address = local_ray_address(dashboard_port)
     env = {**ray_environment(os.environ), "RAY_AUTH_MODE": "token"}
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    if ray_token() is None:
-        subprocess.run(
-            [ray_bin, "get-auth-token", "--generate"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    ray_bin = _ray_bin()
+    _ensure_token(ray_bin, env)
     command = [
         ray_bin,
         "start",
@@ -169,6 +160,22 @@ def start_local_ray(
     raise RuntimeError(f"Ray's dashboard did not answer at {address} within {wait_s:.0f} s; see {log_file}")
 
 
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _ensure_token(ray_bin: str, env: Mapping[str, str]) -> None:
+    """Generate the cluster token (`ray get-auth-token --generate`) when there is none yet."""
+    if ray_token() is None:
+        subprocess.run(
+            [ray_bin, "get-auth-token", "--generate"],
+            env=dict(env),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
 @contextmanager
 def private_ray_head(
     cpus: int,
@@ -183,15 +190,8 @@ def private_ray_head(
     (never `ray stop`, which would end every Ray cluster of this user). `env`: the head's environment
     (default this process's), with token auth and usage stats off added."""
     head_env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    if ray_token() is None:
-        subprocess.run(
-            [ray_bin, "get-auth-token", "--generate"],
-            env=head_env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    ray_bin = _ray_bin()
+    _ensure_token(ray_bin, head_env)
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray's socket paths must stay short
     dashboard_port = free_port()
     log_path = Path(temp_dir) / "ray-start.log"
