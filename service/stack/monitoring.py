@@ -14,19 +14,12 @@ die with it, should it be killed).
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from service.settings import Settings
+from service.stack.supervisor import Child, ChildFailed, free_port, port_is_free, start_child
 
 PROMETHEUS_NAMES = ("prometheus",)
 ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")  # Debian's name, then upstream's
@@ -43,8 +36,6 @@ EVAL_INTERVAL = "1s"
 SD_REFRESH_INTERVAL = "1s"
 GROUP_WAIT = "1s"
 GROUP_INTERVAL = "5s"
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 
 
 class MonitoringUnavailable(RuntimeError):
@@ -100,21 +91,6 @@ def service_url(settings: Settings) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def choose_port(requested: int | None, default: int, option: str) -> int:
     """None: `default` when free, else any free port; 0: any free port; else exactly `requested`."""
     if requested is None:
@@ -128,75 +104,12 @@ def choose_port(requested: int | None, default: int, option: str) -> int:
     return requested
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG: a killed service must not leave its monitoring behind.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-@dataclass
-class Child:
-    """A started server: its name, base URL, process and log file."""
-
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise MonitoringUnavailable(
-                f"{self.name} exited with {self.process.returncode} (log {self.log}):\n{self.log_tail()}"
-            )
-        try:
-            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            if time.monotonic() > deadline:
-                raise MonitoringUnavailable(
-                    f"{self.name} did not answer {self.url}/-/ready within {timeout:.0f} s "
-                    f"(log {self.log}):\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_child(
-    name: str, command: list[str], port: int, log: Path, cwd: Path, timeout: float = START_TIMEOUT_S
-) -> Child:
-    """Start `command`, a server on 127.0.0.1:`port`, and wait until it is ready; stopped if it is not."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,  # Ctrl-C reaches the service, which stops them
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-    child = Child(name, f"http://127.0.0.1:{port}", process, log)
+def _start(name: str, command: list[str], port: int, folder: Path) -> Child:
+    """One of them, its log in `folder`; MonitoringUnavailable (naming the log and its tail) when it fails."""
     try:
-        child.wait_ready(timeout)
-    except BaseException:
-        child.stop()
-        raise
-    return child
+        return start_child(name, command, port, folder / f"{name}.log", folder)
+    except ChildFailed as exc:
+        raise MonitoringUnavailable(str(exc)) from None
 
 
 @dataclass
@@ -228,11 +141,10 @@ class Monitoring:
                 group_interval=GROUP_INTERVAL,
             )
         )
-        alertmanager = start_child(
+        alertmanager = _start(
             "alertmanager",
             alertmanager_command(alertmanager_bin, am_config, folder / "alertmanager", am_port),
             am_port,
-            folder / "alertmanager.log",
             folder,
         )
         try:
@@ -248,11 +160,10 @@ class Monitoring:
                     sd_refresh_interval=SD_REFRESH_INTERVAL,
                 )
             )
-            prometheus = start_child(
+            prometheus = _start(
                 "prometheus",
                 prometheus_command(prometheus_bin, prom_config, folder / "prometheus", prom_port),
                 prom_port,
-                folder / "prometheus.log",
                 folder,
             )
         except BaseException:
