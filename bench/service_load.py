@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch.ids import new_job_id  # noqa: E402
 from gradwatch.spec import load_spec  # noqa: E402
+from service.stack.supervisor import free_port  # noqa: E402
 from service.store.store import Job, JobLabel, Store, Transition, demand_of  # noqa: E402
 
 TOKEN = "bench"
@@ -271,14 +272,6 @@ def section(args: argparse.Namespace, rows: list, submits: list[tuple[int, float
         f"Submissions (`POST /v1/jobs`) for {args.submit_seconds:g} s each (no goal):\n\n"
         f"| clients | submissions/s | accepted |\n| --- | --- | --- |\n{submitted}\n\n`{line}`"
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
