@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradwatch.ids import new_job_id  # noqa: E402
 from gradwatch.spec import load_spec  # noqa: E402
 from service.stack.supervisor import free_port  # noqa: E402
-from service.store.store import Job, JobLabel, Store, Transition, demand_of  # noqa: E402
+from service.store.jobs import demand_of  # noqa: E402
+from service.store.store import Store  # noqa: E402
+from service.store.tables import Job, JobLabel, Transition  # noqa: E402
 
 TOKEN = "bench"
 GOAL_P99_MS = 50.0
@@ -55,7 +57,7 @@ def fill(store: Store, n: int) -> list[str]:
     cpus, gpus = demand_of(spec)
     now = time.time() - n
     ids = []
-    with store._write() as session:
+    with store.db.write() as session:
         for i in range(n):
             state = rng.choice(STATES)
             job_id = new_job_id()

@@ -182,14 +182,14 @@ class Authenticator:
 
     def configured(self) -> bool:
         """Whether any token at all can authenticate."""
-        return bool(self._consumer_tokens()) or self.store.has_tokens()
+        return bool(self._consumer_tokens()) or self.store.users.has_tokens()
 
     def verify(self, text: str) -> Principal | None:
         given = text.encode()
         for token, principal in self._consumer_tokens():
             if secrets.compare_digest(given, token.encode()):
                 return principal
-        row = self.store.authenticate(text)
+        row = self.store.users.authenticate(text)
         if row is None:
             return None
         return Principal(row.user, expand(row.scopes.split()), row.job_id)

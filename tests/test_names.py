@@ -10,7 +10,7 @@ from dashboards import run, style
 from gradwatch.names import ANOMALIES, JOB_STATES, NONFINITE_KINDS, PHASES, TERMINAL_STATES
 from service.cli import jobs as cli_jobs
 from service.report import report
-from service.store import store
+from service.store import jobs as store_jobs
 from workers import detectors, heartbeat
 
 
@@ -22,8 +22,8 @@ def test_phase_and_anomaly_tables_cover_exactly_the_shared_names():
 
 def test_job_state_tables_cover_exactly_the_shared_states():
     assert set(cli_jobs.STATE_STYLE) == set(JOB_STATES)
-    assert set(store.ALLOWED) | {s for targets in store.ALLOWED.values() for s in targets} == set(JOB_STATES)
-    assert set(store.ALLOWED).isdisjoint(TERMINAL_STATES)  # no way out of an ended state
+    assert set(store_jobs.ALLOWED) | {s for targets in store_jobs.ALLOWED.values() for s in targets} == set(JOB_STATES)
+    assert set(store_jobs.ALLOWED).isdisjoint(TERMINAL_STATES)  # no way out of an ended state
 
 
 def test_the_detectors_hold_every_anomaly_kind_and_no_other():

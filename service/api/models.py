@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gradwatch.names import JobState
 from gradwatch.status import Endpoint, LostNode, RunStatus
-from service.store.store import Alert, Job, Transition
+from service.store.tables import Alert, Job, Transition
 
 State = JobState
 

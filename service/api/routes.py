@@ -51,17 +51,11 @@ from service.scheduler import push
 from service.scheduler.launcher import Cluster, ClusterUnavailable, Launcher, RayCluster
 from service.scheduler.local_ray import ray_token
 from service.settings import Settings, check_bind
-from service.store.store import (
-    CURSOR,
-    AlertUpdate,
-    BadCursor,
-    Job,
-    JobNotFound,
-    QueueFull,
-    Store,
-    TransitionRefused,
-    fingerprint_of,
-)
+from service.store.alerts import AlertUpdate, fingerprint_of
+from service.store.errors import BadCursor, JobNotFound, QueueFull, TransitionRefused
+from service.store.jobs import CURSOR
+from service.store.store import Store
+from service.store.tables import Job
 
 BODY_TYPES = frozenset({"application/json", "application/yaml", "application/x-yaml", "text/yaml"})
 MAX_LABEL_FILTERS = 16  # as many as a job can carry
@@ -139,7 +133,7 @@ JobReporter = Annotated[Principal, Depends(require_job_token)]
 def visible_job(store: Store, job_id: str, reader: Principal) -> Job:
     """The job, when the caller may see it (their own, or any with read-all); JobNotFound (404, as
     for a job that does not exist) otherwise, so another user's job ids do not leak."""
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     if not reader.sees(job.owner):
         raise JobNotFound(job_id)
     return job
@@ -224,7 +218,7 @@ async def submit_job(
         return _spec_errors([unfit])
     try:
         job = await run_in_threadpool(
-            store.create_job,
+            store.jobs.create,
             spec,
             owner=user.user,
             max_queued_per_owner=settings.max_queued_per_user,
@@ -233,7 +227,7 @@ async def submit_job(
     except QueueFull as exc:
         raise HTTPException(429, str(exc)) from None
     launcher.wake()
-    transitions = await run_in_threadpool(store.transitions, job.id)
+    transitions = await run_in_threadpool(store.jobs.transitions, job.id)
     return JobDetail.full(job, transitions, [])
 
 
@@ -270,7 +264,7 @@ def list_jobs(
         if not sep or not key:
             raise _query_error("label", f"write key=value, e.g. team=vision (got {item!r})")
         labels[key] = value
-    page, next_cursor = store.list_jobs(
+    page, next_cursor = store.jobs.listing(
         state=state,
         name=name,
         labels=labels,
@@ -286,7 +280,7 @@ def list_jobs(
 def get_job(job_id: str, store: StoreDep, reader: Reader) -> JobDetail:
     """Spec, state and why, timestamps, progress, worker endpoints, transitions and alerts."""
     job = visible_job(store, job_id, reader)
-    return JobDetail.full(job, store.transitions(job_id), store.list_alerts(job_id=job_id, limit=100))
+    return JobDetail.full(job, store.jobs.transitions(job_id), store.alerts.listing(job_id=job_id, limit=100))
 
 
 @jobs.get(
@@ -352,7 +346,7 @@ async def _follow_logs(
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
     try:
         while True:
-            job = await run_in_threadpool(store.get_job, job_id)
+            job = await run_in_threadpool(store.jobs.get, job_id)
             # Read the state before the text: once a job has ended its saved log is complete.
             while True:
                 chunk = await run_in_threadpool(launcher.log_bytes, job, sent, LOG_CHUNK_BYTES)
@@ -410,7 +404,7 @@ def prometheus_targets(
     of the job's own workers with a port in 1024-65535 only (whatever a status file says)."""
     hosts: push.WorkerHosts = request.app.state.worker_hosts
     groups = []
-    for job in store.jobs_in("running"):
+    for job in store.jobs.in_states("running"):
         status = job.last_status()
         if status is None or not status.endpoints:
             continue
@@ -463,7 +457,7 @@ async def receive_alerts(
                 generator_url=alert.generatorURL,
             )
         )
-    done = await run_in_threadpool(store.ingest_alerts, updates)
+    done = await run_in_threadpool(store.alerts.ingest, updates)
     return IngestOut(received=len(updates), new=done.new, updated=done.updated, refused=done.refused)
 
 
@@ -477,7 +471,7 @@ def list_alerts(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AlertsPage:
     """Alerts, newest first: about the caller's own jobs (every alert with scope read-all)."""
-    rows = store.list_alerts(
+    rows = store.alerts.listing(
         job_id=job_id,
         status=status,
         since_id=since_id,
@@ -497,7 +491,7 @@ class JobStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         jobs_by_state = GaugeMetricFamily("gradwatch_jobs", "Jobs in the store by state.", labels=["state"])
-        for state, n in self.store.count_by_state().items():
+        for state, n in self.store.jobs.count_by_state().items():
             jobs_by_state.add_metric([state], n)
         yield jobs_by_state
         current = GaugeMetricFamily(
@@ -507,7 +501,7 @@ class JobStateCollector(Collector):
             labels=["job_id", "state"],
         )
         # Every state, 0 or 1, so a state change flips values instead of leaving a stale series.
-        for job_id, state in self.store.current_states(time.time() - self.keep_ended_s):
+        for job_id, state in self.store.jobs.current_states(time.time() - self.keep_ended_s):
             for each in JOB_STATES:
                 current.add_metric([job_id, each], 1 if each == state else 0)
         yield current

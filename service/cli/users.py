@@ -18,7 +18,8 @@ from rich.table import Table
 
 from service.auth import GRANTABLE, SCOPES, check_scopes
 from service.settings import Settings
-from service.store.store import Store, StoreError
+from service.store.errors import StoreError
+from service.store.store import Store
 
 users = typer.Typer(
     name="user",
@@ -81,7 +82,7 @@ def add(
         _fail(f"{name!r} is the service's own consumer: pick another name")
     scopes = _scopes(scope)
     try:
-        token = _store().add_user(name, scopes)
+        token = _store().users.add(name, scopes)
     except StoreError as exc:
         _fail(str(exc))
     errors.print(f"added {name} with scopes {', '.join(scopes)}; the token, shown once:")
@@ -93,7 +94,7 @@ def token(name: str, scope: ScopeOpt = ["submit"]) -> None:  # noqa: B006
     """Give an existing user another token (e.g. a read-only one for a dashboard)."""
     scopes = _scopes(scope)
     try:
-        text = _store().issue_token(name, scopes)
+        text = _store().users.issue_token(name, scopes)
     except StoreError as exc:
         _fail(str(exc))
     errors.print(f"new token for {name} with scopes {', '.join(scopes)}, shown once:")
@@ -118,7 +119,7 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
                 for t in tokens
             ],
         }
-        for user, tokens in _store().users()
+        for user, tokens in _store().users.everyone()
     ]
     if json_out:
         print(json.dumps(rows, indent=2))
@@ -142,7 +143,7 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 def revoke(name: str) -> None:
     """Revoke a user and every token they hold, at once (their running jobs go on)."""
     try:
-        n = _store().revoke_user(name)
+        n = _store().users.revoke(name)
     except StoreError as exc:
         _fail(str(exc))
     console.print(f"revoked {name} and {n} token{'s' if n != 1 else ''}")

@@ -31,7 +31,10 @@ from gradwatch.spec import DATA_ROOTS_ENV, JobSpec, SpecError, format_duration, 
 from gradwatch.status import RunResult, read_result, write_atomic
 from service.auth import JOB_TOKEN_FILE_ENV
 from service.settings import Settings
-from service.store.store import Job, JobNotFound, Store, TransitionRefused, demand_of
+from service.store.errors import JobNotFound, TransitionRefused
+from service.store.jobs import demand_of
+from service.store.store import Store
+from service.store.tables import Job
 
 log = logging.getLogger("gradwatch.launcher")
 
@@ -308,7 +311,7 @@ class Launcher:
     def tick(self) -> None:
         """One pass: follow running jobs, then start queued ones that fit."""
         with self._tick_lock:
-            for job in self.store.jobs_in("running"):
+            for job in self.store.jobs.in_states("running"):
                 try:
                     self._follow(job)
                 except (JobNotFound, TransitionRefused):
@@ -338,7 +341,7 @@ class Launcher:
     # -------------------------------------------------------------- cancel
     def cancel(self, job_id: str, reason: str = "cancelled on request") -> Job:
         """End a queued job now; ask Ray to stop a running one (the state follows when it stopped)."""
-        job, needs_stop = self.store.request_stop(job_id, "cancel", reason)
+        job, needs_stop = self.store.jobs.request_stop(job_id, "cancel", reason)
         if needs_stop:
             self._send_stop(job)
         self.wake()
@@ -424,12 +427,12 @@ class Launcher:
             return
         reason = overran(job.spec.get("timeout"), now - (job.started_at or now))
         if reason is not None:
-            job, needs_stop = self.store.request_stop(job.id, "timeout", reason)
+            job, needs_stop = self.store.jobs.request_stop(job.id, "timeout", reason)
             if needs_stop:
                 self._send_stop(job)
 
     def _conclude(self, job: Job, ray_job: RayJob, now: float) -> None:
-        job = self.store.get_job(job.id)  # a result pushed since this pass began
+        job = self.store.jobs.get(job.id)  # a result pushed since this pass began
         result = self._result(job)
         ended = result.state if result is not None else None
         finished_ok = ray_job.status == "SUCCEEDED" and ended in (None, "succeeded")
@@ -461,12 +464,12 @@ class Launcher:
     def _finish(self, job: Job, state: str, reason: str, result: RunResult | None = None) -> None:
         self._save_logs(job)
         fields: dict[str, Any] = {}
-        status = self.store.get_job(job.id).last_status()
+        status = self.store.jobs.get(job.id).last_status()
         if status is not None:  # an ended job has no live endpoints and waits for nothing
             fields["run_status"] = status.model_copy(update={"endpoints": [], "waiting": None}).model_dump(mode="json")
         if result is not None:
             fields["world_size"] = result.world_size
-        self.store.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
+        self.store.jobs.transition(job.id, state, reason[:4000], expect={"running"}, **fields)
         self._log_cache.pop(job.id, None)
         self._placed_at.pop(job.id, None)
         self._stop_sent_at.pop(job.id, None)
@@ -496,7 +499,7 @@ class Launcher:
         return Resources(job.cpus + self.settings.job_overhead_cpus, job.gpus)
 
     def _start_queued(self) -> None:
-        queued = self.store.jobs_in("queued")
+        queued = self.store.jobs.in_states("queued")
         if not queued:
             return
         try:
@@ -506,13 +509,13 @@ class Launcher:
                 self._note(job, f"waiting for the Ray cluster: {exc}")
             return
         now = time.time()
-        for job in self.store.jobs_in("running"):
+        for job in self.store.jobs.in_states("running"):
             placed = self._placed_at.get(job.id)
             if placed is None or now - placed < PLACED_GRACE_S:
                 free = free - self.demand(job)  # submitted, its workers not (visibly) placed yet
         blocked_by: Job | None = None
         running_of: dict[str | None, int] = {}
-        for job in self.store.jobs_in("running"):
+        for job in self.store.jobs.in_states("running"):
             running_of[job.owner] = running_of.get(job.owner, 0) + 1
         cap = self.settings.max_running_per_user
         for job in queued:
@@ -551,7 +554,7 @@ class Launcher:
             return False
         waited = f"; it was {job.reason}" if job.reason else ""
         try:
-            self.store.transition(
+            self.store.jobs.transition(
                 job.id,
                 "failed",
                 f"queued for {format_duration(round(now - job.created_at))}, over its max_queued of "
@@ -581,7 +584,7 @@ class Launcher:
     def _note(self, job: Job, reason: str) -> None:
         if job.reason != reason:
             try:
-                self.store.update_job(job.id, reason=reason)
+                self.store.jobs.update(job.id, reason=reason)
             except JobNotFound:
                 pass
 
@@ -618,7 +621,7 @@ class Launcher:
         get: where its own token is, Ray Train's settings, and the data roots the workers check
         `data.path` against when user code is off."""
         token_file = self.settings.jobs_dir / job.id / "job.token"
-        token = self.store.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
+        token = self.store.users.issue_token(job.owner or "admin", ["job:progress"], job_id=job.id)
         write_atomic(token_file, token + "\n", mode=0o600)
         env = {JOB_TOKEN_FILE_ENV: str(token_file), **RAY_TRAIN_ENV}
         # The driver needs no view of the service's disk either: the spec comes with it, and it pushes
@@ -638,7 +641,7 @@ class Launcher:
         refused = self._admissible(job)
         if refused is not None:
             try:
-                self.store.transition(
+                self.store.jobs.transition(
                     job.id,
                     "failed",
                     f"this server no longer runs the job's spec: {refused}"[:4000],
@@ -654,7 +657,7 @@ class Launcher:
         # Running first, then submit: a crash in between leaves a running job Ray does not know,
         # which the next start marks failed; the other order could run a job twice.
         try:
-            job = self.store.transition(
+            job = self.store.jobs.transition(
                 job.id, "running", "submitted to Ray", expect={"queued"}, ray_submission_id=job.id
             )
         except TransitionRefused:
@@ -665,7 +668,7 @@ class Launcher:
         except ClusterUnavailable as exc:
             if self.cluster_knows(job.id):
                 return True  # the submit landed; only its answer was lost
-            job = self.store.transition(job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"})
+            job = self.store.jobs.transition(job.id, "failed", f"Ray did not accept the job: {exc}", expect={"running"})
             # Should the lost submit land after all, it must not run unseen: stopped now and on
             # every pass while Ray may still take it.
             self._orphans[job.id] = time.time()

@@ -26,7 +26,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gradwatch.status import Endpoint, RunResult, RunStatus
 from service.scheduler.launcher import Cluster, ClusterUnavailable
-from service.store.store import Job, JobNotFound, Store, TransitionRefused
+from service.store.errors import JobNotFound, TransitionRefused
+from service.store.store import Store
+from service.store.tables import Job
 
 KEEP_EVENTS = 200  # the newest events a job's status keeps
 MAX_EVENTS = 1000  # events in one push (a driver pushes about every second)
@@ -193,7 +195,7 @@ def _check_endpoints(store: Store, hosts: WorkerHosts, job_id: str, status: RunS
                 )
             ]
         )
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     try:
         allowed: frozenset[str] | None = hosts.of(job, {host_of(e) for e in status.endpoints})
     except ClusterUnavailable:
@@ -206,7 +208,7 @@ def _check_endpoints(store: Store, hosts: WorkerHosts, job_id: str, status: RunS
     detail = "; ".join(f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in problems)[:MAX_TEXT]
     event = {"kind": "refused", "name": "endpoints", "step": status.step, "raised": True, "detail": detail}
     try:
-        store.push_progress(job_id, None, [event], None, KEEP_EVENTS)
+        store.jobs.push_progress(job_id, None, [event], None, KEEP_EVENTS)
     except (JobNotFound, TransitionRefused):
         pass  # ended meanwhile: the push is refused all the same
     raise _refuse(problems)
@@ -228,7 +230,7 @@ def router_for(reporter: Callable[..., Any]) -> APIRouter:
         _same_job(job_id, "status", body.status.job_id)
         store = _store(request)
         await run_in_threadpool(_check_endpoints, store, request.app.state.worker_hosts, job_id, body.status)
-        job = await run_in_threadpool(store.push_progress, job_id, body.status, body.events, None, KEEP_EVENTS)
+        job = await run_in_threadpool(store.jobs.push_progress, job_id, body.status, body.events, None, KEEP_EVENTS)
         return PushOut(state=job.state, stop_requested=job.stop_requested)
 
     @router.post("/{job_id}/result", response_model=PushOut, responses=refusals, openapi_extra=_body_schema(ResultIn))
@@ -237,7 +239,7 @@ def router_for(reporter: Callable[..., Any]) -> APIRouter:
         `result.job_id` must be the route's job id (422 otherwise)."""
         body = await _read(request, ResultIn)
         _same_job(job_id, "result", body.result.job_id)
-        job = await run_in_threadpool(_store(request).push_progress, job_id, None, [], body.result, KEEP_EVENTS)
+        job = await run_in_threadpool(_store(request).jobs.push_progress, job_id, None, [], body.result, KEEP_EVENTS)
         return PushOut(state=job.state, stop_requested=job.stop_requested)
 
     return router

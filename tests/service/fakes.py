@@ -26,7 +26,8 @@ from gradwatch.spec import ScalingSpec
 from gradwatch.status import RESULT_FILE, STATUS_FILE, Endpoint, RunResult, RunStatus, write_record
 from service.scheduler.launcher import ClusterUnavailable, RayJob, Resources
 from service.settings import Settings
-from service.store.store import Store, TransitionRefused
+from service.store.errors import TransitionRefused
+from service.store.store import Store
 
 
 @dataclass
@@ -218,7 +219,7 @@ class FakeCluster:
         if store is None:
             store = self._stores[url] = Store(url)
         try:
-            store.push_progress(job.job_id, status, [], result)
+            store.jobs.push_progress(job.job_id, status, [], result)
         except TransitionRefused:
             return
         self.pushes.append((job.job_id, "status" if status is not None else "result"))

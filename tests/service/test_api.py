@@ -44,7 +44,7 @@ def api(app):
 
 
 def stored_jobs(app) -> int:
-    return sum(app.state.store.count_by_state().values())
+    return sum(app.state.store.jobs.count_by_state().values())
 
 
 def submit(api, **kw) -> dict:

@@ -74,11 +74,11 @@ def serving(data: Path) -> Iterator[Service]:
     # The people's tokens and a running job of the submitter's with its driver's token, stored before
     # the service starts on the same store.
     store = Store(Settings(data_dir=data, token=TOKEN).database_url)
-    tokens = {scope: store.add_user(f"fuzz-{scope.replace(':', '-')}", [scope]) for scope in ("read", "read-all")}
-    tokens["submit"] = store.add_user("submitter", ["submit"])
-    job = store.create_job(load_spec(json.dumps(spec("driven", steps=100))), owner="submitter")
-    store.transition(job.id, "running", "placed by the test", expect={"queued"})
-    tokens["job:progress"] = store.issue_token("submitter", ["job:progress"], job_id=job.id)
+    tokens = {scope: store.users.add(f"fuzz-{scope.replace(':', '-')}", [scope]) for scope in ("read", "read-all")}
+    tokens["submit"] = store.users.add("submitter", ["submit"])
+    job = store.jobs.create(load_spec(json.dumps(spec("driven", steps=100))), owner="submitter")
+    store.jobs.transition(job.id, "running", "placed by the test", expect={"queued"})
+    tokens["job:progress"] = store.users.issue_token("submitter", ["job:progress"], job_id=job.id)
     tokens["admin"] = TOKEN
     store.engine.dispose()
     port = free_port()

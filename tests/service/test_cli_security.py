@@ -69,7 +69,7 @@ def test_user_add_list_revoke(server, tmp_path):
 
 def test_tokens_come_from_the_environment_or_a_file_never_argv(server, tmp_path):
     app, url = server
-    reader = app.state.store.add_user("reader", ["read"])
+    reader = app.state.store.users.add("reader", ["read"])
     on_argv = run("jobs", "--token", reader)
     assert on_argv.exit_code == 2 and "No such option" in on_argv.output
     token_file = tmp_path / "reader.token"

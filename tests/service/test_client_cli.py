@@ -141,8 +141,8 @@ def test_cli_submit_follow_streams_logs_and_alerts_and_exits_with_the_outcome(en
     store = server.app.state.store
 
     def raise_an_alert() -> None:  # once the job trains, Alertmanager "calls back"
-        job = wait_for(lambda: next(iter(store.list_jobs(name="cli-follow")[0]), None), timeout=10)
-        wait_for(lambda: (s := store.get_job(job.id).last_status()) is not None and (s.step or 0) >= 5, timeout=10)
+        job = wait_for(lambda: next(iter(store.jobs.listing(name="cli-follow")[0]), None), timeout=10)
+        wait_for(lambda: (s := store.jobs.get(job.id).last_status()) is not None and (s.step or 0) >= 5, timeout=10)
         post_alert(server, job.id)
 
     helper = threading.Thread(target=raise_an_alert, daemon=True)

@@ -28,11 +28,11 @@ def store(settings):
 
 
 def submit(store, name, **kw):
-    return store.create_job(load_spec(spec(name, **kw)))
+    return store.jobs.create(load_spec(spec(name, **kw)))
 
 
 def state(store, job):
-    return store.get_job(job.id).state
+    return store.jobs.get(job.id).state
 
 
 def test_a_job_runs_to_success_with_its_progress_logs_and_spec_file(settings, store):
@@ -49,11 +49,11 @@ def test_a_job_runs_to_success_with_its_progress_logs_and_spec_file(settings, st
     assert json.loads((settings.jobs_dir / job.id / "spec.json").read_text())["name"] == "ok"
     cluster.advance(2)  # placed, step 1
     launcher.tick()
-    running = store.get_job(job.id)
+    running = store.jobs.get(job.id)
     assert running.last_status().step == 1 and len(running.last_status().endpoints) == 2
     cluster.advance(3)
     launcher.tick()
-    done = store.get_job(job.id)
+    done = store.jobs.get(job.id)
     assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
     assert done.last_status().endpoints == [] and done.last_status().state == "succeeded"
     assert "step 3/3" in launcher.logs(done)
@@ -67,7 +67,7 @@ def test_a_failing_job_ends_failed_with_the_drivers_error(settings, store):
     launcher.tick()
     cluster.advance(3)
     launcher.tick()
-    failed = store.get_job(job.id)
+    failed = store.jobs.get(job.id)
     assert (failed.state, failed.reason) == ("failed", "RuntimeError: boom at step 2")
 
 
@@ -78,7 +78,7 @@ def test_a_driver_that_dies_without_a_result_fails_with_rays_exit_line_and_its_l
     launcher.tick()
     cluster.advance(3)
     launcher.tick()
-    failed = store.get_job(job.id)
+    failed = store.jobs.get(job.id)
     assert failed.state == "failed"
     assert failed.reason == (
         "Job entrypoint command failed with exit code -9, last available logs; "
@@ -92,7 +92,7 @@ def test_a_submit_ray_refuses_fails_the_job_and_stops_whatever_landed(settings, 
     launcher = Launcher(store, settings, cluster)
     job = submit(store, "refused")
     launcher.tick()
-    failed = store.get_job(job.id)
+    failed = store.jobs.get(job.id)
     assert (failed.state, failed.reason) == (
         "failed",
         "Ray did not accept the job: Ray submit_job failed: ReadTimeout",
@@ -109,8 +109,8 @@ def test_priority_then_first_come_and_no_overtaking(settings, store):
     launcher.tick()
     assert state(store, big) == "running"
     assert [state(store, first), state(store, later)] == ["queued", "queued"]
-    assert store.get_job(first.id).reason == "waiting for 1 CPU; 0 CPUs free of 2 CPUs"
-    assert store.get_job(later.id).reason.startswith(f"queued behind {first.id}")
+    assert store.jobs.get(first.id).reason == "waiting for 1 CPU; 0 CPUs free of 2 CPUs"
+    assert store.jobs.get(later.id).reason.startswith(f"queued behind {first.id}")
     cluster.advance(10)
     launcher.tick()
     assert state(store, big) == "succeeded"
@@ -136,7 +136,7 @@ def test_a_job_bigger_than_the_cluster_waits_with_a_reason_and_blocks_nobody(set
     small = submit(store, "small", workers=1)
     launcher.tick()
     assert state(store, huge) == "queued"
-    assert store.get_job(huge.id).reason.startswith("waiting for 8 CPUs; the cluster has 2 CPUs")
+    assert store.jobs.get(huge.id).reason.startswith("waiting for 8 CPUs; the cluster has 2 CPUs")
     assert state(store, small) == "running"
 
 
@@ -151,9 +151,9 @@ def test_cancel_queued_ends_at_once_and_running_after_ray_stopped_it(settings, s
     assert (job.state, job.stop_requested) == ("running", "cancel")
     assert cluster.stopped == [running.id] and cluster.live_workers(running.id) == 0
     launcher.tick()
-    ended = store.get_job(running.id)
+    ended = store.jobs.get(running.id)
     assert (ended.state, ended.reason) == ("cancelled", "cancelled on request")
-    assert [t.to_state for t in store.transitions(running.id)] == ["queued", "running", "cancelled"]
+    assert [t.to_state for t in store.jobs.transitions(running.id)] == ["queued", "running", "cancelled"]
 
 
 def test_cancel_waits_for_workers_to_go(settings, store):
@@ -177,11 +177,11 @@ def test_timeout_stops_the_job_and_ends_it_timed_out(settings, store):
     job = submit(store, "slow", steps=1000, timeout="30s")
     launcher.tick()
     cluster.advance(2)
-    store.update_job(job.id, started_at=store.get_job(job.id).started_at - 31)
+    store.jobs.update(job.id, started_at=store.jobs.get(job.id).started_at - 31)
     launcher.tick()
     assert cluster.stopped == [job.id]
     launcher.tick()
-    ended = store.get_job(job.id)
+    ended = store.jobs.get(job.id)
     assert (ended.state, ended.reason) == ("timed_out", "ran longer than its timeout of 30s")
 
 
@@ -195,7 +195,7 @@ def test_a_restarted_service_tracks_running_jobs_and_fails_vanished_ones(setting
     # a new service process: a new launcher over the same store
     restarted = Launcher(Store(settings.database_url), settings, cluster)
     restarted.tick()
-    gone = store.get_job(vanished.id)
+    gone = store.jobs.get(vanished.id)
     assert gone.state == "failed" and gone.reason.startswith(f"Ray has no job {vanished.id}")
     assert state(store, alive) == "running"
     cluster.advance(10)
@@ -212,7 +212,7 @@ def test_an_unreachable_cluster_keeps_jobs_as_they_are(settings, store):
     cluster.down = True
     launcher.tick()
     assert state(store, running) == "running"
-    assert store.get_job(queued.id).reason.startswith("waiting for the Ray cluster: cannot reach Ray")
+    assert store.jobs.get(queued.id).reason.startswith("waiting for the Ray cluster: cannot reach Ray")
     cluster.down = False
     launcher.tick()
     assert state(store, queued) == "running"
@@ -276,13 +276,13 @@ def test_the_pushed_status_is_the_one_the_launcher_reads_never_status_json(setti
     assert cluster.pushes == [(job.id, "status"), (job.id, "status")]
     assert "--prometheus-sd-file" not in cluster.jobs[job.id].log[0]  # discovery: /v1/targets alone
     # a status.json newer than the push, in the shared run folder, says something else: not read
-    newer = store.get_job(job.id).last_status().model_copy(update={"step": 4, "updated_at": 4e9})
+    newer = store.jobs.get(job.id).last_status().model_copy(update={"step": 4, "updated_at": 4e9})
     write_record(settings.runs_dir / job.id / STATUS_FILE, newer)
     launcher.tick()
-    assert store.get_job(job.id).last_status().step == 2
+    assert store.jobs.get(job.id).last_status().step == 2
     cluster.advance(3)
     launcher.tick()
-    done = store.get_job(job.id)
+    done = store.jobs.get(job.id)
     assert done.state == "succeeded" and done.last_status().step == 5
     assert done.final_result() is not None and done.final_result().steps == 5
 
@@ -296,11 +296,11 @@ def test_a_driver_that_could_not_push_ends_by_its_result_json_and_shows_no_statu
     launcher.tick()
     cluster.advance(3)
     launcher.tick()
-    running = store.get_job(job.id)
+    running = store.jobs.get(job.id)
     assert running.state == "running" and (settings.runs_dir / job.id / STATUS_FILE).exists()
     assert running.last_status() is None and cluster.pushes == []  # status.json is the run's artifact only
     cluster.advance(2)
     launcher.tick()
-    done = store.get_job(job.id)
+    done = store.jobs.get(job.id)
     assert done.state == "succeeded" and done.reason.startswith("finished 3 steps")
     assert done.world_size == 1 and done.last_status() is None

@@ -132,7 +132,7 @@ def test_pushed_progress_events_and_result_are_all_the_service_needs(api, app, c
     ]
     app.state.launcher.tick()  # a pass with no status.json in reach keeps what was pushed
     assert api.get(f"/v1/jobs/{a}").json()["step"] == 2
-    assert app.state.store.get_job(a).events == [event]
+    assert app.state.store.jobs.get(a).events == [event]
 
     result = finished(a, 0.125, 9.0).model_dump(mode="json")
     assert api.post(f"/v1/jobs/{a}/progress", json={"status": status(a, 3)}, headers=driver).status_code == 200
@@ -197,15 +197,15 @@ def test_the_driver_side_keeps_events_through_an_outage_and_delivers_the_result(
     pusher.listener(running(a, 1), [first])
     pusher.listener(running(a, 2), [second])
     wait_for(
-        lambda: (app.state.store.get_job(a).run_status or {}).get("step") == 2,
+        lambda: (app.state.store.jobs.get(a).run_status or {}).get("step") == 2,
         timeout=20,
         what="the pushed status after the outage",
     )
-    assert app.state.store.get_job(a).events == [first, second]  # none lost, none twice
+    assert app.state.store.jobs.get(a).events == [first, second]  # none lost, none twice
     result = finished(a, 0.5, 2.0)
     assert pusher.finish(result)
     assert flaky.bodies[-1] == {"result": result.model_dump(mode="json")}
-    assert app.state.store.get_job(a).final_result() == result
+    assert app.state.store.jobs.get(a).final_result() == result
     cluster.advance(5)
     app.state.launcher.tick()
     assert api.get(f"/v1/jobs/{a}").json()["reason"].startswith("finished 3 steps, train loss 0.5")

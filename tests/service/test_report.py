@@ -335,9 +335,9 @@ def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp
     demo_dir, _ = example_runs["digits-mlp"]
     settings = Settings(data_dir=tmp_path, token=TOKEN, scheduler_enabled=False)
     app = create_app(settings, cluster=FakeCluster(cpus=4))
-    reader = {"Authorization": f"Bearer {app.state.store.add_user('reader', ['read-all'])}"}
-    others = {"Authorization": f"Bearer {app.state.store.add_user('bob', ['read'])}"}
-    alertmanager = {"Authorization": f"Bearer {app.state.store.add_user('am', ['alerts:write'])}"}
+    reader = {"Authorization": f"Bearer {app.state.store.users.add('reader', ['read-all'])}"}
+    others = {"Authorization": f"Bearer {app.state.store.users.add('bob', ['read'])}"}
+    alertmanager = {"Authorization": f"Bearer {app.state.store.users.add('am', ['alerts:write'])}"}
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         job = api.post("/v1/jobs", json=spec("live-report")).json()
         url = f"/v1/jobs/{job['id']}/report"
@@ -353,7 +353,7 @@ def test_the_service_serves_the_report_live_with_the_jobs_auth(example_runs, tmp
         assert api.get("/v1/jobs/gw-nobody/report").status_code == 404
 
         # running: the page follows the history as the driver appends to it
-        app.state.store.transition(job["id"], "running", "placed on Ray")
+        app.state.store.jobs.transition(job["id"], "running", "placed on Ray")
         run_dir = settings.runs_dir / job["id"]
         run_dir.mkdir(parents=True)
         shutil.copy(demo_dir / "spec.json", run_dir)

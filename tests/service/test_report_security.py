@@ -164,7 +164,7 @@ def test_the_service_sends_the_policy_and_chromium_draws_every_chart_under_it(
     app = create_app(settings, cluster=FakeCluster(cpus=4))
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         job = api.post("/v1/jobs", json=spec("csp-report")).json()
-        app.state.store.transition(job["id"], "running", "placed on Ray")
+        app.state.store.jobs.transition(job["id"], "running", "placed on Ray")
         shutil.copytree(hostile_run, settings.runs_dir / job["id"])
         response = api.get(f"/v1/jobs/{job['id']}/report")
     assert response.status_code == 200

@@ -29,7 +29,7 @@ from service.auth import JOB_TOKEN_FILE_ENV, consumer_token, consumer_token_file
 from service.scheduler.launcher import Launcher
 from service.scheduler.local_ray import ray_environment
 from service.settings import Settings
-from service.store.store import AlertUpdate
+from service.store.alerts import AlertUpdate
 from tests.service.fakes import FakeCluster, spec
 
 ADMIN = "operator-s3cret"
@@ -71,11 +71,11 @@ def http(app):
 def tokens(app):
     store = app.state.store
     return {
-        "alice": store.add_user("alice", ["submit"]),
-        "bob": store.add_user("bob", ["submit"]),
-        "reader": store.add_user("reader", ["read"]),
-        "operator": store.add_user("operator", ["read-all"]),
-        "opsubmit": store.add_user("opsubmit", ["read-all", "submit"]),
+        "alice": store.users.add("alice", ["submit"]),
+        "bob": store.users.add("bob", ["submit"]),
+        "reader": store.users.add("reader", ["read"]),
+        "operator": store.users.add("operator", ["read-all"]),
+        "opsubmit": store.users.add("opsubmit", ["read-all", "submit"]),
         "admin": ADMIN,
         "prometheus": consumer_token(app.state.settings, "prometheus"),
         "alertmanager": consumer_token(app.state.settings, "alertmanager"),
@@ -92,9 +92,9 @@ def test_tokens_are_shown_once_and_stored_hashed(app, tokens):
     stored = db.read_bytes() + b"".join(p.read_bytes() for p in db.parent.glob("gradwatch.db-*"))
     secret = split_token(tokens["alice"])[1]  # the secret may hold "_" itself: split as the service does
     assert secret.encode() not in stored and tokens["alice"].encode() not in stored
-    assert app.state.store.authenticate(tokens["alice"]).user == "alice"
+    assert app.state.store.users.authenticate(tokens["alice"]).user == "alice"
     last = tokens["alice"][-1]
-    assert app.state.store.authenticate(tokens["alice"][:-1] + ("y" if last == "x" else "x")) is None
+    assert app.state.store.users.authenticate(tokens["alice"][:-1] + ("y" if last == "x" else "x")) is None
 
 
 def test_owner_is_the_token_user_never_the_spec(http, tokens):
@@ -178,7 +178,7 @@ def test_a_person_cannot_rewrite_a_firing_alert(http, tokens):
 
 def test_a_revoked_user_is_refused_at_once(http, app, tokens):
     assert http.get("/v1/jobs", headers=bearer(tokens["bob"])).status_code == 200
-    assert app.state.store.revoke_user("bob") == 1
+    assert app.state.store.users.revoke("bob") == 1
     response = http.get("/v1/jobs", headers=bearer(tokens["bob"]))
     assert response.status_code == 401 and "revoked" in response.json()["detail"]
 
@@ -186,7 +186,7 @@ def test_a_revoked_user_is_refused_at_once(http, app, tokens):
 def test_queued_jobs_are_capped_per_user_and_in_all(tmp_path, cluster):
     app = create_app(make_settings(tmp_path, max_queued_per_user=2, max_queued_jobs=3), cluster=cluster)
     with TestClient(app) as http:
-        alice, bob = (app.state.store.add_user(n, ["submit"]) for n in ("alice", "bob"))
+        alice, bob = (app.state.store.users.add(n, ["submit"]) for n in ("alice", "bob"))
         assert [submit_as(http, alice).status_code for _ in range(2)] == [201, 201]
         third = submit_as(http, alice)
         assert third.status_code == 429
@@ -194,17 +194,17 @@ def test_queued_jobs_are_capped_per_user_and_in_all(tmp_path, cluster):
         assert submit_as(http, bob).status_code == 201
         full = submit_as(http, bob)
         assert full.status_code == 429 and full.json()["detail"].startswith("the queue is full (3 jobs queued")
-        assert sum(app.state.store.count_by_state().values()) == 3
+        assert sum(app.state.store.jobs.count_by_state().values()) == 3
 
 
 def test_running_jobs_are_capped_per_user(tmp_path, cluster):
     app = create_app(make_settings(tmp_path, max_running_per_user=1), cluster=cluster)
     with TestClient(app) as http:
-        alice, bob = (app.state.store.add_user(n, ["submit"]) for n in ("alice", "bob"))
+        alice, bob = (app.state.store.users.add(n, ["submit"]) for n in ("alice", "bob"))
         first, second = (submit_as(http, alice, steps=100).json() for _ in range(2))
         other = submit_as(http, bob, steps=100).json()
         app.state.launcher.tick()
-        jobs = [app.state.store.get_job(j["id"]) for j in (first, second, other)]
+        jobs = [app.state.store.jobs.get(j["id"]) for j in (first, second, other)]
         assert [job.state for job in jobs] == ["running", "queued", "running"]
         assert jobs[1].reason == "waiting: alice already runs 1 jobs, the limit per user"
 
@@ -249,7 +249,7 @@ def test_a_job_token_is_minted_at_launch_for_that_job_only(http, app, cluster, t
 
     http.post(f"/v1/jobs/{mine['id']}/cancel", headers=bearer(tokens["alice"]))
     app.state.launcher.tick()
-    assert app.state.store.get_job(mine["id"]).state == "cancelled"
+    assert app.state.store.jobs.get(mine["id"]).state == "cancelled"
     assert http.post(progress_route.format(mine["id"]), headers=job_token).status_code == 401
 
 
@@ -301,7 +301,7 @@ def test_what_a_web_page_could_send_is_refused(http, app, headers, code, detail)
         "/v1/jobs", content=body, headers={"Content-Type": "application/json", **bearer(ADMIN), **headers}
     )
     assert response.status_code == code and detail in response.json()["detail"], response.text
-    assert sum(app.state.store.count_by_state().values()) == 0
+    assert sum(app.state.store.jobs.count_by_state().values()) == 0
 
 
 def test_a_page_cannot_cancel_a_job(http, app):
@@ -313,7 +313,7 @@ def test_a_page_cannot_cancel_a_job(http, app):
     ):
         response = http.post(f"/v1/jobs/{job['id']}/cancel", headers={**bearer(ADMIN), **headers})
         assert response.status_code == 403, headers
-    assert app.state.store.get_job(job["id"]).state == "queued"
+    assert app.state.store.jobs.get(job["id"]).state == "queued"
 
 
 def test_same_origin_requests_and_bodyless_posts_pass(http):
@@ -346,7 +346,7 @@ def test_data_path_is_refused_without_data_roots(http, app, path):
     response = http.post("/v1/jobs", json=text_spec(path), headers=bearer(ADMIN))
     assert response.status_code == 422
     assert response.json()["errors"][0].startswith("data.path: this server reads no files named in specs")
-    assert sum(app.state.store.count_by_state().values()) == 0
+    assert sum(app.state.store.jobs.count_by_state().values()) == 0
 
 
 def test_data_path_outside_the_roots_is_refused_alike_whether_it_exists_or_not(tmp_path, cluster):
@@ -448,7 +448,7 @@ def test_the_webhook_writes_in_bounded_transactions(app):
         )
         for i in range(250)
     ]
-    assert store.ingest_alerts(updates) == (250, 0, 0)
+    assert store.alerts.ingest(updates) == (250, 0, 0)
     assert len(writes) == 3  # 100 + 100 + 50
 
 
@@ -498,7 +498,7 @@ def test_log_following_reads_only_new_bytes(tmp_path, cluster):
         job = http.post("/v1/jobs", json=spec("logged", steps=3)).json()
         launcher: Launcher = app.state.launcher
         launcher.tick()
-        stored = app.state.store.get_job(job["id"])
+        stored = app.state.store.jobs.get(job["id"])
         calls = []
         real_logs = cluster.logs
         cluster.logs = lambda sid: calls.append(sid) or real_logs(sid)
@@ -511,7 +511,7 @@ def test_log_following_reads_only_new_bytes(tmp_path, cluster):
         launcher.tick()  # ended: the saved copy is read from the offset on
         saved = app.state.settings.jobs_dir / job["id"] / "driver.log"
         text = saved.read_bytes()
-        assert launcher.log_bytes(app.state.store.get_job(job["id"]), len(text) - 5, 100) == text[-5:]
+        assert launcher.log_bytes(app.state.store.jobs.get(job["id"]), len(text) - 5, 100) == text[-5:]
         assert http.get(f"/v1/jobs/{job['id']}/logs", params={"follow": "true"}).content == text
 
 
@@ -531,7 +531,7 @@ def test_user_code_is_checked_again_at_launch(tmp_path, cluster):
         job = http.post("/v1/jobs", json=spec("custom", model={"name": "mypkg.models:build"})).json()
     strict = create_app(make_settings(store_dir), cluster=cluster)
     strict.state.launcher.tick()
-    failed = strict.state.store.get_job(job["id"])
+    failed = strict.state.store.jobs.get(job["id"])
     assert failed.state == "failed"
     assert failed.reason.startswith("this server no longer runs the job's spec: model.name: user code")
     assert job["id"] not in cluster.submitted
@@ -568,7 +568,7 @@ def test_a_lost_submit_that_lands_later_is_stopped(tmp_path, cluster, app, http)
     job = http.post("/v1/jobs", json=spec("lost", steps=100), headers=bearer(ADMIN)).json()
     cluster.refuse_submits = True
     app.state.launcher.tick()
-    assert app.state.store.get_job(job["id"]).state == "failed"
+    assert app.state.store.jobs.get(job["id"]).state == "failed"
     cluster.refuse_submits = False
     # The submit Ray never answered lands after all, and starts running.
     spec_file = app.state.settings.jobs_dir / job["id"] / "spec.json"
@@ -582,7 +582,7 @@ def test_a_lost_submit_that_lands_later_is_stopped(tmp_path, cluster, app, http)
     assert cluster.status(job["id"]).status == "RUNNING"
     app.state.launcher.tick()
     assert cluster.status(job["id"]).status == "STOPPED"
-    assert app.state.store.get_job(job["id"]).state == "failed"
+    assert app.state.store.jobs.get(job["id"]).state == "failed"
 
 
 # ------------------------------------------------------------------ helpers

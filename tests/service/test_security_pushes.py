@@ -79,7 +79,7 @@ def served(http, prometheus, job_id: str) -> list[str]:
 
 
 def refused_events(app, job_id: str) -> list[dict]:
-    return [e for e in app.state.store.get_job(job_id).events or [] if e.get("kind") == "refused"]
+    return [e for e in app.state.store.jobs.get(job_id).events or [] if e.get("kind") == "refused"]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_a_push_naming_another_job_is_refused(http, app, cluster, route):
         for e in refused.json()["errors"]
     ), refused.text
     for job in (job_id, other):
-        stored = app.state.store.get_job(job)
+        stored = app.state.store.jobs.get(job)
         assert stored.run_status is None and stored.run_result is None
 
 
@@ -205,4 +205,4 @@ def test_a_string_over_the_bound_of_a_push_is_refused_naming_it(http, app, clust
         headers=driver,
     )
     assert key.status_code == 422 and any("a key of 1000 characters" in e for e in key.json()["errors"]), key.text
-    assert app.state.store.get_job(job_id).run_status is None and not app.state.store.get_job(job_id).events
+    assert app.state.store.jobs.get(job_id).run_status is None and not app.state.store.jobs.get(job_id).events

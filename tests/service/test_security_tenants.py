@@ -50,10 +50,10 @@ def http(app):
 def tokens(app):
     store = app.state.store
     return {
-        "alice": bearer(store.add_user("alice", ["submit"])),
-        "bob": bearer(store.add_user("bob", ["submit"])),
-        "reader": bearer(store.add_user("reader", ["read"])),
-        "operator": bearer(store.add_user("operator", ["read-all"])),
+        "alice": bearer(store.users.add("alice", ["submit"])),
+        "bob": bearer(store.users.add("bob", ["submit"])),
+        "reader": bearer(store.users.add("reader", ["read"])),
+        "operator": bearer(store.users.add("operator", ["read-all"])),
         "admin": bearer(ADMIN),
         "prometheus": bearer(consumer_token(app.state.settings, "prometheus")),
         "alertmanager": bearer(consumer_token(app.state.settings, "alertmanager")),
@@ -138,7 +138,7 @@ def test_a_read_token_reads_its_own_users_jobs_only(http, app, tokens, alices_jo
     assert http.get(f"/v1/jobs/{alices_job}", headers=reader).status_code == 404
     assert http.get("/v1/jobs", headers=reader).json()["data"] == []
     # a job of the reader's own (a read token cannot submit: stored directly) is visible to it
-    app.state.store.create_job(load_spec(json.dumps(spec("readers"))), owner="reader")
+    app.state.store.jobs.create(load_spec(json.dumps(spec("readers"))), owner="reader")
     assert [j["owner"] for j in http.get("/v1/jobs", headers=reader).json()["data"]] == ["reader"]
 
 

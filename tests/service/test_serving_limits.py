@@ -96,7 +96,7 @@ def test_each_user_has_a_share_of_the_log_streams(tmp_path):
         data_dir=tmp_path, token=ADMIN, scheduler_enabled=False, max_log_followers=3, max_log_followers_per_user=2
     )
     with served(settings) as (app, url, _):
-        tokens = {name: app.state.store.add_user(name, ["submit"]) for name in ("alice", "bob")}
+        tokens = {name: app.state.store.users.add(name, ["submit"]) for name in ("alice", "bob")}
         auth = {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
         jobs = {name: httpx.post(f"{url}/v1/jobs", json=spec(name), headers=auth[name]).json()["id"] for name in tokens}
 

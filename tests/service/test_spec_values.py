@@ -44,7 +44,7 @@ def api(app):
 
 
 def stored(app) -> int:
-    return sum(app.state.store.count_by_state().values())
+    return sum(app.state.store.jobs.count_by_state().values())
 
 
 def post_yaml(api, text: str):
@@ -130,21 +130,21 @@ def test_a_job_queued_past_its_max_queued_ends_failed_with_what_it_waited_for(tm
     try:
         cluster = FakeCluster(cpus=1)
         launcher = Launcher(store, settings, cluster)
-        blocker = store.create_job(load_spec(spec("blocker", workers=1, steps=100)))
-        waiting = store.create_job(load_spec(spec("waiting", workers=1, max_queued="30m")))
-        patient = store.create_job(load_spec(spec("patient", workers=1, max_queued=None)))
+        blocker = store.jobs.create(load_spec(spec("blocker", workers=1, steps=100)))
+        waiting = store.jobs.create(load_spec(spec("waiting", workers=1, max_queued="30m")))
+        patient = store.jobs.create(load_spec(spec("patient", workers=1, max_queued=None)))
         launcher.tick()  # the blocker takes the cluster's one CPU
-        assert store.get_job(blocker.id).state == "running"
-        assert store.get_job(waiting.id).state == "queued" and store.get_job(waiting.id).reason
-        with store._write() as session:  # the jobs were submitted 31 minutes ago
+        assert store.jobs.get(blocker.id).state == "running"
+        assert store.jobs.get(waiting.id).state == "queued" and store.jobs.get(waiting.id).reason
+        with store.db.write() as session:  # the jobs were submitted 31 minutes ago
             for job_id in (waiting.id, patient.id):
-                row = session.get(type(store.get_job(job_id)), job_id)
+                row = session.get(type(store.jobs.get(job_id)), job_id)
                 row.created_at -= 31 * 60
         launcher.tick()
-        ended = store.get_job(waiting.id)
+        ended = store.jobs.get(waiting.id)
         assert ended.state == "failed"
         assert ended.reason.startswith("queued for 31m") and "over its max_queued of 30m" in ended.reason
         assert "it was waiting for" in ended.reason
-        assert store.get_job(patient.id).state == "queued"
+        assert store.jobs.get(patient.id).state == "queued"
     finally:
         store.close()
