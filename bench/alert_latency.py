@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -33,11 +34,14 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from deploy.render import render_alertmanager_config, render_prometheus_config  # noqa: E402
-from tests.promstack import start_alertmanager, start_prometheus, wait_for  # noqa: E402
-from tests.stack import TOKEN, Service, ray_head  # noqa: E402
+from service.scheduler.local_ray import private_ray_head  # noqa: E402
+from service.stack.monitoring import alertmanager_command, find_binaries, prometheus_command  # noqa: E402
+from service.stack.supervisor import Child, ServiceProcess, free_port, start_child, wait_for  # noqa: E402
 
 SCRAPE = EVAL = "1s"
 GOAL_NONFINITE_S = 10.0
+TOKEN = "bench-alert-token"
+POLL_INTERVAL = "0.5"  # GRADWATCH_POLL_INTERVAL of the bench's service
 
 
 def history(data_dir: Path, job_id: str) -> list[dict]:
@@ -76,6 +80,16 @@ def run(client, data_dir: Path, example: str, alert: str, onset_of) -> float:
 RUNS: list[tuple[str, str, float, float]] = []  # (example, alert, onset, arrival) of each run
 
 
+def start(name: str, command_of, binary: str, config_text: str, tmp: Path) -> Child:
+    """Prometheus or Alertmanager on a free port with `config_text`, the way `gradwatch up` starts them."""
+    folder = tmp / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{name}.yml"
+    config.write_text(config_text)
+    port = free_port()
+    return start_child(name, command_of(binary, config, folder / "data", port), port, folder / f"{name}.log", folder)
+
+
 def section(line: str) -> str:
     """The markdown of this run for bench/RESULTS.md: one row per alert, against its goal."""
     goals = {
@@ -110,32 +124,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the figures without writing bench/RESULTS.md")
     args = parser.parse_args(argv)
     print(f"scrape interval {SCRAPE}, rule evaluation interval {EVAL}, Alertmanager group_wait 1s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="gw-alert-bench-") as tmp_name, ray_head(cpus=2) as address:
+    prometheus_bin, alertmanager_bin = find_binaries()
+    head = private_ray_head(2, env={**os.environ, "PYTHONPATH": str(REPO)}, prefix="gwbench-")
+    with tempfile.TemporaryDirectory(prefix="gw-alert-bench-") as tmp_name, head as address:
         tmp = Path(tmp_name)
         data_dir = tmp / "gradwatch"
         data_dir.mkdir()
-        svc = Service(address, data_dir)
+        env = {**os.environ, "RAY_ADDRESS": address, "GRADWATCH_POLL_INTERVAL": POLL_INTERVAL}
+        svc = ServiceProcess(data_dir, ["--no-monitoring"], env=env, token=TOKEN)
         svc.start()
         token_file = tmp / "token"
         token_file.write_text(TOKEN)
+        children: list[Child] = []
         try:
             am_config = render_alertmanager_config(
                 webhook_url=f"{svc.url}/v1/alerts", token_file=token_file, group_wait="1s", group_interval="1s"
             )
-            with start_alertmanager(am_config, tmp) as am:
-                prom_config = render_prometheus_config(
-                    service_url=svc.url,
-                    token_file=token_file,
-                    alertmanager_url=am.url,
-                    scrape_interval=SCRAPE,
-                    eval_interval=EVAL,
-                    sd_refresh_interval="1s",
-                )
-                with start_prometheus(prom_config, tmp):
-                    nonfinite = run(svc.client, data_dir, "diverging", "TrainingLossNonFinite", first_nonfinite)
-                    time.sleep(2)
-                    stall = run(svc.client, data_dir, "stalled", "TrainingStalled", first_step)
+            am = start("alertmanager", alertmanager_command, alertmanager_bin, am_config, tmp)
+            children.append(am)
+            prom_config = render_prometheus_config(
+                service_url=svc.url,
+                token_file=token_file,
+                alertmanager_url=am.url,
+                scrape_interval=SCRAPE,
+                eval_interval=EVAL,
+                sd_refresh_interval="1s",
+            )
+            children.append(start("prometheus", prometheus_command, prometheus_bin, prom_config, tmp))
+            nonfinite = run(svc.client, data_dir, "diverging", "TrainingLossNonFinite", first_nonfinite)
+            time.sleep(2)
+            stall = run(svc.client, data_dir, "stalled", "TrainingStalled", first_step)
         finally:
+            for child in reversed(children):  # Prometheus first (it sends to Alertmanager)
+                child.stop()
             svc.stop()
     line = f"nonfinite_to_alert_seconds={nonfinite:.2f} stall_to_alert_seconds={stall:.2f}"
     if not args.no_write:

@@ -30,27 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: bench/ is not on the path
     sys.path.insert(0, str(REPO))
 
-BIN = Path(sys.executable).parent
 TOKEN = "bench-hang-token"
 BLOCK_AT = 100  # the step whose data loading never ends on rank 1
 STEP_DELAY_S = 0.01  # seconds per step: the block comes a few seconds after the start on any machine
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ the job's training function
@@ -83,29 +78,6 @@ def train_func(config: dict) -> None:
 
 
 # ------------------------------------------------------------------ a local stack of its own
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll `fn` until it returns something truthy; TimeoutError naming `what` after `timeout` s."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = fn()
-        except (OSError, httpx.TransportError):  # not up yet (connection refused)
-            value = None
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-        time.sleep(interval)
-
-
 def _head_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -113,38 +85,15 @@ def _head_env() -> dict[str, str]:
 @contextmanager
 def gradwatch_up(ray_address: str, data_dir: Path) -> Iterator[Any]:
     """`gradwatch up` with its own Prometheus and Alertmanager on free ports; its client."""
-    import httpx
+    from service.stack.supervisor import ServiceProcess
 
-    from service.client import Client
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_address,
-        "GRADWATCH_TOKEN": TOKEN,
-        "GRADWATCH_DATA_DIR": str(data_dir),
-        "GRADWATCH_PORT": str(port),
-        "GRADWATCH_ALLOW_USER_CODE": "true",  # the job's train.entrypoint is this file
-    }
-    with open(data_dir / "service.log", "ab") as out:
-        service = subprocess.Popen(
-            [str(BIN / "gradwatch"), "up", "--prometheus-port", "0", "--alertmanager-port", "0"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "GRADWATCH_ALLOW_USER_CODE": "true"}  # the job's code: here
+    service = ServiceProcess(data_dir, ["--prometheus-port", "0", "--alertmanager-port", "0"], env=env, token=TOKEN)
+    service.start()
     try:
-        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 90, "gradwatch up")
-        yield Client(url, TOKEN)
+        yield service.client
     finally:
-        service.send_signal(signal.SIGTERM)  # Prometheus and Alertmanager stop with it
-        try:
-            service.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait()
+        service.stop()  # Prometheus and Alertmanager stop with it
 
 
 # ------------------------------------------------------------------ one measurement
@@ -152,6 +101,7 @@ def measure(client: Any, data_dir: Path, hang_after: float | None, timeout: floa
     """Submit the blocking job with this hang_after (None: the spec's default); seconds from the block to the
     hang event and to TrainingHang, and the job's threshold."""
     from gradwatch.spec import JobSpec
+    from service.stack.supervisor import wait_for
 
     telemetry: dict[str, Any] = {"grace_seconds": 2}
     if hang_after is not None:
@@ -178,7 +128,7 @@ def measure(client: Any, data_dir: Path, hang_after: float | None, timeout: floa
             raise RuntimeError(f"job {job['id']} ended {state} before rank 1 blocked: {client.get(job['id'])}")
         return json.loads(blocked_file.read_text())["time"] if blocked_file.exists() else None
 
-    block = wait_for(blocked, timeout, f"rank 1 of {job['id']} to block", interval=0.5)
+    block = wait_for(blocked, timeout=timeout, interval=0.5, what=f"rank 1 of {job['id']} to block")
 
     def event_time() -> float | None:
         events = [e for e in client.get(job["id"]).get("events", []) if e.get("name") == "hang"]
@@ -190,8 +140,8 @@ def measure(client: Any, data_dir: Path, hang_after: float | None, timeout: floa
                 return datetime.fromisoformat(alert["received_at"]).timestamp()
         return None
 
-    event = wait_for(event_time, threshold + timeout, f"the hang event of {job['id']}")
-    alert = wait_for(alert_time, threshold + timeout, f"TrainingHang for {job['id']}")
+    event = wait_for(event_time, timeout=threshold + timeout, what=f"the hang event of {job['id']}")
+    alert = wait_for(alert_time, timeout=threshold + timeout, what=f"TrainingHang for {job['id']}")
     client.cancel(job["id"])
     client.wait(job["id"], timeout=120)
     return {"hang_after": threshold, "event": event - block, "alert": alert - block}

@@ -54,6 +54,8 @@ GOAL_EXTRA_S = 2.0
 MAX_STEPS = 500
 CHECKPOINT_EVERY = 100
 HEALTH_CHECK_S = "0.5"
+TOKEN = "bench-startup-token"
+POLL_INTERVAL = "0.5"  # GRADWATCH_POLL_INTERVAL of the bench's service
 SPEC: dict[str, Any] = {
     "name": "startup-bench",
     "model": {"name": "mlp", "hidden": [128, 64], "activation": "relu"},
@@ -228,7 +230,7 @@ class Bench:
     def wait_idle(self) -> None:
         """No training worker alive and every CPU free, so each run starts on an idle cluster."""
         from service.scheduler.launcher import ClusterUnavailable, RayCluster
-        from tests.promstack import wait_for
+        from service.stack.supervisor import wait_for
 
         cluster = RayCluster(self.address, self.headers.get("Authorization", "")[7:] or None)
 
@@ -258,7 +260,7 @@ class Bench:
     def measure(
         self, steps_file: Path, run_dir: Path, submitted: float, ray_job_id: Any, running: Any
     ) -> dict[str, Any]:
-        from tests.promstack import wait_for
+        from service.stack.supervisor import wait_for
 
         wait_for(lambda: step_times(steps_file) or not running(), timeout=300, interval=0.1, what="the first step")
         wait_for(
@@ -340,7 +342,7 @@ class Bench:
             Path(config["steps_file"]), run_dir, submitted, lambda: self.jobs.get_job_info(sid).job_id, running
         )
         figures["ray_job_start_s"] = self.ray_job_start(sid) - submitted
-        from tests.promstack import wait_for
+        from service.stack.supervisor import wait_for
 
         wait_for(lambda: not running(), timeout=600, interval=0.5, what=f"plain job {sid} to end")
         if self.jobs.get_job_status(sid) != JobStatus.SUCCEEDED:
@@ -398,15 +400,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     os.environ.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-    from tests.stack import Service, ray_head
+    from service.scheduler.local_ray import private_ray_head
+    from service.stack.supervisor import ServiceProcess
 
     started, load_before = time.time(), load_average()
     runs: dict[str, list[dict[str, Any]]] = {"gradwatch": [], "plain": []}
-    with tempfile.TemporaryDirectory(prefix="gw-startup-bench-") as tmp, ray_head(cpus=2) as address:
+    head = private_ray_head(2, env={**os.environ, "PYTHONPATH": str(REPO)}, prefix="gwbench-")
+    with tempfile.TemporaryDirectory(prefix="gw-startup-bench-") as tmp, head as address:
         workdir = Path(tmp)
         data_dir = workdir / "gradwatch"
         data_dir.mkdir()
-        service = Service(address, data_dir)
+        env = {**os.environ, "RAY_ADDRESS": address, "GRADWATCH_POLL_INTERVAL": POLL_INTERVAL}
+        service = ServiceProcess(data_dir, ["--no-monitoring"], env=env, token=TOKEN)
         service.start()
         bench = Bench(address, service, workdir)
         try:

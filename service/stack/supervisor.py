@@ -72,10 +72,10 @@ def free_port() -> int:
 
 
 def wait_for(
-    fn: Callable[[], T], timeout: float = WAIT_TIMEOUT_S, interval: float = POLL_INTERVAL_S, what: str = ""
+    fn: Callable[[], T | None], timeout: float = WAIT_TIMEOUT_S, interval: float = POLL_INTERVAL_S, what: str = ""
 ) -> T:
-    """Call `fn` until it returns something truthy (returned) or `timeout` seconds pass: then TimeoutError
-    naming `what` (or `fn`) and its last result. A connection error counts as "not yet"."""
+    """Call `fn` until it returns something truthy (returned, never None) or `timeout` seconds pass: then
+    TimeoutError naming `what` (or `fn`) and its last result. A connection error counts as "not yet"."""
     if timeout < 0 or interval <= 0:
         raise ValueError(f"wait_for needs timeout >= 0 and interval > 0 seconds, got {timeout} and {interval}")
     deadline = time.monotonic() + timeout
