@@ -5,6 +5,7 @@
 
 Binaries come from Debian's packages. A missing one skips the test, except under CI=true where
 it fails: CI must install them (apt-get install -y prometheus prometheus-alertmanager).
+They are started by service/stack/supervisor.py, whose `free_port` and `wait_for` are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,32 +13,29 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
-from service.stack.monitoring import MonitoringUnavailable, alertmanager_command, prometheus_command, start_child
+from service.stack.monitoring import alertmanager_command, prometheus_command
+from service.stack.supervisor import Child, free_port, start_child, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 PROMTOOL = "/usr/bin/promtool"
 AMTOOL = "/usr/bin/amtool"
+START_TIMEOUT_S = 30.0  # a test's Prometheus or Alertmanager answers /-/ready within this
 PACKAGES = {
     PROMETHEUS: "prometheus",
     PROMTOOL: "prometheus",
     ALERTMANAGER: "prometheus-alertmanager",
     AMTOOL: "prometheus-alertmanager",
 }
-
-T = TypeVar("T")
 
 
 def require(binary: str) -> str:
@@ -52,30 +50,6 @@ def require(binary: str) -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message + " (CI=true: a missing binary fails instead of skipping)")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
-    """Call `fn` until it returns something truthy (returned) or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (httpx.HTTPError, OSError) as exc:  # not up yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"waited {timeout:.0f} s for {what or getattr(fn, '__name__', 'condition')}; last result: {last!r}"
-            )
-        time.sleep(interval)
 
 
 def query(url: str, promql: str) -> list[dict[str, Any]]:
@@ -107,18 +81,11 @@ def _unix(rfc3339: str) -> float:
 
 
 @dataclass
-class Running:
-    """A started server: its base URL, process, working folder and log."""
+class Running(Child):
+    """A started server (service/stack/supervisor.py's Child: `.url`, `.process`, `.log`, `.log_tail()`)
+    and the folder it runs in."""
 
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    workdir: Path
-    log: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+    workdir: Path = Path()
 
     def reload(self) -> None:
         """Re-read the config file (both servers run with the lifecycle API on)."""
@@ -134,7 +101,9 @@ def _serve(
     command: Callable[[str, Path, Path, int], list[str]],
     timeout: float,
 ) -> Iterator[Running]:
-    """Start it the way `gradwatch up` does (service/stack/monitoring.py), in its own folder under `tmpdir`."""
+    """Start it the way `gradwatch up` does (service/stack/monitoring.py's command line, started by
+    service/stack/supervisor.py), in its own folder under `tmpdir`; ChildFailed, naming its log, when it
+    exits or is not ready within `timeout` seconds."""
     path = require(binary)
     workdir = Path(tmpdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,21 +111,31 @@ def _serve(
     config.write_text(config_text)
     port = free_port()
     log = workdir / f"{name}.log"
+    child = start_child(name, command(path, config, workdir / "data", port), port, log, workdir, timeout)
+    running = Running(child.name, child.url, child.process, child.log, child.probe, workdir)
     try:
-        child = start_child(name, command(path, config, workdir / "data", port), port, log, workdir, timeout)
-    except MonitoringUnavailable as exc:
-        raise TimeoutError(str(exc)) from None
-    try:
-        yield Running(name, child.url, child.process, workdir, log)
+        yield running
     finally:
-        child.stop()
+        running.stop()
 
 
-def start_prometheus(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
+def start_prometheus(config_text: str, tmpdir: Path | str, timeout: float = START_TIMEOUT_S):
     """Prometheus on a free 127.0.0.1 port with its own TSDB under `tmpdir`; `.url` is its base URL."""
     return _serve("prometheus", PROMETHEUS, config_text, tmpdir, prometheus_command, timeout)
 
 
-def start_alertmanager(config_text: str, tmpdir: Path | str, timeout: float = 30.0):
+def start_alertmanager(config_text: str, tmpdir: Path | str, timeout: float = START_TIMEOUT_S):
     """Alertmanager on a free 127.0.0.1 port, no cluster networking; `.url` is its base URL."""
     return _serve("alertmanager", ALERTMANAGER, config_text, tmpdir, alertmanager_command, timeout)
+
+
+__all__ = [
+    "Running",
+    "free_port",
+    "query",
+    "require",
+    "rules_evaluated_since",
+    "start_alertmanager",
+    "start_prometheus",
+    "wait_for",
+]

@@ -1,5 +1,6 @@
-"""A local gradwatch stack for integration tests and benchmarks: a Ray head and `gradwatch up`, the API
-under uvicorn in a thread, and `gradwatch run` in a subprocess.
+"""A local gradwatch stack for integration tests: a Ray head and `gradwatch up` (service/scheduler/local_ray.py
+and service/stack/supervisor.py, configured for the tests), the API under uvicorn in a thread, and
+`gradwatch run` in a subprocess.
 
 The head runs as `ray start --block` in its own session on free ports and is stopped by
 signalling that process, not `ray stop`, which would end every Ray on the machine.
@@ -8,7 +9,6 @@ signalling that process, not `ray stop`, which would end every Ray on the machin
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import httpx
 
-from service.client import Client
 from service.scheduler.local_ray import private_ray_head
-from tests.promstack import free_port, wait_for
+from service.stack.supervisor import ServiceProcess, free_port, wait_for
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "integration-token"
+POLL_INTERVAL = "0.5"  # GRADWATCH_POLL_INTERVAL of the tests' service: seconds between its looks at Ray
+KILLED_OUTPUT_S = 10.0  # run_to_end: the output a killed process left, read for at most this long
 
 
 def checkout_on_path() -> str:
@@ -34,65 +35,20 @@ def checkout_on_path() -> str:
 @contextmanager
 def ray_head(cpus: int = 2) -> Iterator[str]:
     """A private Ray head for the tests (service/scheduler/local_ray.py), with the checkout on its path."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": checkout_on_path(),
-        # On SIGTERM the head drains first, up to 30 s by default (Ray 2.60): nothing here needs draining.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-    }
-    with private_ray_head(cpus, env=env) as address:
+    with private_ray_head(cpus, env={**os.environ, "PYTHONPATH": checkout_on_path()}) as address:
         yield address
 
 
-class Service:
-    """`gradwatch up` in a subprocess that the tests can SIGKILL and start again.
+class Service(ServiceProcess):
+    """`gradwatch up` in a subprocess that the tests can SIGKILL and start again (service/stack/supervisor.py's
+    ServiceProcess), on the Ray at `ray_address`, with the tests' token and a short poll interval.
 
     Without Prometheus and Alertmanager unless `args` says otherwise (the default is `--no-monitoring`).
     """
 
     def __init__(self, ray_address: str, data_dir: Path, args: Sequence[str] = ("--no-monitoring",)):
-        self.args = list(args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "service.log"
-        self.env = {
-            **os.environ,
-            "RAY_ADDRESS": ray_address,
-            "GRADWATCH_TOKEN": TOKEN,
-            "GRADWATCH_DATA_DIR": str(data_dir),
-            "GRADWATCH_PORT": str(self.port),
-            "GRADWATCH_POLL_INTERVAL": "0.5",
-        }
-        self.process: subprocess.Popen | None = None
-        self.client = Client(self.url, TOKEN)
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [str(BIN / "gradwatch"), "up", *self.args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(
-            lambda: httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200,
-            timeout=60,
-            what="gradwatch up",
-        )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        env = {**os.environ, "RAY_ADDRESS": ray_address, "GRADWATCH_POLL_INTERVAL": POLL_INTERVAL}
+        super().__init__(data_dir, args, env=env, token=TOKEN)
 
 
 @contextmanager
@@ -128,3 +84,23 @@ def gradwatch_run(spec_file: Path, storage_path: Path, sd_file: Path | None = No
     given `sd_file`, its ranks' scrape targets written there; the result is stdout's last line."""
     sd = ["--prometheus-sd-file", str(sd_file)] if sd_file else []
     return launch(["-m", "service.cli.main", "run", str(spec_file), "--json", *sd, "--storage-path", str(storage_path)])
+
+
+def run_to_end(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of `proc` once it has exited; killed and reaped whatever happens, and after
+    `timeout` seconds a TimeoutError with the end of its stderr."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            _, err = proc.communicate(timeout=KILLED_OUTPUT_S)
+        except subprocess.TimeoutExpired:  # a child of its own still holds the pipes
+            err = ""
+        raise TimeoutError(
+            f"{proc.args!r} still ran after {timeout:.0f} s and was killed; its stderr ends:\n{(err or '')[-3000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

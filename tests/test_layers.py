@@ -178,3 +178,50 @@ def test_no_import_cycles_in_the_service_counting_imports_inside_functions():
             packages.setdefault(target, set())
     assert {f"service.{name}" for name in SERVICE_PACKAGES} <= set(packages)
     assert _cycles(packages) == []
+
+
+# What the product and its benches are made of: none of it may lean on the test suite.
+NOT_TESTS = ("gradwatch", "workers", "service", "bench", "deploy", "dashboards", "examples")
+# Searched for definitions: the product's folders and the tests (never .venv or a build's copies).
+CODE_FOLDERS = (*NOT_TESTS, "tests")
+# Local processes have one home (service/stack/supervisor.py): these are defined there alone.
+DEFINED_ONCE = ("port_is_free", "free_port", "wait_for", "start_child", "_die_with_parent")
+
+
+def _code_files(folders: tuple[str, ...]) -> list[Path]:
+    found = [p for folder in folders for p in modules(folder)]
+    assert found and all(".venv" not in p.parts for p in found)
+    return found
+
+
+def test_nothing_outside_the_tests_imports_them():
+    """Not at module level, not inside a function: bench/ and examples/ run without the test suite."""
+    files = _code_files(NOT_TESTS)
+    assert {p.relative_to(REPO).parts[0] for p in files} == set(NOT_TESTS)  # every folder was read
+    offenders = sorted(str(p.relative_to(REPO)) for p in files if any(m == "tests" for m, _ in imports(p)))
+    assert offenders == []
+
+
+def _definitions(paths: list[Path], names: tuple[str, ...], root: Path = REPO) -> dict[str, list[str]]:
+    """name -> the files (relative to `root`) that define a function or class of that name, at any depth."""
+    found: dict[str, list[str]] = {name: [] for name in names}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in found:
+                found[node.name].append(str(path.relative_to(root)))
+    return found
+
+
+def test_the_definition_scan_finds_a_copy_at_any_depth(tmp_path):
+    (tmp_path / "copy.py").write_text(
+        "import socket\n\nclass Stack:\n    def free_port(self):\n        return 0\n\n"
+        "def outer():\n    async def wait_for():\n        pass\n"
+    )
+    (tmp_path / "caller.py").write_text("from service.stack.supervisor import free_port\n\nfree_port()\n")
+    found = _definitions(sorted(tmp_path.glob("*.py")), ("free_port", "wait_for", "start_child"), tmp_path)
+    assert found == {"free_port": ["copy.py"], "wait_for": ["copy.py"], "start_child": []}
+
+
+def test_local_process_helpers_are_defined_once_in_the_supervisor():
+    found = _definitions(_code_files(CODE_FOLDERS), DEFINED_ONCE)
+    assert found == {name: ["service/stack/supervisor.py"] for name in DEFINED_ONCE}

@@ -189,7 +189,7 @@ def test_the_lightning_callback_inside_a_gradwatch_job_feeds_the_job_and_skips_a
     board and run directory) instead of making one, and the job's driver writes the result."""
     import yaml
 
-    from tests.stack import gradwatch_run
+    from tests.stack import gradwatch_run, run_to_end
 
     spec = {
         "name": "lightning-in-a-job",
@@ -204,11 +204,7 @@ def test_the_lightning_callback_inside_a_gradwatch_job_feeds_the_job_and_skips_a
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     proc = gradwatch_run(spec_file, tmp_path / "runs")
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = run_to_end(proc, timeout=240)
     assert proc.returncode == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["state"] == "succeeded" and result["steps"] == 30 and result["world_size"] == 2, result

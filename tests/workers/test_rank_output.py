@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import small_spec
-from tests.stack import gradwatch_run
+from tests.stack import gradwatch_run, run_to_end
 from workers.driver import WorkerOutput
 from workers.rank_output import RankLines
 
@@ -101,11 +101,7 @@ def test_gradwatch_run_shows_each_rank_s_prints_and_not_ray_s_noise(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(print_spec()))
     proc = gradwatch_run(spec_file, tmp_path / "runs")
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = run_to_end(proc, timeout=240)
     assert proc.returncode == 0, err[-3000:]
     assert out.count("\n") == 1, out  # --json: stdout holds the summary alone
     lines = err.splitlines()
@@ -125,11 +121,7 @@ def test_a_built_in_job_s_rank_0_line_is_shown_with_its_rank(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     proc = gradwatch_run(spec_file, tmp_path / "runs")
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = run_to_end(proc, timeout=240)
     assert proc.returncode == 0, err[-3000:]
     job_id = json.loads(out)["job_id"]
     started = [line for line in err.splitlines() if f"gradwatch: job {job_id} metrics" in line]
