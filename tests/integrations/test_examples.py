@@ -46,6 +46,9 @@ def _value(url: str, promql: str) -> float | None:
 
 
 STEPS = 400
+# An example end to end (its start, STEPS steps, its scrape grace): about 70 s alone on 2 cores, twice that
+# with the rest of the suite beside it; the limit leaves room for a loaded machine.
+EXAMPLE_TIMEOUT_S = 300
 
 
 @dataclass
@@ -73,7 +76,7 @@ def example_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         command = [sys.executable, str(EXAMPLES / example), "--steps", str(STEPS), "--job-id", job_id]
         command += ["--prometheus-sd-dir", str(sd_dir), "--grace-seconds", "30"]
         env = {**os.environ, "GRADWATCH_STORAGE_PATH": str(storage), "PYTHONPATH": str(REPO)}
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S)
         assert done.returncode == 0, done.stderr[-4000:]
         # The grace period after the last step let Prometheus scrape the final values.
         last = f'max_over_time(gradwatch_step{{job_id="{job_id}",rank="0"}}[10m])'
