@@ -92,7 +92,9 @@ def open_report(browser, path: Path):
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("request", lambda r: requests.append(r.url))
     page.goto(path.resolve().as_uri())
-    page.wait_for_function("document.body.dataset.charts", timeout=60_000)
+    # A selector, not wait_for_function: polling a string expression is an eval in the page, which the
+    # report's CSP refuses (no 'unsafe-eval') whenever the charts are not drawn at the first look.
+    page.wait_for_selector("body[data-charts]", state="attached", timeout=60_000)
     assert page.evaluate("document.body.dataset.charts") == "drawn", page.inner_text("#gw-load")
     return page, problems, requests
 

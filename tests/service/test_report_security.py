@@ -92,7 +92,9 @@ def open_page(browser, url: str, route: tuple[str, dict[str, str]] | None = None
         body, headers = route
         page.route(url, lambda r: r.fulfill(status=200, body=body, headers=headers))
     page.goto(url)
-    page.wait_for_function("document.body.dataset.charts", timeout=60_000)
+    # A selector, not wait_for_function: polling a string expression is an eval in the page, which the
+    # report's CSP refuses (no 'unsafe-eval') whenever the charts are not drawn at the first look.
+    page.wait_for_selector("body[data-charts]", state="attached", timeout=60_000)
     assert page.evaluate("document.body.dataset.charts") == "drawn", page.inner_text("#gw-load")
     return page, problems
 
