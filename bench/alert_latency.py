@@ -35,8 +35,13 @@ import yaml  # noqa: E402
 
 from deploy.render import render_alertmanager_config, render_prometheus_config  # noqa: E402
 from service.scheduler.local_ray import private_ray_head  # noqa: E402
-from service.stack.monitoring import alertmanager_command, find_binaries, prometheus_command  # noqa: E402
-from service.stack.supervisor import Child, ServiceProcess, free_port, start_child, wait_for  # noqa: E402
+from service.stack.monitoring import (  # noqa: E402
+    alertmanager_command,
+    find_binaries,
+    prometheus_command,
+    start_in_folder,
+)
+from service.stack.supervisor import Child, ServiceProcess, wait_for  # noqa: E402
 
 SCRAPE = EVAL = "1s"
 GOAL_NONFINITE_S = 10.0
@@ -78,16 +83,6 @@ def run(client, data_dir: Path, example: str, alert: str, onset_of) -> float:
 
 
 RUNS: list[tuple[str, str, float, float]] = []  # (example, alert, onset, arrival) of each run
-
-
-def start(name: str, command_of, binary: str, config_text: str, tmp: Path) -> Child:
-    """Prometheus or Alertmanager on a free port with `config_text`, the way `gradwatch up` starts them."""
-    folder = tmp / name
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / f"{name}.yml"
-    config.write_text(config_text)
-    port = free_port()
-    return start_child(name, command_of(binary, config, folder / "data", port), port, folder / f"{name}.log", folder)
 
 
 def section(line: str) -> str:
@@ -140,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             am_config = render_alertmanager_config(
                 webhook_url=f"{svc.url}/v1/alerts", token_file=token_file, group_wait="1s", group_interval="1s"
             )
-            am = start("alertmanager", alertmanager_command, alertmanager_bin, am_config, tmp)
+            am = start_in_folder(
+                "alertmanager", alertmanager_command, alertmanager_bin, am_config, tmp / "alertmanager"
+            )
             children.append(am)
             prom_config = render_prometheus_config(
                 service_url=svc.url,
@@ -150,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                 eval_interval=EVAL,
                 sd_refresh_interval="1s",
             )
-            children.append(start("prometheus", prometheus_command, prometheus_bin, prom_config, tmp))
+            children.append(
+                start_in_folder("prometheus", prometheus_command, prometheus_bin, prom_config, tmp / "prometheus")
+            )
             nonfinite = run(svc.client, data_dir, "diverging", "TrainingLossNonFinite", first_nonfinite)
             time.sleep(2)
             stall = run(svc.client, data_dir, "stalled", "TrainingStalled", first_step)

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from service.stack.monitoring import alertmanager_command, prometheus_command
-from service.stack.supervisor import Child, free_port, start_child, wait_for
+from service.stack.monitoring import alertmanager_command, prometheus_command, start_in_folder
+from service.stack.supervisor import Child, free_port, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -104,14 +104,8 @@ def _serve(
     """Start it the way `gradwatch up` does (service/stack/monitoring.py's command line, started by
     service/stack/supervisor.py), in its own folder under `tmpdir`; ChildFailed, naming its log, when it
     exits or is not ready within `timeout` seconds."""
-    path = require(binary)
     workdir = Path(tmpdir) / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / f"{name}.yml"
-    config.write_text(config_text)
-    port = free_port()
-    log = workdir / f"{name}.log"
-    child = start_child(name, command(path, config, workdir / "data", port), port, log, workdir, timeout)
+    child = start_in_folder(name, command, require(binary), config_text, workdir, timeout)
     running = Running(child.name, child.url, child.process, child.log, child.probe, workdir)
     try:
         yield running

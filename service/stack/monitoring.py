@@ -15,11 +15,12 @@ die with it, should it be killed).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.settings import Settings
-from service.stack.supervisor import Child, ChildFailed, free_port, port_is_free, start_child
+from service.stack.supervisor import START_TIMEOUT_S, Child, ChildFailed, free_port, port_is_free, start_child
 
 PROMETHEUS_NAMES = ("prometheus",)
 ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")  # Debian's name, then upstream's
@@ -112,6 +113,26 @@ def _start(name: str, command: list[str], port: int, folder: Path) -> Child:
         raise MonitoringUnavailable(str(exc)) from None
 
 
+def start_in_folder(
+    name: str,
+    command_of: Callable[[str, Path, Path, int], list[str]],
+    binary: str,
+    config_text: str,
+    folder: Path,
+    timeout: float = START_TIMEOUT_S,
+) -> Child:
+    """Prometheus or Alertmanager (`command_of`: prometheus_command or alertmanager_command) on a free port,
+    alone in `folder`: its config `NAME.yml` written from `config_text`, its data in `data/`, its log in
+    `NAME.log`; ChildFailed, naming the log, when it exits or is not ready within `timeout` seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{name}.yml"
+    config.write_text(config_text)
+    port = free_port()
+    return start_child(
+        name, command_of(binary, config, folder / "data", port), port, folder / f"{name}.log", folder, timeout
+    )
+
+
 @dataclass
 class Monitoring:
     """Prometheus and Alertmanager started for one service; `stop()` ends both."""
@@ -177,4 +198,4 @@ class Monitoring:
             child.stop()
 
 
-__all__ = ["Monitoring", "MonitoringUnavailable", "find_binaries", "monitoring_token_files"]
+__all__ = ["Monitoring", "MonitoringUnavailable", "find_binaries", "monitoring_token_files", "start_in_folder"]
