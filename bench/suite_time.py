@@ -62,6 +62,16 @@ def slowest(output: str, n: int = 10) -> list[tuple[float, str]]:
     return sorted(rows, reverse=True)[:n]
 
 
+def verdict(seconds: list[float], ok: bool) -> str:
+    """Whether the runs meet the goal: every one passed, and every one in under GOAL_S (not only the median)."""
+    median, worst = statistics.median(seconds), max(seconds)
+    meets = ok and worst < GOAL_S
+    return (
+        f"Median {median:.0f} s ({median / GOAL_S:.2f} of the goal), slowest {worst:.0f} s "
+        f"({worst / GOAL_S:.2f}): it {'meets' if meets else 'misses'} the goal."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="Timed runs of `make test` (default 3).")
@@ -90,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {i} | {secs:.0f} s | {counted} | {'pass' if passed else f'exit {rc}'} | {secs / GOAL_S:.2f} |")
         print(rows[-1], flush=True)
     median = statistics.median(seconds)
-    verdict = "meets" if median <= GOAL_S and ok else "misses"
     body = [
         f"`CI=true make test` on a clean clone of {head.stdout.strip()}, {args.runs} runs after one untimed "
-        f"`make setup tools`; the goal is {GOAL_S:.0f} s. Median {median:.0f} s ({median / GOAL_S:.2f} of the "
-        f"goal): it {verdict} the goal.",
+        f"`make setup tools`; the goal is every run passing in under {GOAL_S:.0f} s. {verdict(seconds, ok)}",
         "",
         "| run | wall | tests | result | wall / goal |",
         "| --- | --- | --- | --- | --- |",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.suite_time import _counts, slowest
+from bench.suite_time import _counts, slowest, verdict
 
 OUTPUT = """
 ============================= slowest 3 durations ==============================
@@ -24,3 +24,10 @@ def test_the_slowest_tests_come_first() -> None:
         (61.2, "tests/test_e2e_alerts.py::test_divergence_alert (call)"),
         (12.03, "tests/service/test_api_fuzz.py::test_schemathesis_finds_no_failure (setup)"),
     ]
+
+
+def test_the_goal_needs_every_run_passing_under_it_not_only_the_median() -> None:
+    assert verdict([850.0, 860.0, 899.0], ok=True).endswith("it meets the goal.")
+    assert verdict([853.0, 900.0, 922.0], ok=True).endswith("it misses the goal.")  # median 900, one run over
+    assert "slowest 922 s (1.02)" in verdict([853.0, 900.0, 922.0], ok=True)
+    assert verdict([850.0, 860.0, 870.0], ok=False).endswith("it misses the goal.")  # a run failed
