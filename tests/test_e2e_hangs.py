@@ -98,6 +98,17 @@ def check_hang_event(event: dict, on_hang: str) -> None:
     assert "Event.wait" in event["stack"], event["stack"]
 
 
+def rank_1_hang_alerts(stack, job_id: str) -> list[dict]:
+    """The job's TrainingHang alerts that name rank 1. Until rank 1's own series show it stuck (a scrape of
+    it that a loaded machine answers late leaves a gap), rank 0 alone waiting in the all-reduce past its
+    threshold is named by the rule's "every rank in the collective" branch: that alert may come first."""
+    return [
+        a
+        for a in stack.client.alerts(job_id=job_id)
+        if a["alertname"] == "TrainingHang" and a["labels"].get("rank") == "1"
+    ]
+
+
 def test_a_hung_rank_raises_a_hang_event_and_training_hang_naming_it(stack, jobs):
     job = jobs["alert"]
     block = blocked_at(stack, job["id"])
@@ -108,7 +119,7 @@ def test_a_hung_rank_raises_a_hang_event_and_training_hang_naming_it(stack, jobs
         assert detail["state"] == "running", detail["reason"]
         if hang_events(detail):
             seen.setdefault("event", time.time())
-        if any(a["alertname"] == "TrainingHang" for a in stack.client.alerts(job_id=job["id"])):
+        if rank_1_hang_alerts(stack, job["id"]):
             seen.setdefault("alert", time.time())
         return len(seen) == 2
 
@@ -121,10 +132,8 @@ def test_a_hung_rank_raises_a_hang_event_and_training_hang_naming_it(stack, jobs
     assert len(events) == 1, events  # reported once
     check_hang_event(events[0], "alert")
     assert events[0]["stuck_seconds"] >= HANG_AFTER
-    alert = next(a for a in stack.client.alerts(job_id=job["id"]) if a["alertname"] == "TrainingHang")
-    assert (
-        alert["severity"] == "critical" and alert["labels"]["rank"] == "1" and alert["labels"]["step_phase"] == "data"
-    )
+    alert = rank_1_hang_alerts(stack, job["id"])[0]
+    assert alert["severity"] == "critical" and alert["labels"]["step_phase"] == "data", alert
     assert alert["summary"] == f"Rank 1 of job {job['id']} is stuck in its data phase"
     # the stack is in the job's logs and its run directory too
     logs = "\n".join(stack.client.logs(job["id"]))
