@@ -19,6 +19,11 @@ EXAMPLES = REPO / "examples"
 # Every Ray process the tests start inherits the test hook: the ranks' final reports carry the
 # parameter fingerprints and first-epoch indices the tests check.
 os.environ[TEST_REPORTS_ENV] = "1"
+# Ray Train starts a preemption watcher actor for every run: it polls Ray for draining nodes and logs them
+# (and answers ray.train.get_preemption_info, which neither gradwatch nor these tests call). A process of
+# its own per run, about 2 s of a core here, times the suite's few dozen Ray Train runs: off in the tests
+# (Ray's own switch), on where users run. Node loss is tested as gradwatch sees it (tests/test_multinode.py).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist's workers inherit COLUMNS=80 and LINES=24 from execnet; a rich Console made at import
     # would keep 80 columns for good, where a test sets COLUMNS for the commands it runs.

@@ -25,11 +25,17 @@ from tests.stack import TOKEN, Service
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
+# Seconds rank 0 sleeps in each forward (tests/workers/user_code.py) in the jobs that must run for a while:
+# their length is set by the pace, not by how fast a loaded machine steps, and they leave the CPUs free.
+PACE = 0.01
+
+
+def job_spec(name: str, *, workers: int = 1, steps: int = 200, paced: bool = False) -> dict:
+    model = {"name": "tests.workers.user_code:build", "options": {"delay": PACE, "ranks": [0]}}
     return {
         "name": name,
         "labels": {"team": "it"},
-        "model": {"name": "mlp", "hidden": [16]},
+        "model": model if paced else {"name": "mlp", "hidden": [16]},
         "data": {"name": "synthetic-classification", "n_samples": 512},
         "max_steps": steps,
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
@@ -41,6 +47,7 @@ def job_spec(name: str, *, workers: int = 1, steps: int = 200) -> dict:
 @pytest.fixture(scope="module")
 def service(ray_head, tmp_path_factory):
     svc = Service(ray_head, tmp_path_factory.mktemp("gradwatch"))
+    svc.env["GRADWATCH_ALLOW_USER_CODE"] = "true"  # the paced model of tests/workers/user_code.py
     svc.start()
     yield svc
     for job in svc.client.jobs(state=["queued", "running"]):
@@ -82,6 +89,9 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+PAIR_STEPS = 3000  # at least 30 s each at PACE: both train at once although a loaded Ray starts them apart
+
+
 def test_two_jobs_share_the_cluster_a_bigger_one_waits_and_prometheus_scrapes_them(service, tmp_path):
     client = service.client
     config = f"""
@@ -95,8 +105,8 @@ scrape_configs:
         authorization: {{type: Bearer, credentials: {TOKEN}}}
 """
     with start_prometheus(config, tmp_path) as prom:
-        a = client.submit(job_spec("pair-a", steps=5000))
-        b = client.submit(job_spec("pair-b", steps=5000))
+        a = client.submit(job_spec("pair-a", steps=PAIR_STEPS, paced=True))
+        b = client.submit(job_spec("pair-b", steps=PAIR_STEPS, paced=True))
         big = client.submit(job_spec("needs-two", workers=2, steps=200))
 
         def both_training():
@@ -130,14 +140,16 @@ scrape_configs:
         at_start = wait_for(big_started, timeout=300, interval=0.3, what="the 2-worker job to start")
         # it waited: when it started, the jobs that held the CPUs were not both still training
         still_training = [
-            x for x in (a, b) if at_start[x["id"]]["state"] == "running" and (at_start[x["id"]]["step"] or 0) < 5000
+            x
+            for x in (a, b)
+            if at_start[x["id"]]["state"] == "running" and (at_start[x["id"]]["step"] or 0) < PAIR_STEPS
         ]
         assert len(still_training) < 2, at_start
         done_a = wait_state(client, a["id"], {"succeeded", "failed"}, timeout=300)
         done_b = wait_state(client, b["id"], {"succeeded", "failed"}, timeout=300)
         assert done_a["state"] == "succeeded", done_a["reason"]
         assert done_b["state"] == "succeeded", done_b["reason"]
-        assert done_a["step"] == done_b["step"] == 5000
+        assert done_a["step"] == done_b["step"] == PAIR_STEPS
     done_big = wait_state(client, big["id"], {"succeeded", "failed"}, timeout=300)
     assert done_big["state"] == "succeeded", done_big["reason"]
     assert done_big["world_size"] == 2
@@ -147,7 +159,7 @@ scrape_configs:
 
 def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
     client = service.client
-    job = client.submit(job_spec("to-cancel", steps=10_000_000))
+    job = client.submit(job_spec("to-cancel", steps=10_000_000, paced=True))
     wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train")
     ray_job_id = httpx.get(
         f"{ray_head}/api/jobs/{job['id']}", timeout=10, headers={"Authorization": f"Bearer {ray_token()}"}
@@ -169,7 +181,8 @@ def test_cancel_stops_a_running_job_and_leaves_no_worker(service, ray_head):
 
 def test_a_restarted_service_keeps_tracking_its_job(service):
     client = service.client
-    job = client.submit(job_spec("survivor", steps=10_000))
+    steps = 3000  # at least 30 s at PACE: the service is killed and started again meanwhile
+    job = client.submit(job_spec("survivor", steps=steps, paced=True))
     wait_for(lambda: (client.get(job["id"])["step"] or 0) > 0, timeout=240, interval=0.5, what="the job to train")
     service.kill()
     assert processes_mentioning(job["id"]), "the job must outlive the service"
@@ -178,6 +191,6 @@ def test_a_restarted_service_keeps_tracking_its_job(service):
     assert again["state"] == "running", again["reason"]
     done = wait_state(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
     assert done["state"] == "succeeded", done["reason"]
-    assert done["step"] == 10_000
+    assert done["step"] == steps
     assert [t["to_state"] for t in done["transitions"]] == ["queued", "running", "succeeded"]
-    assert "step 10000/10000" in "\n".join(client.logs(job["id"]))
+    assert f"step {steps}/{steps}" in "\n".join(client.logs(job["id"]))
