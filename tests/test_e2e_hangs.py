@@ -99,9 +99,9 @@ def check_hang_event(event: dict, on_hang: str) -> None:
 
 
 def rank_1_hang_alerts(stack, job_id: str) -> list[dict]:
-    """The job's TrainingHang alerts that name rank 1. Until rank 1's own series show it stuck (a scrape of
-    it that a loaded machine answers late leaves a gap), rank 0 alone waiting in the all-reduce past its
-    threshold is named by the rule's "every rank in the collective" branch: that alert may come first."""
+    """The job's TrainingHang alerts that name rank 1. On a loaded machine a TrainingHang naming rank 0
+    (in the all-reduce) has once come first: the rule's "every rank waits in the collective" branch names
+    rank 0 whenever Prometheus holds no stuck series of rank 1, and why it held none then is not known."""
     return [
         a
         for a in stack.client.alerts(job_id=job_id)

@@ -28,14 +28,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 # Seconds rank 0 sleeps in each forward (tests/workers/user_code.py) in the jobs that must run for a while:
 # their length is set by the pace, not by how fast a loaded machine steps, and they leave the CPUs free.
 PACE = 0.01
+PACED_MODEL = {"name": "tests.workers.user_code:build", "options": {"delay": PACE, "ranks": [0]}}
 
 
 def job_spec(name: str, *, workers: int = 1, steps: int = 200, paced: bool = False) -> dict:
-    model = {"name": "tests.workers.user_code:build", "options": {"delay": PACE, "ranks": [0]}}
     return {
         "name": name,
         "labels": {"team": "it"},
-        "model": model if paced else {"name": "mlp", "hidden": [16]},
+        "model": PACED_MODEL if paced else {"name": "mlp", "hidden": [16]},
         "data": {"name": "synthetic-classification", "n_samples": 512},
         "max_steps": steps,
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
